@@ -1,0 +1,147 @@
+"""Command line: each verb parses its arguments, calls one library function and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from lmtailor.errors import DataError, LmtailorError
+
+EPILOG = """recipes: YAML files (see configs/); override any key with key=value, e.g. lr=1e-4 lora.r=16 data.path=my.jsonl
+examples:
+  lmtailor train configs/quickstart.yaml
+  lmtailor eval runs/quickstart --data test.jsonl
+  lmtailor generate runs/quickstart "How do I list open ports?" --compare
+  lmtailor chat runs/quickstart
+  lmtailor validate my.yaml
+  lmtailor datasets list
+"""
+
+
+def _gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system message")
+
+
+def _gen_settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from lmtailor.config import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                              top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmtailor", description="Tailor language models to your data.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    t = sub.add_parser("train", help="train a recipe")
+    t.add_argument("recipe", nargs="?", help="YAML recipe (defaults if omitted)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides")
+    t.add_argument("--no-progress", action="store_true")
+
+    v = sub.add_parser("validate", help="check a recipe and its data without training")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+
+    e = sub.add_parser("eval", help="evaluate a run or model on a data file")
+    e.add_argument("run", help="run folder, model folder or model name")
+    e.add_argument("--data", required=True, help="data file/folder/catalog:NAME")
+    e.add_argument("--format", default="auto")
+    e.add_argument("--generate", type=int, default=40, help="examples scored by exact match (0: loss only)")
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--out", default=None, help="write the metrics JSON here")
+
+    g = sub.add_parser("generate", help="answer prompts with a run or model")
+    g.add_argument("run")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--compare", action="store_true", help="also answer with the base model, side by side")
+    _gen_args(g)
+
+    c = sub.add_parser("chat", help="interactive chat with a run or model")
+    c.add_argument("run")
+    _gen_args(c)
+
+    d = sub.add_parser("datasets", help="the built-in dataset catalog")
+    dsub = d.add_subparsers(dest="action", required=True)
+    dsub.add_parser("list", help="list catalog datasets")
+    f = dsub.add_parser("fetch", help="download a catalog dataset into the cache")
+    f.add_argument("name")
+    f.add_argument("--refresh", action="store_true")
+    return p
+
+
+def _run(a: argparse.Namespace) -> int:
+    if a.verb == "train" and a.recipe and "=" in a.recipe and not os.path.exists(a.recipe):
+        a.overrides, a.recipe = [a.recipe, *a.overrides], None  # only overrides were given
+    if a.verb == "train":
+        from lmtailor.config import load_config
+        from lmtailor.train import train
+
+        train(load_config(a.recipe, a.overrides), progress=not a.no_progress)
+    elif a.verb == "validate":
+        from lmtailor.config import load_config
+        from lmtailor.train import check_recipe
+
+        print(check_recipe(load_config(a.recipe, a.overrides)))
+    elif a.verb == "eval":
+        from lmtailor.evaluate import evaluate_run
+
+        metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
+                               out=a.out)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
+    elif a.verb == "generate":
+        from lmtailor.generate import answer
+
+        for prompt, answers in zip(a.prompts, answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare)):
+            print(f"> {prompt}")
+            for who, text in answers.items():
+                print(f"[{who}] {text}" if a.compare else text)
+    elif a.verb == "chat":
+        from lmtailor.generate import chat_loop
+
+        chat_loop(a.run, _gen_settings(a), a.system)
+    elif a.verb == "datasets":
+        from lmtailor.data import catalog
+
+        if a.action == "list":
+            for info in catalog.list_datasets():
+                print(f"{info.name:16} {info.format:18} {info.license:14} {info.description}")
+        else:
+            print(catalog.fetch(a.name, refresh=a.refresh))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _run(args)
+    except LmtailorError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, DataError):
+            for line in e.problems[:20]:
+                print(f"  {line}", file=sys.stderr)
+            if e.count > 20:
+                print(f"  ... and {e.count - 20} more", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

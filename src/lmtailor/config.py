@@ -1,0 +1,249 @@
+"""Typed run configuration: the YAML schema, the `key=value` overrides and their help in one place."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmtailor.errors import ConfigError
+
+
+class Strict(BaseModel):
+    """Unknown keys are an error (the message lists the allowed ones)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="module names to adapt, or 'all-linear'",
+    )
+
+
+class DataSettings(Strict):
+    path: str | None = Field(None, description="a file, a folder of files, a hub dataset id, or catalog:NAME")
+    format: Literal["auto", "text", "alpaca", "chat", "prompt_completion"] = Field(
+        "auto", description="record format; auto detects it from the fields of the first record"
+    )
+    split: str = Field("train", description="split to read from a hub dataset")
+    val_path: str | None = Field(None, description="separate validation data (otherwise split off `path`)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of examples held out for validation")
+    val_size: int | None = Field(None, ge=0, description="held-out example count (overrides val_fraction)")
+    max_examples: int | None = Field(None, ge=1, description="use at most this many training examples")
+    split_seed: int = Field(0, description="seed of the deterministic train/validation split")
+    system_prompt: str | None = Field(None, description="system message added to every conversation without one")
+
+
+class GenerationSettings(Strict):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0, description="0 means greedy")
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop: list[str] = Field(default_factory=list, description="strings that end generation")
+    batch_size: int = Field(8, ge=1, description="prompts decoded together during evaluation")
+
+
+class EvalSettings(Strict):
+    before_after: bool = Field(True, description="evaluate the untrained start too and print a comparison")
+    generate_examples: int = Field(40, ge=0, description="held-out examples scored by exact match of generations")
+    samples: int = Field(3, ge=0, description="sample answers shown in the report")
+    max_examples: int | None = Field(None, ge=1, description="cap on held-out examples used for loss")
+
+
+class RunConfig(Strict):
+    name: str = Field("run", description="run name; the run folder is output_dir")
+    output_dir: str | None = Field(None, description="run folder (default runs/<name>)")
+    base_model: str = Field("smollm2-135m-instruct", description="hub id, local folder, .gguf file or bundled name")
+    trust_remote_code: bool = False
+    objective: str = Field("sft", description="registered objective: sft, clm")
+    method: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained")
+    unfreeze_last_n: int = Field(2, ge=0, description="method=freeze: layers left trainable (plus the head)")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+
+    train_on_prompt: bool = Field(False, description="compute the loss on every token, not only assistant turns")
+    max_length: int = Field(512, ge=8, description="examples longer than this many tokens are truncated")
+    packing: bool = Field(True, description="pack examples into rows without padding")
+    pack_length: int = Field(1024, ge=8, description="tokens per packed row")
+
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all processes")
+    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass on one process")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables clipping")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="training dtype; auto is float32 on CPU and bfloat16 on a GPU that supports it"
+    )
+    seed: int = 42
+
+    eval_every: int = Field(0, ge=0, description="validation every N steps (0: only at the end)")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: none)")
+    keep_checkpoints: int = Field(2, ge=1)
+    early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement")
+    log_every: int = Field(1, ge=1)
+    resume: bool = Field(False, description="continue from the newest complete checkpoint of the run folder")
+    overwrite: bool = Field(False, description="replace a finished run in the same run folder")
+
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
+        if self.packing and self.pack_length < self.max_length:
+            raise ValueError(f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length})")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+
+def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _allowed_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def allowed_keys() -> list[str]:
+    """Every dotted key a recipe or override may set."""
+    return _allowed_keys(RunConfig)
+
+
+def _sub_model(path: tuple[Any, ...]) -> type[BaseModel]:
+    model: type[BaseModel] = RunConfig
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            break
+        model = field.annotation
+    return model
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        model = _sub_model(loc[:-1])
+        prefix = ".".join(str(p) for p in loc[:-1])
+        allowed = [f"{prefix}.{k}" if prefix else k for k in model.model_fields]
+        close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+        hint = (f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else "") + \
+            "allowed keys: " + ", ".join(allowed)
+        return ConfigError(f"{source}: unknown config key '{key}'", hint)
+    given = first.get("input")
+    msg = first["msg"]
+    if first["type"] == "literal_error":
+        msg = msg.replace("Input should be", "allowed values are")
+    extra = f" ({len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
+    return ConfigError(f"{source}: config key '{key}': {msg}; got {given!r}{extra}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`lora.r=16` -> (['lora', 'r'], 16); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value", "example: lr=1e-4 lora.r=16")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-4 as a string; numbers written that way are meant as floats.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _fix_float_strings(data: Any) -> Any:
+    # PyYAML follows YAML 1.1, where `1e-4` is a string; recipes mean a number.
+    if isinstance(data, dict):
+        return {k: _fix_float_strings(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_fix_float_strings(v) for v in data]
+    if isinstance(data, str):
+        try:
+            return float(data) if any(c in data.lower() for c in "e.") and data.strip()[0] in "+-.0123456789" \
+                else data
+        except ValueError:
+            return data
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {p}", "give the path of a YAML recipe, e.g. configs/quickstart.yaml")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: a recipe must be a mapping of keys to values, got {type(loaded).__name__}")
+    return _fix_float_strings(loaded)
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start from defaults), apply `key=value` overrides, validate.
+
+    Raises:
+        ConfigError: unknown key (with the allowed ones), bad value, unreadable file.
+    """
+    data = read_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    cfg = build_config(data, str(path) if path else "config")
+    if path and "output_dir" not in data and "name" not in data:
+        cfg.name = Path(path).stem
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

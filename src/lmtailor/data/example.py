@@ -1,0 +1,24 @@
+"""The one in-memory shape every data format is converted to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Example:
+    """A conversation (`messages`) or a raw text (`text`), plus where it came from.
+
+    messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    source: "file:line" of the record, used in error messages.
+    meta: extra fields of the record (e.g. a label), kept for tasks that need them.
+    """
+
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert (self.messages is None) != (self.text is None), "an Example is either chat or text"

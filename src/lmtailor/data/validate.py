@@ -1,0 +1,228 @@
+"""Load, validate, clean and split examples: the data stage from `data.path` to train/val lists.
+
+`load_examples` reads every record and reports every bad one, by file, line and field, in one
+`DataError`; `clean_examples` strips, drops empties and duplicates; `split_examples` holds out a
+validation set that depends only on each example's content and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from typing import Any
+
+from lmtailor.config import DataSettings
+from lmtailor.data.example import Example
+from lmtailor.data.formats import FieldError, convert_record, detect_format, get_format
+from lmtailor.data.sources import read_records
+from lmtailor.errors import DataError
+
+CATALOG_PREFIX = "catalog:"
+
+
+def _resolve(path: str) -> str:
+    """A local path for `path`: `catalog:NAME` is fetched (lazily imported), anything else is kept."""
+    if not path.startswith(CATALOG_PREFIX):
+        return path
+    from lmtailor.data.catalog import fetch
+
+    return str(fetch(path[len(CATALOG_PREFIX):]))
+
+
+def load_examples_with_format(path: str, fmt: str = "auto", split: str = "train", system_prompt: str | None = None,
+                              max_problems_shown: int = 20) -> tuple[list[Example], str]:
+    """Like `load_examples`, and also return the format name used (the detected one for "auto")."""
+    local = _resolve(path)
+    name = None if fmt == "auto" else get_format(fmt).name
+    examples: list[Example] = []
+    problems: list[str] = []
+    count = 0
+
+    def bad(text: str) -> None:
+        nonlocal count
+        count += 1
+        if len(problems) < max_problems_shown:
+            problems.append(text)
+
+    for record in read_records(local, split):
+        if record.problem:
+            bad(f"{record.source}: {record.problem}")
+            continue
+        if name is None:
+            try:
+                name = detect_format(record.data)
+            except DataError as e:
+                bad(f"{record.source}: {e.message}")
+                continue
+        try:
+            missing = sorted(get_format(name).fields - set(record.data))
+            if missing:
+                raise FieldError(missing[0], "is missing" + _looks_like(record.data, name))
+            examples.append(convert_record(record.data, name, record.source, system_prompt))
+        except FieldError as e:
+            bad(f"{record.source}: {e.field}: {e.reason}")
+        except DataError as e:  # a custom converter may raise the general error
+            bad(f"{record.source}: {e.message}")
+    if count:
+        raise DataError(f"{count} bad record(s) in {path}", hint="fix or remove them; first problems listed",
+                        problems=problems, count=count)
+    if not examples:
+        raise DataError(f"{path}: no records found")
+    return examples, name or fmt
+
+
+def _looks_like(record: dict[str, Any], fmt: str) -> str:
+    try:
+        other = detect_format(record)
+    except DataError:
+        return f" (records here are in the {fmt} format)"
+    return f" (records here are in the {fmt} format; this one looks like {other})"
+
+
+def load_examples(path: str, fmt: str = "auto", split: str = "train", system_prompt: str | None = None,
+                  max_problems_shown: int = 20) -> list[Example]:
+    """Read and convert every record of `path`, reporting all bad ones together.
+
+    Args:
+        path: a file, a folder, a hub dataset id, or `catalog:NAME`.
+        fmt: a registered format name, or "auto" to detect it from the first good record;
+            every record must then be in that format.
+        split: split of a hub dataset.
+        system_prompt: system message added to conversations that have none.
+        max_problems_shown: how many problem lines the error keeps (its `count` has them all).
+
+    Returns:
+        The examples, in file order.
+
+    Raises:
+        DataError: a file cannot be read, or some records are bad: then `problems` holds
+            "file:line: field: message" lines and `count` the number of bad records.
+    """
+    return load_examples_with_format(path, fmt, split, system_prompt, max_problems_shown)[0]
+
+
+def content_key(example: Example) -> str:
+    """A canonical string of an example's content (messages or text), ignoring source and meta."""
+    if example.messages is not None:
+        return json.dumps([[m["role"], m["content"]] for m in example.messages], ensure_ascii=False)
+    return json.dumps(example.text, ensure_ascii=False)
+
+
+def _strip(example: Example) -> Example:
+    if example.messages is not None:
+        messages = [{**m, "content": m["content"].strip()} for m in example.messages]
+        return replace(example, messages=messages, meta=dict(example.meta))
+    return replace(example, text=(example.text or "").strip(), meta=dict(example.meta))
+
+
+def _is_empty(example: Example) -> bool:
+    if example.messages is not None:
+        # Nothing to learn when every assistant turn is empty.
+        return not any(m["content"] for m in example.messages if m["role"] == "assistant")
+    return not example.text
+
+
+def clean_examples(examples: list[Example], dedup: bool = True) -> tuple[list[Example], dict[str, int]]:
+    """Strip surrounding whitespace, drop empty examples and (optionally) exact duplicates.
+
+    The inputs are not modified. An example is empty when its text, or every assistant turn,
+    is empty after stripping. Duplicates have the same messages or text; the first is kept.
+
+    Returns:
+        The kept examples, in order, and stats {"read", "kept", "duplicates", "empty"}.
+    """
+    kept: list[Example] = []
+    seen: set[str] = set()
+    empty = duplicates = 0
+    for example in examples:
+        example = _strip(example)
+        if _is_empty(example):
+            empty += 1
+            continue
+        if dedup:
+            key = content_key(example)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+        kept.append(example)
+    return kept, {"read": len(examples), "kept": len(kept), "duplicates": duplicates, "empty": empty}
+
+
+def _rank(example: Example, seed: int) -> bytes:
+    # sha256, not hash(): the same on every machine and process, whatever PYTHONHASHSEED says.
+    return hashlib.sha256(f"{seed}\0{content_key(example)}".encode("utf-8", "surrogatepass")).digest()
+
+
+def split_examples(examples: list[Example], val_fraction: float = 0.1, val_size: int | None = None,
+                   seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """Hold out a validation set chosen by a hash of each example's content and the seed.
+
+    The examples with the smallest hashes go to validation, so the split is the same in every
+    process, and adding or removing one example moves at most one other across the split.
+
+    Args:
+        examples: the examples (deduplicated first, or copies can land on both sides).
+        val_fraction: share held out; rounded, but at least one when above 0 and there are two or more.
+        val_size: exact number held out; overrides `val_fraction`.
+        seed: changes which examples are held out.
+
+    Returns:
+        (train, val), each in the original order.
+
+    Raises:
+        DataError: `val_size` would leave no training examples.
+    """
+    n = len(examples)
+    if val_size is not None:
+        if val_size >= n > 0:
+            raise DataError(f"data.val_size is {val_size} but there are only {n} examples",
+                            hint="lower data.val_size or give data.val_path")
+        n_val = val_size
+    elif val_fraction > 0 and n >= 2:
+        n_val = min(max(1, round(n * val_fraction)), n - 1)
+    else:
+        n_val = 0
+    ranked = sorted(range(n), key=lambda i: (_rank(examples[i], seed), i))
+    held = set(ranked[:n_val])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    val = [e for i, e in enumerate(examples) if i in held]
+    return train, val
+
+
+def load_datasets(cfg: DataSettings) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """Load, clean and split the data a run config names.
+
+    With `cfg.val_path` the validation set is read from there (and any training example equal to a
+    validation one is dropped); otherwise it is split off `cfg.path`. `cfg.max_examples` caps the
+    training set after splitting, so the validation set does not change with it.
+
+    Returns:
+        (train, val, stats): stats has "format", "read", "kept", "duplicates", "empty", "train",
+        "val", and "val_overlap" (training examples dropped for being in the validation set).
+
+    Raises:
+        DataError: no path is set, a file is bad, or no training examples are left.
+    """
+    if not cfg.path:
+        raise DataError("no training data: data.path is not set",
+                        hint="set data.path to a file, a folder, a hub dataset id or catalog:NAME")
+    raw, fmt = load_examples_with_format(cfg.path, cfg.format, cfg.split, cfg.system_prompt)
+    examples, stats = clean_examples(raw)
+    overlap = 0
+    if cfg.val_path:
+        val_raw = load_examples(cfg.val_path, cfg.format, cfg.split, cfg.system_prompt)
+        val, _ = clean_examples(val_raw)
+        val_keys = {content_key(e) for e in val}
+        train = [e for e in examples if content_key(e) not in val_keys]
+        overlap = len(examples) - len(train)
+    else:
+        train, val = split_examples(examples, cfg.val_fraction, cfg.val_size, cfg.split_seed)
+    if cfg.max_examples is not None:
+        train = train[:cfg.max_examples]
+    if not train:
+        raise DataError(f"{cfg.path}: no training examples left after cleaning and splitting",
+                        hint=f"read {stats['read']}, empty {stats['empty']}, duplicates {stats['duplicates']}, "
+                             f"in validation {len(val)}")
+    return train, val, {"format": fmt, **stats, "train": len(train), "val": len(val), "val_overlap": overlap}

@@ -1,0 +1,147 @@
+"""Decoding: greedy or sampled, batched, with stop strings, through the same renderer as training."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmtailor.config import GenerationSettings
+from lmtailor.render import prompt_ids
+
+Prompt = str | list[dict[str, str]]
+
+
+def as_messages(prompt: Prompt, system: str | None = None) -> list[dict[str, str]]:
+    """A bare string becomes one user turn; a message list passes through."""
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+def _gen_kwargs(tok: Any, s: GenerationSettings) -> dict[str, Any]:
+    kw: dict[str, Any] = {
+        "max_new_tokens": s.max_new_tokens,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "repetition_penalty": s.repetition_penalty,
+    }
+    if s.temperature > 0:
+        kw.update(do_sample=True, temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    if s.stop:
+        kw.update(stop_strings=list(s.stop), tokenizer=tok)
+    return kw
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Text up to (not including) the first stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, tok: Any, prompts: Sequence[Prompt], settings: GenerationSettings | None = None,
+             system: str | None = None, progress: bool = False, desc: str = "generating") -> list[str]:
+    """Answer each prompt; returns the new text only (special tokens removed, cut at stop strings)."""
+    s = settings or GenerationSettings()
+    encoded = [prompt_ids(tok, as_messages(p, system)) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    out: list[str] = [""] * len(encoded)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="prompt", leave=False)
+    for start in range(0, len(order), s.batch_size):
+        idx = order[start:start + s.batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):  # left padding: every row ends where its answer begins
+            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **_gen_kwargs(tok, s))
+        for r, i in enumerate(idx):
+            text = tok.decode(gen[r, width:], skip_special_tokens=True)
+            out[i] = cut_at_stop(text, s.stop).strip()
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def stream(model: nn.Module, tok: Any, messages: list[dict[str, str]], settings: GenerationSettings | None = None
+           ) -> Iterator[str]:
+    """Yield the answer to one conversation piece by piece as it is decoded."""
+    from transformers import TextIteratorStreamer
+
+    s = settings or GenerationSettings()
+    ids = torch.tensor([prompt_ids(tok, messages)], device=next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **_gen_kwargs(tok, s))
+    worker = threading.Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
+    worker.start()
+    emitted = ""
+    for piece in streamer:
+        emitted += piece
+        if s.stop and cut_at_stop(emitted, s.stop) != emitted:
+            tail = cut_at_stop(emitted, s.stop)[len(emitted) - len(piece):]
+            if tail:
+                yield tail
+            break
+        yield piece
+    worker.join()
+
+
+def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, system: str | None = None,
+           compare: bool = False) -> list[dict[str, str]]:
+    """Answer prompts with a run or model; with `compare`, also with its base model (adapter off).
+
+    Returns one {label: answer} dict per prompt; labels are "tuned" and "base" when comparing.
+    """
+    from lmtailor.models import load_for_inference, load_model
+
+    model, tok, info = load_for_inference(target)
+    system = system or info.get("system_prompt")
+    tuned = generate(model, tok, prompts, settings, system=system)
+    if not compare:
+        return [{"answer": t} for t in tuned]
+    if info.get("adapter"):
+        with model.disable_adapter():
+            base = generate(model, tok, prompts, settings, system=system)
+    else:
+        base_model = load_model(info["base_model"])
+        base = generate(base_model.eval(), tok, prompts, settings, system=system)
+    return [{"base": b, "tuned": t} for b, t in zip(base, tuned)]
+
+
+def chat_loop(target: str, settings: GenerationSettings, system: str | None = None) -> None:
+    """Interactive chat on stdin/stdout; the whole conversation goes through the chat template each turn."""
+    from lmtailor.models import load_for_inference
+
+    model, tok, info = load_for_inference(target)
+    system = system or info.get("system_prompt")
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    print(f"chatting with {info['name']} (empty line or Ctrl-D to quit, /reset to start over)")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            return
+        if line == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        print("bot> ", end="", flush=True)
+        reply = ""
+        for piece in stream(model, tok, messages, settings):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply.strip()})

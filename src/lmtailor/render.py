@@ -1,0 +1,141 @@
+"""The one conversation renderer: training, evaluation, generation, chat and the server all go through it.
+
+A conversation is rendered with the tokenizer's chat template piece by piece, so that:
+- the prompt a generation sees is byte-for-byte the prefix training saw before that assistant turn;
+- every assistant turn ends with the EOS / end-of-turn token and that token is supervised
+  (a pad token equal to EOS is never used to mask labels: padding is masked by position, not by id);
+- labels are -100 everywhere except assistant tokens, unless train_on_prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmtailor.data.example import Example
+from lmtailor.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Tokenized:
+    """One training sequence. `labels[t]` is the token at t when supervised, else -100 (not yet shifted)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str = ""
+
+    @property
+    def n_supervised(self) -> int:
+        # Targets are labels shifted left by one: the first label never counts.
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
+
+
+def _template(tok: Any, messages: list[dict[str, str]], gen: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def render_prompt(tok: Any, messages: list[dict[str, str]]) -> str:
+    """The text a model is given to write the next assistant turn."""
+    return _template(tok, messages, gen=True)
+
+
+def encode(tok: Any, text: str) -> list[int]:
+    # Special tokens come from the template text itself; never let the tokenizer add its own.
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the generation prompt: exactly the ids training puts before that assistant turn."""
+    pieces = _pieces(tok, messages + [{"role": "assistant", "content": ""}])
+    last_output = max(i for i, (_, is_output) in enumerate(pieces) if is_output)
+    return [t for piece, _ in pieces[:last_output] for t in encode(tok, piece)]
+
+
+def prompt_text(tok: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt as text (the decoded form of prompt_ids)."""
+    pieces = _pieces(tok, messages + [{"role": "assistant", "content": ""}])
+    last_output = max(i for i, (_, is_output) in enumerate(pieces) if is_output)
+    return "".join(piece for piece, _ in pieces[:last_output])
+
+
+def _pieces(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, is_assistant_output) pieces.
+
+    The prompt piece before each assistant turn is the template's generation prompt; the output piece is the
+    assistant content through the end-of-turn token. What the template writes after EOS (often a newline)
+    starts the next prompt piece, since generation stops at EOS and never produces it.
+    """
+    eos = tok.eos_token
+    pieces: list[tuple[str, bool]] = []
+    done = ""  # text already assigned to pieces
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render_prompt(tok, messages[:i])
+        through = _template(tok, messages[: i + 1], gen=False)
+        if not before.startswith(done) or not through.startswith(before):
+            raise DataError(
+                "the chat template does not render this conversation incrementally "
+                "(the prompt before an assistant turn is not a prefix of the full conversation)",
+                "put a user message before every assistant message, or use a tokenizer whose template does",
+            )
+        answer = through[len(before):]
+        cut = answer.find(eos) if eos else -1
+        if cut >= 0:
+            out, rest = answer[: cut + len(eos)], answer[cut + len(eos):]
+        else:
+            out, rest = answer, ""
+        pieces.append((before[len(done):], False))
+        pieces.append((out, True))
+        done = before + out
+        if rest:
+            pieces.append((rest, False))
+            done += rest
+    return pieces
+
+
+def tokenize_example(tok: Any, ex: Example, max_length: int, train_on_prompt: bool = False) -> list[Tokenized]:
+    """Render and tokenize one example.
+
+    Chat examples give one sequence (truncated to max_length); raw text gives consecutive chunks of max_length
+    tokens, each supervised on every token, ending with EOS.
+    """
+    if ex.text is not None:
+        ids = list(tok(ex.text, add_special_tokens=True)["input_ids"]) + [tok.eos_token_id]
+        step = max_length
+        return [Tokenized(ids[i:i + step], ids[i:i + step], ex.source) for i in range(0, len(ids), step)
+                if len(ids[i:i + step]) > 1]
+    assert ex.messages is not None
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for piece, is_output in _pieces(tok, ex.messages):
+        ids = encode(tok, piece)
+        if is_output and tok.eos_token and not piece.endswith(tok.eos_token):
+            ids.append(tok.eos_token_id)  # templates that do not end turns with EOS still teach the model to stop
+        input_ids += ids
+        labels += ids if (is_output or train_on_prompt) else [IGNORE] * len(ids)
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return [Tokenized(input_ids, labels, ex.source)]
+
+
+def tokenize_all(tok: Any, examples: list[Example], max_length: int, train_on_prompt: bool = False
+                 ) -> tuple[list[Tokenized], int]:
+    """Tokenize many examples; returns the sequences and how many were dropped for having nothing to learn."""
+    out: list[Tokenized] = []
+    dropped = 0
+    for ex in examples:
+        for seq in tokenize_example(tok, ex, max_length, train_on_prompt):
+            if seq.n_supervised == 0:
+                dropped += 1
+            else:
+                out.append(seq)
+    return out, dropped
+
+
+def prompt_messages(ex: Example) -> tuple[list[dict[str, str]], str]:
+    """Split a chat example into (messages before the last assistant turn, that turn's reference text)."""
+    assert ex.messages is not None
+    last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+    return ex.messages[:last], ex.messages[last]["content"]

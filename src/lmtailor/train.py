@@ -1,0 +1,307 @@
+"""The training loop, on Hugging Face Accelerate: one process, DDP, FSDP or DeepSpeed via `accelerate launch`.
+
+Read top to bottom: data -> tokenizer and model -> what trains -> "before" evaluation -> optimizer and schedule ->
+resume -> steps (micro-batches, accumulation, clipping, logging, evaluation, early stopping, checkpoints) ->
+final model, metrics, plots, report and the before/after table.
+
+A step consumes `batch_size` examples in a fixed seeded order (the data position is the step number, which is what
+makes resume exact). Each process takes every world_size-th example of the step and splits its share into
+micro-batches; the loss is the sum over supervised tokens divided by the step's total supervised token count, so
+one process with accumulation and N processes compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmtailor.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    trainable_state,
+)
+from lmtailor.config import RunConfig, dump_config
+from lmtailor.data.packing import collate
+from lmtailor.errors import CheckpointError, ConfigError
+from lmtailor.evaluate import comparison_table, evaluate_model, loss_sums, perplexity
+from lmtailor.io import atomic_write_json, atomic_write_text
+from lmtailor.models import add_lora, freeze_all_but_last, load_model, load_tokenizer, param_counts, save_model
+from lmtailor.objectives import get_objective
+from lmtailor.render import Tokenized, tokenize_all
+from lmtailor.report import write_report
+
+log = logging.getLogger(__name__)
+
+
+def step_batches(n_examples: int, batch_size: int, seed: int, world: int) -> list[np.ndarray]:
+    """The example indices of every step of one epoch: a seeded shuffle cut into batches.
+
+    A final batch smaller than the number of processes is dropped (every process needs one example).
+    """
+    order = np.random.default_rng(seed).permutation(n_examples)
+    batches = [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+    return [b for b in batches if len(b) >= world]
+
+
+def plan_steps(cfg: RunConfig, n_train: int, world: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps)."""
+    per_epoch = len(step_batches(n_train, cfg.batch_size, 0, world))
+    if per_epoch == 0:
+        raise ConfigError(f"only {n_train} training example(s) for batch_size={cfg.batch_size} on {world} process(es)",
+                          "add data or lower batch_size")
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    return per_epoch, total
+
+
+def batch_at(step: int, per_epoch: int, n_train: int, cfg: RunConfig, world: int) -> np.ndarray:
+    """Example indices of global step `step` (0-based); epoch e is shuffled with seed + e."""
+    epoch, k = divmod(step, per_epoch)
+    return step_batches(n_train, cfg.batch_size, cfg.seed + epoch, world)[k]
+
+
+def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # Norm weights and biases are not decayed (standard practice; decaying them hurts).
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
+    run_dir = cfg.run_dir
+    if is_main and not cfg.resume and (run_dir / "model").exists():
+        if not cfg.overwrite:
+            raise ConfigError(f"run folder {run_dir} already holds a finished run",
+                              "pick another name/output_dir, pass overwrite=true, or resume=true")
+    if is_main and not cfg.resume and cfg.overwrite:
+        for sub in ("checkpoints", "tb"):
+            shutil.rmtree(run_dir / sub, ignore_errors=True)
+        (run_dir / "history.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Run one recipe end to end and return its summary (also written to `<run>/metrics.json`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+    from lmtailor.data.validate import load_datasets
+
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    say = print if main else (lambda *a, **k: None)
+    set_seed(cfg.seed)
+    run_dir = _prepare_run_dir(cfg, main)
+    objective = get_objective(cfg.objective)
+    train_on_prompt = cfg.train_on_prompt or objective.train_on_prompt
+
+    # ---- data -------------------------------------------------------------------------------------------------
+    train_ex, val_ex, data_stats = load_datasets(cfg.data)
+    with acc.main_process_first():  # the first load may convert a bundled model into the cache
+        tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+        model_dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        model = load_model(cfg.base_model, dtype=model_dtype, trust_remote_code=cfg.trust_remote_code)
+    train_seqs, dropped = tokenize_all(tok, train_ex, cfg.max_length, train_on_prompt)
+    val_seqs, _ = tokenize_all(tok, val_ex[: cfg.eval.max_examples], cfg.max_length, train_on_prompt)
+    if not train_seqs:
+        raise ConfigError("no training example has a token to learn from",
+                          "check data.format and that examples have assistant turns or text")
+    data_stats.update(train_sequences=len(train_seqs), val_sequences=len(val_seqs), dropped_no_target=dropped,
+                      train_tokens=sum(len(s.input_ids) for s in train_seqs),
+                      supervised_tokens=sum(s.n_supervised for s in train_seqs))
+
+    # ---- what trains ------------------------------------------------------------------------------------------
+    if cfg.method == "lora":
+        model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    elif cfg.method == "freeze":
+        freeze_all_but_last(model, cfg.unfreeze_last_n)
+    trainable, total = param_counts(model)
+    say(f"model {cfg.base_model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
+        f"data: {len(train_seqs)} train / {len(val_seqs)} validation sequences, "
+        f"{data_stats['train_tokens']} tokens ({data_stats['supervised_tokens']} supervised)")
+    model.to(acc.device)
+
+    # ---- before ----------------------------------------------------------------------------------------------
+    before: dict[str, Any] = {}
+    if main and cfg.eval.before_after and (val_seqs or val_ex):
+        ctx = model.disable_adapter() if cfg.method == "lora" else contextlib.nullcontext()
+        with ctx:
+            before = evaluate_model(model, tok, val_seqs, val_ex, cfg.generation, cfg.eval.generate_examples,
+                                    progress=progress, label="before:")
+    acc.wait_for_everyone()
+
+    # ---- optimizer, schedule, resume --------------------------------------------------------------------------
+    from transformers import get_scheduler
+
+    per_epoch, total_steps = plan_steps(cfg, len(train_seqs), world)
+    optimizer = _optimizer(model, cfg)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    loss_module = objective.build(model)
+    loss_module, optimizer = acc.prepare(loss_module, optimizer)
+    state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
+    if cfg.resume:
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            raise CheckpointError(f"resume=true but {run_dir}/checkpoints holds no complete checkpoint",
+                                  "run without resume, or set save_every so checkpoints are written")
+        state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, rank)
+        say(f"resumed from {ckpts[-1]} at step {state['step']}")
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tb"))
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+
+    # ---- steps --------------------------------------------------------------------------------------------------
+    best_weights: dict[str, torch.Tensor] | None = None
+    bar = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=not (main and progress),
+               dynamic_ncols=True)
+    t_start = time.perf_counter() - state["elapsed"]
+    stopped_early = False
+    model.train()
+    while state["step"] < total_steps:
+        step = state["step"]
+        batch_idx = batch_at(step, per_epoch, len(train_seqs), cfg, world)
+        step_seqs = [train_seqs[i] for i in batch_idx]
+        n_global = sum(s.n_supervised for s in step_seqs)
+        mine = step_seqs[rank::world]
+        micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        loss_sum = torch.zeros((), device=acc.device)
+        for j, group in enumerate(micro):
+            batch = collate(group, tok.pad_token_id, cfg.packing, cfg.pack_length)
+            sync = j == len(micro) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(loss_module):
+                loss, _ = loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
+                # DDP averages gradients over processes; scale so the result is the global token mean.
+                acc.backward(loss * world / n_global)
+            loss_sum += loss.detach()
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(loss_module.parameters(), cfg.max_grad_norm))
+        else:
+            grad_norm = float("nan")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        state["tokens"] += sum(len(s.input_ids) for s in step_seqs)
+        state["elapsed"] = time.perf_counter() - t_start
+        train_loss = float(acc.reduce(loss_sum, "sum")) / n_global
+        record: dict[str, Any] = {"step": step, "epoch": round(step / per_epoch, 3), "loss": train_loss,
+                                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                  "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9)}
+
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and val_seqs:
+            val_loss = _distributed_val_loss(acc, loss_module, val_seqs, tok.pad_token_id, rank, world)
+            record.update(val_loss=val_loss, val_perplexity=perplexity(val_loss))
+            model.train()
+            if state["best"] is None or val_loss < state["best"] - 1e-6:
+                state["best"], state["bad_evals"] = val_loss, 0
+                best_weights = trainable_state(model)
+            else:
+                state["bad_evals"] += 1
+                if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
+                    stopped_early = True
+        state["history"].append(record)
+        if main:
+            with open(run_dir / "history.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key in ("loss", "lr", "grad_norm", "val_loss", "tokens_per_s"):
+                    if key in record and not math.isnan(record[key]):
+                        writer.add_scalar(f"train/{key}" if "val" not in key else f"eval/{key}", record[key], step)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
+            if main:
+                save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", acc.unwrap_model(loss_module).model,
+                                optimizer, scheduler, rngs, state)
+                prune_checkpoints(run_dir, cfg.keep_checkpoints)
+            acc.wait_for_everyone()
+        if stopped_early:
+            say(f"\nearly stopping at step {step}: validation loss has not improved for "
+                f"{cfg.early_stopping_patience} evaluations (best {state['best']:.4f})")
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+
+    # ---- final model, after, report -----------------------------------------------------------------------------
+    acc.wait_for_everyone()
+    model = acc.unwrap_model(loss_module).model
+    if best_weights is not None and cfg.early_stopping_patience:
+        from lmtailor.checkpoint import load_trainable
+
+        load_trainable(model, best_weights)
+    summary: dict[str, Any] = {}
+    if main:
+        save_model(model, tok, run_dir / "model")
+        after = evaluate_model(model, tok, val_seqs, val_ex, cfg.generation, cfg.eval.generate_examples,
+                               progress=progress, label="after:") if (val_seqs or val_ex) else {}
+        summary = {
+            "run_dir": str(run_dir), "base_model": cfg.base_model, "method": cfg.method, "objective": cfg.objective,
+            "steps": state["step"], "stopped_early": stopped_early, "trainable_params": trainable,
+            "total_params": total, "train_seconds": round(state["elapsed"], 2),
+            "train_tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": world,
+            "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
+            "data": data_stats, "before": before, "after": after,
+        }
+        atomic_write_json(run_dir / "metrics.json", summary)
+        write_report(run_dir, cfg, state["history"], summary)
+        say(f"\nrun folder: {run_dir} ({state['step']} steps in {state['elapsed']:.0f} s, "
+            f"{summary['train_tokens_per_s']:.0f} tokens/s)")
+        if before and after:
+            say("\n" + comparison_table(before, after, cfg.eval.samples))
+    acc.wait_for_everyone()
+    return summary
+
+
+def _distributed_val_loss(acc: Any, loss_module: torch.nn.Module, val_seqs: list[Tokenized], pad_id: int,
+                          rank: int, world: int) -> float:
+    total, count = loss_sums(loss_module, val_seqs[rank::world], pad_id)
+    t = torch.tensor([total, float(count)], device=acc.device, dtype=torch.float64)
+    t = acc.reduce(t, "sum")
+    return float(t[0] / max(float(t[1]), 1.0))
+
+
+def check_recipe(cfg: RunConfig) -> str:
+    """Validate a recipe without training: objective, data (every record), model, template; returns a summary."""
+    from lmtailor.data.validate import load_datasets
+
+    objective = get_objective(cfg.objective)
+    train_ex, val_ex, stats = load_datasets(cfg.data)
+    tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+    seqs, dropped = tokenize_all(tok, train_ex, cfg.max_length, cfg.train_on_prompt or objective.train_on_prompt)
+    if not seqs:
+        raise ConfigError("no training example has a token to learn from",
+                          "check data.format and that examples have assistant turns or text")
+    per_epoch, total = plan_steps(cfg, len(seqs), 1)
+    longest = max(len(s.input_ids) for s in seqs)
+    truncated = sum(len(s.input_ids) >= cfg.max_length for s in seqs)
+    return (f"recipe OK: objective {cfg.objective}, method {cfg.method}, base {cfg.base_model}\n"
+            f"data: {stats['format']} format, {stats['read']} records read, {stats['duplicates']} duplicates and "
+            f"{stats['empty']} empty dropped, {len(train_ex)} train / {len(val_ex)} validation\n"
+            f"tokens: {sum(len(s.input_ids) for s in seqs)} in {len(seqs)} sequences (longest {longest}, "
+            f"{truncated} cut at max_length={cfg.max_length}, {dropped} without targets)\n"
+            f"schedule: {per_epoch} steps per epoch, {total} steps of {cfg.batch_size} examples")
