@@ -103,7 +103,7 @@ def _run(a: argparse.Namespace) -> int:
     elif a.verb == "generate":
         from lmtailor.generate import answer
 
-        for prompt, answers in zip(a.prompts, answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare)):
+        for prompt, answers in zip(a.prompts, answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare), strict=False):
             print(f"> {prompt}")
             for who, text in answers.items():
                 print(f"[{who}] {text}" if a.compare else text)
@@ -123,7 +123,14 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (`train r.yaml --no-progress lr=1e-3`)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in x and not x.startswith("-")
+                                                                        for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,7 @@ class LoraSettings(Strict):
 
 class DataSettings(Strict):
     path: str | None = Field(None, description="a file, a folder of files, a hub dataset id, or catalog:NAME")
-    format: Literal["auto", "text", "alpaca", "chat", "prompt_completion"] = Field(
+    format: Literal["auto", "text", "alpaca", "chat", "sharegpt", "prompt_completion", "paired", "labeled"] = Field(
         "auto", description="record format; auto detects it from the fields of the first record"
     )
     split: str = Field("train", description="split to read from a hub dataset")
@@ -78,7 +79,8 @@ class RunConfig(Strict):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all processes")
-    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass on one process")
+    micro_batch_size: int | None = Field(None, ge=1, description="examples per forward pass on one process "
+                                         "(default: the whole share of a step; smaller values accumulate gradients)")
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, le=1)
@@ -102,7 +104,7 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.micro_batch_size > self.batch_size:
+        if self.micro_batch_size and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
         if self.packing and self.pack_length < self.max_length:
             raise ValueError(f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length})")
@@ -152,7 +154,9 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
             "allowed keys: " + ", ".join(allowed)
         return ConfigError(f"{source}: unknown config key '{key}'", hint)
     given = first.get("input")
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
+    if not loc:
+        return ConfigError(f"{source}: {msg}")
     if first["type"] == "literal_error":
         msg = msg.replace("Input should be", "allowed values are")
     extra = f" ({len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
@@ -170,10 +174,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = raw
     # YAML reads 1e-4 as a string; numbers written that way are meant as floats.
     if isinstance(value, str):
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     return key.strip().split("."), value
 
 

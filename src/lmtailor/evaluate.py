@@ -21,8 +21,8 @@ from lmtailor.render import Tokenized, prompt_messages
 
 @torch.inference_mode()
 def loss_sums(loss_module: nn.Module, seqs: Sequence[Tokenized], pad_id: int, batch_tokens: int = 2048,
-              progress: bool = False, desc: str = "eval loss") -> tuple[float, int]:
-    """(sum of token losses, supervised tokens) over `seqs`, packed into rows of `batch_tokens`."""
+              row_tokens: int = 512, progress: bool = False, desc: str = "eval loss") -> tuple[float, int]:
+    """(sum of token losses, supervised tokens) over `seqs`, in batches of `batch_tokens` packed in rows."""
     total, count = 0.0, 0
     device = next(loss_module.parameters()).device
     batches: list[list[Tokenized]] = []
@@ -37,7 +37,8 @@ def loss_sums(loss_module: nn.Module, seqs: Sequence[Tokenized], pad_id: int, ba
     if cur:
         batches.append(cur)
     for group in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
-        width = max(batch_tokens, max(len(s.input_ids) for s in group))
+        # Rows of at most row_tokens: attention cost grows with the square of the row length.
+        width = max(row_tokens, max(len(s.input_ids) for s in group))
         batch = collate(group, pad_id, packing=True, pack_length=width)
         loss, n = loss_module(**{k: v.to(device) for k, v in batch.items()})
         total += float(loss)
@@ -58,7 +59,7 @@ def normalize(text: str) -> str:
 def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
     if not refs:
         return float("nan")
-    return sum(normalize(p) == normalize(r) for p, r in zip(preds, refs)) / len(refs)
+    return sum(normalize(p) == normalize(r) for p, r in zip(preds, refs, strict=False)) / len(refs)
 
 
 def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
@@ -80,12 +81,12 @@ def evaluate_model(model: nn.Module, tok: Any, val_seqs: Sequence[Tokenized], va
         out["eval_tokens"] = count
     chats = [ex for ex in val_examples if ex.messages is not None][:n_generate]
     if chats:
-        prompts, refs = zip(*(prompt_messages(ex) for ex in chats))
+        prompts, refs = zip(*(prompt_messages(ex) for ex in chats), strict=False)
         preds = generate(model, tok, list(prompts), gen, progress=progress, desc=f"{label} generate".strip())
         out["exact_match"] = exact_match(preds, refs)
         out["chrf"] = chrf(preds, refs)
         out["samples"] = [
-            {"prompt": p[-1]["content"], "reference": r, "prediction": y} for p, r, y in zip(prompts, refs, preds)
+            {"prompt": p[-1]["content"], "reference": r, "prediction": y} for p, r, y in zip(prompts, refs, preds, strict=False)
         ]
     return out
 
@@ -98,9 +99,9 @@ def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int
             b, a = before[key], after[key]
             rows.append((key, fmt.format(b), fmt.format(a), ("+" if a - b >= 0 else "") + fmt.format(a - b)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for s_before, s_after in list(zip(before.get("samples", []), after.get("samples", [])))[:samples]:
+    for s_before, s_after in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[:samples]:
         lines += ["", f"Q: {s_before['prompt']}", f"   reference: {s_before['reference']}",
                   f"   before:    {s_before['prediction']}", f"   after:     {s_after['prediction']}"]
     return "\n".join(lines)

@@ -115,7 +115,7 @@ def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, sy
     else:
         base_model = load_model(info["base_model"])
         base = generate(base_model.eval(), tok, prompts, settings, system=system)
-    return [{"base": b, "tuned": t} for b, t in zip(base, tuned)]
+    return [{"base": b, "tuned": t} for b, t in zip(base, tuned, strict=False)]
 
 
 def chat_loop(target: str, settings: GenerationSettings, system: str | None = None) -> None:

@@ -25,7 +25,7 @@ def loss_plot(history: list[dict[str, Any]], title: str = "training") -> bytes:
     ax.plot(steps, [r["loss"] for r in history], label="train loss", color="#1f77b4", alpha=0.8)
     val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", color="#d62728")
+        ax.plot(*zip(*val, strict=False), "o-", label="validation loss", color="#d62728")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / token)")
     ax.set_title(title)
@@ -56,7 +56,7 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
     samples = "".join(
         f"<tr><td>{html.escape(b['prompt'])}</td><td><code>{html.escape(b['reference'])}</code></td>"
         f"<td><code>{html.escape(b['prediction'])}</code></td><td><code>{html.escape(a['prediction'])}</code></td></tr>"
-        for b, a in list(zip(before.get("samples", []), after.get("samples", [])))[: max(cfg.eval.samples, 10)]
+        for b, a in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[: max(cfg.eval.samples, 10)]
     )
     facts = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in summary.items()
                     if k not in ("before", "after", "data"))

@@ -84,10 +84,9 @@ def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
     run_dir = cfg.run_dir
-    if is_main and not cfg.resume and (run_dir / "model").exists():
-        if not cfg.overwrite:
-            raise ConfigError(f"run folder {run_dir} already holds a finished run",
-                              "pick another name/output_dir, pass overwrite=true, or resume=true")
+    if is_main and not cfg.resume and (run_dir / "model").exists() and not cfg.overwrite:
+        raise ConfigError(f"run folder {run_dir} already holds a finished run",
+                          "pick another name/output_dir, pass overwrite=true, or resume=true")
     if is_main and not cfg.resume and cfg.overwrite:
         for sub in ("checkpoints", "tb"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
@@ -100,6 +99,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run one recipe end to end and return its summary (also written to `<run>/metrics.json`)."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
+
     from lmtailor.data.validate import load_datasets
 
     cuda = torch.cuda.is_available()
@@ -185,7 +185,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         step_seqs = [train_seqs[i] for i in batch_idx]
         n_global = sum(s.n_supervised for s in step_seqs)
         mine = step_seqs[rank::world]
-        micro = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        size = cfg.micro_batch_size or len(mine)
+        micro = [mine[i:i + size] for i in range(0, len(mine), size)]
         loss_sum = torch.zeros((), device=acc.device)
         for j, group in enumerate(micro):
             batch = collate(group, tok.pad_token_id, cfg.packing, cfg.pack_length)

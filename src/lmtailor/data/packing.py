@@ -59,7 +59,7 @@ def collate(seqs: Sequence[Tokenized], pad_id: int, packing: bool = True, pack_l
             rows_tgt.append(tgt)
             rows_pos.append(pos)
         width = max(len(r) for r in rows_ids)
-        for ids, tgt, pos in zip(rows_ids, rows_tgt, rows_pos):
+        for ids, tgt, pos in zip(rows_ids, rows_tgt, rows_pos, strict=True):
             pad = width - len(ids)
             ids += [pad_id] * pad
             tgt += [IGNORE] * pad

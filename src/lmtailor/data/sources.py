@@ -7,7 +7,6 @@ Problems with a whole file (missing, empty, not UTF-8) raise `DataError` straigh
 
 from __future__ import annotations
 
-import bisect
 import csv
 import difflib
 import io
@@ -30,6 +29,7 @@ SUPPORTED_SUFFIXES = JSONL_SUFFIXES | TEXT_SUFFIXES | {".json", ".csv", ".tsv", 
 # Suffixes that mean "this was meant as a file", even though we cannot read them.
 _FILE_LIKE_SUFFIXES = SUPPORTED_SUFFIXES | {".gz", ".zip", ".bz2", ".xz", ".zst", ".tar", ".xlsx", ".xls",
                                             ".xml", ".yaml", ".yml", ".arrow", ".html", ".pdf"}
+_WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _BOM = b"\xef\xbb\xbf"
 _HINT_LOCAL = "point data.path at a local file (.jsonl, .json, .csv, .tsv, .parquet, .txt) or a folder of them"
@@ -194,42 +194,48 @@ def _read_jsonl(file: Path, text: str) -> Iterator[Record]:
 
 
 def _read_json(file: Path, text: str) -> Iterator[Record]:
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":
-            # Several objects one after another: the file is really JSON Lines.
-            yield from _read_jsonl(file, text)
-            return
-        raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except (ValueError, RecursionError) as e:
-        raise DataError(f"{file}: not valid JSON ({e if isinstance(e, ValueError) else 'nested too deeply'})") \
-            from None
-    newlines = [i for i, c in enumerate(text) if c == "\n"]
-
-    def line_of(offset: int) -> int:
-        return bisect.bisect_right(newlines, offset) + 1
-
-    if isinstance(doc, dict):
-        key = _container_key(doc, file)
-        if key is None:
-            yield Record(doc, str(file), line_of(len(text) - len(text.lstrip())))
-            return
-        start = _find_key_value(text, key)
-    elif isinstance(doc, list):
-        start = len(text) - len(text.lstrip())
-    else:
-        raise DataError(f"{file}: expected a list of objects, or an object holding one (like {{\"data\": [...]}}); "
-                        f"got {json_kind(doc)}")
-    items = list(_array_items(text, start))
+    start = _skip_ws(text, 0)
+    items = None
+    if text.startswith("[", start):
+        # The usual case, a list of records: scanning item by item parses and validates in one pass.
+        try:
+            items, end = _array_items(text, start)
+            if _skip_ws(text, end) != len(text):
+                items = None  # more after the list; json.loads below names the problem
+        except (ValueError, IndexError, RecursionError):
+            items = None
+    if items is None:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":
+                # Several objects one after another: the file is really JSON Lines.
+                yield from _read_jsonl(file, text)
+                return
+            raise DataError(f"{file}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            why = e if isinstance(e, ValueError) else "nested too deeply"
+            raise DataError(f"{file}: not valid JSON ({why})") from None
+        if isinstance(doc, dict):
+            key = _container_key(doc, file)
+            if key is None:
+                yield Record(doc, str(file), text.count("\n", 0, start) + 1)
+                return
+            start = _find_key_value(text, key)
+        elif not isinstance(doc, list):
+            raise DataError(f"{file}: expected a list of objects, or an object holding one "
+                            f"(like {{\"data\": [...]}}); got {json_kind(doc)}")
+        items, _ = _array_items(text, start)
     if not items:
         raise DataError(f"{file}: file is empty (the list holds no records)", hint="add records or remove the file")
+    line, last = 1, 0
     for index, (offset, value) in enumerate(items):
+        line += text.count("\n", last, offset)  # offsets only grow: count the newlines since the last item
+        last = offset
         if isinstance(value, dict):
-            yield Record(value, str(file), line_of(offset))
+            yield Record(value, str(file), line)
         else:
-            problem = f"item {index + 1} is not a JSON object (got {json_kind(value)})"
-            yield Record({}, str(file), line_of(offset), problem)
+            yield Record({}, str(file), line, f"item {index + 1} is not a JSON object (got {json_kind(value)})")
 
 
 def _container_key(doc: dict[str, Any], file: Path) -> str | None:
@@ -247,21 +253,30 @@ def _container_key(doc: dict[str, Any], file: Path) -> str | None:
 
 
 def _skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
+    match = _WS.match(text, pos)
+    return match.end() if match else pos
 
 
-def _array_items(text: str, pos: int) -> Iterator[tuple[int, Any]]:
-    """(offset, value) for each item of the JSON array starting at text[pos]; the text is known valid."""
+def _array_items(text: str, pos: int) -> tuple[list[tuple[int, Any]], int]:
+    """(offset, value) of each item of the JSON array at text[pos], and the offset just past it.
+
+    Raises:
+        ValueError, IndexError: the array is not valid JSON.
+    """
     decoder = json.JSONDecoder()
+    items: list[tuple[int, Any]] = []
     pos = _skip_ws(text, pos + 1)  # past "["
-    while text[pos] != "]":
+    if text[pos] == "]":
+        return items, pos + 1
+    while True:
         value, end = decoder.raw_decode(text, pos)
-        yield pos, value
+        items.append((pos, value))
         pos = _skip_ws(text, end)
-        if text[pos] == ",":
-            pos = _skip_ws(text, pos + 1)
+        if text[pos] == "]":
+            return items, pos + 1
+        if text[pos] != ",":
+            raise ValueError(f"expected ',' or ']' at offset {pos}")
+        pos = _skip_ws(text, pos + 1)
 
 
 def _find_key_value(text: str, key: str) -> int:

@@ -1,0 +1,94 @@
+"""OpenAI-compatible server and web playground for runs and models.
+
+    lmtailor serve runs/my-run --port 8000 --api-key-env LMTAILOR_API_KEY
+
+Any OpenAI client then works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from lmtailor.errors import ConfigError
+from lmtailor.serve.app import create_app
+from lmtailor.serve.engine import Limits
+from lmtailor.serve.models import SPEEDUPS, Slot, load_models
+
+__all__ = ["SPEEDUPS", "Limits", "Slot", "create_app", "load_models", "running", "serve"]
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def api_key_from_env(name: str | None) -> str | None:
+    """The API key held by environment variable `name` (None when no name is given)."""
+    if not name:
+        return None
+    key = os.environ.get(name)
+    if not key:
+        raise ConfigError(f"--api-key-env {name}: that environment variable is not set or empty",
+                          f"export {name}=<a long random string>, or leave out --api-key-env")
+    return key
+
+
+def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
+          limits: Limits | None = None, speedup: str = "none", log_level: str = "info") -> None:
+    """Load `targets` and serve them until interrupted (blocks).
+
+    Args:
+        targets: run folders, model folders or model names; each becomes a model id (see /v1/models).
+        host: interface to bind; 127.0.0.1 by default so nothing outside this machine can connect.
+        port: TCP port.
+        api_key_env: name of an environment variable holding the bearer key clients must send.
+        limits: server caps (prompt length, max_tokens, batch, queue, timeout).
+        speedup: "none", "bf16" or "int8" CPU decoding speed-up (benchmarks/serve_load.py reports the cost).
+        log_level: uvicorn log level.
+
+    Raises:
+        ConfigError: the key variable is missing, or a public host is bound without a key.
+    """
+    import uvicorn
+
+    key = api_key_from_env(api_key_env)
+    if host not in LOOPBACK and key is None:
+        log.warning("serving on %s without an API key: anyone who can reach this port can use the models", host)
+    app = create_app(targets, api_key=key, limits=limits, speedup=speedup)
+    print(f"models: {', '.join(app.state.slots)}")
+    print(f"playground: http://{host}:{port}/   API: http://{host}:{port}/v1")
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running(app: Any, host: str = "127.0.0.1", port: int | None = None) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread; yields its base URL (tests, benchmarks, notebooks)."""
+    import uvicorn
+
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name="lmtailor-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

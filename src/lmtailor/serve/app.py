@@ -1,0 +1,288 @@
+"""The FastAPI app: OpenAI-compatible routes, API key, validation and errors, the playground page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from lmtailor.errors import LmtailorError
+from lmtailor.generate import as_messages
+from lmtailor.render import prompt_ids
+from lmtailor.serve.engine import AsyncJob, Engine, Job, Limits, QueueFull, Sampling
+from lmtailor.serve.models import Slot, load_models
+from lmtailor.serve.schemas import APIError, ChatRequest, CompletionRequest, _Sampling
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass
+class Prepared:
+    slot: Slot
+    prompts: list[list[int]]  # one per prompt (before n copies)
+    sampling: Sampling
+    max_tokens: int
+    stop: list[str]
+
+
+def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None, limits: Limits | None = None,
+               speedup: str = "none") -> FastAPI:
+    """Build the server app.
+
+    Args:
+        targets: run folders, model folders or model names to load, or slots already loaded (`load_models`).
+        api_key: when set, every /v1 request must carry `Authorization: Bearer <api_key>`.
+        limits: caps on prompt length, max_tokens, batching, queue and time (defaults: `Limits()`).
+        speedup: "none", "bf16" or "int8" (see `lmtailor.serve.models.speed_up`).
+
+    Returns:
+        The FastAPI app; its engine starts and stops with the app's lifespan.
+    """
+    slots = targets if isinstance(targets, dict) else load_models(list(targets), speedup)
+    lim = limits or Limits()
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = Engine(lim)
+        try:
+            yield
+        finally:
+            app.state.engine.close()
+
+    app = FastAPI(title="lmtailor", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.slots = slots
+    app.state.limits = lim
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
+        return JSONResponse(APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid request')}",
+                                     "invalid_request", param).body(), status_code=400)
+
+    if api_key is not None:
+        app.add_middleware(_BearerKey, key=api_key)
+
+    def pick(name: str) -> Slot:
+        if name not in slots:
+            raise APIError(404, f"model '{name}' is not served here; available: {', '.join(slots)}",
+                           "model_not_found", "model")
+        return slots[name]
+
+    def prepare(req: _Sampling, slot: Slot, prompts: list[list[int]]) -> Prepared:
+        if req.logprobs:
+            raise APIError(400, "logprobs are not supported", "unsupported_parameter", "logprobs")
+        if req.frequency_penalty or req.presence_penalty:
+            raise APIError(400, "frequency_penalty and presence_penalty are not supported; use repetition_penalty",
+                           "unsupported_parameter", "frequency_penalty")
+        if req.n > lim.max_n:
+            raise APIError(400, f"n={req.n} is above this server's limit of {lim.max_n}", "invalid_value", "n")
+        if req.n * len(prompts) > lim.max_batch_size:
+            raise APIError(400, f"n x prompts = {req.n * len(prompts)} rows is above max_batch_size "
+                           f"{lim.max_batch_size}", "invalid_value", "n")
+        asked = req.requested_max_tokens()
+        if asked is not None and asked > lim.max_tokens:
+            raise APIError(400, f"max_tokens={asked} is above this server's limit of {lim.max_tokens}",
+                           "invalid_value", "max_tokens")
+        max_tokens = asked or lim.default_max_tokens
+        limit = min(lim.max_prompt_tokens, slot.max_positions - 1)
+        for p in prompts:
+            if len(p) > limit:
+                raise APIError(400, f"the prompt has {len(p)} tokens; this server accepts at most {limit}",
+                               "context_length_exceeded", "messages")
+            # Keep the answer inside the model's positions: shorten it rather than fail.
+            max_tokens = min(max_tokens, slot.max_positions - len(p))
+        sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                            repetition_penalty=req.repetition_penalty, seed=req.seed, ignore_eos=req.ignore_eos)
+        return Prepared(slot, prompts, sampling, max_tokens, req.stops())
+
+    async def run(request: Request, prep: Prepared, n: int) -> tuple[AsyncJob, Job]:
+        engine: Engine = request.app.state.engine
+        bridge = AsyncJob(asyncio.get_running_loop())
+        rows = [p for p in prep.prompts for _ in range(n)]
+        job = Job(prep.slot, rows, prep.sampling, prep.max_tokens, prep.stop, bridge.emit,
+                  deadline=time.monotonic() + lim.timeout_s)
+        try:
+            engine.submit(job)
+        except QueueFull:
+            raise APIError(429, f"the server is busy ({lim.max_queue} requests waiting); retry shortly",
+                           "rate_limit_exceeded", kind="rate_limit_error") from None
+        return bridge, job
+
+    async def collect(request: Request, bridge: AsyncJob, job: Job) -> tuple[list[str], list[str], int]:
+        """Wait for every row; cancel the job if the client goes away. Returns texts, finish reasons, tokens."""
+        texts = [""] * len(job.prompts)
+        reasons: list[str | None] = [None] * len(job.prompts)
+        used = 0
+        try:
+            while any(r is None for r in reasons):
+                try:
+                    ev = await asyncio.wait_for(bridge.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        raise APIError(499, "client closed the request", "client_closed") from None
+                    continue
+                if ev[0] == "delta":
+                    texts[ev[1]] += ev[2]
+                elif ev[0] == "done":
+                    reasons[ev[1]], used = ev[2], used + ev[3]
+                else:
+                    raise APIError(ev[1], ev[2], "timeout" if ev[1] == 504 else "server_error",
+                                   kind="server_error")
+        finally:
+            if any(r is None for r in reasons):
+                job.cancelled.set()
+        if "timeout" in reasons:
+            raise APIError(504, f"the request took longer than {lim.timeout_s:g} s", "timeout", kind="server_error")
+        return texts, [r or "stop" for r in reasons], used
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def sse(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def stream(request: Request, bridge: AsyncJob, job: Job, head: dict[str, Any], chat: bool,
+               prompt_tokens: int, with_usage: bool) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            open_rows = set(range(len(job.prompts)))
+            used = 0
+            try:
+                if chat:
+                    for i in open_rows:
+                        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                        "finish_reason": None}]})
+                while open_rows:
+                    ev = await bridge.events.get()
+                    if ev[0] == "error":
+                        yield sse({"error": {"message": ev[2], "type": "server_error", "code": ev[1]}})
+                        return
+                    i = ev[1]
+                    if ev[0] == "delta":
+                        choice = {"index": i, "delta": {"content": ev[2]}} if chat else {"index": i, "text": ev[2]}
+                        yield sse({**head, "choices": [{**choice, "finish_reason": None}]})
+                    else:
+                        open_rows.discard(i)
+                        used += ev[3]
+                        reason = ev[2] if ev[2] in ("stop", "length") else "stop"
+                        choice = {"index": i, "delta": {}} if chat else {"index": i, "text": ""}
+                        yield sse({**head, "choices": [{**choice, "finish_reason": reason}]})
+                if with_usage:
+                    yield sse({**head, "choices": [], "usage": usage(prompt_tokens, used)})
+                yield "data: [DONE]\n\n"
+            finally:
+                if open_rows:  # the client left (the response task was cancelled) or an error ended it
+                    job.cancelled.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/health")
+    async def health(request: Request) -> dict[str, Any]:
+        engine: Engine = request.app.state.engine
+        return {"status": "ok", "models": list(slots), "waiting": engine.waiting, **engine.stats}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": s.name, "object": "model", "created": created, "owned_by": "lmtailor", "parent": s.parent}
+            for s in slots.values()]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request, body: ChatRequest) -> Any:
+        slot = pick(body.model)
+        if body.tools:
+            raise APIError(400, "tools are not supported", "unsupported_parameter", "tools")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            ids = prompt_ids(slot.tok, as_messages(messages, slot.system_prompt))
+        except LmtailorError as e:
+            raise APIError(400, str(e), "invalid_messages", "messages") from None
+        prep = prepare(body, slot, [ids])
+        bridge, job = await run(request, prep, body.n)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": slot.name}
+            return stream(request, bridge, job, head, True, len(ids), body.include_usage())
+        texts, reasons, used = await collect(request, bridge, job)
+        return {"id": rid, "object": "chat.completion", "created": now, "model": slot.name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": _r(r)}
+                            for i, (t, r) in enumerate(zip(texts, reasons, strict=False))],
+                "usage": usage(len(ids), used)}
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request, body: CompletionRequest) -> Any:
+        slot = pick(body.model)
+        if body.echo or body.suffix:
+            raise APIError(400, "echo and suffix are not supported", "unsupported_parameter", "echo")
+        texts_in = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not texts_in:
+            raise APIError(400, "prompt is empty", "invalid_value", "prompt")
+        # Raw text is tokenized the way training tokenizes raw text: with the tokenizer's own special tokens.
+        prompts = [list(slot.tok(t, add_special_tokens=True)["input_ids"]) for t in texts_in]
+        if any(not p for p in prompts):
+            raise APIError(400, "prompt is empty", "invalid_value", "prompt")
+        prep = prepare(body, slot, prompts)
+        bridge, job = await run(request, prep, body.n)
+        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        n_prompt = sum(len(p) for p in prompts)
+        if body.stream:
+            head = {"id": rid, "object": "text_completion", "created": now, "model": slot.name}
+            return stream(request, bridge, job, head, False, n_prompt, body.include_usage())
+        texts, reasons, used = await collect(request, bridge, job)
+        return {"id": rid, "object": "text_completion", "created": now, "model": slot.name,
+                "choices": [{"index": i, "text": t, "finish_reason": _r(r), "logprobs": None}
+                            for i, (t, r) in enumerate(zip(texts, reasons, strict=False))],
+                "usage": usage(n_prompt, used)}
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _r(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+class _BearerKey:
+    """ASGI middleware: /v1 requires `Authorization: Bearer <key>`, checked in constant time before the body is read.
+
+    Plain ASGI rather than BaseHTTPMiddleware, so streaming and client-disconnect detection pass through untouched.
+    """
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            given = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(given, self.key):
+                err = APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
+                               "invalid_api_key", kind="authentication_error")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

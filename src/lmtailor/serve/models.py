@@ -1,0 +1,158 @@
+"""Which models a server answers for: runs, model folders and names, loaded once, adapters sharing their base.
+
+Adapter runs trained on the same base share one PeftModel: each run is a named adapter on it, and the base
+itself is served too (adapters disabled), so a playground can compare base and tailored answers for free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmtailor.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SPEEDUPS = ("none", "bf16", "int8")
+
+
+@dataclass
+class Slot:
+    """One model id the API answers for."""
+
+    name: str
+    model: Any  # nn.Module, usually a PeftModel or a transformers model (typed Any: methods are dynamic)
+    tok: Any
+    system_prompt: str | None = None
+    adapter: str | None = None  # PEFT adapter name; None on a PeftModel means "adapters off" (the base)
+    parent: str | None = None  # the base model's id when this is an adapter
+    lock: threading.Lock = field(default_factory=threading.Lock)  # shared by slots on the same module
+    max_positions: int = 2048
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        """Hold the model with this slot's adapter switched on (or all adapters off for the base)."""
+        with self.lock:
+            if not hasattr(self.model, "peft_config"):
+                yield self.model
+            elif self.adapter is None:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                self.model.set_adapter(self.adapter)
+                yield self.model
+
+
+def _adapter_folder(target: str) -> Path | None:
+    path = Path(target)
+    for folder in (path / "model", path):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    return None
+
+
+def _unique(name: str, taken: dict[str, Slot]) -> str:
+    out, i = name, 2
+    while out in taken:
+        out, i = f"{name}-{i}", i + 1
+    return out
+
+
+def speed_up(model: nn.Module, how: str) -> nn.Module:
+    """Apply a CPU decoding speed-up: bf16 weights, or dynamic int8 quantization of the decoder's Linear layers.
+
+    int8 leaves the output head (often tied to the embeddings) in fp32: quantizing it costs most of the quality.
+    """
+    if how == "none":
+        return model
+    if how == "bf16":
+        return model.to(torch.bfloat16)
+    if how == "int8":
+        if hasattr(model, "peft_config"):
+            raise ConfigError("speedup=int8 cannot be combined with unmerged LoRA adapters",
+                              "export the run with `lmtailor export RUN --format merged` and serve that folder")
+        inner = getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            raise ConfigError("speedup=int8 needs a decoder model with a .model backbone")
+        model.model = torch.ao.quantization.quantize_dynamic(inner, {nn.Linear}, dtype=torch.qint8)
+        return model
+    raise ConfigError(f"unknown speedup '{how}'", f"choose one of: {', '.join(SPEEDUPS)}")
+
+
+def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
+    """Load every target (run folder, model folder or model name) into named slots.
+
+    Adapter runs on the same base share one model; the base gets its own slot named after it.
+    """
+    from lmtailor.models import load_for_inference, run_config
+
+    if not targets:
+        raise ConfigError("no model to serve", "give at least one run folder, model folder or model name")
+    slots: dict[str, Slot] = {}
+    shared: dict[str, Slot] = {}  # resolved base -> the base slot of a shared PeftModel
+    plain: list[str] = []
+    for target in targets:
+        folder = _adapter_folder(target)
+        if folder is None:
+            plain.append(target)
+            continue
+        base_name = run_config(Path(target)).get("base_model") if (Path(target) / "model").is_dir() else None
+        if base_name is None:
+            import json
+
+            base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        key = _key(base_name)
+        name = _unique(Path(target).resolve().name, slots)
+        system = (run_config(Path(target)).get("data") or {}).get("system_prompt")
+        if key not in shared:
+            model, tok, info = load_for_inference(target)
+            model = speed_up(model, speedup)
+            # The first adapter PEFT loads is called "default"; later runs are loaded under their own names.
+            base = Slot(_unique(Path(base_name).name, slots), model, tok, max_positions=_max_positions(model))
+            shared[key] = base
+            slots[name] = Slot(name, model, tok, system, adapter="default", parent=base.name, lock=base.lock,
+                               max_positions=base.max_positions)
+        else:
+            base = shared[key]
+            base.model.load_adapter(str(folder), adapter_name=name)
+            if speedup == "bf16":
+                base.model.to(torch.bfloat16)
+            slots[name] = Slot(name, base.model, base.tok, system, adapter=name, parent=base.name, lock=base.lock,
+                               max_positions=base.max_positions)
+    for base in shared.values():
+        slots.setdefault(base.name, base)
+    for target in plain:
+        try:
+            plain_key: str | None = _key(target)
+        except Exception:  # a target that does not resolve is loaded (and its error reported) below
+            plain_key = None
+        if plain_key in shared:
+            continue  # already served as the base of an adapter run
+        model, tok, info = load_for_inference(target)
+        model = speed_up(model, speedup)
+        name = _unique(info["name"], slots)
+        slots[name] = Slot(name, model, tok, info.get("system_prompt"), max_positions=_max_positions(model))
+    for slot in slots.values():
+        slot.model.eval()
+    log.info("serving: %s", ", ".join(slots))
+    return slots
+
+
+def _key(name: str) -> str:
+    from lmtailor.models import resolve_model
+
+    folder = resolve_model(name)
+    return str(Path(folder).resolve()) if Path(folder).is_dir() else folder
+
+
+def _max_positions(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "max_position_embeddings", 0) or 2048)

@@ -1,0 +1,47 @@
+"""The same recipe under `accelerate launch` with 2 processes (DDP over gloo on CPU) matches one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def _run(cmd: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_match_one(tiny_model, pairs_file, tmp_path):
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({**r, "instruction": f"{r['instruction']} {i}"}) + "\n"
+                            for i in range(4) for r in rows))
+    # global batch 8: one process accumulates 4 micro-batches of 2; two processes do 2 each and average
+    common = ["train", f"base_model={tiny_model}", f"data.path={data}", "max_steps=6", "batch_size=8",
+              "micro_batch_size=2", "lr=1e-2", "method=full", "eval.before_after=false", "data.val_size=4",
+              "--no-progress"]
+    _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
+    _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmtailor", *common,
+          f"output_dir={tmp_path / 'two'}"])
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "history.jsonl").read_text().splitlines()]
+              for r in ("one", "two")]
+    # Same examples, same token-mean loss; only float summation order differs (tolerance 1e-4 relative).
+    assert len(losses[0]) == len(losses[1]) == 6
+    assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(*losses, strict=True))
+    assert losses[0][-1] < losses[0][0]
+    w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)

@@ -1,0 +1,73 @@
+"""Packing: no padding, no attention across examples, targets never cross an example boundary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmtailor.data.example import Example
+from lmtailor.data.packing import collate, pack_bins
+from lmtailor.models import load_model, load_tokenizer
+from lmtailor.objectives import CausalLMLoss
+from lmtailor.render import IGNORE, tokenize_example
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model):
+    return load_model(str(tiny_model)).eval(), load_tokenizer(str(tiny_model))
+
+
+def _seqs(tok, pairs):
+    return [tokenize_example(tok, Example(messages=[{"role": "user", "content": q},
+                                                    {"role": "assistant", "content": a}]), 128)[0]
+            for q, a in pairs]
+
+
+def test_pack_bins_fit_and_cover():
+    lengths = [5, 9, 3, 7, 2, 8]
+    bins = pack_bins(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 4  # 34 tokens need at least 4 rows of 10
+
+
+def test_packed_rows_have_no_padding_and_reset_positions(model_tok):
+    _, tok = model_tok
+    from conftest import PAIRS
+
+    seqs = _seqs(tok, PAIRS[:4])
+    batch = collate(seqs, tok.pad_token_id, packing=True, pack_length=1024)
+    assert batch["input_ids"].shape == (1, sum(len(s.input_ids) for s in seqs))
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert starts == [0] + list(torch.tensor([len(s.input_ids) for s in seqs[:-1]]).cumsum(0).tolist())
+    # the last position of every example has no target (it would otherwise predict the next example)
+    for end in starts[1:]:
+        assert batch["targets"][0, end - 1] == IGNORE
+
+
+def test_packed_loss_equals_separate_loss(model_tok):
+    """Block-diagonal attention: packing changes nothing about each example's loss."""
+    model, tok = model_tok
+    from conftest import PAIRS
+
+    seqs = _seqs(tok, PAIRS)
+    loss_fn = CausalLMLoss(model)
+    with torch.no_grad():
+        packed, n_packed = loss_fn(**collate(seqs, tok.pad_token_id, packing=True, pack_length=1024))
+        padded, n_padded = loss_fn(**collate(seqs, tok.pad_token_id, packing=False))
+        single = [loss_fn(**collate([s], tok.pad_token_id, packing=False)) for s in seqs]
+    assert int(n_packed) == int(n_padded) == sum(int(n) for _, n in single) == sum(s.n_supervised for s in seqs)
+    assert torch.allclose(packed, padded, rtol=1e-4)
+    assert torch.allclose(packed, sum(l for l, _ in single), rtol=1e-4)
+
+
+def test_loss_matches_transformers_own_loss(model_tok):
+    model, tok = model_tok
+    from conftest import PAIRS
+
+    seq = _seqs(tok, PAIRS[:1])[0]
+    ids = torch.tensor([seq.input_ids])
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=torch.tensor([seq.labels])).loss
+        ours, n = CausalLMLoss(model)(**collate([seq], tok.pad_token_id, packing=True, pack_length=128))
+    assert torch.allclose(ours / n, ref, rtol=1e-5)

@@ -1,0 +1,140 @@
+"""The real CLI end to end on a tiny model: files written, loss falls, resume is exact, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmtailor.cli import main
+
+FAST = ["max_steps=12", "batch_size=4", "micro_batch_size=2", "lr=5e-3", "data.val_size=3",
+        "eval.generate_examples=2", "generation.max_new_tokens=4", "--no-progress"]
+
+
+def _train(tiny_model: Path, data: Path, out: Path, *extra: str) -> int:
+    return main(["train", f"base_model={tiny_model}", f"data.path={data}", f"output_dir={out}", *FAST, *extra])
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def data12(tmp_path):
+    from conftest import PAIRS
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"{q} {i}", "output": a} for i in range(3) for q, a in PAIRS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_lora_run_writes_an_ordinary_hf_folder_and_learns(tiny_model, data12, tmp_path):
+    run = tmp_path / "run"
+    assert _train(tiny_model, data12, run, "eval_every=4", "lr=5e-2", "lora.r=8", "lora.target_modules=all-linear") == 0
+    for name in ("model/adapter_model.safetensors", "model/adapter_config.json", "model/tokenizer.json",
+                 "config.yaml", "metrics.json", "loss.png", "report.html", "history.jsonl"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    hist = _history(run)
+    assert len(hist) == 12 and hist[-1]["loss"] < hist[0]["loss"] - 0.2
+    assert [h["step"] for h in hist if "val_loss" in h] == [4, 8, 12]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["after"]["loss"] < metrics["before"]["loss"]
+    assert metrics["trainable_params"] < metrics["total_params"] / 2
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the adapter folder opens with plain peft + transformers
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run / "model")
+    assert sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) > 0
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_model, data12, tmp_path):
+    """Model, optimizer, scheduler, RNG (LoRA dropout) and data position all come back."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ["save_every=5", "lora.dropout=0.2", "keep_checkpoints=5", "eval.before_after=false"]
+    assert _train(tiny_model, data12, full, *extra) == 0
+    assert _train(tiny_model, data12, part, *extra) == 0
+    # pretend the second run died after its step-5 checkpoint
+    shutil.rmtree(part / "model")
+    shutil.rmtree(part / "checkpoints" / "step-000010")
+    (part / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in _history(part)[:5]))
+    assert _train(tiny_model, data12, part, *extra, "resume=true") == 0
+    a = load_file(full / "model" / "adapter_model.safetensors")
+    b = load_file(part / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in _history(full)] == [h["loss"] for h in _history(part)]
+
+
+def test_freeze_trains_only_the_last_layers(tiny_model, data12, tmp_path):
+    run = tmp_path / "freeze"
+    assert _train(tiny_model, data12, run, "method=freeze", "unfreeze_last_n=1", "eval.before_after=false") == 0
+    before = load_file(tiny_model / "model.safetensors")
+    after = load_file(run / "model" / "model.safetensors")
+    assert torch.equal(before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(before["model.layers.1.self_attn.q_proj.weight"],
+                           after["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_early_stopping_stops_when_validation_stalls(tiny_model, data12, tmp_path):
+    run = tmp_path / "es"
+    assert _train(tiny_model, data12, run, "lr=1e-12", "eval_every=1", "early_stopping_patience=2",
+                  "eval.before_after=false", "method=full") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stopped_early"] and metrics["steps"] == 3
+
+
+def test_finished_run_is_not_overwritten(tiny_model, data12, tmp_path, capsys):
+    run = tmp_path / "keep"
+    assert _train(tiny_model, data12, run, "max_steps=2", "eval.before_after=false") == 0
+    stamp = (run / "metrics.json").read_text()
+    assert _train(tiny_model, data12, run, "max_steps=2") == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (run / "metrics.json").read_text() == stamp
+
+
+def test_bad_data_reports_file_line_field_and_count(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"instruction": f"q{i}", "output": "a"}) for i in range(10)]
+    lines[2] = json.dumps({"instruction": "q", "output": 5})
+    lines[6] = "{not json"
+    bad.write_text("\n".join(lines) + "\n")
+    assert _train(tiny_model, bad, tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 bad record(s)")
+    assert f"{bad}:3: output" in err and f"{bad}:7: not valid JSON" in err
+    assert "Traceback" not in err
+
+
+def test_validate_generate_and_eval_verbs(tiny_model, data12, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base_model: {tiny_model}\ndata:\n  path: {data12}\n  val_size: 3\nbatch_size: 4\n")
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "recipe OK" in out and "27 train / 3 validation" in out
+    run = tmp_path / "run"
+    assert _train(tiny_model, data12, run, "max_steps=3", "eval.before_after=false") == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "list files", "--compare", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "> list files" in out and "[base]" in out and "[tuned]" in out
+    metrics_file = tmp_path / "m.json"
+    assert main(["eval", str(run), "--data", str(data12), "--generate", "2", "--out", str(metrics_file)]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["loss"] > 0 and 0 <= metrics["exact_match"] <= 1 and metrics["examples"] == 30
+
+
+def test_console_script_prints_one_line_errors(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lmtailor", "train", "lora.rank=3"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "unknown config key 'lora.rank'" in proc.stderr
+    assert "Traceback" not in proc.stderr
