@@ -253,3 +253,57 @@ def test_cli_scrub_pseudonym_reads_salt_from_env(tmp_path: Path, monkeypatch: py
     assert json.loads((tmp_path / "a.jsonl.audit.json").read_text())["salt"] == "from $MY_SALT"
     with pytest.raises(ConfigError, match="is the input"):
         scrub_file(path, path)
+
+
+# ---- canaries ---------------------------------------------------------------------------------------------------
+
+def test_plant_canaries_keeps_every_copy(pairs_file: Path, tmp_path: Path) -> None:
+    from lmtailor.data.validate import clean_examples, load_examples
+    from lmtailor.privacy.canary import load_canaries, make_canaries, plant_canaries
+
+    canaries = make_canaries([0, 3, 12], pattern="ddd-dd", seed=1)
+    assert all(len(c.secret) == 6 and c.secret[3] == "-" for c in canaries)
+    listing = plant_canaries(pairs_file, tmp_path / "planted.jsonl", canaries)
+    loaded, fmt = load_canaries(listing)
+    assert loaded == canaries and fmt == "alpaca"
+    examples, stats = clean_examples(load_examples(str(tmp_path / "planted.jsonl")))
+    assert stats["duplicates"] == 0 and len(examples) == 10 + 15
+    for c in canaries:
+        assert sum(c.sentence == e.messages[-1]["content"] for e in examples) == c.repeats
+
+
+def test_repeated_canary_is_exposed_and_control_is_not(tiny_model: Path, pairs_file: Path, tmp_path: Path) -> None:
+    from lmtailor.config import load_config
+    from lmtailor.privacy.canary import canary_report, cli_canary, make_canaries, plant_canaries
+    from lmtailor.train import train
+
+    canaries = make_canaries([0, 40], pattern="dddd", seed=3)
+    listing = plant_canaries(pairs_file, tmp_path / "planted.jsonl", canaries)
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"base_model={tiny_model}", f"data.path={tmp_path / 'planted.jsonl'}", "method=full",
+                             "max_steps=60", "batch_size=8", "micro_batch_size=8", "lr=3e-3", "warmup_ratio=0",
+                             "eval.before_after=false", "eval.generate_examples=0", "data.val_size=1",
+                             f"output_dir={run}"])
+    train(cfg, progress=False)
+    report = canary_report(run, listing, n_candidates=200)
+    control, planted = report["canaries"]
+    assert control["repeats"] == 0 and planted["repeats"] == 40
+    assert planted["exposure"] > control["exposure"] + 2, report
+    assert planted["exposure"] >= 5, report
+    assert (run / "privacy_canaries.json").is_file()
+    assert "canaries look memorized" in cli_canary(str(run), str(listing), n_candidates=50)
+
+
+def test_scrub_for_run_needs_a_salt_for_pseudonyms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmtailor.privacy.scrub import audit_html, scrub_for_run
+
+    train = [Example(text="mail jane.doe@acme.io", source="a:1")]
+    val = [Example(text="also jane.doe@acme.io", source="a:2")]
+    monkeypatch.delenv("LMTAILOR_PRIVACY_SALT", raising=False)
+    with pytest.raises(ConfigError, match="LMTAILOR_PRIVACY_SALT"):
+        scrub_for_run(train, val, "pseudonym")
+    monkeypatch.setenv("LMTAILOR_PRIVACY_SALT", "k")
+    t, v, audit = scrub_for_run(train, val, "pseudonym", run_dir=tmp_path)
+    assert t[0].text.split()[-1] == v[0].text.split()[-1] != "jane.doe@acme.io"
+    assert json.loads((tmp_path / "privacy_audit.json").read_text())["counts"] == {"EMAIL": 2}
+    assert "j***@a***.io" in audit_html(audit)

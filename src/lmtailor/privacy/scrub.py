@@ -421,3 +421,48 @@ def cli_scrub(path: str, out: str, mode: str = "placeholder", salt_env: str = SA
     audit_path = audit or f"{out}.audit.json"
     return format_counts(report) + f"\nwrote {out} ({mode}) and the audit {audit_path}"
 
+
+
+# ---- the training pipeline stage ------------------------------------------------------------------------------
+
+def scrub_for_run(train: list[Example], val: list[Example], mode: Mode = "placeholder", salt_env: str = SALT_ENV,
+                  ner: bool = False, run_dir: str | Path | None = None
+                  ) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """Scrub a run's training and validation examples with one scrubber (one pseudonym mapping for both).
+
+    Pseudonym mode needs the salt from `$salt_env`: every process of a distributed run must map a value to the
+    same fake one, which a per-process random key would not. The audit goes to `<run_dir>/privacy_audit.json`.
+
+    Raises:
+        ConfigError: pseudonym mode without the salt variable set, or NER asked for but not installed.
+    """
+    from lmtailor.io import atomic_write_json
+
+    salt, source = salt_from_env(salt_env, required=True) if mode == "pseudonym" else (None, "unused")
+    s = Scrubber(mode, salt, ner, source)
+    train = [s.example(e) for e in train]
+    val = [s.example(e) for e in val]
+    audit = s.audit.to_dict()
+    if run_dir is not None:
+        atomic_write_json(Path(run_dir) / "privacy_audit.json", audit)
+    return train, val, audit
+
+
+def audit_html(audit: dict[str, Any]) -> str:
+    """The audit as an HTML section for the run report (counts per type and field, masked samples)."""
+    import html
+
+    def cells(*values: Any) -> str:
+        return "".join(f"<td>{html.escape(str(v))}</td>" for v in values)
+
+    counts = "".join(f"<tr>{cells(t, n)}</tr>" for t, n in audit["counts"].items()) or "<tr><td>none</td></tr>"
+    fields = "".join(f"<tr>{cells(f, ', '.join(f'{t} {n}' for t, n in c.items()))}</tr>"
+                     for f, c in audit["by_field"].items())
+    samples = "".join(f"<tr>{cells(t, s['source'], s['field'], s['original'], s.get('replacement', ''))}</tr>"
+                      for t, rows in audit["samples"].items() for s in rows)
+    return (f"<h2>Privacy</h2><p>scrubber {html.escape(audit['version'])}, mode {html.escape(audit['mode'])}: "
+            f"{audit['total']} finding(s) in {audit['records_with_pii']} of {audit['records']} example(s)</p>"
+            f"<table><tr><th>type</th><th>count</th></tr>{counts}</table>"
+            f"<table><tr><th>field</th><th>found</th></tr>{fields}</table>"
+            f"<table><tr><th>type</th><th>source</th><th>field</th><th>original (masked)</th><th>now</th></tr>"
+            f"{samples}</table>")
