@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmtailor.data.example import Example
-from lmtailor.data.packing import collate, pack_bins
+from lmtailor.data.packing import collate, pack_bins, shared_prefix
 from lmtailor.models import load_model, load_tokenizer
 from lmtailor.objectives import CausalLMLoss
 from lmtailor.render import IGNORE, tokenize_example
@@ -71,3 +71,31 @@ def test_loss_matches_transformers_own_loss(model_tok):
         ref = model(input_ids=ids, labels=torch.tensor([seq.labels])).loss
         ours, n = CausalLMLoss(model)(**collate([seq], tok.pad_token_id, packing=True, pack_length=128))
     assert torch.allclose(ours / n, ref, rtol=1e-5)
+
+
+def test_shared_prefix_is_held_once_and_changes_no_loss(model_tok):
+    model, tok = model_tok
+    from conftest import PAIRS
+
+    system = {"role": "system", "content": "You answer with one shell command and nothing else."}
+    seqs = [tokenize_example(tok, Example(messages=[system, {"role": "user", "content": q},
+                                                    {"role": "assistant", "content": a}]), 128)[0]
+            for q, a in PAIRS]
+    plain = collate(seqs, tok.pad_token_id, packing=True, pack_length=1024)
+    shared = collate(seqs, tok.pad_token_id, packing=True, pack_length=1024, share_prefix=True)
+    saved = plain["input_ids"].shape[1] - shared["input_ids"].shape[1]
+    assert saved >= 9 * 10  # the system turn and user header, once instead of ten times
+    assert shared["attention_mask"].shape == (1, 1, shared["input_ids"].shape[1], shared["input_ids"].shape[1])
+    loss_fn = CausalLMLoss(model)
+    with torch.no_grad():
+        a, n_a = loss_fn(**plain)
+        b, n_b = loss_fn(**shared)
+    assert int(n_a) == int(n_b) and torch.allclose(a, b, rtol=1e-5)
+
+
+def test_no_prefix_is_shared_when_it_would_carry_a_target(model_tok):
+    _, tok = model_tok
+    seqs = [tokenize_example(tok, Example(messages=[{"role": "user", "content": "list files"},
+                                                    {"role": "assistant", "content": a}]), 128, train_on_prompt=True)[0]
+            for a in ("ls", "ls -la")]
+    assert shared_prefix(seqs) == 0

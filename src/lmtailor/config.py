@@ -75,6 +75,8 @@ class RunConfig(Strict):
     max_length: int = Field(512, ge=8, description="examples longer than this many tokens are truncated")
     packing: bool = Field(True, description="pack examples into rows without padding")
     pack_length: int = Field(1024, ge=8, description="tokens per packed row")
+    share_prefix: bool = Field(True, description="packed rows hold a prompt prefix shared by all their examples "
+                               "(e.g. the system prompt) once; exact, and saves its compute")
 
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")

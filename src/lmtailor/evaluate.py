@@ -39,7 +39,7 @@ def loss_sums(loss_module: nn.Module, seqs: Sequence[Tokenized], pad_id: int, ba
     for group in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
         # Rows of at most row_tokens: attention cost grows with the square of the row length.
         width = max(row_tokens, max(len(s.input_ids) for s in group))
-        batch = collate(group, pad_id, packing=True, pack_length=width)
+        batch = collate(group, pad_id, packing=True, pack_length=width, share_prefix=True)
         loss, n = loss_module(**{k: v.to(device) for k, v in batch.items()})
         total += float(loss)
         count += int(n)

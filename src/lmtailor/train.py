@@ -189,7 +189,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         micro = [mine[i:i + size] for i in range(0, len(mine), size)]
         loss_sum = torch.zeros((), device=acc.device)
         for j, group in enumerate(micro):
-            batch = collate(group, tok.pad_token_id, cfg.packing, cfg.pack_length)
+            batch = collate(group, tok.pad_token_id, cfg.packing, cfg.pack_length, cfg.share_prefix)
             sync = j == len(micro) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(loss_module):
                 loss, _ = loss_module(**{k: v.to(acc.device) for k, v in batch.items()})

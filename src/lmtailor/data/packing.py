@@ -36,39 +36,63 @@ def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def collate(seqs: Sequence[Tokenized], pad_id: int, packing: bool = True, pack_length: int = 1024
-            ) -> dict[str, torch.Tensor]:
-    """Build a batch: input_ids, targets, position_ids (R, L) and, when padded, attention_mask (R, L).
+def shared_prefix(seqs: Sequence[Tokenized], min_len: int = 4) -> int:
+    """Length of the leading tokens all `seqs` share and on which no loss is taken (0 if under `min_len`).
+
+    Such a prefix (typically the system prompt and the user-turn header) is computed once per packed row: causal
+    attention makes its hidden states independent of what follows, so this is exact. The prefix must also leave
+    each sequence at least one token and must not hold a target (its last position would predict a different
+    token in each sequence).
+    """
+    if len(seqs) < 2:
+        return 0
+    first = seqs[0].input_ids
+    n = min(len(s.input_ids) for s in seqs) - 1
+    p = 0
+    while p < n and all(s.input_ids[p] == first[p] for s in seqs):
+        p += 1
+    # labels[1..p] are the targets of prefix positions 0..p-1: all must be ignored
+    while p > 0 and any(x != IGNORE for s in seqs for x in s.labels[1:p + 1]):
+        p -= 1
+    return p if p >= min_len else 0
+
+
+def collate(seqs: Sequence[Tokenized], pad_id: int, packing: bool = True, pack_length: int = 1024,
+            share_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Build a batch: input_ids, targets, position_ids (R, L) and an attention_mask.
 
     `targets` are already shifted and hold -100 where no loss is taken (prompt, padding, sequence ends).
+    Padded batches carry a (R, L) attention_mask; packed rows carry none (position ids define the blocks) unless
+    `share_prefix`, where rows whose sequences share a prompt prefix hold it once and carry a (R, 1, L, L) boolean
+    mask letting every sequence see the prefix and itself.
     """
     if packing:
-        rows_ids: list[list[int]] = []
-        rows_tgt: list[list[int]] = []
-        rows_pos: list[list[int]] = []
+        rows: list[tuple[list[int], list[int], list[int], list[int]]] = []  # ids, targets, positions, segments
         for group in pack_bins([len(s.input_ids) for s in seqs], pack_length):
-            ids: list[int] = []
-            tgt: list[int] = []
-            pos: list[int] = []
-            for i in sorted(group):  # keep the data order inside a row
-                s = seqs[i]
-                ids += s.input_ids
-                tgt += shifted_targets(s)
-                pos += list(range(len(s.input_ids)))
-            rows_ids.append(ids)
-            rows_tgt.append(tgt)
-            rows_pos.append(pos)
-        width = max(len(r) for r in rows_ids)
-        for ids, tgt, pos in zip(rows_ids, rows_tgt, rows_pos, strict=True):
+            members = [seqs[i] for i in sorted(group)]  # keep the data order inside a row
+            p = shared_prefix(members) if share_prefix else 0
+            ids, tgt, pos, seg = list(members[0].input_ids[:p]), [IGNORE] * p, list(range(p)), [0] * p
+            for k, s in enumerate(members, start=1):
+                ids += s.input_ids[p:]
+                tgt += shifted_targets(s)[p:]
+                pos += list(range(p, len(s.input_ids)))
+                seg += [k] * (len(s.input_ids) - p)
+            rows.append((ids, tgt, pos, seg))
+        width = max(len(r[0]) for r in rows)
+        for ids, tgt, pos, seg in rows:
             pad = width - len(ids)
             ids += [pad_id] * pad
             tgt += [IGNORE] * pad
             pos += list(range(pad))  # padding forms its own sequence: nothing attends to it
-        return {
-            "input_ids": torch.tensor(rows_ids),
-            "targets": torch.tensor(rows_tgt),
-            "position_ids": torch.tensor(rows_pos),
+            seg += [-1] * pad
+        batch = {
+            "input_ids": torch.tensor([r[0] for r in rows]),
+            "targets": torch.tensor([r[1] for r in rows]),
+            "position_ids": torch.tensor([r[2] for r in rows]),
         }
+        if share_prefix:
+            batch["attention_mask"] = segment_mask(torch.tensor([r[3] for r in rows]))
+        return batch
     width = max(len(s.input_ids) for s in seqs)
     ids_t = torch.full((len(seqs), width), pad_id)
     tgt_t = torch.full((len(seqs), width), IGNORE)
@@ -80,3 +104,11 @@ def collate(seqs: Sequence[Tokenized], pad_id: int, packing: bool = True, pack_l
         mask[r, :n] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": ids_t, "targets": tgt_t, "position_ids": pos, "attention_mask": mask}
+
+
+def segment_mask(seg: torch.Tensor) -> torch.Tensor:
+    """(R, L) segment ids -> (R, 1, L, L) boolean causal mask: same segment, or a key in the shared prefix (0)."""
+    q, k = seg[:, :, None], seg[:, None, :]  # (R, L, 1), (R, 1, L)
+    length = seg.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return (((q == k) | ((k == 0) & (q >= 0))) & causal)[:, None]
