@@ -1,9 +1,9 @@
 """Crash safety: SIGKILL the real `lmtailor train` CLI at random points, then resume to identical weights.
 
-One run trains uninterrupted (the reference, in parallel). Another is killed ten times: once at a random moment
-(usually while it starts up), then alternately while a checkpoint is being written (the moment its hidden
-`.step-*.tmp` staging folder appears) and at a random moment after a new checkpoint landed, each time resumed
-with `resume=true`. After every kill each visible checkpoint folder must be complete and loadable; at the end
+One run trains uninterrupted (the reference); two others, in parallel with it, are killed five times each: at a
+random moment (usually during start-up), while a checkpoint is being written (the moment its hidden `.step-*.tmp`
+staging folder appears), or at a random moment after a new checkpoint landed, each time resumed with
+`resume=true`. After every kill each visible checkpoint folder must be complete and loadable; at the end
 the resumed run's weights must equal the reference's, tensor for tensor.
 """
 
@@ -96,43 +96,54 @@ def _kill_when(proc: subprocess.Popen, run: Path, mode: str, rng: random.Random,
     return "killed"
 
 
+def _crash_chain(tiny: Path, data: Path, run: Path, modes: list[str], seed: int, log: Path) -> tuple[int, int]:
+    """Start, kill and resume one run once per mode; returns (kills, kills that left a staging folder)."""
+    rng = random.Random(seed)
+    deadline = time.time() + 240
+    killed = left_staging = 0
+    with log.open("w") as err:
+        for mode in modes:
+            resume = bool(_visible_checkpoints(run))
+            staging_before = set(_staging(run))
+            proc = subprocess.Popen(_cmd(tiny, data, run, resume), env=_env(), stdout=subprocess.DEVNULL, stderr=err)
+            outcome = _kill_when(proc, run, mode, rng, deadline)
+            assert outcome == "killed", f"{run.name}: the run ended before the {mode} kill " \
+                f"(exit {proc.returncode}): {log.read_text()[-2000:]}"
+            killed += 1
+            left_staging += bool(set(_staging(run)) - staging_before)
+            _check_complete(run)
+            assert not (run / "model").exists(), "a killed run must not have a final model"
+    final = subprocess.run(_cmd(tiny, data, run, True), env=_env(), capture_output=True, text=True, timeout=240)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _check_complete(run)
+    return killed, left_staging
+
+
 def test_sigkill_then_resume_gives_identical_weights(tiny_model: Path, pairs_file: Path, tmp_path: Path) -> None:
+    """Two runs are killed five times each, in parallel with the reference run (process start-up dominates)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     from safetensors.torch import load_file
 
-    ref_dir, run = tmp_path / "ref", tmp_path / "crash"
-    log = (tmp_path / "stderr.txt").open("w")
-    ref = subprocess.Popen(_cmd(tiny_model, pairs_file, ref_dir, False), env=_env(), stdout=subprocess.DEVNULL,
-                           stderr=log)
-    rng = random.Random(1234)
-    deadline = time.time() + 240
-    modes = ["startup"] + ["during-write", "random"] * ((KILLS - 1) // 2 + 1)
-    killed, left_staging = 0, 0
-    for mode in modes[:KILLS]:
-        resume = bool(_visible_checkpoints(run))
-        staging_before = set(_staging(run))
-        proc = subprocess.Popen(_cmd(tiny_model, pairs_file, run, resume), env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=log)
-        outcome = _kill_when(proc, run, mode, rng, deadline)
-        assert outcome == "killed", f"the run ended before the {mode} kill (exit {proc.returncode}): " \
-            + (tmp_path / "stderr.txt").read_text()[-2000:]
-        killed += 1
-        left_staging += bool(set(_staging(run)) - staging_before)
-        _check_complete(run)
-        assert not (run / "model").exists(), "a killed run must not have a final model"
-    assert killed >= KILLS
+    ref_dir = tmp_path / "ref"
+    chains = {tmp_path / "crash-a": ["startup", "during-write", "random", "during-write", "random"],
+              tmp_path / "crash-b": ["during-write", "random", "during-write", "random", "during-write"]}
+    with (tmp_path / "ref.log").open("w") as err:
+        ref = subprocess.Popen(_cmd(tiny_model, pairs_file, ref_dir, False), env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=err)
+        with ThreadPoolExecutor(len(chains)) as pool:
+            futures = [pool.submit(_crash_chain, tiny_model, pairs_file, run, modes, seed, tmp_path / f"{run.name}.log")
+                       for seed, (run, modes) in enumerate(chains.items())]
+            results = [f.result() for f in futures]
+        assert ref.wait(timeout=240) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    assert sum(k for k, _ in results) >= KILLS
     # At least one kill landed while a checkpoint was being written (its staging folder was left behind).
-    assert left_staging >= 1
-
-    final = subprocess.run(_cmd(tiny_model, pairs_file, run, True), env=_env(), capture_output=True, text=True,
-                           timeout=240)
-    assert final.returncode == 0, final.stderr[-3000:]
-    assert ref.wait(timeout=240) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
-    _check_complete(run)
-    a = load_file(str(ref_dir / "model" / "model.safetensors"))
-    b = load_file(str(run / "model" / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs after kill + resume"
-    # The history of the resumed run ends at the last step.
-    assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS
+    assert sum(s for _, s in results) >= 1
+    expected = load_file(str(ref_dir / "model" / "model.safetensors"))
+    for run in chains:
+        got = load_file(str(run / "model" / "model.safetensors"))
+        assert expected.keys() == got.keys()
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), f"{run.name}: {name} differs after kill + resume"
+        assert json.loads((run / "metrics.json").read_text())["steps"] == STEPS

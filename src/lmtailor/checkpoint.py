@@ -12,6 +12,7 @@ The folder appears by one rename, so a crash leaves either a complete checkpoint
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -145,4 +146,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Hide the folder with one rename before deleting it: a crash inside rmtree then leaves a hidden
+        # remnant, never a visible checkpoint with files missing.
+        trash = old.with_name(f".{old.name}.del")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)

@@ -78,6 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser("fetch", help="download a catalog dataset into the cache")
     f.add_argument("name")
     f.add_argument("--refresh", action="store_true")
+    pv = sub.add_parser("privacy", help="find and scrub personal data; check a run for memorized canaries")
+    psub = pv.add_subparsers(dest="action", required=True)
+    ps = psub.add_parser("scan", help="count PII by type, field and line; changes nothing")
+    ps.add_argument("file")
+    ps.add_argument("--json", action="store_true", help="print the full report as JSON")
+    ps.add_argument("--ner", action="store_true", help="also find names and places (needs an NER backend)")
+    pr = psub.add_parser("scrub", help="write a copy with PII replaced, and an audit JSON beside it")
+    pr.add_argument("file")
+    pr.add_argument("--out", required=True, help="output file; its suffix picks the format (.jsonl, .json, .csv)")
+    pr.add_argument("--mode", choices=["placeholder", "pseudonym"], default="placeholder")
+    pr.add_argument("--salt-env", default="LMTAILOR_PRIVACY_SALT",
+                    help="environment variable holding the pseudonym key (unset: a random key, not stored)")
+    pr.add_argument("--audit", default=None, help="audit JSON path (default OUT.audit.json)")
+    pr.add_argument("--ner", action="store_true", help="also scrub names and places (needs an NER backend)")
+    pp = psub.add_parser("plant", help="add canary records to a data file, for a memorization check")
+    pp.add_argument("file")
+    pp.add_argument("--out", required=True)
+    pp.add_argument("--repeats", default="0,1,10,100", help="copies of each canary, comma-separated (0: control)")
+    pp.add_argument("--pattern", default="dddddd", help="secret shape: d digit, x hex, a/A letter")
+    pp.add_argument("--seed", type=int, default=0)
+    pc = psub.add_parser("canary", help="measure how exposed planted canaries are in a trained run")
+    pc.add_argument("run")
+    pc.add_argument("--canaries", required=True, help="the .canaries.yaml file `privacy plant` wrote")
+    pc.add_argument("--candidates", type=int, default=1000, help="random secrets each canary is ranked against")
     return p
 
 
@@ -119,6 +143,17 @@ def _run(a: argparse.Namespace) -> int:
                 print(f"{info.name:16} {info.format:18} {info.license:14} {info.description}")
         else:
             print(catalog.fetch(a.name, refresh=a.refresh))
+    elif a.verb == "privacy":
+        from lmtailor.privacy import canary, scrub
+
+        if a.action == "scan":
+            print(scrub.cli_scan(a.file, as_json=a.json, ner=a.ner))
+        elif a.action == "scrub":
+            print(scrub.cli_scrub(a.file, a.out, a.mode, a.salt_env, a.ner, a.audit))
+        elif a.action == "plant":
+            print(canary.cli_plant(a.file, a.out, a.repeats, a.pattern, a.seed))
+        else:
+            print(canary.cli_canary(a.run, a.canaries, a.candidates))
     return 0
 
 

@@ -43,6 +43,15 @@ class DataSettings(Strict):
     system_prompt: str | None = Field(None, description="system message added to every conversation without one")
 
 
+class PrivacySettings(Strict):
+    scrub: bool = Field(False, description="replace PII in training and validation data before tokenizing")
+    mode: Literal["placeholder", "pseudonym"] = Field(
+        "placeholder", description="<EMAIL>-style placeholders, or consistent fake values keyed by a secret salt"
+    )
+    salt_env: str = Field("LMTAILOR_PRIVACY_SALT", description="environment variable holding the pseudonym salt")
+    ner: bool = Field(False, description="also scrub names and places (needs presidio-analyzer or spaCy + a model)")
+
+
 class GenerationSettings(Strict):
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0, description="0 means greedy")
@@ -70,6 +79,7 @@ class RunConfig(Strict):
     unfreeze_last_n: int = Field(2, ge=0, description="method=freeze: layers left trainable (plus the head)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
     train_on_prompt: bool = Field(False, description="compute the loss on every token, not only assistant turns")
     max_length: int = Field(512, ge=8, description="examples longer than this many tokens are truncated")

@@ -59,15 +59,20 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
         for b, a in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[: max(cfg.eval.samples, 10)]
     )
     facts = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in summary.items()
-                    if k not in ("before", "after", "data"))
+                    if k not in ("before", "after", "data", "privacy"))
     data = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in summary.get("data", {}).items())
+    privacy = ""
+    if summary.get("privacy"):
+        from lmtailor.privacy.scrub import audit_html
+
+        privacy = audit_html(summary["privacy"])
     img = f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmtailor run {html.escape(cfg.name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px}}
 table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><body>
 <h1>Run {html.escape(cfg.name)}</h1><ul>{facts}</ul><h2>Data</h2><ul>{data}</ul>
 <h2>Before / after (held-out split)</h2><table><tr><th>metric</th><th>before</th><th>after</th></tr>{rows}</table>
-<h2>Loss</h2>{img}
+{privacy}<h2>Loss</h2>{img}
 <h2>Sample answers</h2><table><tr><th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>{samples}</table>
 <h2>Resolved config</h2><pre>{html.escape(dump_config(cfg))}</pre></body></html>
 """

@@ -114,6 +114,13 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     # ---- data -------------------------------------------------------------------------------------------------
     train_ex, val_ex, data_stats = load_datasets(cfg.data)
+    privacy_audit: dict[str, Any] = {}
+    if cfg.privacy.scrub:
+        from lmtailor.privacy.scrub import scrub_for_run
+
+        train_ex, val_ex, privacy_audit = scrub_for_run(train_ex, val_ex, cfg.privacy.mode, cfg.privacy.salt_env,
+                                                        cfg.privacy.ner, run_dir if main else None)
+        data_stats["pii_replaced"] = privacy_audit["total"]
     with acc.main_process_first():  # the first load may convert a bundled model into the cache
         tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
         model_dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
@@ -163,6 +170,10 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             raise CheckpointError(f"resume=true but {run_dir}/checkpoints holds no complete checkpoint",
                                   "run without resume, or set save_every so checkpoints are written")
         state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, rank)
+        if main:  # drop what the crashed process logged after this checkpoint, and its half-written folders
+            atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
+            for stale in (run_dir / "checkpoints").glob(".step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
         say(f"resumed from {ckpts[-1]} at step {state['step']}")
 
     writer = None
@@ -267,6 +278,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             "train_tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": world,
             "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
             "data": data_stats, "before": before, "after": after,
+            **({"privacy": privacy_audit} if privacy_audit else {}),
         }
         atomic_write_json(run_dir / "metrics.json", summary)
         write_report(run_dir, cfg, state["history"], summary)

@@ -276,7 +276,13 @@ def cli_canary(run: str, canaries: str, n_candidates: int = 1000, seed: int = 0)
     return "\n".join(lines)
 
 
-def cli_plant(path: str, out: str, repeats: list[int], pattern: str = "dddddd", seed: int = 0) -> str:
+def cli_plant(path: str, out: str, repeats: str = "0,1,10,100", pattern: str = "dddddd", seed: int = 0) -> str:
     """`lmtailor privacy plant FILE --out OUT --repeats 0,1,10,100`: the text to print."""
-    listing = plant_canaries(path, out, make_canaries(repeats, pattern, seed), seed)
-    return f"wrote {out} with {sum(repeats)} canary record(s); keep {listing} for `lmtailor privacy canary`"
+    try:
+        counts = [int(r) for r in repeats.split(",")]
+    except ValueError:
+        counts = [-1]
+    if not counts or min(counts) < 0:
+        raise ConfigError(f"--repeats must be comma-separated counts, got {repeats!r}", "example: --repeats 0,1,10,100")
+    listing = plant_canaries(path, out, make_canaries(counts, pattern, seed), seed)
+    return f"wrote {out} with {sum(counts)} canary record(s); keep {listing} for `lmtailor privacy canary`"
