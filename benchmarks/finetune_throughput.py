@@ -173,15 +173,19 @@ def side_baseline(steps: int, batch_size: int) -> dict[str, Any]:
 
 # ---- driver ----------------------------------------------------------------------------------------------------
 
-def run_side(side: str, steps: int, batch_size: int) -> dict[str, Any]:
+def run_side(side: str, steps: int, batch_size: int, threads: int | None = None) -> dict[str, Any]:
     """Run one side in a fresh interpreter; returns its result dict (peak RSS is that process's alone)."""
+    env = dict(os.environ)
+    if threads:
+        # Set before torch starts its thread pool; on a busy shared machine 1 thread avoids OpenMP spin stalls.
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
     try:
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--batch-size", str(batch_size),
                "--result", result_path]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
             raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
@@ -211,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating order")
     p.add_argument("--out", type=Path, default=None, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
                    "none with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's choice)")
     p.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         pair: dict[str, Any] = {"order": order}
         for side in order:
             print(f"[{rep + 1}/{a.repeats}] {side}: {steps} steps of {a.batch_size} ...", flush=True)
-            pair[side] = run_side(side, steps, a.batch_size)
+            pair[side] = run_side(side, steps, a.batch_size, a.threads)
             print(f"    {pair[side]['train_seconds']:.1f} s training, "
                   f"{pair[side]['tokens'] / pair[side]['train_seconds']:.0f} tokens/s", flush=True)
         if pair["ours"]["tokens"] != pair["baseline"]["tokens"]:
@@ -291,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         "ours_peak_rss_bytes": rss_ours, "baseline_peak_rss_bytes": rss_base,
         "ours_final_loss": first["ours"]["final_loss"], "baseline_final_loss": first["baseline"]["final_loss"],
         "meets_target": verdict == "meets",
+        "load_average_at_end": os.getloadavg(),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": first["ours"]["torch_threads"],
                     "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
                     "torch": torch.__version__},

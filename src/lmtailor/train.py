@@ -34,13 +34,11 @@ from lmtailor.checkpoint import (
     trainable_state,
 )
 from lmtailor.config import RunConfig, dump_config
-from lmtailor.data.packing import collate
 from lmtailor.errors import CheckpointError, ConfigError
-from lmtailor.evaluate import comparison_table, evaluate_model, loss_sums, perplexity
+from lmtailor.evaluate import comparison_table, perplexity
 from lmtailor.io import atomic_write_json, atomic_write_text
-from lmtailor.models import add_lora, freeze_all_but_last, load_model, load_tokenizer, param_counts, save_model
-from lmtailor.objectives import get_objective
-from lmtailor.render import Tokenized, tokenize_all
+from lmtailor.models import add_lora, freeze_all_but_last, load_tokenizer, param_counts, save_model
+from lmtailor.objectives import Objective, get_objective, item_tokens
 from lmtailor.report import write_report
 
 log = logging.getLogger(__name__)
@@ -122,17 +120,15 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                                                         cfg.privacy.ner, run_dir if main else None)
         data_stats["pii_replaced"] = privacy_audit["total"]
     with acc.main_process_first():  # the first load may convert a bundled model into the cache
-        tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
         model_dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        model = load_model(cfg.base_model, dtype=model_dtype, trust_remote_code=cfg.trust_remote_code)
-    train_seqs, dropped = tokenize_all(tok, train_ex, cfg.max_length, train_on_prompt)
-    val_seqs, _ = tokenize_all(tok, val_ex[: cfg.eval.max_examples], cfg.max_length, train_on_prompt)
+        model, tok = objective.load(cfg, model_dtype)
+    train_seqs, train_stats = objective.prepare(tok, train_ex, cfg, train_on_prompt)
+    val_ex = val_ex[: cfg.eval.max_examples]
+    val_seqs, _ = objective.prepare(tok, val_ex, cfg, train_on_prompt)
     if not train_seqs:
-        raise ConfigError("no training example has a token to learn from",
-                          "check data.format and that examples have assistant turns or text")
-    data_stats.update(train_sequences=len(train_seqs), val_sequences=len(val_seqs), dropped_no_target=dropped,
-                      train_tokens=sum(len(s.input_ids) for s in train_seqs),
-                      supervised_tokens=sum(s.n_supervised for s in train_seqs))
+        raise ConfigError("no training example has anything to learn from",
+                          "check data.format and that examples have assistant turns, text or labels")
+    data_stats.update({f"train_{k}": v for k, v in train_stats.items()}, val_items=len(val_seqs))
 
     # ---- what trains ------------------------------------------------------------------------------------------
     if cfg.method == "lora":
@@ -141,8 +137,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         freeze_all_but_last(model, cfg.unfreeze_last_n)
     trainable, total = param_counts(model)
     say(f"model {cfg.base_model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
-        f"data: {len(train_seqs)} train / {len(val_seqs)} validation sequences, "
-        f"{data_stats['train_tokens']} tokens ({data_stats['supervised_tokens']} supervised)")
+        f"data: {len(train_seqs)} train / {len(val_seqs)} validation items; "
+        + ", ".join(f"{k.removeprefix('train_')} {v}" for k, v in data_stats.items() if k.startswith("train_")))
     model.to(acc.device)
 
     # ---- before ----------------------------------------------------------------------------------------------
@@ -150,8 +146,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     if main and cfg.eval.before_after and (val_seqs or val_ex):
         ctx = model.disable_adapter() if cfg.method == "lora" else contextlib.nullcontext()
         with ctx:
-            before = evaluate_model(model, tok, val_seqs, val_ex, cfg.generation, cfg.eval.generate_examples,
-                                    progress=progress, label="before:")
+            before = objective.evaluate(model, tok, val_seqs, val_ex, cfg, label="before:", progress=progress)
     acc.wait_for_everyone()
 
     # ---- optimizer, schedule, resume --------------------------------------------------------------------------
@@ -194,13 +189,16 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         step = state["step"]
         batch_idx = batch_at(step, per_epoch, len(train_seqs), cfg, world)
         step_seqs = [train_seqs[i] for i in batch_idx]
-        n_global = sum(s.n_supervised for s in step_seqs)
         mine = step_seqs[rank::world]
         size = cfg.micro_batch_size or len(mine)
-        micro = [mine[i:i + size] for i in range(0, len(mine), size)]
+        micro = [objective.collate(mine[i:i + size], tok, cfg) for i in range(0, len(mine), size)]
+        # the step's loss is a mean over all its loss terms, on every process together
+        n_global = sum(objective.count(b) for b in micro)
+        if world > 1:
+            n_global = int(acc.reduce(torch.tensor(n_global, device=acc.device), "sum"))
+        n_global = max(n_global, 1)
         loss_sum = torch.zeros((), device=acc.device)
-        for j, group in enumerate(micro):
-            batch = collate(group, tok.pad_token_id, cfg.packing, cfg.pack_length, cfg.share_prefix)
+        for j, batch in enumerate(micro):
             sync = j == len(micro) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(loss_module):
                 loss, _ = loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
@@ -215,7 +213,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step = step + 1
-        state["tokens"] += sum(len(s.input_ids) for s in step_seqs)
+        state["tokens"] += sum(item_tokens(s) for s in step_seqs)
         state["elapsed"] = time.perf_counter() - t_start
         train_loss = float(acc.reduce(loss_sum, "sum")) / n_global
         record: dict[str, Any] = {"step": step, "epoch": round(step / per_epoch, 3), "loss": train_loss,
@@ -223,7 +221,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                                   "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9)}
 
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and val_seqs:
-            val_loss = _distributed_val_loss(acc, loss_module, val_seqs, tok.pad_token_id, rank, world)
+            val_loss = _distributed_val_loss(acc, loss_module, objective, val_seqs, tok, cfg)
             record.update(val_loss=val_loss, val_perplexity=perplexity(val_loss))
             model.train()
             if state["best"] is None or val_loss < state["best"] - 1e-6:
@@ -269,8 +267,8 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if main:
         save_model(model, tok, run_dir / "model")
-        after = evaluate_model(model, tok, val_seqs, val_ex, cfg.generation, cfg.eval.generate_examples,
-                               progress=progress, label="after:") if (val_seqs or val_ex) else {}
+        after = objective.evaluate(model, tok, val_seqs, val_ex, cfg, label="after:",
+                                   progress=progress) if (val_seqs or val_ex) else {}
         summary = {
             "run_dir": str(run_dir), "base_model": cfg.base_model, "method": cfg.method, "objective": cfg.objective,
             "steps": state["step"], "stopped_early": stopped_early, "trainable_params": trainable,
@@ -290,31 +288,38 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def _distributed_val_loss(acc: Any, loss_module: torch.nn.Module, val_seqs: list[Tokenized], pad_id: int,
-                          rank: int, world: int) -> float:
-    total, count = loss_sums(loss_module, val_seqs[rank::world], pad_id)
-    t = torch.tensor([total, float(count)], device=acc.device, dtype=torch.float64)
-    t = acc.reduce(t, "sum")
-    return float(t[0] / max(float(t[1]), 1.0))
+@torch.inference_mode()
+def _distributed_val_loss(acc: Any, loss_module: torch.nn.Module, objective: Objective, items: list[Any], tok: Any,
+                          cfg: RunConfig) -> float:
+    """Mean validation loss over all processes (each takes every world_size-th item)."""
+    mine = items[acc.process_index::acc.num_processes]
+    size = cfg.micro_batch_size or cfg.batch_size
+    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    for i in range(0, len(mine), size):
+        batch = objective.collate(mine[i:i + size], tok, cfg)
+        loss, n = loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
+        total += torch.stack([loss.double(), n.double()])
+    total = acc.reduce(total, "sum")
+    return float(total[0] / total[1].clamp(min=1.0))
 
 
 def check_recipe(cfg: RunConfig) -> str:
-    """Validate a recipe without training: objective, data (every record), model, template; returns a summary."""
+    """Validate a recipe without training: objective, data (every record), tokenizer and template."""
     from lmtailor.data.validate import load_datasets
 
     objective = get_objective(cfg.objective)
     train_ex, val_ex, stats = load_datasets(cfg.data)
     tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
-    seqs, dropped = tokenize_all(tok, train_ex, cfg.max_length, cfg.train_on_prompt or objective.train_on_prompt)
-    if not seqs:
-        raise ConfigError("no training example has a token to learn from",
-                          "check data.format and that examples have assistant turns or text")
-    per_epoch, total = plan_steps(cfg, len(seqs), 1)
-    longest = max(len(s.input_ids) for s in seqs)
-    truncated = sum(len(s.input_ids) >= cfg.max_length for s in seqs)
+    items, item_stats = objective.prepare(tok, train_ex, cfg, cfg.train_on_prompt or objective.train_on_prompt)
+    if not items:
+        raise ConfigError("no training example has anything to learn from",
+                          "check data.format and that examples have assistant turns, text or labels")
+    per_epoch, total = plan_steps(cfg, len(items), 1)
+    lengths = [item_tokens(s) for s in items]
+    truncated = sum(n >= cfg.max_length for n in lengths)
     return (f"recipe OK: objective {cfg.objective}, method {cfg.method}, base {cfg.base_model}\n"
             f"data: {stats['format']} format, {stats['read']} records read, {stats['duplicates']} duplicates and "
             f"{stats['empty']} empty dropped, {len(train_ex)} train / {len(val_ex)} validation\n"
-            f"tokens: {sum(len(s.input_ids) for s in seqs)} in {len(seqs)} sequences (longest {longest}, "
-            f"{truncated} cut at max_length={cfg.max_length}, {dropped} without targets)\n"
+            f"items: {', '.join(f'{k} {v}' for k, v in item_stats.items())}; longest {max(lengths)} tokens, "
+            f"{truncated} cut at max_length={cfg.max_length}\n"
             f"schedule: {per_epoch} steps per epoch, {total} steps of {cfg.batch_size} examples")
