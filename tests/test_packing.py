@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmtailor.data.example import Example
-from lmtailor.data.packing import collate, pack_bins, shared_prefix
+from lmtailor.data.packing import collate, pack_bins, segment_mask, shared_prefix
 from lmtailor.models import load_model, load_tokenizer
 from lmtailor.objectives import CausalLMLoss
 from lmtailor.render import IGNORE, tokenize_example
@@ -85,12 +85,14 @@ def test_shared_prefix_is_held_once_and_changes_no_loss(model_tok):
     shared = collate(seqs, tok.pad_token_id, packing=True, pack_length=1024, share_prefix=True)
     saved = plain["input_ids"].shape[1] - shared["input_ids"].shape[1]
     assert saved >= 9 * 10  # the system turn and user header, once instead of ten times
-    assert shared["attention_mask"].shape == (1, 1, shared["input_ids"].shape[1], shared["input_ids"].shape[1])
+    assert int((shared["segment_ids"] == 0).sum()) >= 10  # the prefix, held once
     loss_fn = CausalLMLoss(model)
     with torch.no_grad():
         a, n_a = loss_fn(**plain)
-        b, n_b = loss_fn(**shared)
-    assert int(n_a) == int(n_b) and torch.allclose(a, b, rtol=1e-5)
+        b, n_b = loss_fn(**shared)  # per-example attention (CPU path)
+        masked = {k: v for k, v in shared.items() if k != "segment_ids"}
+        c, _ = loss_fn(**masked, attention_mask=segment_mask(shared["segment_ids"]))  # block-mask path (GPUs)
+    assert int(n_a) == int(n_b) and torch.allclose(a, b, rtol=1e-5) and torch.allclose(b, c, rtol=1e-5)
 
 
 def test_no_prefix_is_shared_when_it_would_carry_a_target(model_tok):

@@ -6,7 +6,8 @@ micro-batches and processes), so the loss is a token mean that does not depend o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,9 +17,83 @@ from torch import nn
 
 from lmtailor.config import RunConfig
 from lmtailor.data.example import Example
-from lmtailor.data.packing import collate
+from lmtailor.data.packing import collate, segment_mask
 from lmtailor.models import unwrap_peft
 from lmtailor.render import IGNORE, Tokenized, tokenize_all
+
+
+SEGMENT_ATTENTION = "lmtailor_segments"
+
+
+def segment_bounds(segment_ids: torch.Tensor) -> list[tuple[int, list[tuple[int, int]]]]:
+    """(R, L) segment ids (0 shared prefix, 1.. examples, -1 padding) -> per row (prefix length, [(start, end)])."""
+    rows = []
+    for row in segment_ids.tolist():
+        prefix = sum(1 for x in row if x == 0)
+        spans: list[tuple[int, int]] = []
+        start = prefix
+        for i in range(prefix + 1, len(row) + 1):
+            if i == len(row) or row[i] != row[start]:
+                if row[start] > 0:
+                    spans.append((start, i))
+                start = i
+        rows.append((prefix, spans))
+    return rows
+
+
+def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      packed_segments: list[tuple[int, list[tuple[int, int]]]] | None = None, **kwargs: Any
+                      ) -> tuple[torch.Tensor, None]:
+    """Attention of packed rows computed example by example.
+
+    A dense block-diagonal mask makes the CPU kernel pay for the whole L x L square of a packed row; here each
+    example attends to the shared prefix and, causally, to itself, so the cost is the sum of its own squares.
+    query: (R, Hq, L, D); key/value: (R, Hkv, L, D); returns (R, L, Hq, D) like transformers' sdpa path.
+    """
+    assert packed_segments is not None, "segment attention needs packed_segments"
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.zeros_like(query)
+    for r, (p, spans) in enumerate(packed_segments):
+        if p:
+            out[r:r + 1, :, :p] = F.scaled_dot_product_attention(
+                query[r:r + 1, :, :p], key[r:r + 1, :, :p], value[r:r + 1, :, :p], is_causal=True, scale=scaling,
+                dropout_p=dropout, enable_gqa=gqa)
+        for a, b in spans:
+            q = query[r:r + 1, :, a:b]
+            if p:
+                k = torch.cat([key[r:r + 1, :, :p], key[r:r + 1, :, a:b]], dim=2)
+                v = torch.cat([value[r:r + 1, :, :p], value[r:r + 1, :, a:b]], dim=2)
+                # every query sees the whole prefix and the example up to itself
+                mask = torch.ones(b - a, p + b - a, dtype=torch.bool, device=q.device).tril(diagonal=p)
+                out[r:r + 1, :, a:b] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                                                      dropout_p=dropout, enable_gqa=gqa)
+            else:
+                out[r:r + 1, :, a:b] = F.scaled_dot_product_attention(
+                    q, key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], is_causal=True, scale=scaling,
+                    dropout_p=dropout, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, lambda *args, **kwargs: None)  # no L x L mask is built
+
+
+_register_segment_attention()
+
+
+@contextlib.contextmanager
+def _attention(config: Any, name: str) -> Iterator[None]:
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
 
 
 class CausalLMLoss(nn.Module):
@@ -26,6 +101,7 @@ class CausalLMLoss(nn.Module):
 
     The output head runs on the supervised positions alone: with a 49k vocabulary the logits of every position
     (B*T*V floats) cost more memory traffic than the rest of the step, and most positions carry no loss in SFT.
+    Packed rows (`segment_ids`) are attended example by example on CPU; elsewhere through a block mask.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -33,12 +109,24 @@ class CausalLMLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         hf = unwrap_peft(self.model)
         backbone = hf.base_model  # the decoder stack without the LM head (e.g. LlamaModel)
         head = hf.get_output_embeddings()
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state  # (R, L, H)
+        kwargs: dict[str, Any] = {}
+        ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if segment_ids is not None:
+            plain = hf.config._attn_implementation in (None, "sdpa", "eager")
+            if input_ids.device.type == "cpu" and plain and not getattr(hf.config, "sliding_window", None):
+                kwargs["packed_segments"] = segment_bounds(segment_ids)
+                ctx = _attention(hf.config, SEGMENT_ATTENTION)
+            elif bool((segment_ids == 0).any()):
+                attention_mask = segment_mask(segment_ids)
+            # else: position ids restarting at 0 give transformers' own block-diagonal mask
+        with ctx:
+            hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                              use_cache=False, **kwargs).last_hidden_state  # (R, L, H)
         keep = targets != IGNORE  # (R, L)
         logits = head(hidden[keep])  # (N, V): only supervised positions
         cap = getattr(hf.config, "final_logit_softcapping", None)

@@ -62,9 +62,9 @@ def collate(seqs: Sequence[Tokenized], pad_id: int, packing: bool = True, pack_l
     """Build a batch: input_ids, targets, position_ids (R, L) and an attention_mask.
 
     `targets` are already shifted and hold -100 where no loss is taken (prompt, padding, sequence ends).
-    Padded batches carry a (R, L) attention_mask; packed rows carry none (position ids define the blocks) unless
-    `share_prefix`, where rows whose sequences share a prompt prefix hold it once and carry a (R, 1, L, L) boolean
-    mask letting every sequence see the prefix and itself.
+    Padded batches carry a (R, L) attention_mask. Packed rows carry `segment_ids` (R, L): 0 for a prompt prefix
+    shared by the row's sequences and held once (`share_prefix`), k for the k-th sequence, -1 for padding; every
+    sequence attends to the shared prefix and, causally, to itself.
     """
     if packing:
         rows: list[tuple[list[int], list[int], list[int], list[int]]] = []  # ids, targets, positions, segments
@@ -90,8 +90,8 @@ def collate(seqs: Sequence[Tokenized], pad_id: int, packing: bool = True, pack_l
             "targets": torch.tensor([r[1] for r in rows]),
             "position_ids": torch.tensor([r[2] for r in rows]),
         }
-        if share_prefix:
-            batch["attention_mask"] = segment_mask(torch.tensor([r[3] for r in rows]))
+        # the loss module turns segments into per-example attention (CPU) or a block mask
+        batch["segment_ids"] = torch.tensor([r[3] for r in rows])
         return batch
     width = max(len(s.input_ids) for s in seqs)
     ids_t = torch.full((len(seqs), width), pad_id)
