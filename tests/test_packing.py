@@ -58,7 +58,7 @@ def test_packed_loss_equals_separate_loss(model_tok):
         single = [loss_fn(**collate([s], tok.pad_token_id, packing=False)) for s in seqs]
     assert int(n_packed) == int(n_padded) == sum(int(n) for _, n in single) == sum(s.n_supervised for s in seqs)
     assert torch.allclose(packed, padded, rtol=1e-4)
-    assert torch.allclose(packed, sum(l for l, _ in single), rtol=1e-4)
+    assert torch.allclose(packed, sum(loss for loss, _ in single), rtol=1e-4)
 
 
 def test_loss_matches_transformers_own_loss(model_tok):

@@ -61,4 +61,5 @@ def test_text_examples_chunk_and_end_with_eos(tok):
 
 def test_truncation_keeps_the_prompt(tok):
     seq = tokenize_example(tok, Example(messages=CHAT), max_length=10)[0]
-    assert len(seq.input_ids) == 10 and seq.input_ids == tokenize_example(tok, Example(messages=CHAT), 512)[0].input_ids[:10]
+    full = tokenize_example(tok, Example(messages=CHAT), 512)[0]
+    assert len(seq.input_ids) == 10 and seq.input_ids == full.input_ids[:10]

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 from lmtailor.errors import DataError, LmtailorError
 
-EPILOG = """recipes: YAML files (see configs/); override any key with key=value, e.g. lr=1e-4 lora.r=16 data.path=my.jsonl
+EPILOG = """recipes: YAML files (see configs/); override any key with key=value,
+  e.g. lr=1e-4 lora.r=16 data.path=my.jsonl
 examples:
   lmtailor train configs/quickstart.yaml
   lmtailor eval runs/quickstart --data test.jsonl
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--generate", type=int, default=40, help="examples scored by exact match (0: loss only)")
     e.add_argument("--max-length", type=int, default=512)
     e.add_argument("--out", default=None, help="write the metrics JSON here")
+    e.add_argument("--metric", choices=["default", "perplexity"], default="default",
+                   help="perplexity: sliding-window perplexity of raw text (pseudo-perplexity for masked LMs)")
+    e.add_argument("--context", type=int, default=None, help="perplexity window in tokens (default --max-length)")
+    e.add_argument("--stride", type=int, default=None, help="tokens the window advances (default context / 2)")
 
     g = sub.add_parser("generate", help="answer prompts with a run or model")
     g.add_argument("run")
@@ -71,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="interactive chat with a run or model")
     c.add_argument("run")
     _gen_args(c)
+
+    tk = sub.add_parser("tokenizer", help="train a tokenizer, or extend a model's vocabulary with domain terms")
+    tsub = tk.add_subparsers(dest="action", required=True)
+    tt = tsub.add_parser("train", help="train a BPE or Unigram tokenizer on a corpus")
+    tt.add_argument("--corpus", required=True, help="folder of .txt/.md/.rst files, a text file, or catalog:NAME")
+    tt.add_argument("--vocab-size", type=int, default=8000)
+    tt.add_argument("--out", required=True, help="tokenizer folder to write")
+    tt.add_argument("--type", choices=["bpe", "unigram"], default="bpe")
+    te = tsub.add_parser("extend", help="add terms to a model's tokenizer; new embeddings = mean of sub-tokens")
+    te.add_argument("base", help="model name or folder")
+    te.add_argument("--terms", required=True, help="text file, one term per line")
+    te.add_argument("--out", required=True, help="model folder to write (model + tokenizer)")
+    te.add_argument("--corpus", default=None, help="report this corpus's token count before and after")
 
     d = sub.add_parser("datasets", help="the built-in dataset catalog")
     dsub = d.add_subparsers(dest="action", required=True)
@@ -120,14 +138,21 @@ def _run(a: argparse.Namespace) -> int:
         print(check_recipe(load_config(a.recipe, a.overrides)))
     elif a.verb == "eval":
         from lmtailor.evaluate import evaluate_run
+        from lmtailor.tasks import TASK_OBJECTIVES, run_objective
 
-        metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
-                               out=a.out)
+        if run_objective(a.run) in TASK_OBJECTIVES:  # classify / seq2seq runs: their task metrics
+            from lmtailor.tasks import evaluate_run as evaluate_task
+
+            metrics = evaluate_task(a.run, a.data, fmt=a.format, n_generate=a.generate, out=a.out)
+        else:
+            metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
+                                   out=a.out, metric=a.metric, context=a.context, stride=a.stride)
         print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
     elif a.verb == "generate":
         from lmtailor.generate import answer
 
-        for prompt, answers in zip(a.prompts, answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare), strict=False):
+        answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare)
+        for prompt, answers in zip(a.prompts, answers_all, strict=True):
             print(f"> {prompt}")
             for who, text in answers.items():
                 print(f"[{who}] {text}" if a.compare else text)
@@ -135,6 +160,13 @@ def _run(a: argparse.Namespace) -> int:
         from lmtailor.generate import chat_loop
 
         chat_loop(a.run, _gen_settings(a), a.system)
+    elif a.verb == "tokenizer":
+        from lmtailor import tokenizers
+
+        if a.action == "train":
+            print(tokenizers.train_tokenizer(a.corpus, a.vocab_size, a.out, a.type))
+        else:
+            print(tokenizers.extend_tokenizer(a.base, a.terms, a.out, a.corpus))
     elif a.verb == "datasets":
         from lmtailor.data import catalog
 

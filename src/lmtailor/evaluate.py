@@ -86,7 +86,8 @@ def evaluate_model(model: nn.Module, tok: Any, val_seqs: Sequence[Tokenized], va
         out["exact_match"] = exact_match(preds, refs)
         out["chrf"] = chrf(preds, refs)
         out["samples"] = [
-            {"prompt": p[-1]["content"], "reference": r, "prediction": y} for p, r, y in zip(prompts, refs, preds, strict=False)
+            {"prompt": p[-1]["content"], "reference": r, "prediction": y}
+            for p, r, y in zip(prompts, refs, preds, strict=True)
         ]
     return out
 
@@ -108,8 +109,17 @@ def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int
 
 
 def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40, max_length: int = 512,
-                 out: str | None = None, gen: GenerationSettings | None = None) -> dict[str, Any]:
-    """Evaluate a run folder or model on a data file: loss, perplexity, and (for chats) exact match and chrF."""
+                 out: str | None = None, gen: GenerationSettings | None = None, metric: str = "default",
+                 context: int | None = None, stride: int | None = None) -> dict[str, Any]:
+    """Evaluate a run folder or model on a data file: loss, perplexity, and (for chats) exact match and chrF.
+
+    metric="perplexity" instead scores raw text with a sliding window of `context` tokens advancing by `stride`
+    (pseudo-perplexity for masked LMs).
+    """
+    if metric == "perplexity":
+        from lmtailor.pretrain.perplexity import evaluate_perplexity
+
+        return evaluate_perplexity(target, data, context or max_length, stride, fmt, out)
     from lmtailor.data.validate import load_examples
     from lmtailor.io import atomic_write_json
     from lmtailor.models import load_for_inference

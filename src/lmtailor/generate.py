@@ -47,7 +47,7 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, tok: Any, prompts: Sequence[Prompt], settings: GenerationSettings | None = None,
+def generate(model: Any, tok: Any, prompts: Sequence[Prompt], settings: GenerationSettings | None = None,
              system: str | None = None, progress: bool = False, desc: str = "generating") -> list[str]:
     """Answer each prompt; returns the new text only (special tokens removed, cut at stop strings)."""
     s = settings or GenerationSettings()
@@ -73,7 +73,7 @@ def generate(model: nn.Module, tok: Any, prompts: Sequence[Prompt], settings: Ge
     return out
 
 
-def stream(model: nn.Module, tok: Any, messages: list[dict[str, str]], settings: GenerationSettings | None = None
+def stream(model: Any, tok: Any, messages: list[dict[str, str]], settings: GenerationSettings | None = None
            ) -> Iterator[str]:
     """Yield the answer to one conversation piece by piece as it is decoded."""
     from transformers import TextIteratorStreamer

@@ -21,7 +21,6 @@ from lmtailor.data.packing import collate, segment_mask
 from lmtailor.models import unwrap_peft
 from lmtailor.render import IGNORE, Tokenized, tokenize_all
 
-
 SEGMENT_ATTENTION = "lmtailor_segments"
 
 
@@ -111,7 +110,7 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        hf = unwrap_peft(self.model)
+        hf: Any = unwrap_peft(self.model)
         backbone = hf.base_model  # the decoder stack without the LM head (e.g. LlamaModel)
         head = hf.get_output_embeddings()
         kwargs: dict[str, Any] = {}
@@ -230,3 +229,6 @@ def get_objective(name: str) -> Objective:
 register_objective("sft", "causal LM loss on assistant turns of chats (instruction tuning)", CausalLMLoss)
 register_objective("clm", "causal LM loss on every token (continued pretraining on raw text)", CausalLMLoss,
                    train_on_prompt=True)
+
+import lmtailor.pretrain.objectives  # noqa: E402,F401  (registers mlm, span; pretraining hooks of clm)
+import lmtailor.tasks.classify  # noqa: E402,F401  (registers the task objectives)

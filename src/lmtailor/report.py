@@ -56,7 +56,7 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
     samples = "".join(
         f"<tr><td>{html.escape(b['prompt'])}</td><td><code>{html.escape(b['reference'])}</code></td>"
         f"<td><code>{html.escape(b['prediction'])}</code></td><td><code>{html.escape(a['prediction'])}</code></td></tr>"
-        for b, a in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[: max(cfg.eval.samples, 10)]
+        for b, a in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[:10]
     )
     facts = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in summary.items()
                     if k not in ("before", "after", "data", "privacy"))

@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from lmtailor.io import atomic_write_json, atomic_write_text
 from lmtailor.models import add_lora, freeze_all_but_last, load_tokenizer, param_counts, save_model
 from lmtailor.objectives import Objective, get_objective, item_tokens
 from lmtailor.report import write_report
+from lmtailor.tasks.metrics import higher_is_better
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ def batch_at(step: int, per_epoch: int, n_train: int, cfg: RunConfig, world: int
 
 
 def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             # Norm weights and biases are not decayed (standard practice; decaying them hurts).
@@ -93,8 +96,17 @@ def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
     return run_dir
 
 
-def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Run one recipe end to end and return its summary (also written to `<run>/metrics.json`)."""
+def train(cfg: RunConfig, progress: bool = True,
+          on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one recipe end to end and return its summary (also written to `<run>/metrics.json`).
+
+    Args:
+        cfg: the recipe.
+        progress: show progress bars.
+        on_eval: called on the main process after each validation with (step, history record); the record holds
+            val_loss and, when cfg.metric_for_best names a task metric, every val_<metric>. An exception it
+            raises (e.g. optuna.TrialPruned) ends the run there and propagates.
+    """
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
 
@@ -121,6 +133,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         data_stats["pii_replaced"] = privacy_audit["total"]
     with acc.main_process_first():  # the first load may convert a bundled model into the cache
         model_dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        model: Any
         model, tok = objective.load(cfg, model_dtype)
     train_seqs, train_stats = objective.prepare(tok, train_ex, cfg, train_on_prompt)
     val_ex = val_ex[: cfg.eval.max_examples]
@@ -223,9 +236,13 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and val_seqs:
             val_loss = _distributed_val_loss(acc, loss_module, objective, val_seqs, tok, cfg)
             record.update(val_loss=val_loss, val_perplexity=perplexity(val_loss))
+            if cfg.metric_for_best != "loss":
+                record.update(_task_metrics(acc, model, objective, tok, val_seqs, val_ex, cfg))
             model.train()
-            if state["best"] is None or val_loss < state["best"] - 1e-6:
-                state["best"], state["bad_evals"] = val_loss, 0
+            score = record[f"val_{cfg.metric_for_best}"]
+            sign = 1.0 if higher_is_better(cfg.metric_for_best) else -1.0
+            if state["best"] is None or sign * (score - state["best"]) > 1e-6:
+                state["best"], state["bad_evals"], state["best_step"] = score, 0, step
                 best_weights = trainable_state(model)
             else:
                 state["bad_evals"] += 1
@@ -236,11 +253,13 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             with open(run_dir / "history.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if writer is not None:
-                for key in ("loss", "lr", "grad_norm", "val_loss", "tokens_per_s"):
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s", *(k for k in record if k.startswith("val_"))):
                     if key in record and not math.isnan(record[key]):
                         writer.add_scalar(f"train/{key}" if "val" not in key else f"eval/{key}", record[key], step)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+        if on_eval is not None and main and "val_loss" in record:
+            on_eval(step, record)
         bar.update(1)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             rngs = gather_object([rng_state()]) if world > 1 else [rng_state()]
@@ -250,7 +269,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
                 prune_checkpoints(run_dir, cfg.keep_checkpoints)
             acc.wait_for_everyone()
         if stopped_early:
-            say(f"\nearly stopping at step {step}: validation loss has not improved for "
+            say(f"\nearly stopping at step {step}: validation {cfg.metric_for_best} has not improved for "
                 f"{cfg.early_stopping_patience} evaluations (best {state['best']:.4f})")
             break
     bar.close()
@@ -260,7 +279,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     # ---- final model, after, report -----------------------------------------------------------------------------
     acc.wait_for_everyone()
     model = acc.unwrap_model(loss_module).model
-    if best_weights is not None and cfg.early_stopping_patience:
+    if best_weights is not None and (cfg.early_stopping_patience or cfg.metric_for_best != "loss"):
         from lmtailor.checkpoint import load_trainable
 
         load_trainable(model, best_weights)
@@ -275,6 +294,7 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             "total_params": total, "train_seconds": round(state["elapsed"], 2),
             "train_tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": world,
             "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
+            "best": {"metric": cfg.metric_for_best, "value": state["best"], "step": state.get("best_step")},
             "data": data_stats, "before": before, "after": after,
             **({"privacy": privacy_audit} if privacy_audit else {}),
         }
@@ -286,6 +306,31 @@ def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             say("\n" + comparison_table(before, after, cfg.eval.samples))
     acc.wait_for_everyone()
     return summary
+
+
+def _task_metrics(acc: Any, model: torch.nn.Module, objective: Objective, tok: Any, items: list[Any],
+                  examples: list[Any], cfg: RunConfig) -> dict[str, float]:
+    """The objective's scalar metrics on the validation split as val_<name>, computed on the main process.
+
+    Raises:
+        ConfigError: the objective does not report cfg.metric_for_best.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    found: list[Any] = [None]
+    if acc.is_main_process:
+        metrics = objective.evaluate(model, tok, items, examples, cfg, label="eval:", progress=False)
+        found[0] = {f"val_{k}": float(v) for k, v in metrics.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool) and k != "examples"}
+    if acc.num_processes > 1:
+        broadcast_object_list(found)
+    scores: dict[str, float] = found[0]
+    if f"val_{cfg.metric_for_best}" not in scores:
+        names = ", ".join(["loss", *sorted(k.removeprefix("val_") for k in scores if k != "val_loss")])
+        raise ConfigError(f"config key 'metric_for_best': objective {cfg.objective} does not report "
+                          f"{cfg.metric_for_best!r}", f"allowed values are {names}")
+    scores.pop("val_loss", None)  # the distributed token-mean loss of the loop stays the one recorded
+    return scores
 
 
 @torch.inference_mode()

@@ -102,8 +102,8 @@ def collate(seqs: Sequence[Tokenized], pad_id: int, packing: bool = True, pack_l
         ids_t[r, :n] = torch.tensor(s.input_ids)
         tgt_t[r, :n] = torch.tensor(shifted_targets(s))
         mask[r, :n] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids_t, "targets": tgt_t, "position_ids": pos, "attention_mask": mask}
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids_t, "targets": tgt_t, "position_ids": positions, "attention_mask": mask}
 
 
 def segment_mask(seg: torch.Tensor) -> torch.Tensor:
