@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv quickstart test test-fast lint bench clean
+.PHONY: venv quickstart test lint bench clean browser
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,7 +21,13 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/lmtailor train configs/quickstart.yaml overwrite=true
 
-test: $(STAMP)
+# The playground test drives a real headless Chromium (Debian's package; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Debian's chromium (sudo apt-get install chromium) for the playground test"; exit 1; fi; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
