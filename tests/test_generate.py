@@ -92,6 +92,15 @@ def test_adapter_on_and_off(tiny_model):
     assert torch.allclose(base, plain, atol=1e-5) and not torch.allclose(tuned, base, atol=1e-3)
 
 
+def test_raw_prompts_skip_the_chat_template(model_tok):
+    model, tok = model_tok
+    s = GenerationSettings(max_new_tokens=5)
+    raw = generate(model, tok, ["To list files"], s, raw=True)[0]
+    ids = torch.tensor([tok("To list files")["input_ids"]])
+    direct = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert raw == tok.decode(direct[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
 def test_chat_verb_keeps_the_conversation(trained):
     proc = subprocess.run([sys.executable, "-m", "lmtailor", "chat", str(trained), "--max-new-tokens", "3"],
                           input="list files\ncount lines\n\n", capture_output=True, text=True, timeout=120)

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run")
     g.add_argument("prompts", nargs="+")
     g.add_argument("--compare", action="store_true", help="also answer with the base model, side by side")
+    g.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
     _gen_args(g)
 
     c = sub.add_parser("chat", help="interactive chat with a run or model")
@@ -151,7 +152,7 @@ def _run(a: argparse.Namespace) -> int:
     elif a.verb == "generate":
         from lmtailor.generate import answer
 
-        answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare)
+        answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare, raw=a.raw)
         for prompt, answers in zip(a.prompts, answers_all, strict=True):
             print(f"> {prompt}")
             for who, text in answers.items():

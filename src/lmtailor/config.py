@@ -69,17 +69,77 @@ class EvalSettings(Strict):
     max_examples: int | None = Field(None, ge=1, description="cap on held-out examples used for loss")
 
 
+class ScratchSettings(Strict):
+    """A model built from a config instead of loaded (base_model is then ignored)."""
+
+    arch: Literal["llama", "bert", "t5"] = Field("llama", description="llama: decoder (clm); bert: encoder "
+                                                  "(mlm); t5: encoder-decoder (span)")
+    tokenizer: str = Field(..., description="tokenizer folder (see `lmtailor tokenizer train`)")
+    layers: int = Field(4, ge=1, description="transformer blocks (t5: in each of encoder and decoder)")
+    hidden: int = Field(256, ge=8, description="model width")
+    heads: int = Field(4, ge=1, description="attention heads")
+    kv_heads: int | None = Field(None, ge=1, description="llama: key/value heads (default: heads)")
+    intermediate: int | None = Field(None, ge=8, description="MLP width (default: 4 x hidden, llama 8/3 x hidden)")
+    context: int = Field(512, ge=8, description="maximum positions")
+    vocab: int | None = Field(None, ge=8, description="vocabulary size (default: the tokenizer's)")
+
+
+class PretrainSettings(Strict):
+    scratch: ScratchSettings | None = Field(None, description="build the model from this config")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens selected for prediction")
+    whole_word_mask: bool = Field(False, description="mlm: select whole words, not single sub-tokens")
+    nsp: bool = Field(False, description="mlm: add a next-sentence-prediction head and loss (bert)")
+    span_density: float = Field(0.15, gt=0, lt=1, description="span: share of tokens corrupted")
+    span_mean_length: float = Field(3.0, ge=1, description="span: mean corrupted span length")
+    cache: bool = Field(False, description="tokenize the corpus once into a memory-mapped Arrow cache of "
+                        "max_length blocks (reused while tokenizer and corpus are unchanged)")
+    keep_layers: int | None = Field(None, ge=1, description="depth pruning: keep only the first N layers")
+    rope_factor: float | None = Field(None, gt=1, description="context extension: linear RoPE scaling factor "
+                                      "(max positions grow by it)")
+    eval_context: int | None = Field(None, ge=8, description="clm: sliding-window perplexity context "
+                                     "(default max_length)")
+    eval_stride: int | None = Field(None, ge=1, description="clm: sliding-window stride (default context / 2)")
+
+
+class AugmentSettings(Strict):
+    token_dropout: float = Field(0.0, ge=0, lt=1, description="classify: chance each training token is dropped")
+    token_swap: float = Field(0.0, ge=0, lt=1, description="classify: chance each training token swaps places "
+                              "with the next one")
+
+
+class TaskSettings(Strict):
+    """Options of the task objectives (classify, seq2seq)."""
+
+    labels: list[str] | None = Field(None, description="classify: label names in id order (default: the sorted "
+                                     "labels of the training data)")
+    multi_label: bool = Field(False, description="classify: an example may carry several labels "
+                              "(joined by label_separator); sigmoid outputs")
+    label_separator: str = Field(",", min_length=1, description="classify, multi_label: separator inside a label")
+    threshold: float = Field(0.5, gt=0, lt=1, description="classify, multi_label: probability that switches a "
+                             "label on")
+    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
+        "none", description="classify: loss weight per label: none, balanced (inverse frequency) or {label: w}")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="classify, seq2seq: cross-entropy label smoothing")
+    dropout: float | None = Field(None, ge=0, lt=1, description="classify, seq2seq: override every dropout "
+                                  "probability of the model config")
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    max_target_length: int = Field(128, ge=1, description="seq2seq: target tokens kept")
+    num_beams: int = Field(1, ge=1, description="seq2seq: beam width of evaluation decoding (1: greedy)")
+    generate_examples: int = Field(200, ge=0, description="seq2seq: held-out examples decoded for BLEU/chrF/ROUGE")
+
+
 class RunConfig(Strict):
     name: str = Field("run", description="run name; the run folder is output_dir")
     output_dir: str | None = Field(None, description="run folder (default runs/<name>)")
     base_model: str = Field("smollm2-135m-instruct", description="hub id, local folder, .gguf file or bundled name")
     trust_remote_code: bool = False
-    objective: str = Field("sft", description="registered objective: sft, clm")
+    objective: str = Field("sft", description="registered objective: sft, clm, mlm (encoders), span (encoder-decoders)")
     method: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained")
     unfreeze_last_n: int = Field(2, ge=0, description="method=freeze: layers left trainable (plus the head)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
 
     train_on_prompt: bool = Field(False, description="compute the loss on every token, not only assistant turns")
     max_length: int = Field(512, ge=8, description="examples longer than this many tokens are truncated")
@@ -113,6 +173,12 @@ class RunConfig(Strict):
 
     eval: EvalSettings = Field(default_factory=EvalSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
+    metric_for_best: str = Field("loss", description="validation metric that picks the best checkpoint and drives "
+                                 "early stopping: loss, or one the objective reports (accuracy, macro_f1, rougeL, "
+                                 "bleu, chrf, exact_match); others than loss are computed at every eval_every")
+    tune: dict[str, list[Any]] = Field(default_factory=dict, description="`lmtailor tune` search space: "
+                                       "{key: [low, high, log|uniform|int]} or {key: [choice, ...]}")
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

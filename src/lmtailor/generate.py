@@ -48,10 +48,17 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 @torch.inference_mode()
 def generate(model: Any, tok: Any, prompts: Sequence[Prompt], settings: GenerationSettings | None = None,
-             system: str | None = None, progress: bool = False, desc: str = "generating") -> list[str]:
-    """Answer each prompt; returns the new text only (special tokens removed, cut at stop strings)."""
+             system: str | None = None, progress: bool = False, desc: str = "generating", raw: bool = False
+             ) -> list[str]:
+    """Answer each prompt; returns the new text only (special tokens removed, cut at stop strings).
+
+    With `raw`, string prompts are continued as plain text (no chat template), as for a pretrained-only model.
+    """
     s = settings or GenerationSettings()
-    encoded = [prompt_ids(tok, as_messages(p, system)) for p in prompts]
+    if raw:
+        encoded = [list(tok(str(p), add_special_tokens=True)["input_ids"]) for p in prompts]
+    else:
+        encoded = [prompt_ids(tok, as_messages(p, system)) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(encoded)
     device = next(model.parameters()).device
@@ -97,7 +104,7 @@ def stream(model: Any, tok: Any, messages: list[dict[str, str]], settings: Gener
 
 
 def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, system: str | None = None,
-           compare: bool = False) -> list[dict[str, str]]:
+           compare: bool = False, raw: bool = False) -> list[dict[str, str]]:
     """Answer prompts with a run or model; with `compare`, also with its base model (adapter off).
 
     Returns one {label: answer} dict per prompt; labels are "tuned" and "base" when comparing.
@@ -106,15 +113,15 @@ def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, sy
 
     model, tok, info = load_for_inference(target)
     system = system or info.get("system_prompt")
-    tuned = generate(model, tok, prompts, settings, system=system)
+    tuned = generate(model, tok, prompts, settings, system=system, raw=raw)
     if not compare:
         return [{"answer": t} for t in tuned]
     if info.get("adapter"):
         with model.disable_adapter():
-            base = generate(model, tok, prompts, settings, system=system)
+            base = generate(model, tok, prompts, settings, system=system, raw=raw)
     else:
         base_model = load_model(info["base_model"])
-        base = generate(base_model.eval(), tok, prompts, settings, system=system)
+        base = generate(base_model.eval(), tok, prompts, settings, system=system, raw=raw)
     return [{"base": b, "tuned": t} for b, t in zip(base, tuned, strict=False)]
 
 

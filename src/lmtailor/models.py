@@ -182,7 +182,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def freeze_all_but_last(model: nn.Module, n: int) -> None:
+def freeze_all_but_last(model: Any, n: int) -> None:
     """Train only the last `n` transformer blocks, the final norm and the output head."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -195,6 +195,10 @@ def freeze_all_but_last(model: nn.Module, n: int) -> None:
     if head is not None and not tied:
         for p in head.parameters():
             p.requires_grad_(True)
+    for head_name in ("score", "classifier"):  # task heads (sequence classification) are new: they always train
+        task_head = getattr(model, head_name, None)
+        if isinstance(task_head, nn.Module):
+            task_head.requires_grad_(True)
     for name, module in model.named_modules():
         if name.endswith("norm") and "layers" not in name:
             for p in module.parameters():
@@ -202,11 +206,20 @@ def freeze_all_but_last(model: nn.Module, n: int) -> None:
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: Iterable[str] | str,
-             task_type: str = "CAUSAL_LM") -> nn.Module:
+             task_type: str | None = None) -> nn.Module:
+    """Wrap `model` with LoRA adapters; task_type (PEFT's) defaults to the one the model's head implies.
+
+    SEQ_CLS makes PEFT train and save the new classification head (`score`/`classifier`) with the adapter.
+    """
     from peft import LoraConfig, get_peft_model
 
+    if task_type is None:
+        kind = type(model).__name__
+        task_type = ("SEQ_CLS" if kind.endswith("ForSequenceClassification") else
+                     "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) else "CAUSAL_LM")
     targets: list[str] | str = target_modules if isinstance(target_modules, str) else list(target_modules)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type=task_type)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]  # float alpha works
+                     target_modules=targets, task_type=task_type)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
@@ -215,7 +228,7 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modu
                          f"linear layers of this model: {', '.join(names)}") from e
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> Any:
     """The transformers model inside a PeftModel (with adapters injected), or the model itself."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
@@ -223,10 +236,13 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
 
 # ---- run folders -----------------------------------------------------------------------------------------------
 
-def save_model(model: nn.Module, tokenizer: Any, out: Path) -> None:
+def save_model(model: Any, tokenizer: Any, out: Path) -> None:
     """Save an adapter (PEFT) or a full model plus tokenizer as an ordinary HF folder, atomically."""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        base = unwrap_peft(model)
+        if base is not model and type(base).__name__.endswith("ForSequenceClassification"):
+            base.config.save_pretrained(tmp)  # an adapter folder lacks config.json: keep id2label/label2id
         tokenizer.save_pretrained(tmp)
 
 
@@ -277,7 +293,7 @@ def _base_from_run(run: Path) -> str | None:
     return run_config(run).get("base_model")
 
 
-def load_for_inference(target: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict]:
+def load_for_inference(target: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict]:
     """Load a run folder (adapter or full model) or a base model by name; info carries the run's system prompt."""
     path = Path(target)
     if path.is_dir() and ((path / "model").is_dir() or (path / "adapter_config.json").is_file()):

@@ -232,3 +232,4 @@ register_objective("clm", "causal LM loss on every token (continued pretraining 
 
 import lmtailor.pretrain.objectives  # noqa: E402,F401  (registers mlm, span; pretraining hooks of clm)
 import lmtailor.tasks.classify  # noqa: E402,F401  (registers the task objectives)
+import lmtailor.tasks.seq2seq  # noqa: E402,F401

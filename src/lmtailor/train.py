@@ -145,11 +145,13 @@ def train(cfg: RunConfig, progress: bool = True,
 
     # ---- what trains ------------------------------------------------------------------------------------------
     if cfg.method == "lora":
+        # PEFT's task type follows the head the objective loaded (causal LM, classification, seq2seq, ...)
         model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     elif cfg.method == "freeze":
         freeze_all_but_last(model, cfg.unfreeze_last_n)
     trainable, total = param_counts(model)
-    say(f"model {cfg.base_model}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
+    base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
+    say(f"model {base_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
         f"data: {len(train_seqs)} train / {len(val_seqs)} validation items; "
         + ", ".join(f"{k.removeprefix('train_')} {v}" for k, v in data_stats.items() if k.startswith("train_")))
     model.to(acc.device)
@@ -289,7 +291,7 @@ def train(cfg: RunConfig, progress: bool = True,
         after = objective.evaluate(model, tok, val_seqs, val_ex, cfg, label="after:",
                                    progress=progress) if (val_seqs or val_ex) else {}
         summary = {
-            "run_dir": str(run_dir), "base_model": cfg.base_model, "method": cfg.method, "objective": cfg.objective,
+            "run_dir": str(run_dir), "base_model": base_name, "method": cfg.method, "objective": cfg.objective,
             "steps": state["step"], "stopped_early": stopped_early, "trainable_params": trainable,
             "total_params": total, "train_seconds": round(state["elapsed"], 2),
             "train_tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": world,
@@ -354,7 +356,8 @@ def check_recipe(cfg: RunConfig) -> str:
 
     objective = get_objective(cfg.objective)
     train_ex, val_ex, stats = load_datasets(cfg.data)
-    tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+    tok = load_tokenizer(cfg.pretrain.scratch.tokenizer if cfg.pretrain.scratch else cfg.base_model,
+                         cfg.trust_remote_code)
     items, item_stats = objective.prepare(tok, train_ex, cfg, cfg.train_on_prompt or objective.train_on_prompt)
     if not items:
         raise ConfigError("no training example has anything to learn from",
