@@ -40,16 +40,19 @@ CLIENT_PROMPTS = ["How do I list files?", "What is a tar archive?", "Explain gre
                   "What is a process?", "How do I make a folder?"]
 
 
-def _decode_speed(model: Any, ids: torch.Tensor, tokens: int, static: bool) -> tuple[float, list[int]]:
+def _decode_speed(model: Any, ids: torch.Tensor, tokens: int, static: bool, threads: int
+                  ) -> tuple[float, float, list[int]]:
+    """(tokens per wall second, tokens per CPU second of this process, the greedy tokens)."""
     kw = {"cache_implementation": "static"} if static else {}
+    torch.set_num_threads(threads)
     with torch.inference_mode():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
                        do_sample=False, **kw)  # warm up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                              do_sample=False, **kw)
-        dt = time.perf_counter() - t0
-    return tokens / dt, out[0, ids.shape[1]:].tolist()
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return tokens / dt, tokens / cpu, out[0, ids.shape[1]:].tolist()
 
 
 @torch.inference_mode()
@@ -61,7 +64,9 @@ def _quality(model: Any, text_ids: torch.Tensor, ref_top1: torch.Tensor | None) 
     return math.exp(nll.item()), top1, agree
 
 
-def levers(tokens: int) -> list[dict[str, Any]]:
+def levers(tokens: int, rounds: int = 3) -> list[dict[str, Any]]:
+    """Each lever's batch-1 speed: best of `rounds`, variants interleaved so that other load on the machine hits
+    all alike; tokens per CPU-second is reported too, as it moves much less with such load."""
     from lmtailor.models import load_model, load_tokenizer
     from lmtailor.render import prompt_ids
     from lmtailor.serve.models import speed_up
@@ -70,27 +75,39 @@ def levers(tokens: int) -> list[dict[str, Any]]:
     base = load_model(MODEL).eval()
     ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": PROMPT}])])
     text_ids = torch.tensor([tok(TEXT)["input_ids"]])
-    variants = [("fp32 HF generate (baseline)", "none", False), ("fp32 + static cache", "none", True),
-                ("bf16", "bf16", False), ("bf16 + static cache", "bf16", True),
-                ("int8 dynamic + static cache", "int8", True)]
+    default = torch.get_num_threads()
+    variants = [("fp32 HF generate (baseline)", "none", False, default), ("fp32 + static cache", "none", True, default),
+                ("bf16", "bf16", False, default), ("int8 dynamic", "int8", False, default),
+                ("fp32, 1 thread", "none", False, 1), ("bf16, 1 thread", "bf16", False, 1),
+                ("int8 dynamic, 1 thread", "int8", False, 1)]
+    models = {how: base if how == "none" else speed_up(copy.deepcopy(base), how).eval() for _, how, _, _ in variants}
+    speed: dict[str, float] = {}
+    cpu_speed: dict[str, float] = {}
+    generated: dict[str, list[int]] = {}
+    for _ in range(rounds):
+        for label, how, static, threads in variants:
+            tps, cps, generated[label] = _decode_speed(models[how], ids, tokens, static, threads)
+            speed[label] = max(speed.get(label, 0.0), tps)
+            cpu_speed[label] = max(cpu_speed.get(label, 0.0), cps)
     rows: list[dict[str, Any]] = []
-    ref_tokens: list[int] = []
-    ref_top1 = None
-    for label, how, static in variants:
-        model = base if how == "none" else speed_up(copy.deepcopy(base), how).eval()
-        tps, gen = _decode_speed(model, ids, tokens, static)
-        ppl, top1, agree = _quality(model, text_ids, ref_top1)
-        if ref_top1 is None:
-            ref_top1, ref_tokens = top1, gen
+    ref_tokens = generated[variants[0][0]]
+    _, ref_top1, _ = _quality(base, text_ids, None)
+    torch.set_num_threads(default)
+    for label, how, static, threads in variants:
+        ppl, _, agree = _quality(models[how], text_ids, ref_top1)
+        gen = generated[label]
         same = next((i for i, (a, b) in enumerate(zip(gen, ref_tokens, strict=False)) if a != b), len(gen))
-        rows.append({"variant": label, "speedup": how, "static_cache": static, "tokens_per_s": round(tps, 2),
-                     "x_vs_fp32": round(tps / rows[0]["tokens_per_s"], 2) if rows else 1.0,
-                     "perplexity": round(ppl, 3), "teacher_forced_top1_agreement": round(agree, 4),
+        tps, cps = speed[label], cpu_speed[label]
+        x_cpu = cps / cpu_speed[variants[0][0]]
+        rows.append({"variant": label, "speedup": how, "static_cache": static, "threads": threads,
+                     "tokens_per_s": round(tps, 2),
+                     "x_vs_fp32": round(tps / speed[variants[0][0]], 2), "tokens_per_cpu_s": round(cps, 2),
+                     "x_vs_fp32_cpu_time": round(x_cpu, 2), "perplexity": round(ppl, 3),
+                     "teacher_forced_top1_agreement": round(agree, 4),
                      "greedy_tokens_identical_before_divergence": f"{same}/{len(gen)}"})
-        print(f"  {label:30} {tps:6.1f} tok/s  ppl {ppl:7.3f}  top1 agree {agree:.3f}  greedy same {same}/{len(gen)}",
-              flush=True)
-        if model is not base:
-            del model
+        print(f"  {label:28} {tps:5.1f} tok/s ({tps / speed[variants[0][0]]:.2f}x)  {cps:5.1f} tok/cpu-s "
+              f"({x_cpu:.2f}x)  ppl {ppl:7.3f}  "
+              f"top1 agree {agree:.3f}  greedy same {same}/{len(gen)}", flush=True)
     return rows
 
 
@@ -136,21 +153,21 @@ def load_level(url: str, model: str, clients: int, requests: int, tokens: int) -
             "p95_s": round(p95, 2), "errors": len(errors), "error_samples": errors[:3]}
 
 
-def server_load(requests: int, tokens: int, speedup: str) -> dict[str, Any]:
+def server_load(requests: int, tokens: int, speedup: str, threads: int) -> dict[str, Any]:
     from lmtailor.serve import Limits, create_app, load_models, running
 
     slots = load_models([MODEL], speedup=speedup)
     name = next(iter(slots))
-    out: dict[str, Any] = {"speedup": speedup, "levels": []}
+    out: dict[str, Any] = {"speedup": speedup, "torch_threads": threads or torch.get_num_threads(), "levels": []}
     for label, batch in (("dynamic batching", 8), ("one at a time", 1)):
-        app = create_app(slots, limits=Limits(max_batch_size=batch, batch_window_ms=20))
+        app = create_app(slots, limits=Limits(max_batch_size=batch, batch_window_ms=20, torch_threads=threads))
         with running(app) as url:
             load_level(url, name, 1, 1, 4)  # warm up
             levels = (1, 4, 8) if batch > 1 else (8,)
             for clients in levels:
                 row = {"mode": label, **load_level(url, name, clients, requests, tokens)}
                 health = json.loads(__import__("urllib.request").request.urlopen(url + "/health").read())
-                row["mean_rows_per_batch"] = round(health["rows"] / max(1, health["batches"]), 2)
+                row["mean_rows_per_batch_since_start"] = round(health["rows"] / max(1, health["batches"]), 2)
                 out["levels"].append(row)
                 print(f"  {label:17} clients {clients}: {row['req_per_s']:.2f} req/s  {row['tokens_per_s']:6.1f} tok/s"
                       f"  p50 {row['p50_s']} s  p95 {row['p95_s']} s  errors {row['errors']}", flush=True)
@@ -164,16 +181,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
     p.add_argument("--tokens", type=int, default=24, help="tokens generated per request (EOS ignored)")
-    p.add_argument("--speedup", default="bf16", choices=["none", "bf16", "int8"], help="server model speed-up")
+    p.add_argument("--speedup", default="none", choices=["none", "bf16", "int8"], help="server model speed-up")
+    p.add_argument("--threads", type=int, default=1, help="server torch threads (0: torch default)")
+    p.add_argument("--lever-tokens", type=int, default=16, help="tokens per batch-1 lever measurement")
+    p.add_argument("--only", choices=["all", "levers", "server"], default="all")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     a = p.parse_args()
     t0 = time.time()
-    print(f"batch-1 decoding, {a.tokens} tokens ({MODEL}, {torch.get_num_threads()} threads):", flush=True)
     result: dict[str, Any] = {
         "model": MODEL, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
-        "threads": torch.get_num_threads(), "tokens_per_request": a.tokens, "batch1_levers": levers(a.tokens)}
-    print(f"server under load ({a.requests} requests per level, speedup={a.speedup}, static cache):", flush=True)
-    result["server"] = server_load(a.requests, a.tokens, a.speedup)
+        "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
+        "tokens_per_request": a.tokens}
+    if a.only in ("all", "levers"):
+        print(f"batch-1 decoding, {a.lever_tokens} tokens ({MODEL}, {torch.get_num_threads()} threads):", flush=True)
+        result["batch1_levers"] = levers(a.lever_tokens)
+    if a.only == "levers":
+        print(json.dumps(result["batch1_levers"], indent=1))
+        return
+    print(f"server under load ({a.requests} requests per level, speedup={a.speedup}, threads={a.threads}):",
+          flush=True)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+    result["server"] = server_load(a.requests, a.tokens, a.speedup, a.threads)
     result["wall_s"] = round(time.time() - t0, 1)
     from lmtailor.io import atomic_write_json
 

@@ -219,3 +219,15 @@ def test_full_queue_is_429_and_timeout_is_504(slots) -> None:  # type: ignore[no
         with pytest.raises(openai.APIStatusError) as e:
             ask(c, tuned, "hi", max_tokens=4000, extra_body={"ignore_eos": True})
         assert e.value.status_code == 504
+
+
+def test_serve_needs_the_key_variable_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmtailor.errors import ConfigError
+    from lmtailor.serve import api_key_from_env, serve
+
+    monkeypatch.delenv("LMTAILOR_TEST_KEY", raising=False)
+    with pytest.raises(ConfigError, match="LMTAILOR_TEST_KEY"):
+        serve(["unused"], api_key_env="LMTAILOR_TEST_KEY")
+    monkeypatch.setenv("LMTAILOR_TEST_KEY", "s3cret")
+    assert api_key_from_env("LMTAILOR_TEST_KEY") == "s3cret"
+    assert api_key_from_env(None) is None

@@ -20,6 +20,8 @@ examples:
   lmtailor chat runs/quickstart
   lmtailor validate my.yaml
   lmtailor datasets list
+  lmtailor serve runs/quickstart --port 8000          # OpenAI-compatible API + playground at /
+  lmtailor export runs/quickstart --format gguf --out m.gguf
 """
 
 
@@ -97,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser("fetch", help="download a catalog dataset into the cache")
     f.add_argument("name")
     f.add_argument("--refresh", action="store_true")
+    s = sub.add_parser("serve", help="OpenAI-compatible API and web playground for runs or models")
+    s.add_argument("runs", nargs="+", help="run folders, model folders or model names (each becomes a model id)")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key-env", default=None, metavar="VAR",
+                   help="environment variable holding the bearer key clients must send")
+    s.add_argument("--speedup", choices=["none", "bf16", "int8"], default="none",
+                   help="CPU decoding speed-up (see benchmarks/serve_load.py for its quality cost)")
+    s.add_argument("--threads", type=int, default=0, help="torch threads for decoding (0: torch default; "
+                   "1 is as fast and far steadier on a shared machine)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
+
+    x = sub.add_parser("export", help="merge a LoRA run into a plain HF folder, or write one GGUF file")
+    x.add_argument("run", help="run folder, model folder or model name")
+    x.add_argument("--format", choices=["merged", "gguf"], required=True)
+    x.add_argument("--out", required=True, help="folder (merged) or .gguf file")
+    x.add_argument("--gguf-type", choices=["f16", "q8_0"], default="f16")
+
     pv = sub.add_parser("privacy", help="find and scrub personal data; check a run for memorized canaries")
     psub = pv.add_subparsers(dest="action", required=True)
     ps = psub.add_parser("scan", help="count PII by type, field and line; changes nothing")
@@ -176,6 +198,16 @@ def _run(a: argparse.Namespace) -> int:
                 print(f"{info.name:16} {info.format:18} {info.license:14} {info.description}")
         else:
             print(catalog.fetch(a.name, refresh=a.refresh))
+    elif a.verb == "serve":
+        from lmtailor.serve import Limits, serve
+
+        serve(a.runs, host=a.host, port=a.port, api_key_env=a.api_key_env, speedup=a.speedup,
+              limits=Limits(max_batch_size=a.max_batch_size, max_queue=a.max_queue, timeout_s=a.timeout,
+                            torch_threads=a.threads))
+    elif a.verb == "export":
+        from lmtailor.export import export_run
+
+        print(json.dumps(export_run(a.run, a.format, a.out, gguf_type=a.gguf_type), indent=2))
     elif a.verb == "privacy":
         from lmtailor.privacy import canary, scrub
 

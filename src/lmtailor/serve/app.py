@@ -180,6 +180,10 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
                     if ev[0] == "delta":
                         choice = {"index": i, "delta": {"content": ev[2]}} if chat else {"index": i, "text": ev[2]}
                         yield sse({**head, "choices": [{**choice, "finish_reason": None}]})
+                    elif ev[2] == "timeout":
+                        yield sse({"error": {"message": f"the request took longer than {lim.timeout_s:g} s",
+                                             "type": "server_error", "code": "timeout"}})
+                        return
                     else:
                         open_rows.discard(i)
                         used += ev[3]

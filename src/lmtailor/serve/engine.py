@@ -41,7 +41,8 @@ class Limits:
     max_queue: int = 64  # requests waiting; one more is answered 429
     workers: int = 1  # generations running at once (each may be a batch); CPU: 1
     timeout_s: float = 300.0  # per request, queueing included
-    static_cache: bool = True  # preallocated KV cache: ~1.5-1.8x faster CPU decoding than HF's growing cache
+    static_cache: bool = False  # preallocated KV cache; measured no faster on CPU without torch.compile
+    torch_threads: int = 0  # intra-op threads for decoding; 0 keeps torch's default (one per core)
 
 
 class QueueFull(Exception):
@@ -67,7 +68,7 @@ class Sampling:
                 "repetition_penalty": self.repetition_penalty}
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     """One API request: `n` rows with the same prompt (or one row per prompt of a batch completion)."""
 
@@ -183,6 +184,11 @@ class Engine:
         self._pool = ThreadPoolExecutor(limits.workers, thread_name_prefix="lmtailor-gen")
         self._thread = threading.Thread(target=self._schedule, name="lmtailor-scheduler", daemon=True)
         self._stopped = False
+        self._running: set[Job] = set()
+        if limits.torch_threads:
+            # Small decode-step matmuls gain little from more threads, and lose a lot when another process
+            # takes a core (threads wait on each other): see benchmarks/serve_load.py.
+            torch.set_num_threads(limits.torch_threads)
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "cancelled": 0, "timeout": 0}
         self._thread.start()
 
@@ -197,7 +203,10 @@ class Engine:
         self._queue.put(job)
 
     def close(self) -> None:
+        """Stop taking work, cancel what is queued or decoding, wait for the workers."""
         self._stopped = True
+        for job in list(self._running) + list(self._held):
+            job.cancelled.set()
         self._queue.put(None)
         self._thread.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -278,6 +287,7 @@ class Engine:
     # ---- worker ------------------------------------------------------------------------------------------
 
     def _run_guarded(self, batch: list[Job]) -> None:
+        self._running.update(batch)
         try:
             self._run(batch)
         except Exception as e:  # report to every client, keep serving
@@ -285,6 +295,7 @@ class Engine:
             for job in batch:
                 job.emit(("error", 500, f"generation failed: {type(e).__name__}: {e}"))
         finally:
+            self._running.difference_update(batch)
             self._free.release()
 
     @torch.inference_mode()
