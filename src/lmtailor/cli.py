@@ -19,6 +19,7 @@ examples:
   lmtailor generate runs/quickstart "How do I list open ports?" --compare
   lmtailor chat runs/quickstart
   lmtailor validate my.yaml
+  lmtailor tune configs/classify-spam.yaml --trials 20 --timeout 2h
   lmtailor datasets list
   lmtailor serve runs/quickstart --port 8000          # OpenAI-compatible API + playground at /
   lmtailor export runs/quickstart --format gguf --out m.gguf
@@ -52,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("recipe", nargs="?", help="YAML recipe (defaults if omitted)")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.add_argument("--no-progress", action="store_true")
+
+    tn = sub.add_parser("tune", help="search hyperparameters of a recipe with Optuna (resumable SQLite study)")
+    tn.add_argument("recipe", help="YAML recipe; its `tune:` section is the search space")
+    tn.add_argument("overrides", nargs="*", help="key=value overrides")
+    tn.add_argument("--trials", type=int, default=20, help="total finished trials the study should reach")
+    tn.add_argument("--timeout", default=None, help="stop starting trials after this long (90s, 30m, 2h)")
+    tn.add_argument("--param", action="append", default=[],
+                    help="search-space entry, e.g. 'lr=[1e-5,1e-3,log]' or 'lora.r=[4,8,16]' (repeatable)")
+    tn.add_argument("--no-prune", action="store_true", help="run every trial to the end")
+    tn.add_argument("--progress", action="store_true", help="show each trial's progress bars")
 
     v = sub.add_parser("validate", help="check a recipe and its data without training")
     v.add_argument("recipe")
@@ -154,6 +165,11 @@ def _run(a: argparse.Namespace) -> int:
         from lmtailor.train import train
 
         train(load_config(a.recipe, a.overrides), progress=not a.no_progress)
+    elif a.verb == "tune":
+        from lmtailor.tune import tune
+
+        result = tune(a.recipe, a.overrides, a.trials, a.timeout, a.param, prune=not a.no_prune, progress=a.progress)
+        print(json.dumps({k: v for k, v in result.items() if k != "all"}, indent=2))
     elif a.verb == "validate":
         from lmtailor.config import load_config
         from lmtailor.train import check_recipe

@@ -1,0 +1,156 @@
+"""Sequence classification on a tiny decoder: loss falls, a separable set is learned, labels survive save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtailor.cli import main
+
+WORDS = {
+    "files": ["list files", "find files", "copy folder", "show disk usage", "count lines", "extract archive"],
+    "animals": ["quick brown fox", "lazy dog", "brown dog jumps", "the fox", "fox over dog", "dog and fox"],
+}
+
+
+def _rows(n_per_label: int = 12) -> list[dict]:
+    rows = []
+    for label, phrases in WORDS.items():
+        for i in range(n_per_label):
+            rows.append({"text": f"{phrases[i % len(phrases)]} {phrases[(i * 5 + 1) % len(phrases)]} {i}",
+                         "label": label})
+    return rows
+
+
+@pytest.fixture
+def labeled(tmp_path: Path) -> Path:
+    path = tmp_path / "labeled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    return path
+
+
+FAST = ["objective=classify", "max_steps=30", "batch_size=8", "lr=3e-3", "data.val_size=8", "eval_every=10",
+        "--no-progress"]
+
+
+def _train(tiny_model: Path, data: Path, out: Path, *extra: str) -> dict:
+    assert main(["train", f"base_model={tiny_model}", f"data.path={data}", f"output_dir={out}", *FAST, *extra]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_full_finetune_learns_a_separable_set_and_labels_round_trip(tiny_model, labeled, tmp_path):
+    run = tmp_path / "full"
+    m = _train(tiny_model, labeled, run, "method=full", "metric_for_best=macro_f1")
+    assert m["after"]["accuracy"] == 1.0 and m["after"]["macro_f1"] == 1.0
+    assert m["after"]["loss"] < m["before"]["loss"]
+    hist = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+    assert [h["step"] for h in hist if "val_macro_f1" in h] == [10, 20, 30]
+    assert m["best"]["metric"] == "macro_f1" and m["best"]["value"] == 1.0
+    for name in ("confusion_matrix.png", "confusion_matrix_before.png", "task_report.html", "metric_curves.png"):
+        assert (run / name).read_bytes()[:4] in (b"\x89PNG", b"<!do"), name
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "animals", "1": "files"} and config["label2id"]["files"] == 1
+
+    from lmtailor.tasks.classify import predict
+
+    out = predict(run, ["quick brown fox 3", "list files copy folder 1"])
+    assert [label for label, _ in out] == ["animals", "files"]
+    assert set(out[0][1]) == {"animals", "files"} and abs(sum(out[0][1].values()) - 1) < 1e-5
+
+
+def test_lora_trains_and_saves_the_head_with_its_labels(tiny_model, labeled, tmp_path):
+    run = tmp_path / "lora"
+    m = _train(tiny_model, labeled, run, "method=lora", "lr=1e-2", "lora.r=8", "lora.target_modules=all-linear")
+    assert m["after"]["accuracy"] == 1.0
+    adapter = json.loads((run / "model" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+    from safetensors.torch import load_file
+
+    weights = load_file(run / "model" / "adapter_model.safetensors")
+    assert any("score" in k for k in weights)
+    from lmtailor.tasks.classify import predict
+
+    assert predict(run, ["lazy dog the fox 2"])[0][0] == "animals"
+    # `lmtailor eval` on a classification run gives task metrics and a confusion matrix
+    out = tmp_path / "eval" / "m.json"
+    assert main(["eval", str(run), "--data", str(labeled), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["macro_f1"] == 1.0
+    assert (out.parent / "confusion_matrix_eval.png").is_file()
+
+
+def test_freeze_trains_the_head_and_options_change_the_loss(tiny_model, labeled, tmp_path):
+    from lmtailor.config import load_config
+    from lmtailor.models import freeze_all_but_last
+    from lmtailor.objectives import get_objective
+
+    obj = get_objective("classify")
+    base = [f"base_model={tiny_model}", f"data.path={labeled}", "objective=classify"]
+    cfg = load_config(None, base)
+    model, tok = obj.load(cfg, torch.float32)
+    freeze_all_but_last(model, 0)
+    assert model.score.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+
+    from lmtailor.data.validate import load_datasets
+
+    train_ex, _, _ = load_datasets(cfg.data)
+    items, stats = obj.prepare(tok, train_ex, cfg, False)
+    assert set(stats["labels"]) == {"animals", "files"} and sum(stats["labels"].values()) == len(train_ex)
+    assert all(isinstance(i.label, int) for i in items) and cfg.task.labels == ["animals", "files"]
+    batch = obj.collate(items[:8], tok, cfg)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape and obj.count(batch) == 8
+
+    def loss_with(*extra: str, aug: bool = False) -> float:
+        c = load_config(None, [*base, *extra])
+        m, _ = obj.load(c, torch.float32)
+        torch.manual_seed(0)
+        with torch.set_grad_enabled(aug):
+            return float(obj.build(m)(**batch)[0])
+
+    plain = loss_with()
+    assert loss_with("task.label_smoothing=0.3") != pytest.approx(plain)
+    assert loss_with("task.class_weights={animals: 3.0, files: 1.0}") != pytest.approx(plain)
+    assert loss_with("task.class_weights=balanced") != pytest.approx(plain)  # the split left 12 / 10 examples
+    assert loss_with("task.augment.token_dropout=0.5", aug=True) != pytest.approx(loss_with(aug=True))
+    # dropout override reaches the model config
+    c = load_config(None, [*base, "task.dropout=0.3"])
+    m, _ = obj.load(c, torch.float32)
+    assert m.config.attention_dropout == 0.3
+
+
+def test_multi_label(tiny_model, tmp_path):
+    path = tmp_path / "multi.jsonl"
+    rows = [{"text": f"{a} {b} {i}", "label": lab} for i in range(6) for a, b, lab in
+            [("quick fox", "lazy dog", "animals"), ("list files", "copy folder", "files"),
+             ("the fox", "count lines", "animals;files")]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "multi"
+    m = _train(tiny_model, path, run, "method=full", "task.multi_label=true", "task.label_separator=;",
+               "max_steps=40", "data.val_size=6")
+    assert m["after"]["macro_f1"] > 0.9
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    from lmtailor.tasks.classify import predict
+
+    labels, probs = predict(run, ["the fox count lines 9"])[0]
+    assert isinstance(labels, list) and set(probs) == {"animals", "files"}
+
+
+def test_augment_keeps_ends_and_is_seeded():
+    from lmtailor.tasks.augment import augment_batch, augment_ids
+
+    ids = list(range(1, 21))
+    g = torch.Generator().manual_seed(0)
+    dropped = augment_ids(ids, 0.5, 0.0, g)
+    assert dropped[0] == 1 and dropped[-1] == 20 and len(dropped) < 20 and set(dropped) <= set(ids)
+    swapped = augment_ids(ids, 0.0, 0.5, torch.Generator().manual_seed(0))
+    assert sorted(swapped) == ids and swapped != ids and swapped[0] == 1 and swapped[-1] == 20
+    assert all(abs(swapped.index(t) - ids.index(t)) <= 1 for t in ids)
+    assert augment_ids(ids, 0.0, 0.0) == ids
+    x = torch.tensor([[5, 6, 7, 8, 0, 0], [1, 2, 3, 4, 5, 6]])
+    mask = (torch.arange(6) < torch.tensor([[4], [6]])).long()
+    new, new_mask = augment_batch(x, mask, 0, 0.9, 0.0)
+    assert new[0, 0] == 5 and new[0, new_mask[0].sum() - 1] == 8 and new.shape[1] <= 6

@@ -1,0 +1,62 @@
+"""Task metrics equal what sacrebleu, rouge-score and scikit-learn compute on fixed inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmtailor.tasks import metrics as M
+
+PREDS = ["the cat sat on the mat", "a quick brown fox", "hello world", "ls -la /tmp"]
+REFS = ["the cat is on the mat", "the quick brown fox jumps", "hello world", "ls -l /tmp"]
+
+
+def test_text_metrics_match_the_libraries():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    got = M.text_metrics(PREDS, REFS)
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(PREDS, [REFS]).score)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        expect = sum(scorer.score(r, p)[key].fmeasure for p, r in zip(PREDS, REFS, strict=True)) / len(REFS)
+        assert got[key] == pytest.approx(expect)
+    assert got["exact_match"] == 0.25
+    # hand-checked anchors: identical texts score perfectly
+    same = M.text_metrics(REFS, REFS)
+    assert same["bleu"] == pytest.approx(100.0) and same["rougeL"] == pytest.approx(1.0) and same["exact_match"] == 1
+    assert M.exact_match(["a  b "], ["a b"]) == 1.0 and M.text_metrics([], []) == {}
+
+
+def test_classification_metrics_match_sklearn():
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    y_true = [0, 0, 1, 1, 2, 2, 2, 0]
+    y_pred = [0, 1, 1, 1, 2, 0, 2, 0]
+    got = M.classification_metrics(y_true, y_pred, ["ham", "spam", "other"])
+    assert got["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred)) == 0.75
+    assert got["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert got["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
+    assert got["confusion_matrix"] == confusion_matrix(y_true, y_pred).tolist()
+    assert got["per_class"]["spam"]["recall"] == 1.0 and got["per_class"]["spam"]["support"] == 2
+    # a class never seen still gets its row and counts toward macro-F1
+    unseen = M.classification_metrics([0, 1], [0, 1], ["a", "b", "c"])
+    assert unseen["macro_f1"] == pytest.approx(2 / 3) and len(unseen["confusion_matrix"]) == 3
+
+
+def test_multilabel_metrics_match_sklearn():
+    from sklearn.metrics import f1_score
+
+    y_true = [[1, 0], [1, 1], [0, 1]]
+    y_pred = [[1, 0], [1, 0], [0, 1]]
+    got = M.multilabel_metrics(y_true, y_pred, ["a", "b"])
+    assert got["accuracy"] == pytest.approx(2 / 3)
+    assert got["micro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
+    assert got["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+
+
+def test_metric_direction_and_confusion_png(tmp_path):
+    assert not M.higher_is_better("loss") and not M.higher_is_better("val_loss")
+    assert M.higher_is_better("macro_f1") and M.higher_is_better("val_rougeL")
+    out = M.confusion_png([[3, 1], [0, 2]], ["ham", "spam"], tmp_path / "cm.png", "test")
+    assert out.read_bytes()[:4] == b"\x89PNG"
