@@ -199,6 +199,17 @@ def test_fetch_builds_once_then_uses_cache(cache: Path, fake_pip: list[str]) -> 
     assert fake_pip == ["cheat==2.5.1"]  # the second fetch did not download
     catalog.fetch("shell-commands", refresh=True)
     assert fake_pip == ["cheat==2.5.1", "cheat==2.5.1"]
+    assert records[0]["instruction"].endswith(f"(using {records[0]['tool']})")
+
+
+def test_a_cache_of_an_older_conversion_is_rebuilt(cache: Path, fake_pip: list[str]) -> None:
+    path = catalog.fetch("shell-commands")
+    meta = json.loads((path.parent / "meta.json").read_text())
+    assert meta["version"] == 2
+    (path.parent / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    catalog.fetch("shell-commands")
+    assert fake_pip == ["cheat==2.5.1", "cheat==2.5.1"]
+    assert json.loads((path.parent / "meta.json").read_text())["version"] == 2
 
 
 def test_fetch_is_atomic(cache: Path, fake_pip: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -280,5 +291,5 @@ def test_real_catalog(cache: Path) -> None:
     path = catalog.fetch("shell-commands")
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) > 1000
-    assert {"instruction": "To extract an uncompressed archive", "output": "tar -xvf /path/to/foo.tar",
+    assert {"instruction": "To extract an uncompressed archive (using tar)", "output": "tar -xvf /path/to/foo.tar",
             "tool": "tar"} in records

