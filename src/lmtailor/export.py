@@ -10,11 +10,8 @@ text: `GGUF_TOLERANCE` is the largest allowed |logit difference| relative to the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +20,7 @@ import torch
 from torch import nn
 
 from lmtailor.errors import ConfigError, ModelError
+from lmtailor.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +118,8 @@ def write_gguf(model: nn.Module, tok: Any, out: Path, gguf_type: str = "f16", na
     qtype = gguf.GGMLQuantizationType.Q8_0 if gguf_type == "q8_0" else gguf.GGMLQuantizationType.F16
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, "llama")
+    with atomic_file(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(name)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if gguf_type == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
         w.add_context_length(cfg.max_position_embeddings)
@@ -163,13 +158,6 @@ def write_gguf(model: nn.Module, tok: Any, out: Path, gguf_type: str = "f16", na
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return out
 
 
