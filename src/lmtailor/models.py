@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -316,9 +315,3 @@ def _tokenizer_from(folder: Path, fallback: str) -> Any:
     if (folder / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(resolve_model(fallback))
-
-
-def is_model_name(text: str) -> bool:
-    """True when `text` names a model (bundled, folder, gguf, or hub-id-like) rather than a run folder."""
-    return text in BUNDLED or text.endswith(".gguf") or (os.sep not in text and "/" in text
-                                                            and not Path(text).exists())
