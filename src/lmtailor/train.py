@@ -339,7 +339,8 @@ def _task_metrics(acc: Any, model: torch.nn.Module, objective: Objective, tok: A
 def _distributed_val_loss(acc: Any, loss_module: torch.nn.Module, objective: Objective, items: list[Any], tok: Any,
                           cfg: RunConfig) -> float:
     """Mean validation loss over all processes (each takes every world_size-th item)."""
-    mine = items[acc.process_index::acc.num_processes]
+    # index by position: items may be a lazy (memory-mapped) sequence without slicing
+    mine = [items[i] for i in range(acc.process_index, len(items), acc.num_processes)]
     size = cfg.micro_batch_size or cfg.batch_size
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
     for i in range(0, len(mine), size):
