@@ -19,7 +19,6 @@ from lmtailor.render import prompt_ids
 def trained(tiny_model, tmp_path_factory):
     """The tiny model fully fine-tuned for a few steps, so that it answers with words, not blank lines."""
     from conftest import PAIRS
-
     from lmtailor.cli import main
 
     root = tmp_path_factory.mktemp("gen")

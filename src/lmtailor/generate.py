@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from lmtailor.config import GenerationSettings

@@ -31,8 +31,15 @@ def loss_plot(history: list[dict[str, Any]], title: str = "training") -> bytes:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
     fig.tight_layout()
+    return png_bytes(fig)
+
+
+def png_bytes(fig: Any) -> bytes:
+    """PNG bytes of a matplotlib figure, which is closed afterwards."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()

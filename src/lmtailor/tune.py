@@ -25,6 +25,7 @@ import yaml
 from lmtailor.config import allowed_keys, apply_overrides, build_config, parse_override, read_yaml
 from lmtailor.errors import ConfigError
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lmtailor.report import png_bytes
 from lmtailor.tasks.metrics import higher_is_better
 
 RANGE_KINDS = ("log", "uniform", "int")
@@ -219,7 +220,6 @@ def report(study: Any, space: dict[str, tuple[str, Any]], data: dict[str, Any], 
 
 def trials_png(rows: list[dict[str, Any]], metric: str) -> bytes:
     """Two panels: final value per trial (colour = state) and the intermediate metric curves."""
-    import io
 
     import matplotlib
 
@@ -247,8 +247,4 @@ def trials_png(rows: list[dict[str, Any]], metric: str) -> bytes:
     b.set_ylabel(f"validation {metric}")
     b.set_title("intermediate values (orange: pruned)")
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

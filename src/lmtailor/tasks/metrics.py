@@ -7,7 +7,6 @@ chrF); ROUGE, exact match, accuracy and F1 are fractions in [0, 1].
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -109,6 +108,7 @@ def confusion_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], out: P
     import matplotlib.pyplot as plt
 
     from lmtailor.io import atomic_write_bytes
+    from lmtailor.report import png_bytes
 
     n = len(labels)
     size = min(2.5 + 0.5 * n, 14)
@@ -125,8 +125,5 @@ def confusion_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], out: P
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_write_bytes(out, png_bytes(fig))
     return out

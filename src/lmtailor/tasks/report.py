@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lmtailor.report import png_bytes
 from lmtailor.tasks.metrics import higher_is_better
 
 
@@ -54,11 +54,7 @@ def curves_png(history: list[dict[str, Any]]) -> bytes:
         ax.set_title(f"{key} ({'higher' if higher_is_better(key) else 'lower'} is better)", fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _img(path: Path | bytes, alt: str) -> str:
