@@ -278,6 +278,27 @@ def load_run(run: str | Path, dtype: torch.dtype = torch.float32, merge: bool = 
     return model, tok, info
 
 
+def load_head_run(run: Path, folder: Path, auto_class: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a run's model with a task head (`auto_class`, e.g. AutoModelForSequenceClassification): a full model
+    folder, or an adapter on its base model (with the folder's config.json, which carries the labels, if present)."""
+    import transformers
+
+    auto = getattr(transformers, auto_class)
+    adapter = folder / "adapter_config.json"
+    base = _base_from_run(run) or (json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file()
+                                   else str(folder))
+    if adapter.is_file():
+        from peft import PeftModel
+
+        has_config = (folder / "config.json").is_file()  # a classification adapter keeps its label names there
+        extra = {"config": transformers.AutoConfig.from_pretrained(folder)} if has_config else {}
+        model = PeftModel.from_pretrained(auto.from_pretrained(resolve_model(base), dtype=dtype, **extra), folder)
+    else:
+        model = auto.from_pretrained(folder, dtype=dtype)
+    model.eval()
+    return model, prepare_tokenizer(_tokenizer_from(folder, base))
+
+
 def run_config(run: Path) -> dict[str, Any]:
     """The resolved config.yaml a run wrote, or {} for a plain model folder."""
     cfg = Path(run) / "config.yaml"

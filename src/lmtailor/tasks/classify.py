@@ -275,32 +275,16 @@ def evaluate(model: nn.Module, tok: Any, items: list[ClassItem], examples: list[
 
 def load_classifier(run: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load a classification run folder (full model or LoRA adapter + head); returns (model, tokenizer, run config)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     from lmtailor.errors import CheckpointError
-    from lmtailor.models import _tokenizer_from, prepare_tokenizer, resolve_model, run_config
+    from lmtailor.models import load_head_run, run_config
 
     run = Path(run)
     folder = run / "model" if (run / "model").is_dir() else run
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"no classification model in {run} (config.json missing)",
                               "give a run folder written by `lmtailor train` with objective: classify")
-    config = AutoConfig.from_pretrained(folder)
-    info = run_config(run)
-    if (folder / "adapter_config.json").is_file():
-        import json
-
-        from peft import PeftModel
-
-        base = info.get("base_model") or json.loads((folder / "adapter_config.json").read_text())[
-            "base_model_name_or_path"]
-        model = AutoModelForSequenceClassification.from_pretrained(resolve_model(base), config=config, dtype=dtype)
-        model = PeftModel.from_pretrained(model, folder)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=dtype)
-    tok = prepare_tokenizer(_tokenizer_from(folder, info.get("base_model", str(folder))))
-    model.eval()
-    return model, tok, info
+    model, tok = load_head_run(run, folder, "AutoModelForSequenceClassification", dtype)
+    return model, tok, run_config(run)
 
 
 def predict(run: str | Path, texts: list[str], batch_size: int = EVAL_BATCH

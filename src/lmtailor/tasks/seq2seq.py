@@ -220,7 +220,7 @@ def evaluate(model: nn.Module, tok: Any, items: list[Any], examples: list[Exampl
 
 def load_seq2seq(run: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Load a seq2seq run (encoder-decoder or decoder-only, full or LoRA); returns (model, tokenizer, run config)."""
-    from lmtailor.models import _tokenizer_from, load_run, prepare_tokenizer, resolve_model, run_config
+    from lmtailor.models import load_head_run, load_run, run_config
 
     run = Path(run)
     info = run_config(run)
@@ -228,17 +228,7 @@ def load_seq2seq(run: str | Path, dtype: torch.dtype = torch.float32) -> tuple[n
     if not _encoder_decoder(info.get("base_model", str(folder))):
         model, tok, _ = load_run(run, dtype=dtype)
         return model, tok, info
-    from transformers import AutoModelForSeq2SeqLM
-
-    if (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = AutoModelForSeq2SeqLM.from_pretrained(resolve_model(info["base_model"]), dtype=dtype)
-        model = PeftModel.from_pretrained(model, folder)
-    else:
-        model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=dtype)
-    tok = prepare_tokenizer(_tokenizer_from(folder, info.get("base_model", str(folder))))
-    model.eval()
+    model, tok = load_head_run(run, folder, "AutoModelForSeq2SeqLM", dtype)
     return model, tok, info
 
 
