@@ -1,20 +1,23 @@
 """Serving benchmark on the bundled model (smollm2-135m-instruct), CPU.
 
-1. Batch-1 decoding speed of each lever against plain fp32 HF `generate` (same process, same prompt), with its
-   quality cost: perplexity on a fixed text, teacher-forced top-1 agreement and greedy agreement with fp32.
+1. Batch-1 decoding: plain fp32 HF `generate` against each speed-up (default: the fp16 and int8 fast paths of
+   lmtailor.fastdecode), in the same process, interleaved prompt by prompt so that other load on the machine hits
+   all alike: 8 chat prompts x 64 greedy tokens each (EOS ignored), tokens per wall second and per CPU second,
+   and the quality cost next to the speed: perplexity on a fixed text, teacher-forced top-1 agreement with fp32,
+   and greedy agreement with fp32 (tokens identical before the first divergence, prompts identical throughout).
 2. The server under load: 1, 4 and 8 concurrent OpenAI clients, a fixed number of requests each level:
    requests/s, tokens/s, p50/p95 latency, errors; and the dynamic-batching gain over one-at-a-time (8 clients,
    max_batch_size=1 vs batching).
 
-    python benchmarks/serve_load.py [--requests 8] [--tokens 24] [--speedup none|bf16|int8]
+    python benchmarks/serve_load.py [--only levers|server] [--variants fp16,int8] [--lever-threads 1,0]
+                                    [--requests 8] [--tokens 24] [--speedup none|fp16|int8|bf16]
 
-Writes benchmarks/results/serve_load.json and prints tables.
+Updates benchmarks/results/serve_load.json (the sections run) and prints tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -30,7 +33,6 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "smollm2-135m-instruct"
-PROMPT = "Explain in a few sentences what a Linux kernel does."
 TEXT = ("The Linux kernel is the core of the operating system. It manages the processor, memory and devices, and "
         "it lets programs share them safely. When a program wants to read a file, it asks the kernel through a "
         "system call; the kernel checks permissions, talks to the disk driver and copies the data back. The kernel "
@@ -38,21 +40,16 @@ TEXT = ("The Linux kernel is the core of the operating system. It manages the pr
 CLIENT_PROMPTS = ["How do I list files?", "What is a tar archive?", "Explain grep in one sentence.",
                   "How can I check disk usage?", "What does pwd print?", "How do I copy a folder?",
                   "What is a process?", "How do I make a folder?"]
+BASELINE = "none"
 
 
-def _decode_speed(model: Any, ids: torch.Tensor, tokens: int, static: bool, threads: int
-                  ) -> tuple[float, float, list[int]]:
-    """(tokens per wall second, tokens per CPU second of this process, the greedy tokens)."""
-    kw = {"cache_implementation": "static"} if static else {}
-    torch.set_num_threads(threads)
+def _greedy(model: Any, ids: torch.Tensor, tokens: int, pad: int) -> tuple[float, float, list[int]]:
+    """(wall seconds, CPU seconds of this process, new tokens) of one batch-1 greedy decode, prefill included."""
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-                       do_sample=False, **kw)  # warm up
-        t0, c0 = time.perf_counter(), time.process_time()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                             do_sample=False, **kw)
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return tokens / dt, tokens / cpu, out[0, ids.shape[1]:].tolist()
+                             do_sample=False, pad_token_id=pad)
+    return time.perf_counter() - t0, time.process_time() - c0, out[0, ids.shape[1]:].tolist()
 
 
 @torch.inference_mode()
@@ -64,51 +61,58 @@ def _quality(model: Any, text_ids: torch.Tensor, ref_top1: torch.Tensor | None) 
     return math.exp(nll.item()), top1, agree
 
 
-def levers(tokens: int, rounds: int = 3) -> list[dict[str, Any]]:
-    """Each lever's batch-1 speed: best of `rounds`, variants interleaved so that other load on the machine hits
-    all alike; tokens per CPU-second is reported too, as it moves much less with such load."""
+def levers(tokens: int, variants: list[str], threads: list[int]) -> dict[str, Any]:
+    """fp32 HF generate against each speed-up at batch 1: speed, perplexity, greedy agreement (see module doc)."""
+    from lmtailor.fastdecode import speed_up
     from lmtailor.models import load_model, load_tokenizer
     from lmtailor.render import prompt_ids
-    from lmtailor.serve.models import speed_up
 
     tok = load_tokenizer(MODEL)
-    base = load_model(MODEL).eval()
-    ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": PROMPT}])])
-    text_ids = torch.tensor([tok(TEXT)["input_ids"]])
     default = torch.get_num_threads()
-    variants = [("fp32 HF generate (baseline)", "none", False, default), ("fp32 + static cache", "none", True, default),
-                ("bf16", "bf16", False, default), ("int8 dynamic", "int8", False, default),
-                ("fp32, 1 thread", "none", False, 1), ("bf16, 1 thread", "bf16", False, 1),
-                ("int8 dynamic, 1 thread", "int8", False, 1)]
-    models = {how: base if how == "none" else speed_up(copy.deepcopy(base), how).eval() for _, how, _, _ in variants}
-    speed: dict[str, float] = {}
-    cpu_speed: dict[str, float] = {}
-    generated: dict[str, list[int]] = {}
-    for _ in range(rounds):
-        for label, how, static, threads in variants:
-            tps, cps, generated[label] = _decode_speed(models[how], ids, tokens, static, threads)
-            speed[label] = max(speed.get(label, 0.0), tps)
-            cpu_speed[label] = max(cpu_speed.get(label, 0.0), cps)
-    rows: list[dict[str, Any]] = []
-    ref_tokens = generated[variants[0][0]]
-    _, ref_top1, _ = _quality(base, text_ids, None)
+    hows = [BASELINE, *[v for v in variants if v != BASELINE]]
+    models = {how: speed_up(load_model(MODEL).eval(), how) for how in hows}
+    prompts = [torch.tensor([prompt_ids(tok, [{"role": "user", "content": p}])]) for p in CLIENT_PROMPTS]
+    text_ids = torch.tensor([tok(TEXT)["input_ids"]])
+    section: dict[str, Any] = {"model": MODEL, "prompts": len(prompts), "new_tokens_per_prompt": tokens,
+                               "load_average_at_start": [round(x, 2) for x in os.getloadavg()], "rows": []}
+    for n_threads in threads:
+        torch.set_num_threads(n_threads or default)
+        for how in hows:
+            _greedy(models[how], prompts[0], 4, tok.pad_token_id)  # warm up
+        wall = dict.fromkeys(hows, 0.0)
+        cpu = dict.fromkeys(hows, 0.0)
+        gen: dict[str, list[list[int]]] = {how: [] for how in hows}
+        for ids in prompts:  # interleaved: each prompt decoded by every variant in turn
+            for how in hows:
+                dt, dc, out = _greedy(models[how], ids, tokens, tok.pad_token_id)
+                wall[how] += dt
+                cpu[how] += dc
+                gen[how].append(out)
+        _, ref_top1, _ = _quality(models[BASELINE], text_ids, None)
+        total = tokens * len(prompts)
+        for how in hows:
+            ppl, _, agree = _quality(models[how], text_ids, ref_top1)
+            prefix = [next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(g))
+                      for g, r in zip(gen[how], gen[BASELINE], strict=True)]
+            fast = getattr(models[how], "threads", 0)  # the fast path decodes on its own thread count
+            row = {"speedup": how, "decoder": "HF generate" if how in ("none", "bf16") else "lmtailor fastdecode",
+                   "threads": n_threads or default, "decode_threads": fast or n_threads or default,
+                   "tokens_per_s": round(total / wall[how], 2),
+                   "x_vs_fp32": round(wall[BASELINE] / wall[how], 2), "tokens_per_cpu_s": round(total / cpu[how], 2),
+                   "x_vs_fp32_cpu_time": round(cpu[BASELINE] / cpu[how], 2), "perplexity": round(ppl, 3),
+                   "teacher_forced_top1_agreement": round(agree, 4),
+                   "greedy_tokens_identical_before_divergence": f"{sum(prefix)}/{total}",
+                   "greedy_prompts_identical": f"{sum(p == tokens for p in prefix)}/{len(prompts)}"}
+            section["rows"].append(row)
+            print(f"  {how:5} {row['decoder']:20} {row['threads']} thr (decoding on {row['decode_threads']}) "
+                  f"{row['tokens_per_s']:6.1f} tok/s "
+                  f"({row['x_vs_fp32']:.2f}x)  {row['tokens_per_cpu_s']:6.1f} tok/cpu-s "
+                  f"({row['x_vs_fp32_cpu_time']:.2f}x)"
+                  f"  ppl {ppl:7.3f}  top1 {agree:.3f}  greedy same {row['greedy_tokens_identical_before_divergence']}"
+                  f" tokens, {row['greedy_prompts_identical']} prompts", flush=True)
     torch.set_num_threads(default)
-    for label, how, static, threads in variants:
-        ppl, _, agree = _quality(models[how], text_ids, ref_top1)
-        gen = generated[label]
-        same = next((i for i, (a, b) in enumerate(zip(gen, ref_tokens, strict=False)) if a != b), len(gen))
-        tps, cps = speed[label], cpu_speed[label]
-        x_cpu = cps / cpu_speed[variants[0][0]]
-        rows.append({"variant": label, "speedup": how, "static_cache": static, "threads": threads,
-                     "tokens_per_s": round(tps, 2),
-                     "x_vs_fp32": round(tps / speed[variants[0][0]], 2), "tokens_per_cpu_s": round(cps, 2),
-                     "x_vs_fp32_cpu_time": round(x_cpu, 2), "perplexity": round(ppl, 3),
-                     "teacher_forced_top1_agreement": round(agree, 4),
-                     "greedy_tokens_identical_before_divergence": f"{same}/{len(gen)}"})
-        print(f"  {label:28} {tps:5.1f} tok/s ({tps / speed[variants[0][0]]:.2f}x)  {cps:5.1f} tok/cpu-s "
-              f"({x_cpu:.2f}x)  ppl {ppl:7.3f}  "
-              f"top1 agree {agree:.3f}  greedy same {same}/{len(gen)}", flush=True)
-    return rows
+    section["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return section
 
 
 def load_level(url: str, model: str, clients: int, requests: int, tokens: int) -> dict[str, Any]:
@@ -178,38 +182,42 @@ def server_load(requests: int, tokens: int, speedup: str, threads: int) -> dict[
 
 
 def main() -> None:
+    from lmtailor.config import SPEEDUPS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=8, help="requests per concurrency level")
     p.add_argument("--tokens", type=int, default=24, help="tokens generated per request (EOS ignored)")
-    p.add_argument("--speedup", default="none", choices=["none", "bf16", "int8"], help="server model speed-up")
+    p.add_argument("--speedup", default="none", choices=SPEEDUPS, help="server model speed-up")
     p.add_argument("--threads", type=int, default=1, help="server torch threads (0: torch default)")
-    p.add_argument("--lever-tokens", type=int, default=16, help="tokens per batch-1 lever measurement")
+    p.add_argument("--lever-tokens", type=int, default=64, help="greedy tokens per prompt in the batch-1 comparison")
+    p.add_argument("--variants", default="fp16,int8", help="speed-ups compared with fp32 HF generate at batch 1")
+    p.add_argument("--lever-threads", default="1", help="torch threads of the batch-1 comparison, comma-separated "
+                   "(0: torch default); 1 is steady on a shared machine")
     p.add_argument("--only", choices=["all", "levers", "server"], default="all")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     a = p.parse_args()
     t0 = time.time()
-    result: dict[str, Any] = {
-        "model": MODEL, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
-        "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
-        "tokens_per_request": a.tokens}
+    out = Path(a.out)
+    result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({"model": MODEL, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+                   "threads": torch.get_num_threads()})
     if a.only in ("all", "levers"):
-        print(f"batch-1 decoding, {a.lever_tokens} tokens ({MODEL}, {torch.get_num_threads()} threads):", flush=True)
-        result["batch1_levers"] = levers(a.lever_tokens)
-    if a.only == "levers":
-        print(json.dumps(result["batch1_levers"], indent=1))
-        return
-    print(f"server under load ({a.requests} requests per level, speedup={a.speedup}, threads={a.threads}):",
-          flush=True)
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-    result["server"] = server_load(a.requests, a.tokens, a.speedup, a.threads)
+        print(f"batch-1 greedy decoding, {len(CLIENT_PROMPTS)} prompts x {a.lever_tokens} tokens ({MODEL}), "
+              f"load average {os.getloadavg()[0]:.2f}:", flush=True)
+        result["batch1_levers"] = levers(a.lever_tokens, a.variants.split(","),
+                                         [int(t) for t in a.lever_threads.split(",")])
+    if a.only in ("all", "server"):
+        print(f"server under load ({a.requests} requests per level, speedup={a.speedup}, threads={a.threads}):",
+              flush=True)
+        result["load_average_at_start"] = os.getloadavg()[0]
+        result["tokens_per_request"] = a.tokens
+        result["server"] = server_load(a.requests, a.tokens, a.speedup, a.threads)
+        print(f"batching gain (8 clients): {result['server']['batching_gain_8_clients']}x", flush=True)
     result["wall_s"] = round(time.time() - t0, 1)
     from lmtailor.io import atomic_write_json
 
-    atomic_write_json(a.out, result)
-    print(f"batching gain (8 clients): {result['server']['batching_gain_8_clients']}x; total {result['wall_s']} s; "
-          f"wrote {a.out}")
+    atomic_write_json(out, result)
+    print(f"total {result['wall_s']} s; wrote {out}")
 
 
 if __name__ == "__main__":

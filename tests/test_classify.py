@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,20 @@ def _train(tiny_model: Path, data: Path, out: Path, *extra: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_full_finetune_learns_a_separable_set_and_labels_round_trip(tiny_model, labeled, tmp_path):
+def test_full_finetune_learns_a_separable_set_and_labels_round_trip(tiny_model, labeled, tmp_path, capsys):
     run = tmp_path / "full"
     m = _train(tiny_model, labeled, run, "method=full", "metric_for_best=macro_f1")
+    # one before/after table, printed and in report.html, with the task metrics and not only the loss
+    out = capsys.readouterr().out
+    assert out.count("metric ") == 1, out
+    table = out[out.index("metric "):]
+    for name in ("loss", "accuracy", "macro_f1", "weighted_f1"):
+        assert f"\n{name} " in table, (name, table)
+    assert f"{m['before']['accuracy']:.1%}" in table.split("\naccuracy ")[1].split("\n")[0]
+    rows = (run / "report.html").read_text().split("<h2>Before / after")[1].split("</table>")[0]
+    for name in ("loss", "accuracy", "macro_f1"):
+        assert f"<td>{name}</td>" in rows
+    assert "<td>100.0%</td>" in rows and "confusion_matrix" not in rows and "examples" not in rows
     assert m["after"]["accuracy"] == 1.0 and m["after"]["macro_f1"] == 1.0
     assert m["after"]["loss"] < m["before"]["loss"]
     hist = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
@@ -154,3 +166,65 @@ def test_augment_keeps_ends_and_is_seeded():
     mask = (torch.arange(6) < torch.tensor([[4], [6]])).long()
     new, new_mask = augment_batch(x, mask, 0, 0.9, 0.0)
     assert new[0, 0] == 5 and new[0, new_mask[0].sum() - 1] == 8 and new.shape[1] <= 6
+
+
+def test_balanced_sampling_draws_labels_about_equally():
+    import numpy as np
+
+    from lmtailor.config import load_config
+    from lmtailor.tasks.classify import ClassItem, balanced_weights
+    from lmtailor.train import batch_at, plan_steps
+
+    items = [ClassItem([5, 6], 1 if i < 100 else 0) for i in range(1000)]  # 900 of label 0, 100 of label 1
+    labels = np.array([i.label for i in items])
+    cfg = load_config(None, ["objective=classify", "task.sampling=balanced", "batch_size=10"])
+    per_epoch, _ = plan_steps(cfg, len(items), 1)
+    weights = balanced_weights(items)
+
+    def epoch(e: int, w: np.ndarray | None) -> np.ndarray:
+        return np.concatenate([batch_at(e * per_epoch + k, per_epoch, len(items), cfg, 1, w)
+                               for k in range(per_epoch)])
+
+    for e in (0, 1):
+        drawn = epoch(e, weights)
+        assert len(drawn) == len(items) and 0.45 < labels[drawn].mean() < 0.55  # 90/10 -> about 50/50
+    # a pure function of seed and epoch (what resume relies on); each epoch draws anew
+    assert np.array_equal(epoch(1, weights), epoch(1, weights)) and not np.array_equal(epoch(0, weights),
+                                                                                       epoch(1, weights))
+    # shuffle: every example exactly once, so the skew stays
+    assert sorted(epoch(0, None).tolist()) == list(range(len(items)))
+    # multi-label: each distinct label set counts as one class
+    multi = [ClassItem([1], [1.0, 0.0])] * 6 + [ClassItem([1], [1.0, 1.0])] * 2
+    assert np.allclose(balanced_weights(multi), [1 / 12] * 6 + [1 / 4] * 2)
+
+
+def test_balanced_sampling_is_for_classify_only():
+    from lmtailor.config import load_config
+    from lmtailor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="task.sampling.*classify only.*got objective 'seq2seq'"):
+        load_config(None, ["objective=seq2seq", "task.sampling=balanced"])
+
+
+def test_balanced_sampling_resumes_exactly(tiny_model, tmp_path):
+    """A run with balanced sampling, stopped after a checkpoint and resumed, ends with the uninterrupted weights."""
+    from safetensors.torch import load_file
+
+    rows = [r for r in _rows(27) if r["label"] == "files"] + [r for r in _rows(3) if r["label"] == "animals"]
+    data = tmp_path / "skewed.jsonl"  # 90% files, 10% animals
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = ["method=full", "max_steps=12", "eval_every=0", "save_every=5", "keep_checkpoints=5",
+             "eval.before_after=false", "data.val_size=4"]
+    full, part, plain = tmp_path / "full", tmp_path / "part", tmp_path / "plain"
+    _train(tiny_model, data, full, *extra, "task.sampling=balanced")
+    _train(tiny_model, data, part, *extra, "task.sampling=balanced")
+    _train(tiny_model, data, plain, *extra)
+    # pretend the second run died after its step-5 checkpoint
+    shutil.rmtree(part / "model")
+    shutil.rmtree(part / "checkpoints" / "step-000010")
+    hist = (part / "history.jsonl").read_text().splitlines()
+    (part / "history.jsonl").write_text("".join(h + "\n" for h in hist[:5]))
+    _train(tiny_model, data, part, *extra, "task.sampling=balanced", "resume=true")
+    a, b, c = (load_file(r / "model" / "model.safetensors") for r in (full, part, plain))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the setting reaches the loop: another order than shuffle

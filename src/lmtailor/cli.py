@@ -27,6 +27,8 @@ examples:
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
+    from lmtailor.config import SPEEDUP_HELP, SPEEDUPS
+
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -34,6 +36,7 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--speedup", choices=SPEEDUPS, default="none", help=SPEEDUP_HELP)
 
 
 def _gen_settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -116,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="environment variable holding the bearer key clients must send")
-    s.add_argument("--speedup", choices=["none", "bf16", "int8"], default="none",
-                   help="CPU decoding speed-up (see benchmarks/serve_load.py for its quality cost)")
+    from lmtailor.config import SPEEDUP_HELP, SPEEDUPS
+
+    s.add_argument("--speedup", choices=SPEEDUPS, default="none", help=SPEEDUP_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch threads for decoding (0: torch default; "
                    "1 is as fast and far steadier on a shared machine)")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
@@ -129,6 +133,39 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["merged", "gguf"], required=True)
     x.add_argument("--out", required=True, help="folder (merged) or .gguf file")
     x.add_argument("--gguf-type", choices=["f16", "q8_0"], default="f16")
+
+    pm = sub.add_parser("prompt", help="prompt engineering on a task file: score a prompt, or search for a better one")
+    pmsub = pm.add_subparsers(dest="action", required=True)
+    pmr = pmsub.add_parser("run", help="score the task's prompt on test data with the task's metric")
+    pmr.add_argument("task", help="task YAML (inputs, output labels/field, templates, metric, few_shot)")
+    pmr.add_argument("overrides", nargs="*", help="key=value overrides of the task file (e.g. few_shot.k=0)")
+    pmr.add_argument("--model", default="smollm2-135m-instruct", help="model name/folder or run folder")
+    pmr.add_argument("--data", default=None, help="test data (default: the held-out split of the task's data)")
+    pmr.add_argument("--pool", default=None, help="few-shot example pool (default: the task data's training split)")
+    pmr.add_argument("--template", type=int, default=0, help="which of the task's templates")
+    pmr.add_argument("--zero-shot", action="store_true", help="no few-shot examples")
+    pmr.add_argument("--limit", type=int, default=None, help="score only the first N test examples")
+    pmr.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl")
+    pmr.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
+    pmo = pmsub.add_parser("optimize", help="search instructions, examples, shots and order on a dev set")
+    pmo.add_argument("task")
+    pmo.add_argument("overrides", nargs="*", help="key=value overrides of the task file (e.g. search.shots=[0,4])")
+    pmo.add_argument("--model", default="smollm2-135m-instruct")
+    pmo.add_argument("--dev", default=None, help="dev data (default: task.dev_size examples of the training split)")
+    pmo.add_argument("--pool", default=None, help="few-shot example pool (default: the rest of the training split)")
+    pmo.add_argument("--budget", type=int, default=None, help="model calls (default search.budget)")
+    pmo.add_argument("--out", default=None, help="output folder (default runs/<task>-prompt-search)")
+    pmo.add_argument("--no-cache", action="store_true")
+    cp = sub.add_parser("compare", help="zero-shot vs few-shot vs optimized prompt vs fine-tuned runs, one test set")
+    cp.add_argument("task", help="task YAML")
+    cp.add_argument("systems", nargs="+", help="zero-shot, few-shot, optimized, a task .yaml, a run folder; "
+                                               "NAME=SYSTEM to rename")
+    cp.add_argument("--model", default="smollm2-135m-instruct", help="base model of the prompt systems")
+    cp.add_argument("--test", default=None, help="test data (default: the held-out split of the task's data)")
+    cp.add_argument("--pool", default=None, help="few-shot example pool (default: the task data's training split)")
+    cp.add_argument("--limit", type=int, default=None, help="use only the first N test examples")
+    cp.add_argument("--out", default=None, help="report folder (default runs/<task>-compare)")
+    cp.add_argument("--no-cache", action="store_true")
 
     pv = sub.add_parser("privacy", help="find and scrub personal data; check a run for memorized canaries")
     psub = pv.add_subparsers(dest="action", required=True)
@@ -190,7 +227,7 @@ def _run(a: argparse.Namespace) -> int:
     elif a.verb == "generate":
         from lmtailor.generate import answer
 
-        answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare, raw=a.raw)
+        answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare, raw=a.raw, speedup=a.speedup)
         for prompt, answers in zip(a.prompts, answers_all, strict=True):
             print(f"> {prompt}")
             for who, text in answers.items():
@@ -198,7 +235,7 @@ def _run(a: argparse.Namespace) -> int:
     elif a.verb == "chat":
         from lmtailor.generate import chat_loop
 
-        chat_loop(a.run, _gen_settings(a), a.system)
+        chat_loop(a.run, _gen_settings(a), a.system, speedup=a.speedup)
     elif a.verb == "tokenizer":
         from lmtailor import tokenizers
 
@@ -224,6 +261,26 @@ def _run(a: argparse.Namespace) -> int:
         from lmtailor.export import export_run
 
         print(json.dumps(export_run(a.run, a.format, a.out, gguf_type=a.gguf_type), indent=2))
+    elif a.verb == "prompt":
+        from lmtailor.prompting.task import load_task
+        from lmtailor.prompting.workflows import optimize_prompt, run_prompt
+
+        task = load_task(a.task, a.overrides)
+        if a.action == "run":
+            result = run_prompt(task, a.model, a.data, a.pool, a.template, not a.zero_shot, a.limit, a.out,
+                                cache=not a.no_cache)
+            print(json.dumps({k: v for k, v in result["metrics"].items() if not isinstance(v, dict | list)}, indent=2))
+        else:
+            optimize_prompt(task, a.model, a.dev, a.pool, a.budget, a.out, cache=not a.no_cache)
+    elif a.verb == "compare":
+        from lmtailor.prompting.compare import compare
+        from lmtailor.prompting.task import load_task
+
+        summary = compare(load_task(a.task), a.systems, a.model, a.test, a.pool, a.limit, a.out,
+                          cache=not a.no_cache)
+        from lmtailor.prompting.report import compare_markdown
+
+        print(compare_markdown(summary), end="")
     elif a.verb == "privacy":
         from lmtailor.privacy import canary, scrub
 

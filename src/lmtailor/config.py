@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,10 @@ class DataSettings(Strict):
     max_examples: int | None = Field(None, ge=1, description="use at most this many training examples")
     split_seed: int = Field(0, description="seed of the deterministic train/validation split")
     system_prompt: str | None = Field(None, description="system message added to every conversation without one")
+    prompt_task: str | None = Field(None, description="a prompt task file (see `lmtailor prompt`): records are "
+                                    "rendered through its template into zero-shot chats answered by the label word "
+                                    "or reference, to fine-tune (LoRA or a soft prompt) on the task's own prompts")
+    prompt_template: int = Field(0, ge=0, description="with prompt_task: which of its templates")
 
 
 class PrivacySettings(Strict):
@@ -50,6 +55,14 @@ class PrivacySettings(Strict):
     )
     salt_env: str = Field("LMTAILOR_PRIVACY_SALT", description="environment variable holding the pseudonym salt")
     ner: bool = Field(False, description="also scrub names and places (needs presidio-analyzer or spaCy + a model)")
+
+
+# CPU decoding speed-ups (`--speedup` of generate, chat and serve; see lmtailor.fastdecode.speed_up).
+SPEEDUPS = ("none", "fp16", "int8", "bf16")
+SPEEDUP_HELP = ("CPU decoding speed-up for llama, mistral and qwen2 models: fp16 = fp16 weights and a lean decode "
+                "loop (~2x at batch 1, perplexity +0.1%%, same greedy tokens); int8 = int8 weights (a scale per 32) "
+                "in that loop, through a C kernel built with the system compiler on first use (~2.9x, perplexity "
+                "+1%%); bf16 = bf16 weights; none = fp32 HF generate. benchmarks/serve_load.py measures each")
 
 
 class GenerationSettings(Strict):
@@ -101,6 +114,12 @@ class PretrainSettings(Strict):
     eval_stride: int | None = Field(None, ge=1, description="clm: sliding-window stride (default context / 2)")
 
 
+class SoftPromptSettings(Strict):
+    virtual_tokens: int = Field(20, ge=1, description="method=prompt_tuning/prefix_tuning: trained virtual tokens")
+    init_text: str | None = Field(None, description="prompt_tuning: start the virtual tokens from the embeddings "
+                                  "of this text (random otherwise)")
+
+
 class AugmentSettings(Strict):
     token_dropout: float = Field(0.0, ge=0, lt=1, description="classify: chance each training token is dropped")
     token_swap: float = Field(0.0, ge=0, lt=1, description="classify: chance each training token swaps places "
@@ -119,6 +138,10 @@ class TaskSettings(Strict):
                              "label on")
     class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
         "none", description="classify: loss weight per label: none, balanced (inverse frequency) or {label: w}")
+    sampling: Literal["shuffle", "balanced"] = Field(
+        "shuffle", description="classify: training order per epoch: shuffle (each example once), or balanced (as "
+        "many examples drawn with replacement, weighted 1 / count of their label, so labels come about equally "
+        "often; multi_label: of their label set)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="classify, seq2seq: cross-entropy label smoothing")
     dropout: float | None = Field(None, ge=0, lt=1, description="classify, seq2seq: override every dropout "
                                   "probability of the model config")
@@ -134,9 +157,12 @@ class RunConfig(Strict):
     base_model: str = Field("smollm2-135m-instruct", description="hub id, local folder, .gguf file or bundled name")
     trust_remote_code: bool = False
     objective: str = Field("sft", description="registered objective: sft, clm, mlm (encoders), span (encoder-decoders)")
-    method: Literal["lora", "full", "freeze"] = Field("lora", description="what is trained")
+    method: Literal["lora", "full", "freeze", "prompt_tuning", "prefix_tuning"] = Field(
+        "lora", description="what is trained: LoRA adapters, every weight, the last layers, or a soft prompt "
+                            "(virtual token embeddings / per-layer prefixes, the model frozen)")
     unfreeze_last_n: int = Field(2, ge=0, description="method=freeze: layers left trainable (plus the head)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    soft_prompt: SoftPromptSettings = Field(default_factory=SoftPromptSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
@@ -186,6 +212,9 @@ class RunConfig(Strict):
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
         if self.packing and self.pack_length < self.max_length:
             raise ValueError(f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length})")
+        if self.task.sampling == "balanced" and self.objective != "classify":
+            raise ValueError(f"config key 'task.sampling': balanced applies to objective classify only (it balances "
+                             f"labels); got objective {self.objective!r}, use task.sampling=shuffle")
         return self
 
     @property
@@ -209,22 +238,26 @@ def allowed_keys() -> list[str]:
     return _allowed_keys(RunConfig)
 
 
-def _sub_model(path: tuple[Any, ...]) -> type[BaseModel]:
-    model: type[BaseModel] = RunConfig
+def _sub_model(path: tuple[Any, ...], root: type[BaseModel] | None = None) -> type[BaseModel]:
+    model: type[BaseModel] = root or RunConfig
     for part in path:
         field = model.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        # `X | None` sections: look through the union for the model class
+        options = typing.get_args(field.annotation) or (field.annotation,) if field is not None else ()
+        sub = next((o for o in options if isinstance(o, type) and issubclass(o, BaseModel)), None)
+        if sub is None:
             break
-        model = field.annotation
+        model = sub
     return model
 
 
-def _explain(err: ValidationError, source: str) -> ConfigError:
+def explain(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> ConfigError:
+    """One-line ConfigError for a pydantic error of `root` (default RunConfig): the key, the value, the fix."""
     first = err.errors()[0]
     loc = tuple(first["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
-        model = _sub_model(loc[:-1])
+        model = _sub_model(loc[:-1], root)
         prefix = ".".join(str(p) for p in loc[:-1])
         allowed = [f"{prefix}.{k}" if prefix else k for k in model.model_fields]
         close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
@@ -308,7 +341,7 @@ def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise _explain(e, source) from None
+        raise explain(e, source) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -17,6 +17,7 @@ from lmtailor.data.packing import collate
 from lmtailor.generate import generate
 from lmtailor.objectives import CausalLMLoss
 from lmtailor.render import Tokenized, prompt_messages
+from lmtailor.report import compared_metrics, fmt_metric
 
 
 @torch.inference_mode()
@@ -93,12 +94,11 @@ def evaluate_model(model: nn.Module, tok: Any, val_seqs: Sequence[Tokenized], va
 
 
 def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int = 3) -> str:
-    """A plain-text before/after table plus a few sample answers."""
+    """A plain-text before/after table of every scalar metric both evaluations report (loss, and the task
+    metrics: accuracy, macro_f1, bleu, chrf, rougeL, exact_match, ...), plus a few sample answers."""
     rows = [("metric", "before", "after", "change")]
-    for key, fmt in (("loss", "{:.3f}"), ("perplexity", "{:.2f}"), ("exact_match", "{:.1%}"), ("chrf", "{:.1f}")):
-        if key in before and key in after:
-            b, a = before[key], after[key]
-            rows.append((key, fmt.format(b), fmt.format(a), ("+" if a - b >= 0 else "") + fmt.format(a - b)))
+    rows += [(k, fmt_metric(k, b), fmt_metric(k, a), fmt_metric(k, a - b, sign=True))
+             for k, b, a in compared_metrics(before, after) if a is not None and b is not None]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -103,32 +103,37 @@ def stream(model: Any, tok: Any, messages: list[dict[str, str]], settings: Gener
 
 
 def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, system: str | None = None,
-           compare: bool = False, raw: bool = False) -> list[dict[str, str]]:
+           compare: bool = False, raw: bool = False, speedup: str = "none") -> list[dict[str, str]]:
     """Answer prompts with a run or model; with `compare`, also with its base model (adapter off).
 
+    `speedup` is a CPU decoding speed-up (see `lmtailor.fastdecode.speed_up`), applied to both models.
     Returns one {label: answer} dict per prompt; labels are "tuned" and "base" when comparing.
     """
+    from lmtailor.fastdecode import speed_up
     from lmtailor.models import load_for_inference, load_model
 
     model, tok, info = load_for_inference(target)
     system = system or info.get("system_prompt")
-    tuned = generate(model, tok, prompts, settings, system=system, raw=raw)
+    if compare and info.get("adapter") and speedup == "none":
+        with model.disable_adapter():  # the base for free: the same weights, adapter off
+            base = generate(model, tok, prompts, settings, system=system, raw=raw)
+    elif compare:
+        base_model = speed_up(load_model(info["base_model"]).eval(), speedup)
+        base = generate(base_model, tok, prompts, settings, system=system, raw=raw)
+        del base_model
+    tuned = generate(speed_up(model, speedup), tok, prompts, settings, system=system, raw=raw)
     if not compare:
         return [{"answer": t} for t in tuned]
-    if info.get("adapter"):
-        with model.disable_adapter():
-            base = generate(model, tok, prompts, settings, system=system, raw=raw)
-    else:
-        base_model = load_model(info["base_model"])
-        base = generate(base_model.eval(), tok, prompts, settings, system=system, raw=raw)
     return [{"base": b, "tuned": t} for b, t in zip(base, tuned, strict=False)]
 
 
-def chat_loop(target: str, settings: GenerationSettings, system: str | None = None) -> None:
+def chat_loop(target: str, settings: GenerationSettings, system: str | None = None, speedup: str = "none") -> None:
     """Interactive chat on stdin/stdout; the whole conversation goes through the chat template each turn."""
+    from lmtailor.fastdecode import speed_up
     from lmtailor.models import load_for_inference
 
     model, tok, info = load_for_inference(target)
+    model = speed_up(model, speedup)
     system = system or info.get("system_prompt")
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     print(f"chatting with {info['name']} (empty line or Ctrl-D to quit, /reset to start over)")

@@ -227,6 +227,35 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modu
                          f"linear layers of this model: {', '.join(names)}") from e
 
 
+def add_soft_prompt(model: nn.Module, method: str, virtual_tokens: int, init_text: str | None = None,
+                    tokenizer_path: str | None = None) -> nn.Module:
+    """Wrap a causal LM with a trainable soft prompt (PEFT prompt tuning or prefix tuning); the model stays frozen.
+
+    prompt_tuning learns `virtual_tokens` input embeddings put before every sequence (started from the embeddings
+    of `init_text` when given); prefix_tuning learns keys and values of that many positions in every layer.
+    """
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    cfg: Any
+    if method == "prompt_tuning":
+        text = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": init_text,
+                "tokenizer_name_or_path": tokenizer_path} if init_text else {}
+        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens, **text)
+    elif method == "prefix_tuning":
+        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens)
+    else:
+        raise ValueError(f"not a soft-prompt method: {method}")
+    if getattr(model.config, "is_encoder_decoder", False) or type(model).__name__.endswith("Classification"):
+        raise ModelError(f"method={method} is supported for causal LMs (objective sft or clm)",
+                         "use method: lora for classification and seq2seq models")
+    return get_peft_model(model, cfg)
+
+
+def is_prompt_learning(model: nn.Module) -> bool:
+    """True for a PEFT soft-prompt model, whose virtual tokens exist only in its own forward."""
+    return bool(getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False))
+
+
 def unwrap_peft(model: nn.Module) -> Any:
     """The transformers model inside a PeftModel (with adapters injected), or the model itself."""
     get = getattr(model, "get_base_model", None)

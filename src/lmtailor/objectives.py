@@ -18,7 +18,7 @@ from torch import nn
 from lmtailor.config import RunConfig
 from lmtailor.data.example import Example
 from lmtailor.data.packing import collate, segment_mask
-from lmtailor.models import unwrap_peft
+from lmtailor.models import is_prompt_learning, unwrap_peft
 from lmtailor.render import IGNORE, Tokenized, tokenize_all
 
 SEGMENT_ATTENTION = "lmtailor_segments"
@@ -110,6 +110,8 @@ class CausalLMLoss(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if is_prompt_learning(self.model):
+            return self._through_peft(input_ids, targets, attention_mask, segment_ids)
         hf: Any = unwrap_peft(self.model)
         backbone = hf.base_model  # the decoder stack without the LM head (e.g. LlamaModel)
         head = hf.get_output_embeddings()
@@ -132,6 +134,44 @@ class CausalLMLoss(nn.Module):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()
+
+    def _through_peft(self, input_ids: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None,
+                      segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft prompts live in the PEFT model's forward, which puts virtual tokens before every sequence: packed
+        rows are split back into their examples (shared prefix included) and run as a padded batch."""
+        seqs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if segment_ids is None:
+            lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(
+                input_ids)
+            seqs = [(input_ids[r, :n], targets[r, :n]) for r, n in enumerate(lengths)]
+        else:
+            for r, (p, spans) in enumerate(segment_bounds(segment_ids)):
+                for a, b in spans:
+                    seqs.append((torch.cat([input_ids[r, :p], input_ids[r, a:b]]),
+                                 torch.cat([targets[r, :p], targets[r, a:b]])))
+        width = max(len(ids) for ids, _ in seqs)
+        ids = input_ids.new_zeros(len(seqs), width)
+        tgt = targets.new_full((len(seqs), width), IGNORE)
+        mask = input_ids.new_zeros(len(seqs), width)
+        for i, (x, y) in enumerate(seqs):
+            ids[i, :len(x)], tgt[i, :len(y)], mask[i, :len(x)] = x, y, 1
+        keep = tgt != IGNORE
+        peft_type = str(getattr(self.model.active_peft_config, "peft_type", ""))
+        if peft_type.endswith("PROMPT_TUNING"):
+            # What PEFT's forward does (virtual token embeddings before the inputs), but with the output head on
+            # the supervised positions only instead of the logits of every position.
+            hf: Any = unwrap_peft(self.model)
+            embeds = hf.get_input_embeddings()(ids)  # (B, W, H)
+            if not getattr(self.model, "_adapters_disabled", False):
+                prompts = self.model.get_prompt(batch_size=len(seqs)).to(embeds.dtype)  # (B, P, H)
+                embeds = torch.cat([prompts, embeds], dim=1)
+                mask = torch.cat([mask.new_ones(len(seqs), prompts.shape[1]), mask], dim=1)
+            hidden = hf.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+            logits = hf.get_output_embeddings()(hidden[:, -width:][keep])  # (N, V)
+        else:  # prefix tuning and others: through PEFT's own forward
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -width:][keep]  # after virtual tokens
+        loss = F.cross_entropy(logits.float(), tgt[keep], reduction="sum")
         return loss, keep.sum()
 
 

@@ -51,15 +51,49 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+# Counts, not scores: left out of before/after tables.
+NOT_COMPARED = ("examples", "eval_tokens")
+# Shown as percentages; other metrics in [0, 1] (F1, ROUGE) keep three decimals, BLEU/chrF are already 0-100.
+METRIC_FORMATS = {"loss": "{:.3f}", "perplexity": "{:.2f}", "accuracy": "{:.1%}", "exact_match": "{:.1%}",
+                  "bleu": "{:.1f}", "chrf": "{:.1f}"}
+
+
+def fmt_metric(name: str, value: float | None, sign: bool = False) -> str:
+    """A metric value as tables show it ('' for None); sign=True for a change (+/-)."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "nan"
+    text = METRIC_FORMATS.get(name, "{:.3f}").format(value)
+    return ("+" + text) if sign and value >= 0 else text
+
+
+def compared_metrics(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, float | None, float | None]]:
+    """(name, before, after) for every scalar metric of either evaluation, loss and perplexity first; a side
+    that lacks the metric gives None. Lists, dicts (per-class report, samples) and counts are left out."""
+    def scalars(m: dict[str, Any]) -> dict[str, float]:
+        return {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)
+                and k not in NOT_COMPARED}
+
+    b, a = scalars(before), scalars(after)
+    first = [k for k in ("loss", "perplexity") if k in a or k in b]
+    names = first + [k for k in dict.fromkeys([*a, *b]) if k not in first]
+    return [(k, b.get(k), a.get(k)) for k in names]
+
+
 def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     png = loss_plot(history, f"{cfg.name}: {cfg.method} on {cfg.base_model}") if history else b""
     if png:
         atomic_write_bytes(run_dir / "loss.png", png)
     before, after = summary.get("before", {}), summary.get("after", {})
     rows = "".join(
-        f"<tr><td>{k}</td><td>{_fmt(before.get(k, ''))}</td><td>{_fmt(after.get(k, ''))}</td></tr>"
-        for k in ("loss", "perplexity", "exact_match", "chrf") if k in before or k in after
+        f"<tr><td>{html.escape(k)}</td><td>{fmt_metric(k, b)}</td><td>{fmt_metric(k, a)}</td>"
+        f"<td>{fmt_metric(k, a - b, sign=True) if a is not None and b is not None else ''}</td></tr>"
+        for k, b, a in compared_metrics(before, after)
     )
+    task_link = ('<p>Task report (validation metric curves; per class and confusion matrix, or sample predictions): '
+                 '<a href="task_report.html">task_report.html</a></p>'
+                 if (run_dir / "task_report.html").is_file() else "")
     samples = "".join(
         f"<tr><td>{html.escape(b['prompt'])}</td><td><code>{html.escape(b['reference'])}</code></td>"
         f"<td><code>{html.escape(b['prediction'])}</code></td><td><code>{html.escape(a['prediction'])}</code></td></tr>"
@@ -78,7 +112,8 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px}}
 table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><body>
 <h1>Run {html.escape(cfg.name)}</h1><ul>{facts}</ul><h2>Data</h2><ul>{data}</ul>
-<h2>Before / after (held-out split)</h2><table><tr><th>metric</th><th>before</th><th>after</th></tr>{rows}</table>
+<h2>Before / after (held-out split)</h2><table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>
+{rows}</table>{task_link}
 {privacy}<h2>Loss</h2>{img}
 <h2>Sample answers</h2><table><tr><th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>{samples}</table>
 <h2>Resolved config</h2><pre>{html.escape(dump_config(cfg))}</pre></body></html>

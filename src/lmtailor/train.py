@@ -43,15 +43,21 @@ from lmtailor.objectives import Objective, get_objective, item_tokens
 from lmtailor.report import write_report
 from lmtailor.tasks.metrics import higher_is_better
 
+ADAPTER_METHODS = ("lora", "prompt_tuning", "prefix_tuning")  # PEFT wrappers: the base model is their "before"
+
 log = logging.getLogger(__name__)
 
 
-def step_batches(n_examples: int, batch_size: int, seed: int, world: int) -> list[np.ndarray]:
+def step_batches(n_examples: int, batch_size: int, seed: int, world: int,
+                 weights: np.ndarray | None = None) -> list[np.ndarray]:
     """The example indices of every step of one epoch: a seeded shuffle cut into batches.
 
+    With `weights` (one per example, e.g. task.sampling=balanced) the epoch instead draws n_examples indices with
+    replacement in proportion to them: same length, so the schedule and resume position do not change.
     A final batch smaller than the number of processes is dropped (every process needs one example).
     """
-    order = np.random.default_rng(seed).permutation(n_examples)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_examples) if weights is None else rng.choice(n_examples, n_examples, p=weights)
     batches = [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
     return [b for b in batches if len(b) >= world]
 
@@ -66,10 +72,11 @@ def plan_steps(cfg: RunConfig, n_train: int, world: int) -> tuple[int, int]:
     return per_epoch, total
 
 
-def batch_at(step: int, per_epoch: int, n_train: int, cfg: RunConfig, world: int) -> np.ndarray:
-    """Example indices of global step `step` (0-based); epoch e is shuffled with seed + e."""
+def batch_at(step: int, per_epoch: int, n_train: int, cfg: RunConfig, world: int,
+             weights: np.ndarray | None = None) -> np.ndarray:
+    """Example indices of global step `step` (0-based); epoch e is shuffled (or drawn) with seed + e."""
     epoch, k = divmod(step, per_epoch)
-    return step_batches(n_train, cfg.batch_size, cfg.seed + epoch, world)[k]
+    return step_batches(n_train, cfg.batch_size, cfg.seed + epoch, world, weights)[k]
 
 
 def _optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -111,6 +118,7 @@ def train(cfg: RunConfig, progress: bool = True,
     from accelerate.utils import gather_object, set_seed
 
     from lmtailor.data.validate import load_datasets
+    from lmtailor.pretrain.corpus import streams_corpus
 
     cuda = torch.cuda.is_available()
     bf16 = cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()
@@ -123,9 +131,17 @@ def train(cfg: RunConfig, progress: bool = True,
     train_on_prompt = cfg.train_on_prompt or objective.train_on_prompt
 
     # ---- data -------------------------------------------------------------------------------------------------
-    train_ex, val_ex, data_stats = load_datasets(cfg.data)
+    # pretrain.cache: the documents go from the files into the token cache (after the model), never all in memory
+    streamed = streams_corpus(cfg)
+    train_ex, val_ex, data_stats = ([], [], {}) if streamed else load_datasets(cfg.data)
+    if cfg.data.prompt_task:  # fine-tune on a prompt task's own rendering (see `lmtailor compare`)
+        from lmtailor.prompting.task import chat_examples, load_task, make_items
+
+        ptask = load_task(cfg.data.prompt_task)
+        train_ex, val_ex = (chat_examples(ptask, make_items(ex, ptask), cfg.data.prompt_template)
+                            for ex in (train_ex, val_ex))
     privacy_audit: dict[str, Any] = {}
-    if cfg.privacy.scrub:
+    if cfg.privacy.scrub and not streamed:  # streamed documents are scrubbed one by one as they are cached
         from lmtailor.privacy.scrub import scrub_for_run
 
         train_ex, val_ex, privacy_audit = scrub_for_run(train_ex, val_ex, cfg.privacy.mode, cfg.privacy.salt_env,
@@ -135,13 +151,20 @@ def train(cfg: RunConfig, progress: bool = True,
         model_dtype = torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         model: Any
         model, tok = objective.load(cfg, model_dtype)
-    train_seqs, train_stats = objective.prepare(tok, train_ex, cfg, train_on_prompt)
-    val_ex = val_ex[: cfg.eval.max_examples]
-    val_seqs, _ = objective.prepare(tok, val_ex, cfg, train_on_prompt)
+    if streamed:
+        from lmtailor.pretrain.objectives import prepare_cached
+
+        with acc.main_process_first():  # the main process writes the cache; the others then map it
+            train_seqs, val_seqs, val_ex, data_stats, privacy_audit = prepare_cached(tok, cfg,
+                                                                                     run_dir if main else None)
+    else:
+        train_seqs, train_stats = objective.prepare(tok, train_ex, cfg, train_on_prompt)
+        val_ex = val_ex[: cfg.eval.max_examples]
+        val_seqs, _ = objective.prepare(tok, val_ex, cfg, train_on_prompt)
+        data_stats.update({f"train_{k}": v for k, v in train_stats.items()}, val_items=len(val_seqs))
     if not train_seqs:
         raise ConfigError("no training example has anything to learn from",
                           "check data.format and that examples have assistant turns, text or labels")
-    data_stats.update({f"train_{k}": v for k, v in train_stats.items()}, val_items=len(val_seqs))
 
     # ---- what trains ------------------------------------------------------------------------------------------
     if cfg.method == "lora":
@@ -149,6 +172,11 @@ def train(cfg: RunConfig, progress: bool = True,
         model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     elif cfg.method == "freeze":
         freeze_all_but_last(model, cfg.unfreeze_last_n)
+    elif cfg.method in ("prompt_tuning", "prefix_tuning"):
+        from lmtailor.models import add_soft_prompt, resolve_model
+
+        model = add_soft_prompt(model, cfg.method, cfg.soft_prompt.virtual_tokens, cfg.soft_prompt.init_text,
+                                resolve_model(cfg.base_model))
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
     say(f"model {base_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
@@ -159,7 +187,7 @@ def train(cfg: RunConfig, progress: bool = True,
     # ---- before ----------------------------------------------------------------------------------------------
     before: dict[str, Any] = {}
     if main and cfg.eval.before_after and (val_seqs or val_ex):
-        ctx = model.disable_adapter() if cfg.method == "lora" else contextlib.nullcontext()
+        ctx = model.disable_adapter() if cfg.method in ADAPTER_METHODS else contextlib.nullcontext()
         with ctx:
             before = objective.evaluate(model, tok, val_seqs, val_ex, cfg, label="before:", progress=progress)
     acc.wait_for_everyone()
@@ -168,6 +196,11 @@ def train(cfg: RunConfig, progress: bool = True,
     from transformers import get_scheduler
 
     per_epoch, total_steps = plan_steps(cfg, len(train_seqs), world)
+    sample_weights = None
+    if cfg.task.sampling == "balanced":  # a pure function of the labels: resume redraws the same epochs
+        from lmtailor.tasks.classify import balanced_weights
+
+        sample_weights = balanced_weights(train_seqs)
     optimizer = _optimizer(model, cfg)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
@@ -202,7 +235,7 @@ def train(cfg: RunConfig, progress: bool = True,
     model.train()
     while state["step"] < total_steps:
         step = state["step"]
-        batch_idx = batch_at(step, per_epoch, len(train_seqs), cfg, world)
+        batch_idx = batch_at(step, per_epoch, len(train_seqs), cfg, world, sample_weights)
         step_seqs = [train_seqs[i] for i in batch_idx]
         mine = step_seqs[rank::world]
         size = cfg.micro_batch_size or len(mine)
@@ -354,12 +387,20 @@ def _distributed_val_loss(acc: Any, loss_module: torch.nn.Module, objective: Obj
 def check_recipe(cfg: RunConfig) -> str:
     """Validate a recipe without training: objective, data (every record), tokenizer and template."""
     from lmtailor.data.validate import load_datasets
+    from lmtailor.pretrain.corpus import streams_corpus
 
     objective = get_objective(cfg.objective)
-    train_ex, val_ex, stats = load_datasets(cfg.data)
+    streamed = streams_corpus(cfg)  # pretrain.cache: checked by building (or mapping) the cache a run would use
+    train_ex, _, stats = ([], [], {}) if streamed else load_datasets(cfg.data)
     tok = load_tokenizer(cfg.pretrain.scratch.tokenizer if cfg.pretrain.scratch else cfg.base_model,
                          cfg.trust_remote_code)
-    items, item_stats = objective.prepare(tok, train_ex, cfg, cfg.train_on_prompt or objective.train_on_prompt)
+    if streamed:
+        from lmtailor.pretrain.objectives import prepare_cached
+
+        items, _, _, stats, _ = prepare_cached(tok, cfg)
+        item_stats = {k.removeprefix("train_"): v for k, v in stats.items() if k.startswith("train_")}
+    else:
+        items, item_stats = objective.prepare(tok, train_ex, cfg, cfg.train_on_prompt or objective.train_on_prompt)
     if not items:
         raise ConfigError("no training example has anything to learn from",
                           "check data.format and that examples have assistant turns, text or labels")
@@ -368,7 +409,7 @@ def check_recipe(cfg: RunConfig) -> str:
     truncated = sum(n >= cfg.max_length for n in lengths)
     return (f"recipe OK: objective {cfg.objective}, method {cfg.method}, base {cfg.base_model}\n"
             f"data: {stats['format']} format, {stats['read']} records read, {stats['duplicates']} duplicates and "
-            f"{stats['empty']} empty dropped, {len(train_ex)} train / {len(val_ex)} validation\n"
+            f"{stats['empty']} empty dropped, {stats['train']} train / {stats['val']} validation\n"
             f"items: {', '.join(f'{k} {v}' for k, v in item_stats.items())}; longest {max(lengths)} tokens, "
             f"{truncated} cut at max_length={cfg.max_length}\n"
             f"schedule: {per_epoch} steps per epoch, {total} steps of {cfg.batch_size} examples")

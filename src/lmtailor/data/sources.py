@@ -2,7 +2,9 @@
 
 Every reader yields `Record`s. A record that cannot be parsed (a JSONL line that is not JSON) is
 yielded with `problem` set instead of raising, so the validator can report every bad line at once.
-Problems with a whole file (missing, empty, not UTF-8) raise `DataError` straight away.
+Problems with a whole file (missing, empty, not UTF-8) raise `DataError` when the reader reaches them.
+JSON Lines, CSV/TSV and Parquet files are read record by record, so a file may be larger than memory;
+a .json file is parsed whole and a text file is one record.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,18 @@ def read_records(path: str, split: str = "train") -> Iterator[Record]:
         yield from _read_hub(path, split)
 
 
+def local_files(path: str) -> list[Path] | None:
+    """The files `read_records(path)` reads, in order, or None when `path` names a hub dataset."""
+    local = Path(os.path.expanduser(path))
+    if local.is_dir():
+        return _folder_files(local)
+    if local.is_file():
+        return [local]
+    if _looks_like_file(path):
+        raise _not_found(path, local)
+    return None
+
+
 def _folder_files(root: Path) -> list[Path]:
     files = []
     for p in root.rglob("*"):
@@ -124,23 +138,62 @@ def _read_file(file: Path) -> Iterator[Record]:
     if suffix not in SUPPORTED_SUFFIXES:
         raise DataError(f"{file}: unsupported file type '{suffix or '(none)'}'",
                         hint="supported types: " + ", ".join(sorted(SUPPORTED_SUFFIXES)))
-    text = _read_text(file)
     if suffix in JSONL_SUFFIXES:
-        # A pretty-printed JSON list saved as .jsonl is common enough to accept.
-        if text.lstrip().startswith("["):
+        yield from _read_jsonl_file(file)
+        return
+    if suffix in (".csv", ".tsv"):
+        yield from _read_csv_file(file, "\t" if suffix == ".tsv" else ",")
+        return
+    text = _read_text(file)
+    if suffix == ".json":
+        yield from _read_json(file, text)
+    else:
+        yield Record({"text": text}, str(file), 1)
+
+
+def _lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line split on "\n" only, decoded one at a time (a leading BOM dropped).
+
+    Raises:
+        DataError: the file cannot be read, or a line is not UTF-8 (its byte offset counts the BOM).
+    """
+    try:
+        f = open(file, "rb")  # noqa: SIM115 - closed by the with below; open errors need their own message
+    except OSError as e:
+        raise DataError(f"{file}: cannot be read ({e.strerror or e})") from None
+    offset = 0
+    with f:
+        for number, raw in enumerate(f, start=1):
+            skip = len(_BOM) if number == 1 and raw.startswith(_BOM) else 0
+            try:
+                line = raw[skip:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}: not UTF-8 text (byte offset {offset + skip + e.start}, line {number})",
+                                hint="save the file as UTF-8") from None
+            offset += len(raw)
+            yield number, line.removesuffix("\n")
+
+
+def _read_jsonl_file(file: Path) -> Iterator[Record]:
+    """Records of a JSON Lines file, one line in memory at a time."""
+    lines = _lines(file)
+    seen = False
+    for number, line in lines:
+        if not line.strip():
+            continue
+        if not seen and line.lstrip().startswith("["):
+            # A pretty-printed JSON list saved as .jsonl is common enough to accept (it is read whole).
+            text = _read_text(file)
             try:
                 if isinstance(json.loads(text), list):
                     yield from _read_json(file, text)
                     return
             except (ValueError, RecursionError):
                 pass
-        yield from _read_jsonl(file, text)
-    elif suffix == ".json":
-        yield from _read_json(file, text)
-    elif suffix in (".csv", ".tsv"):
-        yield from _read_csv(file, text, "\t" if suffix == ".tsv" else ",")
-    else:
-        yield Record({"text": text}, str(file), 1)
+        seen = True
+        yield from _jsonl_record(file, number, line)
+    if not seen:
+        raise DataError(f"{file}: file is empty", hint="add records or remove the file")
 
 
 def _read_text(file: Path) -> str:
@@ -179,18 +232,21 @@ def json_kind(value: Any) -> str:
 def _read_jsonl(file: Path, text: str) -> Iterator[Record]:
     # Split on "\n" only: str.splitlines() also breaks on U+2028 etc., which JSON strings may hold.
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            problem = _json_problem(e) if isinstance(e, ValueError) else "not valid JSON (nested too deeply)"
-            yield Record({}, str(file), number, problem)
-            continue
-        if isinstance(value, dict):
-            yield Record(value, str(file), number)
-        else:
-            yield Record({}, str(file), number, f"not a JSON object (got {json_kind(value)})")
+        if line.strip():
+            yield from _jsonl_record(file, number, line)
+
+
+def _jsonl_record(file: Path, number: int, line: str) -> Iterator[Record]:
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        problem = _json_problem(e) if isinstance(e, ValueError) else "not valid JSON (nested too deeply)"
+        yield Record({}, str(file), number, problem)
+        return
+    if isinstance(value, dict):
+        yield Record(value, str(file), number)
+    else:
+        yield Record({}, str(file), number, f"not a JSON object (got {json_kind(value)})")
 
 
 def _read_json(file: Path, text: str) -> Iterator[Record]:
@@ -295,8 +351,24 @@ def _find_key_value(text: str, key: str) -> int:
     raise AssertionError(f"key {key!r} not found in a JSON object that holds it")
 
 
-def _read_csv(file: Path, text: str, delimiter: str) -> Iterator[Record]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+def _read_csv_file(file: Path, delimiter: str) -> Iterator[Record]:
+    """Records of a CSV/TSV file, read row by row."""
+    try:
+        f = open(file, encoding="utf-8-sig", newline="")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        raise DataError(f"{file}: cannot be read ({e.strerror or e})") from None
+    with f:
+        try:
+            yield from _read_csv(file, f, delimiter)
+        except UnicodeDecodeError:
+            for _ in _lines(file):  # raises the DataError that names the byte offset and line
+                pass
+            raise
+
+
+def _read_csv(file: Path, text: str | Iterable[str], delimiter: str) -> Iterator[Record]:
+    lines = io.StringIO(text, newline="") if isinstance(text, str) else text
+    reader = csv.reader(lines, delimiter=delimiter)
     name = "TSV" if delimiter == "\t" else "CSV"
     header: list[str] | None = None
     last_line = 0

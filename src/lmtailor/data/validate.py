@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -30,46 +31,76 @@ def _resolve(path: str) -> str:
     return str(fetch(path[len(CATALOG_PREFIX):]))
 
 
+class ExampleReader:
+    """The examples of a data path, converted record by record, so the data never has to fit in memory.
+
+    Each iteration reads the source again, in the same order. Bad records do not stop it: they are counted, and
+    the iteration ends with one `DataError` listing them (as `load_examples` does), after the good examples.
+
+    Args: as `load_examples`.
+    """
+
+    def __init__(self, path: str, fmt: str = "auto", split: str = "train", system_prompt: str | None = None,
+                 max_problems_shown: int = 20) -> None:
+        self.path, self.split, self.system_prompt = path, split, system_prompt
+        self.max_problems_shown = max_problems_shown
+        self.format: str | None = None if fmt == "auto" else get_format(fmt).name
+        self.requested = fmt
+        self._local: str | None = None
+
+    @property
+    def local(self) -> str:
+        """The path records are read from (`catalog:NAME` fetched into the cache on first use)."""
+        if self._local is None:
+            self._local = _resolve(self.path)
+        return self._local
+
+    def __iter__(self) -> Iterator[Example]:
+        problems: list[str] = []
+        count = found = 0
+
+        def bad(text: str) -> None:
+            nonlocal count
+            count += 1
+            if len(problems) < self.max_problems_shown:
+                problems.append(text)
+
+        for record in read_records(self.local, self.split):
+            if record.problem:
+                bad(f"{record.source}: {record.problem}")
+                continue
+            if self.format is None:
+                try:
+                    self.format = detect_format(record.data)
+                except DataError as e:
+                    bad(f"{record.source}: {e.message}")
+                    continue
+            try:
+                missing = sorted(get_format(self.format).fields - set(record.data))
+                if missing:
+                    raise FieldError(missing[0], "is missing" + _looks_like(record.data, self.format))
+                example = convert_record(record.data, self.format, record.source, self.system_prompt)
+            except FieldError as e:
+                bad(f"{record.source}: {e.field}: {e.reason}")
+                continue
+            except DataError as e:  # a custom converter may raise the general error
+                bad(f"{record.source}: {e.message}")
+                continue
+            found += 1
+            yield example
+        if count:
+            raise DataError(f"{count} bad record(s) in {self.path}", hint="fix or remove them; first problems listed",
+                            problems=problems, count=count)
+        if not found:
+            raise DataError(f"{self.path}: no records found")
+
+
 def load_examples_with_format(path: str, fmt: str = "auto", split: str = "train", system_prompt: str | None = None,
                               max_problems_shown: int = 20) -> tuple[list[Example], str]:
     """Like `load_examples`, and also return the format name used (the detected one for "auto")."""
-    local = _resolve(path)
-    name = None if fmt == "auto" else get_format(fmt).name
-    examples: list[Example] = []
-    problems: list[str] = []
-    count = 0
-
-    def bad(text: str) -> None:
-        nonlocal count
-        count += 1
-        if len(problems) < max_problems_shown:
-            problems.append(text)
-
-    for record in read_records(local, split):
-        if record.problem:
-            bad(f"{record.source}: {record.problem}")
-            continue
-        if name is None:
-            try:
-                name = detect_format(record.data)
-            except DataError as e:
-                bad(f"{record.source}: {e.message}")
-                continue
-        try:
-            missing = sorted(get_format(name).fields - set(record.data))
-            if missing:
-                raise FieldError(missing[0], "is missing" + _looks_like(record.data, name))
-            examples.append(convert_record(record.data, name, record.source, system_prompt))
-        except FieldError as e:
-            bad(f"{record.source}: {e.field}: {e.reason}")
-        except DataError as e:  # a custom converter may raise the general error
-            bad(f"{record.source}: {e.message}")
-    if count:
-        raise DataError(f"{count} bad record(s) in {path}", hint="fix or remove them; first problems listed",
-                        problems=problems, count=count)
-    if not examples:
-        raise DataError(f"{path}: no records found")
-    return examples, name or fmt
+    reader = ExampleReader(path, fmt, split, system_prompt, max_problems_shown)
+    examples = list(reader)
+    return examples, reader.format or fmt
 
 
 def _looks_like(record: dict[str, Any], fmt: str) -> str:
@@ -107,6 +138,12 @@ def content_key(example: Example) -> str:
     if example.messages is not None:
         return json.dumps([[m["role"], m["content"]] for m in example.messages], ensure_ascii=False)
     return json.dumps(example.text, ensure_ascii=False)
+
+
+def strip_example(example: Example) -> Example | None:
+    """The example with surrounding whitespace stripped, or None when it is empty (what `clean_examples` drops)."""
+    example = _strip(example)
+    return None if _is_empty(example) else example
 
 
 def _strip(example: Example) -> Example:
@@ -150,9 +187,26 @@ def clean_examples(examples: list[Example], dedup: bool = True) -> tuple[list[Ex
     return kept, {"read": len(examples), "kept": len(kept), "duplicates": duplicates, "empty": empty}
 
 
-def _rank(example: Example, seed: int) -> bytes:
+def split_rank(example: Example, seed: int) -> bytes:
+    """The hash that orders examples for the validation split (the smallest are held out); equal content, equal rank."""
     # sha256, not hash(): the same on every machine and process, whatever PYTHONHASHSEED says.
     return hashlib.sha256(f"{seed}\0{content_key(example)}".encode("utf-8", "surrogatepass")).digest()
+
+
+def val_count(n: int, val_fraction: float = 0.1, val_size: int | None = None) -> int:
+    """How many of `n` examples `split_examples` holds out.
+
+    Raises:
+        DataError: `val_size` would leave no training examples.
+    """
+    if val_size is not None:
+        if val_size >= n > 0:
+            raise DataError(f"data.val_size is {val_size} but there are only {n} examples",
+                            hint="lower data.val_size or give data.val_path")
+        return val_size
+    if val_fraction > 0 and n >= 2:
+        return min(max(1, round(n * val_fraction)), n - 1)
+    return 0
 
 
 def split_examples(examples: list[Example], val_fraction: float = 0.1, val_size: int | None = None,
@@ -175,16 +229,8 @@ def split_examples(examples: list[Example], val_fraction: float = 0.1, val_size:
         DataError: `val_size` would leave no training examples.
     """
     n = len(examples)
-    if val_size is not None:
-        if val_size >= n > 0:
-            raise DataError(f"data.val_size is {val_size} but there are only {n} examples",
-                            hint="lower data.val_size or give data.val_path")
-        n_val = val_size
-    elif val_fraction > 0 and n >= 2:
-        n_val = min(max(1, round(n * val_fraction)), n - 1)
-    else:
-        n_val = 0
-    ranked = sorted(range(n), key=lambda i: (_rank(examples[i], seed), i))
+    n_val = val_count(n, val_fraction, val_size)
+    ranked = sorted(range(n), key=lambda i: (split_rank(examples[i], seed), i))
     held = set(ranked[:n_val])
     train = [e for i, e in enumerate(examples) if i not in held]
     val = [e for i, e in enumerate(examples) if i in held]
@@ -222,7 +268,11 @@ def load_datasets(cfg: DataSettings) -> tuple[list[Example], list[Example], dict
     if cfg.max_examples is not None:
         train = train[:cfg.max_examples]
     if not train:
-        raise DataError(f"{cfg.path}: no training examples left after cleaning and splitting",
-                        hint=f"read {stats['read']}, empty {stats['empty']}, duplicates {stats['duplicates']}, "
-                             f"in validation {len(val)}")
+        raise no_training_left(cfg.path, stats, len(val))
     return train, val, {"format": fmt, **stats, "train": len(train), "val": len(val), "val_overlap": overlap}
+
+
+def no_training_left(path: str, stats: dict[str, Any], n_val: int) -> DataError:
+    return DataError(f"{path}: no training examples left after cleaning and splitting",
+                     hint=f"read {stats['read']}, empty {stats['empty']}, duplicates {stats['duplicates']}, "
+                          f"in validation {n_val}")

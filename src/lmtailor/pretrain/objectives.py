@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,13 +24,12 @@ from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError
 from lmtailor.models import unwrap_peft
 from lmtailor.objectives import OBJECTIVES, evaluate_causal, load_causal_lm, prepare_render, register_objective
-from lmtailor.pretrain.corpus import _blocks, token_cache
+from lmtailor.pretrain.corpus import _blocks, cached_corpus, doc_text, token_cache
 from lmtailor.render import IGNORE, Tokenized
 
 
-def _texts(examples: list[Example]) -> list[str]:
-    return [ex.text if ex.text is not None else "\n".join(m["content"] for m in ex.messages or [])
-            for ex in examples]
+def _texts(examples: Sequence[Example]) -> list[str]:
+    return [doc_text(ex) for ex in examples]
 
 
 def _generator(cfg: RunConfig) -> torch.Generator | None:
@@ -47,6 +48,26 @@ def prepare_blocks(tok: Any, examples: list[Example], cfg: RunConfig, train_on_p
                         "cache_reused": blocks.reused}
     items = [Tokenized(ids, list(ids), f"block {i}") for i, ids in enumerate(_blocks(texts, tok, cfg.max_length))]
     return items, {"blocks": len(items), "tokens": sum(len(s.input_ids) for s in items)}
+
+
+def prepare_cached(tok: Any, cfg: RunConfig, run_dir: str | Path | None = None
+                   ) -> tuple[Any, Any, Any, dict[str, Any], dict[str, Any]]:
+    """The streamed counterpart of `load_datasets` + `prepare` for a run with pretrain.cache (see `streams_corpus`).
+
+    Returns:
+        (train items, validation items, validation examples, data stats, privacy audit): the items and examples are
+        sequences read from the memory-mapped cache (see `cached_corpus`); the audit is also written to
+        `<run_dir>/privacy_audit.json` when the run scrubs and `run_dir` is given.
+    """
+    if cfg.objective == "mlm":
+        _check_mask(tok)
+    _check_context(cfg)
+    corpus = cached_corpus(cfg, tok)
+    if corpus.audit and run_dir is not None:
+        from lmtailor.io import atomic_write_json
+
+        atomic_write_json(Path(run_dir) / "privacy_audit.json", corpus.audit)
+    return corpus.train, corpus.val, corpus.val_examples, corpus.stats, corpus.audit
 
 
 def count_labels(batch: dict[str, torch.Tensor]) -> int:
@@ -185,11 +206,15 @@ def prepare_pairs(tok: Any, examples: list[Example], cfg: RunConfig, train_on_pr
 
 def prepare_mlm(tok: Any, examples: list[Example], cfg: RunConfig, train_on_prompt: bool = True
                 ) -> tuple[Any, dict[str, Any]]:
+    _check_mask(tok)
+    _check_context(cfg)
+    return prepare_pairs(tok, examples, cfg) if cfg.pretrain.nsp else prepare_blocks(tok, examples, cfg)
+
+
+def _check_mask(tok: Any) -> None:
     if tok.mask_token_id is None:
         raise ConfigError("objective mlm needs a tokenizer with a mask token",
                           "train the tokenizer with `lmtailor tokenizer train` (it adds <mask>)")
-    _check_context(cfg)
-    return prepare_pairs(tok, examples, cfg) if cfg.pretrain.nsp else prepare_blocks(tok, examples, cfg)
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:

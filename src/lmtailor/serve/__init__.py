@@ -49,7 +49,8 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
         port: TCP port.
         api_key_env: name of an environment variable holding the bearer key clients must send.
         limits: server caps (prompt length, max_tokens, batch, queue, timeout).
-        speedup: "none", "bf16" or "int8" CPU decoding speed-up (benchmarks/serve_load.py reports the cost).
+        speedup: CPU decoding speed-up, one of lmtailor.config.SPEEDUPS (see `lmtailor.fastdecode.speed_up`;
+            benchmarks/serve_load.py reports speed and quality cost).
         log_level: uvicorn log level.
 
     Raises:

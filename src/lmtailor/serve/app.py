@@ -45,7 +45,7 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         targets: run folders, model folders or model names to load, or slots already loaded (`load_models`).
         api_key: when set, every /v1 request must carry `Authorization: Bearer <api_key>`.
         limits: caps on prompt length, max_tokens, batching, queue and time (defaults: `Limits()`).
-        speedup: "none", "bf16" or "int8" (see `lmtailor.serve.models.speed_up`).
+        speedup: "none", "fp16", "int8" or "bf16" (see `lmtailor.fastdecode.speed_up`).
 
     Returns:
         The FastAPI app; its engine starts and stops with the app's lifespan.

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmtailor.config import SPEEDUPS
 from lmtailor.errors import ConfigError
+from lmtailor.fastdecode import FAST, speed_up
+
+__all__ = ["SPEEDUPS", "Slot", "load_models", "speed_up"]
 
 log = logging.getLogger(__name__)
-
-SPEEDUPS = ("none", "bf16", "int8")
 
 
 @dataclass
@@ -66,36 +68,12 @@ def _unique(name: str, taken: dict[str, Slot]) -> str:
     return out
 
 
-def speed_up(model: nn.Module, how: str) -> nn.Module:
-    """Apply a CPU decoding speed-up: bf16 weights, or dynamic int8 quantization of the decoder's Linear layers.
-
-    int8 is per-channel and leaves out the output head (often tied to the embeddings) and the MLP down
-    projections, whose inputs have outliers that per-tensor activation scales cannot hold: quantizing those
-    triples the perplexity of SmolLM2-135M. benchmarks/serve_load.py reports what remains of the cost.
-    """
-    if how == "none":
-        return model
-    if how == "bf16":
-        return model.to(torch.bfloat16)
-    if how == "int8":
-        if hasattr(model, "peft_config"):
-            raise ConfigError("speedup=int8 cannot be combined with unmerged LoRA adapters",
-                              "export the run with `lmtailor export RUN --format merged` and serve that folder")
-        inner = getattr(model, "model", None)
-        if not isinstance(inner, nn.Module):
-            raise ConfigError("speedup=int8 needs a decoder model with a .model backbone")
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        spec = {name: qconfig for name, mod in inner.named_modules()
-                if isinstance(mod, nn.Linear) and not name.endswith("down_proj")}
-        model.model = torch.ao.quantization.quantize_dynamic(inner, spec, dtype=torch.qint8)  # type: ignore[arg-type]
-        return model
-    raise ConfigError(f"unknown speedup '{how}'", f"choose one of: {', '.join(SPEEDUPS)}")
-
-
 def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
     """Load every target (run folder, model folder or model name) into named slots.
 
-    Adapter runs on the same base share one model; the base gets its own slot named after it.
+    Adapter runs on the same base share one model; the base gets its own slot named after it. With a fast
+    speed-up (fp16, int8) each adapter run is merged into its own copy of the base instead, and the base is
+    served only when named.
     """
     from lmtailor.models import load_for_inference, run_config
 
@@ -106,7 +84,7 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
     plain: list[str] = []
     for target in targets:
         folder = _adapter_folder(target)
-        if folder is None:
+        if folder is None or speedup in FAST:
             plain.append(target)
             continue
         base_name = run_config(Path(target)).get("base_model") if (Path(target) / "model").is_dir() else None

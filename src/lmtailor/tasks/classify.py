@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,6 +96,15 @@ def class_weights(examples: list[Example], names: list[str], cfg: RunConfig) -> 
     counts = Counter(name for ex in examples for name in example_labels(ex, cfg))
     total = sum(counts.values())
     return [total / (len(names) * counts[n]) if counts[n] else 1.0 for n in names]
+
+
+def balanced_weights(items: list[ClassItem]) -> np.ndarray:
+    """task.sampling=balanced: per-item draw probabilities 1 / count(label), normalized, so each label (multi-label:
+    each distinct label set) is drawn equally often in expectation."""
+    keys = [tuple(i.label) if isinstance(i.label, list) else i.label for i in items]
+    counts = Counter(keys)
+    weights = np.array([1.0 / counts[k] for k in keys])
+    return weights / weights.sum()
 
 
 def override_dropout(config: Any, p: float) -> list[str]:

@@ -15,25 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lmtailor.report import png_bytes
+from lmtailor.report import compared_metrics, fmt_metric, png_bytes
 from lmtailor.tasks.metrics import higher_is_better
-
-
-def scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numeric, single-value entries of a metrics dict."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """Plain-text before/after table of the scalar metrics both runs report."""
-    b, a = scalars(before), scalars(after)
-    keys = [k for k in a if k in b and k != "examples"]
-    rows = [("metric", "before", "after", "change")]
-    rows += [(k, f"{b[k]:.4f}", f"{a[k]:.4f}", f"{a[k] - b[k]:+.4f}") for k in keys]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def curves_png(history: list[dict[str, Any]]) -> bytes:
@@ -63,7 +46,9 @@ def _img(path: Path | bytes, alt: str) -> str:
 
 
 def record_eval(run_dir: Path, label: str, metrics: dict[str, Any], images: list[str] | None = None) -> None:
-    """Called by a task evaluate hook: keep "before:" metrics; on "after:" write the task report and print the table.
+    """Called by a task evaluate hook: keep "before:" metrics; on "after:" write the task report.
+
+    The printed before/after table is the training loop's (evaluate.comparison_table), which shows the same metrics.
 
     Args:
         run_dir: the run folder.
@@ -83,10 +68,9 @@ def record_eval(run_dir: Path, label: str, metrics: dict[str, Any], images: list
     curves = curves_png(history)
     if curves:
         atomic_write_bytes(run_dir / "metric_curves.png", curves)
-    b, a = scalars(before), scalars(metrics)
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{b[k]:.4f}</td><td>{v:.4f}</td><td>{v - b[k]:+.4f}</td></tr>"
-                   if k in b else f"<tr><td>{html.escape(k)}</td><td></td><td>{v:.4f}</td><td></td></tr>"
-                   for k, v in a.items())
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt_metric(k, b)}</td><td>{fmt_metric(k, a)}</td><td>"
+                   f"{fmt_metric(k, a - b, sign=True) if a is not None and b is not None else ''}</td></tr>"
+                   for k, b, a in compared_metrics(before, metrics) if a is not None)
     per_class = metrics.get("per_class") or {}
     classes = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{s.get(k, 0):.3f}</td>" for k in
                       ("precision", "recall", "f1-score")) + f"<td>{int(s.get('support', 0))}</td></tr>"
@@ -112,5 +96,3 @@ table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><bod
 </body></html>
 """
     atomic_write_text(run_dir / "task_report.html", page)
-    if before:
-        print("\n" + table(before, metrics))

@@ -1,0 +1,163 @@
+"""`lmtailor prompt run` and `lmtailor prompt optimize`: score one prompt, or search for the best one."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmtailor.errors import ConfigError
+from lmtailor.io import atomic_write_json, atomic_write_text
+from lmtailor.prompting.predict import PromptRunner, PromptSpec, task_spec
+from lmtailor.prompting.scoring import ScoreCache, Scorer, default_cache, model_key
+from lmtailor.prompting.search import make_candidates, paraphrase_templates, successive_halving
+from lmtailor.prompting.task import Item, PromptTask, load_items, task_splits
+
+
+def load_scorer(target: str, cache: bool = True, batch_size: int = 16, progress: bool = True) -> Scorer:
+    """A Scorer for a model name, model folder or run folder (LoRA or soft-prompt adapters included)."""
+    from lmtailor.models import load_for_inference
+
+    model, tok, info = load_for_inference(target)
+    return Scorer(model, tok, model_key(target, info), default_cache() if cache else ScoreCache(), batch_size,
+                  progress)
+
+
+def resolve_items(task: PromptTask, data: str | None, pool: str | None, limit: int | None = None
+                  ) -> tuple[list[Item], list[Item]]:
+    """(evaluation items, few-shot pool): files when given, else the task data's held-out and training splits."""
+    split: tuple[list[Item], list[Item]] | None = None
+
+    def splits() -> tuple[list[Item], list[Item]]:
+        nonlocal split
+        split = split or task_splits(task)
+        return split
+
+    items = load_items(data, task) if data else splits()[1]
+    pool_items = load_items(pool, task) if pool else (splits()[0] if task.data is not None else [])
+    return items[:limit] if limit else items, pool_items
+
+
+def _check_pool(spec: PromptSpec, pool: list[Item], task: PromptTask) -> None:
+    if spec.k > 0 and not pool:
+        raise ConfigError(f"few_shot.k is {spec.k} but task '{task.name}' has no example pool",
+                          "pass --pool FILE, add a data section to the task file, or set few_shot.k=0")
+
+
+def run_prompt(task: PromptTask, model: str, data: str | None = None, pool: str | None = None,
+               template: int = 0, shots: bool = True, limit: int | None = None, out: str | None = None,
+               cache: bool = True, say: Any = print) -> dict[str, Any]:
+    """Score the task's prompt (template `template`, its few_shot settings unless `shots` is False) on `data`.
+
+    Returns:
+        {"metrics": ..., "examples": n, "calls": model calls, "prompt": spec, "seconds": ...}.
+    """
+    if not 0 <= template < len(task.templates):
+        raise ConfigError(f"--template {template}: task '{task.name}' has {len(task.templates)} template(s)",
+                          f"allowed values are 0..{len(task.templates) - 1}")
+    items, pool_items = resolve_items(task, data, pool, limit)
+    spec = task_spec(task, template, shots)
+    _check_pool(spec, pool_items, task)
+    scorer = load_scorer(model, cache)
+    t0 = time.time()
+    scores, preds = PromptRunner(task, scorer, pool_items).evaluate(spec, items)
+    result = {"task": task.name, "model": model, "examples": len(items), "metric": task.metric,
+              "score": scores[task.metric], "metrics": scores, "calls": scorer.calls,
+              "prompt_tokens": round(preds.prompt_tokens, 1), "prompt": spec.describe(),
+              "seconds": round(time.time() - t0, 1)}
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "metrics.json", result)
+        rows = [{"source": it.source, "reference": r, "prediction": p}
+                for it, r, p in zip(items, preds.references, preds.predictions, strict=True)]
+        atomic_write_text(folder / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                for r in rows))
+    say(f"{task.name}: {task.metric} {scores[task.metric]:.4f} on {len(items)} examples "
+        f"({spec.k}-shot{' ' + spec.strategy if spec.k else ''}, {scorer.calls} model calls, "
+        f"{result['seconds']} s)")
+    return result
+
+
+def optimize_prompt(task: PromptTask, model: str, dev: str | None = None, pool: str | None = None,
+                    budget: int | None = None, out: str | None = None, cache: bool = True,
+                    say: Any = print) -> dict[str, Any]:
+    """Search instruction wording, example selection, shots and order on a dev set within a budget of model calls.
+
+    Writes to `out` (default runs/<task>-prompt-search): best_task.yaml (a ready-to-run task file with the winning
+    prompt), candidates.json (every candidate and its scores), search.png and report.html.
+    """
+    s = task.search
+    budget = budget or s.budget
+    if dev:
+        dev_items = load_items(dev, task)
+        pool_items = load_items(pool, task) if pool else (task_splits(task)[0] if task.data else [])
+    else:
+        train, _ = task_splits(task)
+        shuffled = list(train)
+        random.Random(s.seed).shuffle(shuffled)
+        dev_items, pool_items = shuffled[: task.dev_size], shuffled[task.dev_size:]
+        if pool:
+            pool_items = load_items(pool, task)
+    if not dev_items:
+        raise ConfigError(f"task '{task.name}': the dev set is empty", "pass --dev FILE or raise dev_size")
+    order = list(range(len(dev_items)))
+    random.Random(s.seed).shuffle(order)
+    dev_items = [dev_items[i] for i in order]  # subsets of the search are prefixes of one random order
+    folder = Path(out or f"runs/{task.name}-prompt-search")
+    scorer = load_scorer(model, cache, progress=False)
+    runner = PromptRunner(task, scorer, pool_items)
+    t0 = time.time()
+
+    templates = [(t, f"template {i}") for i, t in enumerate(task.templates)]
+    paraphrase_calls = 0
+    if s.paraphrases:
+        before = scorer.calls
+        extra, _ = paraphrase_templates(task, lambda msgs: scorer.generate(msgs, 60), s.paraphrases)
+        paraphrase_calls = scorer.calls - before
+        templates += extra
+        say(f"instructions: {len(task.templates)} given + {len(extra)} written by the model "
+            f"({paraphrase_calls} model calls)")
+    candidates = make_candidates(task, templates)
+    if not pool_items:
+        candidates = [c for c in candidates if c.spec.k == 0]
+
+    def evaluate(spec: PromptSpec, n: int) -> tuple[float, int]:
+        before = scorer.calls
+        scores, _ = runner.evaluate(spec, dev_items[:n])
+        return float(scores[task.metric]), scorer.calls - before
+
+    result = successive_halving(candidates, evaluate, len(dev_items), budget, s.min_examples, s.eta, s.seed,
+                                calls_so_far=paraphrase_calls,
+                                progress=say)
+    best = result.best
+    seconds = round(time.time() - t0, 1)
+    best_task = task.model_copy(deep=True)
+    best_task.templates = [best.spec.template] + [t for t in task.templates if t != best.spec.template]
+    best_task.few_shot.k = best.spec.k
+    best_task.few_shot.strategy = best.spec.strategy
+    best_task.few_shot.order = best.spec.order  # type: ignore[assignment]
+    best_task.calibrate = best.spec.calibrate
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "best_task.yaml",
+                      f"# best prompt of `lmtailor prompt optimize` on {model}: dev {task.metric} "
+                      f"{best.best_score:.4f} on {max(best.scores, default=0)} examples\n"
+                      + yaml.safe_dump(best_task.model_dump(mode="json", exclude_none=True), sort_keys=False,
+                                       allow_unicode=True))
+    summary = {"task": task.name, "model": model, "metric": task.metric, "budget": budget, "calls": result.calls,
+               "stopped_by_budget": result.stopped_by_budget, "dev_examples": len(dev_items),
+               "pool_examples": len(pool_items), "candidates": len(candidates),
+               "rounds": result.rounds, "seconds": seconds, "best": best.row(), "table": result.table()}
+    atomic_write_json(folder / "candidates.json", summary)
+    from lmtailor.prompting.report import search_report
+
+    search_report(folder, summary)
+    say(f"best: candidate {best.id} ({best.origin}, {best.spec.k}-shot"
+        f"{' ' + best.spec.strategy + ', ' + best.spec.order if best.spec.k else ''}) dev {task.metric} "
+        f"{best.best_score:.4f} on {max(best.scores, default=0)} examples; {len(result.table())} candidates, "
+        f"{result.calls}/{budget} model calls, {seconds} s -> {folder / 'best_task.yaml'}")
+    return summary
