@@ -362,6 +362,14 @@ def test_soft_prompt_loss_is_the_same_packed_or_padded_and_trains(tiny_model: Pa
     a, n = loss_fn(**packed)
     b, m = loss_fn(**padded)
     assert int(n) == int(m) and float(a) == pytest.approx(float(b), rel=1e-5)
+    # ... and equals the loss of PEFT's own forward (all logits), with the adapter on and off
+    keep = padded["targets"] != -100
+    for ctx in (torch.enable_grad(), model.disable_adapter()):
+        with ctx:
+            logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+            ref = torch.nn.functional.cross_entropy(logits[:, -keep.shape[1]:][keep].float(),
+                                                    padded["targets"][keep], reduction="sum")
+            assert float(loss_fn(**padded)[0]) == pytest.approx(float(ref), rel=1e-5)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) < 5000  # only the soft prompt
     opt = torch.optim.AdamW(trainable, lr=0.3)
