@@ -238,7 +238,7 @@ def add_soft_prompt(model: nn.Module, method: str, virtual_tokens: int, init_tex
 
     cfg: Any
     if method == "prompt_tuning":
-        text = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": init_text,
+        text: dict[str, Any] = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": init_text,
                 "tokenizer_name_or_path": tokenizer_path} if init_text else {}
         cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens, **text)
     elif method == "prefix_tuning":

@@ -157,14 +157,15 @@ class CausalLMLoss(nn.Module):
         for i, (x, y) in enumerate(seqs):
             ids[i, :len(x)], tgt[i, :len(y)], mask[i, :len(x)] = x, y, 1
         keep = tgt != IGNORE
-        peft_type = str(getattr(self.model.active_peft_config, "peft_type", ""))
+        peft_model: Any = self.model
+        peft_type = str(getattr(peft_model.active_peft_config, "peft_type", ""))
         if peft_type.endswith("PROMPT_TUNING"):
             # What PEFT's forward does (virtual token embeddings before the inputs), but with the output head on
             # the supervised positions only instead of the logits of every position.
             hf: Any = unwrap_peft(self.model)
             embeds = hf.get_input_embeddings()(ids)  # (B, W, H)
             if not getattr(self.model, "_adapters_disabled", False):
-                prompts = self.model.get_prompt(batch_size=len(seqs)).to(embeds.dtype)  # (B, P, H)
+                prompts = peft_model.get_prompt(batch_size=len(seqs)).to(embeds.dtype)  # (B, P, H)
                 embeds = torch.cat([prompts, embeds], dim=1)
                 mask = torch.cat([mask.new_ones(len(seqs), prompts.shape[1]), mask], dim=1)
             hidden = hf.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
