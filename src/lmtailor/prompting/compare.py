@@ -4,7 +4,8 @@ Systems are named on the command line:
   zero-shot / few-shot   the task's first template without / with its few_shot settings, on the base model
   optimized              runs/<task>-prompt-search/best_task.yaml (written by `lmtailor prompt optimize`)
   FILE.yaml or FOLDER    a task file (or a folder holding best_task.yaml): its first template and few_shot settings
-  RUN                    a run folder of `lmtailor train`: a classification run predicts with its head; any other
+  RUN                    a run folder of `lmtailor train`: a classification run predicts with its head (from the
+                         task's first input field); any other
                          (LoRA or soft prompt on the task's prompts) is scored zero-shot with the template it was
                          trained on (data.prompt_template)
   NAME=SYSTEM            any of the above, shown as NAME

@@ -92,15 +92,14 @@ def _clean_paraphrase(text: str, original: str) -> str | None:
 
 
 def paraphrase_templates(task: PromptTask, generate: Callable[[list[list[dict[str, str]]]], list[str]], n: int
-                         ) -> tuple[list[tuple[str, str]], int]:
+                         ) -> list[tuple[str, str]]:
     """Instruction variants written by the model: each plain-text block of each template is rewritten, lines with
     template fields are kept verbatim, so every variant still uses the task's inputs.
 
     Returns:
-        ([(template, origin)], model calls made).
+        [(template, origin)] of the valid, new variants.
     """
     out: list[tuple[str, str]] = []
-    calls = 0
     seen = set(task.templates)
     for t_index, template in enumerate(task.templates):
         blocks = instruction_blocks(template)
@@ -111,7 +110,6 @@ def paraphrase_templates(task: PromptTask, generate: Callable[[list[list[dict[st
             asks = [[{"role": "user", "content": f"{PARAPHRASE_ASKS[p]}\n\nInstruction: "
                       + " ".join(" ".join(lines[a:b]).split())}] for a, b in blocks]
             texts = generate(asks)
-            calls += len(asks)
             new_lines = list(lines)
             ok = True
             for (a, b), text in sorted(zip(blocks, texts, strict=True), reverse=True):
@@ -128,7 +126,7 @@ def paraphrase_templates(task: PromptTask, generate: Callable[[list[list[dict[st
                     continue
                 seen.add(candidate)
                 out.append((candidate, f"paraphrase {p + 1} of template {t_index}"))
-    return out, calls
+    return out
 
 
 def make_candidates(task: PromptTask, templates: list[tuple[str, str]]) -> list[Candidate]:

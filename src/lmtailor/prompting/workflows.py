@@ -93,21 +93,19 @@ def optimize_prompt(task: PromptTask, model: str, dev: str | None = None, pool: 
     """
     s = task.search
     budget = budget or s.budget
+    # Subsets of the search are prefixes of the dev set, so it is put in one seeded random order.
     if dev:
         dev_items = load_items(dev, task)
+        random.Random(s.seed).shuffle(dev_items)
         pool_items = load_items(pool, task) if pool else (task_splits(task)[0] if task.data else [])
-    else:
-        train, _ = task_splits(task)
-        shuffled = list(train)
+    else:  # dev examples come from the training split; the rest of it is the pool
+        shuffled = list(task_splits(task)[0])
         random.Random(s.seed).shuffle(shuffled)
         dev_items, pool_items = shuffled[: task.dev_size], shuffled[task.dev_size:]
         if pool:
             pool_items = load_items(pool, task)
     if not dev_items:
         raise ConfigError(f"task '{task.name}': the dev set is empty", "pass --dev FILE or raise dev_size")
-    order = list(range(len(dev_items)))
-    random.Random(s.seed).shuffle(order)
-    dev_items = [dev_items[i] for i in order]  # subsets of the search are prefixes of one random order
     folder = Path(out or f"runs/{task.name}-prompt-search")
     scorer = load_scorer(model, cache, progress=False)
     runner = PromptRunner(task, scorer, pool_items)
@@ -116,8 +114,8 @@ def optimize_prompt(task: PromptTask, model: str, dev: str | None = None, pool: 
     templates = [(t, f"template {i}") for i, t in enumerate(task.templates)]
     paraphrase_calls = 0
     if s.paraphrases:
-        before = scorer.calls
-        extra, _ = paraphrase_templates(task, lambda msgs: scorer.generate(msgs, 60), s.paraphrases)
+        before = scorer.calls  # cached paraphrases cost nothing
+        extra = paraphrase_templates(task, lambda msgs: scorer.generate(msgs, 60), s.paraphrases)
         paraphrase_calls = scorer.calls - before
         templates += extra
         say(f"instructions: {len(task.templates)} given + {len(extra)} written by the model "
