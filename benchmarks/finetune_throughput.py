@@ -1,7 +1,7 @@
 """LoRA SFT throughput: lmtailor's loop (packed rows, loss head on supervised positions) vs HF `Trainer` + peft.
 
 Both sides train the bundled SmolLM2-135M-Instruct on `catalog:shell-commands` with the same LoRA (r=8, alpha=16,
-q/k/v/o, no dropout), the same seeded examples in the same step groups (`lmtailor.train.batch_at`), the same token
+q/k/v/o, no dropout), the same seeded examples in the same step groups (`lmtailor.loop.batch_at`), the same token
 sequences (`lmtailor.render`, prompt masked to -100), batch 8, AdamW lr 2e-4 linear, clipping 1.0, fp32, and the
 same number of optimizer steps. The baseline pads each batch to its longest example, as LLaMA-Factory and Axolotl
 do. Only the training steps are timed (model loading and saving are excluded); token counts are exact counts of
@@ -54,18 +54,16 @@ def run_config(steps: int, batch_size: int, output_dir: str) -> Any:
 
 def step_groups(cfg: Any) -> tuple[Any, list[Any]]:
     """The tokenizer and, per optimizer step, the tokenized examples lmtailor's loop feeds (same code path)."""
-    from lmtailor.data.validate import load_datasets
-    from lmtailor.models import load_tokenizer
+    from lmtailor.loop import batch_at, plan_steps
     from lmtailor.objectives import get_objective
-    from lmtailor.render import tokenize_all
-    from lmtailor.train import batch_at, plan_steps
+    from lmtailor.rundata import build_run_data
 
-    train_ex, _, _ = load_datasets(cfg.data)
-    tok = load_tokenizer(cfg.base_model, cfg.trust_remote_code)
-    on_prompt = cfg.train_on_prompt or get_objective(cfg.objective).train_on_prompt
-    seqs, _ = tokenize_all(tok, train_ex, cfg.max_length, on_prompt)
+    objective = get_objective(cfg)
+    ctx = objective.context(cfg)
+    ctx.tokenizer = objective.tokenizer(ctx)
+    seqs = build_run_data(objective, ctx, write_audit=False).train_items
     per_epoch, total = plan_steps(cfg, len(seqs), 1)
-    return tok, [[seqs[i] for i in batch_at(s, per_epoch, len(seqs), cfg, 1)] for s in range(total)]
+    return ctx.tokenizer, [[seqs[i] for i in batch_at(s, per_epoch, len(seqs), cfg, 1)] for s in range(total)]
 
 
 def token_counts(groups: list[Any]) -> dict[str, int]:
@@ -115,7 +113,7 @@ def side_baseline(steps: int, batch_size: int) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from lmtailor.models import load_model
+    from lmtailor.models import load_pretrained
 
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
         cfg = run_config(steps, batch_size, tmp)
@@ -125,7 +123,7 @@ def side_baseline(steps: int, batch_size: int) -> dict[str, Any]:
         rows = [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids), "labels": s.labels}
                 for g in groups for s in g]
         set_seed(cfg.seed)  # same seed, same order of draws as lmtailor: identical LoRA initialisation
-        model = load_model(cfg.base_model, dtype=torch.float32)
+        model = load_pretrained(cfg.base_model, dtype=torch.float32)
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)

@@ -61,7 +61,7 @@ def build(layers: int, hidden: int, heads: int, context: int, vocab: int) -> tor
 
 
 def run(steps: int, rows: int, layers: int, hidden: int, heads: int, context: int, vocab: int) -> dict[str, Any]:
-    from lmtailor.objectives import CausalLMLoss
+    from lmtailor.objectives.causal import CausalLMLoss
     from lmtailor.pretrain.scratch import matmul_params, training_flops_per_token
 
     model = build(layers, hidden, heads, context, vocab)

@@ -64,13 +64,13 @@ def _quality(model: Any, text_ids: torch.Tensor, ref_top1: torch.Tensor | None) 
 def levers(tokens: int, variants: list[str], threads: list[int]) -> dict[str, Any]:
     """fp32 HF generate against each speed-up at batch 1: speed, perplexity, greedy agreement (see module doc)."""
     from lmtailor.fastdecode import speed_up
-    from lmtailor.models import load_model, load_tokenizer
+    from lmtailor.models import load_pretrained, load_tokenizer
     from lmtailor.render import prompt_ids
 
     tok = load_tokenizer(MODEL)
     default = torch.get_num_threads()
     hows = [BASELINE, *[v for v in variants if v != BASELINE]]
-    models = {how: speed_up(load_model(MODEL).eval(), how) for how in hows}
+    models = {how: speed_up(load_pretrained(MODEL).eval(), how) for how in hows}
     prompts = [torch.tensor([prompt_ids(tok, [{"role": "user", "content": p}])]) for p in CLIENT_PROMPTS]
     text_ids = torch.tensor([tok(TEXT)["input_ids"]])
     section: dict[str, Any] = {"model": MODEL, "prompts": len(prompts), "new_tokens_per_prompt": tokens,

@@ -67,7 +67,7 @@ def test_full_finetune_learns_a_separable_set_and_labels_round_trip(tiny_model, 
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "animals", "1": "files"} and config["label2id"]["files"] == 1
 
-    from lmtailor.tasks.classify import predict
+    from lmtailor.objectives.classify import predict
 
     out = predict(run, ["quick brown fox 3", "list files copy folder 1"])
     assert [label for label, _ in out] == ["animals", "files"]
@@ -84,7 +84,7 @@ def test_lora_trains_and_saves_the_head_with_its_labels(tiny_model, labeled, tmp
 
     weights = load_file(run / "model" / "adapter_model.safetensors")
     assert any("score" in k for k in weights)
-    from lmtailor.tasks.classify import predict
+    from lmtailor.objectives.classify import predict
 
     assert predict(run, ["lazy dog the fox 2"])[0][0] == "animals"
     # `lmtailor eval` on a classification run gives task metrics and a confusion matrix
@@ -96,40 +96,48 @@ def test_lora_trains_and_saves_the_head_with_its_labels(tiny_model, labeled, tmp
 
 def test_freeze_trains_the_head_and_options_change_the_loss(tiny_model, labeled, tmp_path):
     from lmtailor.config import load_config
+    from lmtailor.data.validate import load_datasets
     from lmtailor.models import freeze_all_but_last
     from lmtailor.objectives import get_objective
 
     obj = get_objective("classify")
     base = [f"base_model={tiny_model}", f"data.path={labeled}", "objective=classify"]
-    cfg = load_config(None, base)
-    model, tok = obj.load(cfg, torch.float32)
+
+    def context(*extra: str):  # what train does: context, tokenizer, fit on the training examples
+        c = load_config(None, [*base, *extra])
+        ctx = obj.context(c)
+        ctx.tokenizer = obj.tokenizer(ctx)
+        obj.fit(ctx, load_datasets(c.data)[0])
+        return ctx
+
+    ctx = context()
+    tok = ctx.tokenizer
+    model = obj.model(ctx, torch.float32)
     freeze_all_but_last(model, 0)
     assert model.score.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
 
-    from lmtailor.data.validate import load_datasets
-
-    train_ex, _, _ = load_datasets(cfg.data)
-    items, stats = obj.prepare(tok, train_ex, cfg, False)
+    train_ex, _, _ = load_datasets(ctx.cfg.data)
+    items, stats = obj.prepare(ctx, train_ex)
     assert set(stats["labels"]) == {"animals", "files"} and sum(stats["labels"].values()) == len(train_ex)
-    assert all(isinstance(i.label, int) for i in items) and cfg.task.labels == ["animals", "files"]
-    batch = obj.collate(items[:8], tok, cfg)
+    assert all(isinstance(i.label, int) for i in items) and ctx.labels == ["animals", "files"]
+    batch = obj.collate(ctx, items[:8])
     assert batch["input_ids"].shape == batch["attention_mask"].shape and obj.count(batch) == 8
+    assert tok.pad_token_id is not None
 
     def loss_with(*extra: str, aug: bool = False) -> float:
-        c = load_config(None, [*base, *extra])
-        m, _ = obj.load(c, torch.float32)
+        c = context(*extra)
+        m = obj.model(c, torch.float32)
         torch.manual_seed(0)
         with torch.set_grad_enabled(aug):
-            return float(obj.build(m)(**batch)[0])
+            return float(obj.build(c, m)(**batch)[0])
 
     plain = loss_with()
-    assert loss_with("task.label_smoothing=0.3") != pytest.approx(plain)
-    assert loss_with("task.class_weights={animals: 3.0, files: 1.0}") != pytest.approx(plain)
-    assert loss_with("task.class_weights=balanced") != pytest.approx(plain)  # the split left 12 / 10 examples
-    assert loss_with("task.augment.token_dropout=0.5", aug=True) != pytest.approx(loss_with(aug=True))
+    assert loss_with("classify.label_smoothing=0.3") != pytest.approx(plain)
+    assert loss_with("classify.class_weights={animals: 3.0, files: 1.0}") != pytest.approx(plain)
+    assert loss_with("classify.class_weights=balanced") != pytest.approx(plain)  # the split left 12 / 10 examples
+    assert loss_with("classify.augment.token_dropout=0.5", aug=True) != pytest.approx(loss_with(aug=True))
     # dropout override reaches the model config
-    c = load_config(None, [*base, "task.dropout=0.3"])
-    m, _ = obj.load(c, torch.float32)
+    m = obj.model(context("classify.dropout=0.3"), torch.float32)
     assert m.config.attention_dropout == 0.3
 
 
@@ -140,19 +148,19 @@ def test_multi_label(tiny_model, tmp_path):
              ("the fox", "count lines", "animals;files")]]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "multi"
-    m = _train(tiny_model, path, run, "method=full", "task.multi_label=true", "task.label_separator=;",
+    m = _train(tiny_model, path, run, "method=full", "classify.multi_label=true", "classify.label_separator=;",
                "max_steps=40", "data.val_size=6")
     assert m["after"]["macro_f1"] > 0.9
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["problem_type"] == "multi_label_classification"
-    from lmtailor.tasks.classify import predict
+    from lmtailor.objectives.classify import predict
 
     labels, probs = predict(run, ["the fox count lines 9"])[0]
     assert isinstance(labels, list) and set(probs) == {"animals", "files"}
 
 
 def test_augment_keeps_ends_and_is_seeded():
-    from lmtailor.tasks.augment import augment_batch, augment_ids
+    from lmtailor.objectives.augment import augment_batch, augment_ids
 
     ids = list(range(1, 21))
     g = torch.Generator().manual_seed(0)
@@ -172,13 +180,20 @@ def test_balanced_sampling_draws_labels_about_equally():
     import numpy as np
 
     from lmtailor.config import load_config
-    from lmtailor.tasks.classify import ClassItem, balanced_weights
-    from lmtailor.train import batch_at, plan_steps
+    from lmtailor.loop import batch_at, plan_steps
+    from lmtailor.objectives import get_objective
+    from lmtailor.objectives.classify import ClassItem
 
     items = [ClassItem([5, 6], 1 if i < 100 else 0) for i in range(1000)]  # 900 of label 0, 100 of label 1
     labels = np.array([i.label for i in items])
-    cfg = load_config(None, ["objective=classify", "task.sampling=balanced", "batch_size=10"])
+    cfg = load_config(None, ["objective=classify", "classify.sampling=balanced", "batch_size=10"])
     per_epoch, _ = plan_steps(cfg, len(items), 1)
+    objective = get_objective(cfg)
+    ctx = objective.context(cfg)
+
+    def balanced_weights(items):
+        return objective.sample_weights(ctx, items)
+
     weights = balanced_weights(items)
 
     def epoch(e: int, w: np.ndarray | None) -> np.ndarray:
@@ -202,8 +217,8 @@ def test_balanced_sampling_is_for_classify_only():
     from lmtailor.config import load_config
     from lmtailor.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="task.sampling.*classify only.*got objective 'seq2seq'"):
-        load_config(None, ["objective=seq2seq", "task.sampling=balanced"])
+    with pytest.raises(ConfigError, match="classify.sampling.*belongs to objective classify.*objective is seq2seq"):
+        load_config(None, ["objective=seq2seq", "classify.sampling=balanced"])
 
 
 def test_balanced_sampling_resumes_exactly(tiny_model, tmp_path):
@@ -216,15 +231,15 @@ def test_balanced_sampling_resumes_exactly(tiny_model, tmp_path):
     extra = ["method=full", "max_steps=12", "eval_every=0", "save_every=5", "keep_checkpoints=5",
              "eval.before_after=false", "data.val_size=4"]
     full, part, plain = tmp_path / "full", tmp_path / "part", tmp_path / "plain"
-    _train(tiny_model, data, full, *extra, "task.sampling=balanced")
-    _train(tiny_model, data, part, *extra, "task.sampling=balanced")
+    _train(tiny_model, data, full, *extra, "classify.sampling=balanced")
+    _train(tiny_model, data, part, *extra, "classify.sampling=balanced")
     _train(tiny_model, data, plain, *extra)
     # pretend the second run died after its step-5 checkpoint
     shutil.rmtree(part / "model")
     shutil.rmtree(part / "checkpoints" / "step-000010")
     hist = (part / "history.jsonl").read_text().splitlines()
     (part / "history.jsonl").write_text("".join(h + "\n" for h in hist[:5]))
-    _train(tiny_model, data, part, *extra, "task.sampling=balanced", "resume=true")
+    _train(tiny_model, data, part, *extra, "classify.sampling=balanced", "resume=true")
     a, b, c = (load_file(r / "model" / "model.safetensors") for r in (full, part, plain))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the setting reaches the loop: another order than shuffle

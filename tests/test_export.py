@@ -47,7 +47,8 @@ def test_merged_export_generates_like_the_adapter(tiny_run: Path, tmp_path: Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmtailor.export import export_run
-    from lmtailor.models import load_for_inference, prepare_tokenizer
+    from lmtailor.models import prepare_tokenizer
+    from lmtailor.runs import Run
 
     out = tmp_path / "merged"
     summary = export_run(tiny_run, "merged", out)
@@ -57,8 +58,9 @@ def test_merged_export_generates_like_the_adapter(tiny_run: Path, tmp_path: Path
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no peft
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(out))
 
-    adapter, atok, info = load_for_inference(str(tiny_run))
-    assert info["adapter"]
+    run = Run.open(tiny_run)
+    adapter, atok = run.load()
+    assert run.adapter
     want = _greedy(adapter, atok)
     assert _greedy(merged, tok) == want
     with adapter.disable_adapter():

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from lmtailor.errors import ConfigError
 from lmtailor.fastdecode import FastCausalLM, PackedLinear, speed_up
-from lmtailor.models import load_for_inference
 from lmtailor.render import prompt_ids
+from lmtailor.runs import Run
 from test_export import tiny_run  # noqa: F401  (session fixture: a LoRA run made by the real CLI)
 
 PROMPTS = ["list files", "count lines in a big file please", "pwd", "show processes"]
@@ -155,14 +155,14 @@ def test_greedy_on_models_and_runs_equals_fp32(lively: Path, tiny_run: Path) -> 
 
     settings = GenerationSettings(max_new_tokens=16, batch_size=2)
     for target in (lively, tiny_run):
-        model, tok, _ = load_for_inference(str(target))
+        model, tok = Run.open(target).load()
         want = generate(model, tok, PROMPTS, settings)
         assert target == tiny_run or len(set(want)) == len(PROMPTS), "varied answers, a meaningful comparison"
         rows = [prompt_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
         ids, mask = _padded(rows, tok.pad_token_id)
         with torch.no_grad():
             ref = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
-        fast = {how: speed_up(load_for_inference(str(target))[0], how) for how in ("fp16", "int8")}
+        fast = {how: speed_up(Run.open(target).load()[0], how) for how in ("fp16", "int8")}
         assert generate(fast["fp16"], tok, PROMPTS, settings) == want
         for how, tol in (("fp16", 2e-3), ("int8", 0.05)):  # int8's greedy tokens may part at near ties
             assert _rel(fast[how](input_ids=ids, attention_mask=mask).logits[mask.bool()], ref) < tol
@@ -172,7 +172,7 @@ def test_sampling_streaming_and_stop_strings(lively: Path) -> None:
     from lmtailor.config import GenerationSettings
     from lmtailor.generate import generate, stream
 
-    model, tok, _ = load_for_inference(str(lively))
+    model, tok = Run.open(lively).load()
     fast = speed_up(model, "fp16")
     hot = GenerationSettings(max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.9)
     torch.manual_seed(3)
@@ -225,7 +225,7 @@ def test_server_on_the_fast_path(lively: Path, tiny_run: Path) -> None:  # noqa:
     assert all(isinstance(s.model, FastCausalLM) for s in slots.values())
     assert tiny_run.name in slots, "an adapter run is served merged, under its own name"
     name = next(n for n in slots if n != tiny_run.name)  # the lively model: varied answers
-    model, tok, _ = load_for_inference(str(lively))
+    model, tok = Run.open(lively).load()
     want = generate(model, tok, PROMPTS, GenerationSettings(max_new_tokens=10))
     app = create_app(slots, limits=Limits(max_batch_size=4, batch_window_ms=200, timeout_s=60))
     with running(app) as url:

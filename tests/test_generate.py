@@ -11,7 +11,7 @@ import torch
 
 from lmtailor.config import GenerationSettings
 from lmtailor.generate import cut_at_stop, generate, stream
-from lmtailor.models import add_lora, load_model, load_tokenizer
+from lmtailor.models import add_lora, load_pretrained, load_tokenizer
 from lmtailor.render import prompt_ids
 
 
@@ -32,7 +32,7 @@ def trained(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_tok(trained):
-    return load_model(str(trained / "model")).eval(), load_tokenizer(str(trained / "model"))
+    return load_pretrained(str(trained / "model")).eval(), load_tokenizer(str(trained / "model"))
 
 
 def test_cut_at_stop():
@@ -77,7 +77,7 @@ def test_stream_yields_the_same_text_as_generate(model_tok):
 
 def test_adapter_on_and_off(tiny_model):
     tok = load_tokenizer(str(tiny_model))
-    model = add_lora(load_model(str(tiny_model)), 4, 8, 0.0, ["q_proj", "v_proj"]).eval()
+    model = add_lora(load_pretrained(str(tiny_model)), 4, 8, 0.0, ["q_proj", "v_proj"]).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -87,7 +87,7 @@ def test_adapter_on_and_off(tiny_model):
         tuned = model(input_ids=ids).logits
         with model.disable_adapter():
             base = model(input_ids=ids).logits
-        plain = load_model(str(tiny_model)).eval()(input_ids=ids).logits
+        plain = load_pretrained(str(tiny_model)).eval()(input_ids=ids).logits
     assert torch.allclose(base, plain, atol=1e-5) and not torch.allclose(tuned, base, atol=1e-3)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmtailor.tasks import metrics as M
+from lmtailor import metrics as M
 
 PREDS = ["the cat sat on the mat", "a quick brown fox", "hello world", "ls -la /tmp"]
 REFS = ["the cat is on the mat", "the quick brown fox jumps", "hello world", "ls -l /tmp"]
@@ -58,5 +58,6 @@ def test_multilabel_metrics_match_sklearn():
 def test_metric_direction_and_confusion_png(tmp_path):
     assert not M.higher_is_better("loss") and not M.higher_is_better("val_loss")
     assert M.higher_is_better("macro_f1") and M.higher_is_better("val_rougeL")
-    out = M.confusion_png([[3, 1], [0, 2]], ["ham", "spam"], tmp_path / "cm.png", "test")
-    assert out.read_bytes()[:4] == b"\x89PNG"
+    from lmtailor.report import confusion_png
+
+    assert confusion_png([[3, 1], [0, 2]], ["ham", "spam"], "test")[:4] == b"\x89PNG"

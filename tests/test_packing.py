@@ -7,14 +7,14 @@ import torch
 
 from lmtailor.data.example import Example
 from lmtailor.data.packing import collate, pack_bins, segment_mask, shared_prefix
-from lmtailor.models import load_model, load_tokenizer
-from lmtailor.objectives import CausalLMLoss
+from lmtailor.models import load_pretrained, load_tokenizer
+from lmtailor.objectives.causal import CausalLMLoss
 from lmtailor.render import IGNORE, tokenize_example
 
 
 @pytest.fixture(scope="module")
 def model_tok(tiny_model):
-    return load_model(str(tiny_model)).eval(), load_tokenizer(str(tiny_model))
+    return load_pretrained(str(tiny_model)).eval(), load_tokenizer(str(tiny_model))
 
 
 def _seqs(tok, pairs):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmtailor.config import RunConfig, ScratchSettings
-from lmtailor.pretrain import objectives as po
+from lmtailor.objectives import mlm, span
 from lmtailor.render import IGNORE
 
 
@@ -123,7 +123,7 @@ def test_mlm_masking_statistics_match_15_and_80_10_10():
     ids = torch.randint(10, 5000, (64, 512), generator=gen)
     special = torch.zeros_like(ids, dtype=torch.bool)
     special[:, 0] = True
-    inputs, labels = po.mask_tokens(ids, special, mask_id=3, vocab_size=5000, p=0.15, generator=gen)
+    inputs, labels = mlm.mask_tokens(ids, special, mask_id=3, vocab_size=5000, p=0.15, generator=gen)
     sel = labels != IGNORE
     assert not sel[:, 0].any() and torch.equal(labels[sel], ids[sel]) and torch.equal(inputs[~sel], ids[~sel])
     n = int(sel.sum())
@@ -138,7 +138,7 @@ def test_whole_word_masking_selects_entire_words():
     starts = torch.rand(32, 256, generator=gen) < 0.4
     starts[:, 0] = True
     ids = torch.randint(10, 1000, starts.shape, generator=gen)
-    _, labels = po.mask_tokens(ids, torch.zeros_like(starts), 3, 1000, 0.15, gen, word_start=starts)
+    _, labels = mlm.mask_tokens(ids, torch.zeros_like(starts), 3, 1000, 0.15, gen, word_start=starts)
     sel = labels != IGNORE
     word = starts.long().cumsum(-1)
     for r in range(4):
@@ -153,9 +153,9 @@ def test_span_corruption_reconstructs_the_original():
     gen = torch.Generator().manual_seed(0)
     for length in (2, 5, 50, 257):
         ids = torch.randint(10, 800, (length,), generator=gen).tolist()
-        inputs, targets = po.span_corrupt(ids, sentinels, eos, 0.15, 3.0, gen)
+        inputs, targets = span.span_corrupt(ids, sentinels, eos, 0.15, 3.0, gen)
         assert inputs[-1] == eos and targets[-1] == eos and targets[0] == sentinels[0]
-        assert po.reconstruct(inputs, targets, sentinels, eos) == ids
+        assert span.reconstruct(inputs, targets, sentinels, eos) == ids
         noise = len(targets) - 1 - sum(t in sentinels for t in targets)
         assert noise == min(max(1, round(length * 0.15)), length - 1)
 
@@ -217,7 +217,7 @@ def test_depth_pruning_and_rope_scaling_reload_with_plain_transformers(tiny_mode
 # ---- perplexity ----------------------------------------------------------------------------------------------------
 
 def test_windows_score_every_token_once():
-    from lmtailor.pretrain.perplexity import windows
+    from lmtailor.objectives.causal import windows
 
     for n, c, s in ((10, 4, 2), (10, 4, 4), (7, 8, 3), (100, 16, 5)):
         assert [t for _, e, f in windows(n, c, s) for t in range(f, e)] == list(range(1, n))
@@ -226,7 +226,7 @@ def test_windows_score_every_token_once():
 def test_sliding_window_with_full_context_equals_plain_loss(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from lmtailor.pretrain.perplexity import sliding_window_nll
+    from lmtailor.objectives.causal import sliding_window_nll
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     ids = torch.randint(5, 300, (40,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -239,7 +239,7 @@ def test_sliding_window_with_full_context_equals_plain_loss(tiny_model):
 
 
 def test_pseudo_perplexity_of_a_bert(tok_dir):
-    from lmtailor.pretrain.perplexity import pseudo_perplexity
+    from lmtailor.objectives.mlm import pseudo_perplexity
     from lmtailor.pretrain.scratch import load_scratch
 
     model, tok = load_scratch(ScratchSettings(arch="bert", tokenizer=str(tok_dir), layers=1, hidden=32, heads=2,
@@ -252,7 +252,8 @@ def test_recipe_pretrain_section_is_strict():
     from lmtailor.config import build_config
     from lmtailor.errors import ConfigError
 
-    cfg = RunConfig(pretrain={"scratch": {"arch": "bert", "tokenizer": "t/"}, "whole_word_mask": True})
-    assert cfg.pretrain.scratch.arch == "bert"
+    cfg = RunConfig(objective="mlm", pretrain={"scratch": {"arch": "bert", "tokenizer": "t/"}},
+                    mlm={"whole_word_mask": True})
+    assert cfg.pretrain.scratch.arch == "bert" and cfg.settings.whole_word_mask
     with pytest.raises(ConfigError, match="pretrain.scratch.layer"):
         build_config({"pretrain": {"scratch": {"tokenizer": "t", "layer": 2}}})

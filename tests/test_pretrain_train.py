@@ -56,7 +56,7 @@ def test_objectives_from_scratch_learn_and_save_hf_folders(tok_dir, text_data, t
     import transformers
 
     run = tmp_path / objective
-    extra = ["pretrain.whole_word_mask=true"] if objective == "mlm" else []
+    extra = ["mlm.whole_word_mask=true"] if objective == "mlm" else []
     assert main(["train", f"objective={objective}", f"data.path={text_data}", f"output_dir={run}", *FAST,
                  *_scratch(tok_dir, arch), *extra]) == 0
     assert "MFLOPs per training token" in capsys.readouterr().out
@@ -82,7 +82,7 @@ def test_token_cache_is_reused_by_a_second_run(tok_dir, text_data, tmp_path, mon
 
 def test_nsp_pairs_train(tok_dir, text_data, tmp_path):
     run = tmp_path / "nsp"
-    assert main(["train", "objective=mlm", "pretrain.nsp=true", f"data.path={text_data}", f"output_dir={run}", *FAST,
+    assert main(["train", "objective=mlm", "mlm.nsp=true", f"data.path={text_data}", f"output_dir={run}", *FAST,
                  "max_steps=3", *_scratch(tok_dir, "bert")]) == 0
     assert json.loads((run / "metrics.json").read_text())["data"]["train_random_pairs"] > 0
 
@@ -92,7 +92,7 @@ def test_pruned_continued_pretraining_reloads_and_evaluates_perplexity(tiny_mode
 
     run = tmp_path / "dapt"
     assert main(["train", f"base_model={tiny_model}", "objective=clm", f"data.path={text_data}", f"output_dir={run}",
-                 *FAST, "pretrain.keep_layers=1", "pretrain.rope_factor=2", "pretrain.eval_context=16"]) == 0
+                 *FAST, "pretrain.keep_layers=1", "pretrain.rope_factor=2", "clm.eval_context=16"]) == 0
     metrics = _learns(run)
     assert metrics["after"]["window_perplexity"] < metrics["before"]["window_perplexity"]
     model = AutoModelForCausalLM.from_pretrained(run / "model")

@@ -13,7 +13,7 @@ import yaml
 from torch import nn
 
 from lmtailor.errors import ConfigError, DataError
-from lmtailor.models import load_model, load_tokenizer
+from lmtailor.models import load_pretrained, load_tokenizer
 from lmtailor.prompting.fewshot import fit_demos, make_selector
 from lmtailor.prompting.predict import PromptRunner, PromptSpec, parse_answer
 from lmtailor.prompting.scoring import ScoreCache, Scorer, answer_ids
@@ -49,7 +49,7 @@ def item(text: str, label: str = "neg", i: int = 0) -> Item:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model: Path) -> tuple[nn.Module, object]:
-    model = load_model(str(tiny_model))
+    model = load_pretrained(str(tiny_model))
     model.eval()
     return model, load_tokenizer(str(tiny_model))
 
@@ -345,12 +345,12 @@ def test_soft_prompt_loss_is_the_same_packed_or_padded_and_trains(tiny_model: Pa
     from lmtailor.data.example import Example
     from lmtailor.data.packing import collate
     from lmtailor.models import add_soft_prompt
-    from lmtailor.objectives import CausalLMLoss
+    from lmtailor.objectives.causal import CausalLMLoss
     from lmtailor.render import tokenize_all
 
     torch.manual_seed(0)
     tok = load_tokenizer(str(tiny_model))
-    model = add_soft_prompt(load_model(str(tiny_model)), method, 8)
+    model = add_soft_prompt(load_pretrained(str(tiny_model)), method, 8)
     exs = [Example(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
                              {"role": "assistant", "content": a}]) for q, a in
            [("list files", "ls -la"), ("count lines", "wc -l f"), ("working directory", "pwd")]]

@@ -53,7 +53,7 @@ def test_tiny_t5_learns_to_copy_short_sequences(tiny_t5, tmp_path):
     assert main(["train", f"base_model={tiny_t5}", f"data.path={data}", f"output_dir={run}", "objective=seq2seq",
                  "method=full", f"max_steps={steps}", "batch_size=16", "lr=2e-3", "data.val_size=20",
                  f"eval_every={steps // 2}", "metric_for_best=exact_match", "generation.max_new_tokens=12",
-                 "task.generate_examples=20", "--no-progress"]) == 0
+                 "eval.generate_examples=20", "--no-progress"]) == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["after"]["loss"] < 0.5 < m["before"]["loss"]
     assert m["before"]["exact_match"] == 0.0 and m["after"]["exact_match"] >= 0.5, m["after"]["samples"][:5]
@@ -80,7 +80,7 @@ def test_tiny_t5_learns_to_reverse_short_sequences(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", f"base_model={t5}", f"data.path={data}", f"output_dir={run}", "objective=seq2seq",
                  "method=full", "max_steps=500", "batch_size=16", "lr=3e-3", "data.val_size=40",
-                 "generation.max_new_tokens=12", "task.generate_examples=40", "--no-progress"]) == 0
+                 "generation.max_new_tokens=12", "eval.generate_examples=40", "--no-progress"]) == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["before"]["exact_match"] == 0.0 and m["after"]["exact_match"] >= 0.7, m["after"]["samples"][:5]
     sample = m["after"]["samples"][0]
@@ -100,7 +100,8 @@ def test_tiny_t5_learns_to_reverse_short_sequences(tmp_path, capsys):
 
 def test_decoder_only_seq2seq_reuses_the_sft_path(tiny_model, tmp_path):
     from lmtailor.config import load_config
-    from lmtailor.objectives import CausalLMLoss, get_objective
+    from lmtailor.objectives import get_objective
+    from lmtailor.objectives.causal import CausalLMLoss
     from lmtailor.render import Tokenized
 
     data = _pairs(tmp_path / "p.jsonl", reverse=False, n=12)
@@ -110,11 +111,13 @@ def test_decoder_only_seq2seq_reuses_the_sft_path(tiny_model, tmp_path):
                  "--no-progress"]) == 0
     m = json.loads((run / "metrics.json").read_text())
     assert {"loss", "bleu", "chrf", "rougeL", "exact_match"} <= set(m["after"])
-    obj = get_objective("seq2seq")
     cfg = load_config(None, [f"base_model={tiny_model}", "objective=seq2seq"])
-    model, tok = obj.load(cfg, __import__("torch").float32)
-    assert isinstance(obj.build(model), CausalLMLoss)
+    obj = get_objective(cfg)
+    ctx = obj.context(cfg)
+    ctx.tokenizer = obj.tokenizer(ctx)
+    model = obj.model(ctx, __import__("torch").float32)
+    assert obj.name == "seq2seq_causal" and isinstance(obj.build(ctx, model), CausalLMLoss)
     from lmtailor.data.validate import load_examples
 
-    items, _ = obj.prepare(tok, load_examples(str(data)), cfg, False)
-    assert isinstance(items[0], Tokenized) and "targets" in obj.collate(items[:2], tok, cfg)
+    items, _ = obj.prepare(ctx, load_examples(str(data)))
+    assert isinstance(items[0], Tokenized) and "targets" in obj.collate(ctx, items[:2])

@@ -58,11 +58,11 @@ def test_models_lists_the_run_and_its_base(client: openai.OpenAI, slots) -> None
 def test_chat_uses_the_training_renderer(client: openai.OpenAI, slots, tiny_run: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     from lmtailor.config import GenerationSettings
     from lmtailor.generate import generate
-    from lmtailor.models import load_for_inference
     from lmtailor.render import prompt_ids
+    from lmtailor.runs import Run
 
     tuned, base = _names(slots)
-    model, tok, _ = load_for_inference(str(tiny_run))
+    model, tok = Run.open(tiny_run).load()
     settings = GenerationSettings(max_new_tokens=12)
     for prompt in ("list files", "count lines"):
         r = ask(client, tuned, prompt, max_tokens=12)

@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder, model folder or model name")
     e.add_argument("--data", required=True, help="data file/folder/catalog:NAME")
     e.add_argument("--format", default="auto")
-    e.add_argument("--generate", type=int, default=40, help="examples scored by exact match (0: loss only)")
-    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--generate", type=int, default=40, help="examples answered by generation and scored "
+                   "(exact match, chrF; BLEU and ROUGE for seq2seq; 0: loss only)")
+    e.add_argument("--max-length", type=int, default=None, help="truncation (default: the run's, else 512)")
     e.add_argument("--out", default=None, help="write the metrics JSON here")
     e.add_argument("--metric", choices=["default", "perplexity"], default="default",
                    help="perplexity: sliding-window perplexity of raw text (pseudo-perplexity for masked LMs)")
@@ -214,15 +215,9 @@ def _run(a: argparse.Namespace) -> int:
         print(check_recipe(load_config(a.recipe, a.overrides)))
     elif a.verb == "eval":
         from lmtailor.evaluate import evaluate_run
-        from lmtailor.tasks import TASK_OBJECTIVES, run_objective
 
-        if run_objective(a.run) in TASK_OBJECTIVES:  # classify / seq2seq runs: their task metrics
-            from lmtailor.tasks import evaluate_run as evaluate_task
-
-            metrics = evaluate_task(a.run, a.data, fmt=a.format, n_generate=a.generate, out=a.out)
-        else:
-            metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
-                                   out=a.out, metric=a.metric, context=a.context, stride=a.stride)
+        metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
+                               out=a.out, metric=a.metric, context=a.context, stride=a.stride)
         print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
     elif a.verb == "generate":
         from lmtailor.generate import answer

@@ -77,7 +77,8 @@ class GenerationSettings(Strict):
 
 class EvalSettings(Strict):
     before_after: bool = Field(True, description="evaluate the untrained start too and print a comparison")
-    generate_examples: int = Field(40, ge=0, description="held-out examples scored by exact match of generations")
+    generate_examples: int | None = Field(None, ge=0, description="held-out examples answered by generation and "
+                                          "scored (default: the objective's, 40 for sft/clm, 200 for seq2seq)")
     samples: int = Field(3, ge=0, description="sample answers shown in the report")
     max_examples: int | None = Field(None, ge=1, description="cap on held-out examples used for loss")
 
@@ -98,20 +99,15 @@ class ScratchSettings(Strict):
 
 
 class PretrainSettings(Strict):
+    """Model and corpus options of the pretraining objectives (clm, mlm, span); each objective's own knobs live
+    in its section (`mlm:`, `span:`, `clm:`)."""
+
     scratch: ScratchSettings | None = Field(None, description="build the model from this config")
-    mlm_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens selected for prediction")
-    whole_word_mask: bool = Field(False, description="mlm: select whole words, not single sub-tokens")
-    nsp: bool = Field(False, description="mlm: add a next-sentence-prediction head and loss (bert)")
-    span_density: float = Field(0.15, gt=0, lt=1, description="span: share of tokens corrupted")
-    span_mean_length: float = Field(3.0, ge=1, description="span: mean corrupted span length")
     cache: bool = Field(False, description="tokenize the corpus once into a memory-mapped Arrow cache of "
                         "max_length blocks (reused while tokenizer and corpus are unchanged)")
     keep_layers: int | None = Field(None, ge=1, description="depth pruning: keep only the first N layers")
     rope_factor: float | None = Field(None, gt=1, description="context extension: linear RoPE scaling factor "
                                       "(max positions grow by it)")
-    eval_context: int | None = Field(None, ge=8, description="clm: sliding-window perplexity context "
-                                     "(default max_length)")
-    eval_stride: int | None = Field(None, ge=1, description="clm: sliding-window stride (default context / 2)")
 
 
 class SoftPromptSettings(Strict):
@@ -120,43 +116,46 @@ class SoftPromptSettings(Strict):
                                   "of this text (random otherwise)")
 
 
-class AugmentSettings(Strict):
-    token_dropout: float = Field(0.0, ge=0, lt=1, description="classify: chance each training token is dropped")
-    token_swap: float = Field(0.0, ge=0, lt=1, description="classify: chance each training token swaps places "
-                              "with the next one")
+# ---- objective sections ------------------------------------------------------------------------------------
+# An objective may own a settings model; a recipe sets it under the objective's name (`classify: {labels: ...}`).
+# Objectives register their model here (lmtailor.objectives.registry.register_objective), so this module stays the
+# bottom layer and still validates every section.
+OBJECTIVE_SETTINGS: dict[str, type[BaseModel]] = {}
+
+# Keys that moved into an objective's section; "{objective}" stands for the recipe's objective.
+MOVED_KEYS = {
+    **{f"task.{k}": f"classify.{k}" for k in ("labels", "multi_label", "label_separator", "threshold",
+                                               "class_weights", "sampling", "augment")},
+    "task.label_smoothing": "{objective}.label_smoothing", "task.dropout": "{objective}.dropout",
+    "task.max_target_length": "seq2seq.max_target_length", "task.num_beams": "seq2seq.num_beams",
+    "task.generate_examples": "eval.generate_examples",
+    "pretrain.mlm_probability": "mlm.probability", "pretrain.whole_word_mask": "mlm.whole_word_mask",
+    "pretrain.nsp": "mlm.nsp", "pretrain.span_density": "span.density",
+    "pretrain.span_mean_length": "span.mean_length", "pretrain.eval_context": "clm.eval_context",
+    "pretrain.eval_stride": "clm.eval_stride",
+}
 
 
-class TaskSettings(Strict):
-    """Options of the task objectives (classify, seq2seq)."""
-
-    labels: list[str] | None = Field(None, description="classify: label names in id order (default: the sorted "
-                                     "labels of the training data)")
-    multi_label: bool = Field(False, description="classify: an example may carry several labels "
-                              "(joined by label_separator); sigmoid outputs")
-    label_separator: str = Field(",", min_length=1, description="classify, multi_label: separator inside a label")
-    threshold: float = Field(0.5, gt=0, lt=1, description="classify, multi_label: probability that switches a "
-                             "label on")
-    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
-        "none", description="classify: loss weight per label: none, balanced (inverse frequency) or {label: w}")
-    sampling: Literal["shuffle", "balanced"] = Field(
-        "shuffle", description="classify: training order per epoch: shuffle (each example once), or balanced (as "
-        "many examples drawn with replacement, weighted 1 / count of their label, so labels come about equally "
-        "often; multi_label: of their label set)")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="classify, seq2seq: cross-entropy label smoothing")
-    dropout: float | None = Field(None, ge=0, lt=1, description="classify, seq2seq: override every dropout "
-                                  "probability of the model config")
-    augment: AugmentSettings = Field(default_factory=AugmentSettings)
-    max_target_length: int = Field(128, ge=1, description="seq2seq: target tokens kept")
-    num_beams: int = Field(1, ge=1, description="seq2seq: beam width of evaluation decoding (1: greedy)")
-    generate_examples: int = Field(200, ge=0, description="seq2seq: held-out examples decoded for BLEU/chrF/ROUGE")
+def register_settings(objective: str, model: type[BaseModel]) -> None:
+    """Let recipes set `objective: NAME` options under the key NAME, validated by `model`."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ValueError(f"objective {objective!r}: settings must be a pydantic model class")
+    if objective in RunConfig.model_fields:
+        raise ValueError(f"objective {objective!r}: its settings would shadow the config key {objective!r}")
+    OBJECTIVE_SETTINGS[objective] = model
 
 
 class RunConfig(Strict):
+    """A recipe. Besides these keys, the chosen objective's own settings sit under its name (see OBJECTIVE_SETTINGS):
+    `classify:`, `seq2seq:`, `mlm:`, `span:`, `clm:`; a section of another objective is an error."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # extra keys: objective sections, checked
     name: str = Field("run", description="run name; the run folder is output_dir")
     output_dir: str | None = Field(None, description="run folder (default runs/<name>)")
     base_model: str = Field("smollm2-135m-instruct", description="hub id, local folder, .gguf file or bundled name")
     trust_remote_code: bool = False
-    objective: str = Field("sft", description="registered objective: sft, clm, mlm (encoders), span (encoder-decoders)")
+    objective: str = Field("sft", description="registered objective: sft, clm, mlm (encoders), span "
+                           "(encoder-decoders), classify, seq2seq; its settings go under its own name")
     method: Literal["lora", "full", "freeze", "prompt_tuning", "prefix_tuning"] = Field(
         "lora", description="what is trained: LoRA adapters, every weight, the last layers, or a soft prompt "
                             "(virtual token embeddings / per-layer prefixes, the model frozen)")
@@ -193,13 +192,11 @@ class RunConfig(Strict):
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: none)")
     keep_checkpoints: int = Field(2, ge=1)
     early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement")
-    log_every: int = Field(1, ge=1)
     resume: bool = Field(False, description="continue from the newest complete checkpoint of the run folder")
     overwrite: bool = Field(False, description="replace a finished run in the same run folder")
 
     eval: EvalSettings = Field(default_factory=EvalSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
-    task: TaskSettings = Field(default_factory=TaskSettings)
     metric_for_best: str = Field("loss", description="validation metric that picks the best checkpoint and drives "
                                  "early stopping: loss, or one the objective reports (accuracy, macro_f1, rougeL, "
                                  "bleu, chrf, exact_match); others than loss are computed at every eval_every")
@@ -212,14 +209,50 @@ class RunConfig(Strict):
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
         if self.packing and self.pack_length < self.max_length:
             raise ValueError(f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length})")
-        if self.task.sampling == "balanced" and self.objective != "classify":
-            raise ValueError(f"config key 'task.sampling': balanced applies to objective classify only (it balances "
-                             f"labels); got objective {self.objective!r}, use task.sampling=shuffle")
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for key in list(extra):
+            extra[key] = _objective_section(key, extra[key], self.objective)
+        owned = OBJECTIVE_SETTINGS.get(self.objective)
+        if owned is not None and self.objective not in extra:
+            extra[self.objective] = owned()
         return self
+
+    @property
+    def settings(self) -> Any:
+        """The chosen objective's own settings (its section), or None if it declares none."""
+        return (self.__pydantic_extra__ or {}).get(self.objective)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
+
+
+def _objective_section(key: str, value: Any, objective: str) -> BaseModel:
+    """Validate one objective section of a recipe; a section of another objective or an unknown key is an error."""
+    top = sorted(RunConfig.model_fields)
+    if key not in OBJECTIVE_SETTINGS:
+        close = difflib.get_close_matches(key, top + sorted(OBJECTIVE_SETTINGS), n=1)
+        moved = [f"{k} -> {v.format(objective=objective)}" for k, v in MOVED_KEYS.items() if k.startswith(key + ".")]
+        hint = (f"these keys moved: {', '.join(moved)}; " if moved else
+                f"did you mean {close[0]}? " if close else "") + "allowed keys: " + ", ".join(
+            top + ([objective] if objective in OBJECTIVE_SETTINGS else []))
+        raise ConfigError(f"unknown config key '{key}'", hint)
+    model = OBJECTIVE_SETTINGS[key]
+    if key != objective:
+        fields = value.keys() if isinstance(value, dict) else []
+        first = next(iter(fields), None)
+        shown = f"{key}.{first}" if first else key
+        own = OBJECTIVE_SETTINGS.get(objective)
+        allowed = (f"objective {objective} takes: " + ", ".join(f"{objective}.{k}" for k in own.model_fields)
+                   if own else f"objective {objective} has no settings of its own")
+        raise ConfigError(f"config key '{shown}' belongs to objective {key}, but the objective is {objective}",
+                          f"set objective={key}, or drop it; {allowed}")
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value if value is not None else {})
+    except ValidationError as e:
+        raise explain(e, "", model, prefix=key) from None
 
 
 def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -234,8 +267,9 @@ def _allowed_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def allowed_keys() -> list[str]:
-    """Every dotted key a recipe or override may set."""
-    return _allowed_keys(RunConfig)
+    """Every dotted key a recipe or override may set (objective sections included)."""
+    return _allowed_keys(RunConfig) + [k for name, model in OBJECTIVE_SETTINGS.items()
+                                       for k in _allowed_keys(model, f"{name}.")]
 
 
 def _sub_model(path: tuple[Any, ...], root: type[BaseModel] | None = None) -> type[BaseModel]:
@@ -251,27 +285,32 @@ def _sub_model(path: tuple[Any, ...], root: type[BaseModel] | None = None) -> ty
     return model
 
 
-def explain(err: ValidationError, source: str, root: type[BaseModel] | None = None) -> ConfigError:
-    """One-line ConfigError for a pydantic error of `root` (default RunConfig): the key, the value, the fix."""
+def explain(err: ValidationError, source: str, root: type[BaseModel] | None = None, prefix: str = ""
+            ) -> ConfigError:
+    """One-line ConfigError for a pydantic error of `root` (default RunConfig): the key, the value, the fix.
+
+    `prefix` is the dotted path of `root` inside a recipe (e.g. "classify" for an objective's section).
+    """
     first = err.errors()[0]
-    loc = tuple(first["loc"])
+    loc = (*prefix.split("."), *first["loc"]) if prefix else tuple(first["loc"])
+    where = f"{source}: " if source else ""
     key = ".".join(str(p) for p in loc) or "(top level)"
     if first["type"] == "extra_forbidden":
-        model = _sub_model(loc[:-1], root)
-        prefix = ".".join(str(p) for p in loc[:-1])
-        allowed = [f"{prefix}.{k}" if prefix else k for k in model.model_fields]
+        model = _sub_model(tuple(first["loc"])[:-1], root)
+        parent = ".".join(str(p) for p in loc[:-1])
+        allowed = [f"{parent}.{k}" if parent else k for k in model.model_fields]
         close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-        hint = (f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else "") + \
+        hint = (f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else "") + \
             "allowed keys: " + ", ".join(allowed)
-        return ConfigError(f"{source}: unknown config key '{key}'", hint)
+        return ConfigError(f"{where}unknown config key '{key}'", hint)
     given = first.get("input")
     msg = first["msg"].removeprefix("Value error, ")
     if not loc:
-        return ConfigError(f"{source}: {msg}")
+        return ConfigError(f"{where}{msg}")
     if first["type"] == "literal_error":
         msg = msg.replace("Input should be", "allowed values are")
     extra = f" ({len(err.errors()) - 1} more problem(s))" if len(err.errors()) > 1 else ""
-    return ConfigError(f"{source}: config key '{key}': {msg}; got {given!r}{extra}")
+    return ConfigError(f"{where}config key '{key}': {msg}; got {given!r}{extra}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -338,10 +377,28 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a recipe mapping into a RunConfig.
+
+    Raises:
+        ConfigError: unknown or moved key, a section of another objective, a bad value (prefixed by `source`).
+    """
+    _check_moved(data, source)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise explain(e, source) from None
+    except ConfigError as e:  # raised while checking an objective section
+        raise ConfigError(f"{source}: {e.message}", e.hint) from None
+
+
+def _check_moved(data: dict[str, Any], source: str) -> None:
+    objective = str(data.get("objective", "sft"))
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            target = new.format(objective=objective)
+            raise ConfigError(f"{source}: config key '{old}' moved to '{target}'",
+                              f"objective settings live under the objective's name: write {target}=...")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -1,135 +1,115 @@
-"""Held-out evaluation: loss and perplexity on the training renderer's tokens, generation metrics, comparisons."""
+"""`lmtailor eval`: a run folder, model folder or model name evaluated on a data file, by the objective it was
+trained with (loss and generation metrics, task metrics, or perplexity of raw text)."""
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from tqdm.auto import tqdm
+from lmtailor.config import GenerationSettings, RunConfig, build_config
+from lmtailor.errors import CheckpointError, ConfigError
+from lmtailor.io import atomic_write_bytes, atomic_write_json
+from lmtailor.models import unwrap_peft
+from lmtailor.objectives import get_objective
+from lmtailor.runs import Run
 
-from lmtailor.config import GenerationSettings
-from lmtailor.data.example import Example
-from lmtailor.data.packing import collate
-from lmtailor.generate import generate
-from lmtailor.objectives import CausalLMLoss
-from lmtailor.render import Tokenized, prompt_messages
-from lmtailor.report import compared_metrics, fmt_metric
+# The objective that evaluates a plain model folder (one without a run's config.yaml), by its kind.
+KIND_OBJECTIVES = {"causal-lm": "sft", "seq-cls": "classify", "seq2seq": "seq2seq", "masked-lm": "mlm"}
 
 
-@torch.inference_mode()
-def loss_sums(loss_module: nn.Module, seqs: Sequence[Tokenized], pad_id: int, batch_tokens: int = 2048,
-              row_tokens: int = 512, progress: bool = False, desc: str = "eval loss") -> tuple[float, int]:
-    """(sum of token losses, supervised tokens) over `seqs`, in batches of `batch_tokens` packed in rows."""
-    total, count = 0.0, 0
-    device = next(loss_module.parameters()).device
-    batches: list[list[Tokenized]] = []
-    cur: list[Tokenized] = []
-    size = 0
-    for s in seqs:
-        if cur and size + len(s.input_ids) > batch_tokens:
-            batches.append(cur)
-            cur, size = [], 0
-        cur.append(s)
-        size += len(s.input_ids)
-    if cur:
-        batches.append(cur)
-    for group in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
-        # Rows of at most row_tokens: attention cost grows with the square of the row length.
-        width = max(row_tokens, max(len(s.input_ids) for s in group))
-        batch = collate(group, pad_id, packing=True, pack_length=width, share_prefix=True)
-        loss, n = loss_module(**{k: v.to(device) for k, v in batch.items()})
-        total += float(loss)
-        count += int(n)
-    return total, count
+def run_recipe(run: Run) -> RunConfig:
+    """The recipe a run trained with (its config.yaml), or defaults for a plain model folder or name.
+
+    Raises:
+        CheckpointError: the run's config.yaml is not a valid recipe of this lmtailor version.
+    """
+    if not run.config:
+        return build_config({"base_model": run.base_model, "objective": KIND_OBJECTIVES[run.kind]}, run.target)
+    try:
+        return build_config(dict(run.config), f"{run.path}/config.yaml")
+    except ConfigError as e:
+        raise CheckpointError(f"{run.path}/config.yaml is not a recipe this lmtailor reads: {e.message}",
+                              e.hint or "retrain the run, or fix its config.yaml") from None
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
-
-
-def normalize(text: str) -> str:
-    """Whitespace-insensitive comparison form: strip, collapse runs of spaces, drop surrounding backticks."""
-    text = text.strip().strip("`").strip()
-    return re.sub(r"\s+", " ", text)
-
-
-def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
-    if not refs:
-        return float("nan")
-    return sum(normalize(p) == normalize(r) for p, r in zip(preds, refs, strict=False)) / len(refs)
-
-
-def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
-    import sacrebleu
-
-    return float(sacrebleu.corpus_chrf(list(preds), [list(refs)]).score) if refs else float("nan")
-
-
-def evaluate_model(model: nn.Module, tok: Any, val_seqs: Sequence[Tokenized], val_examples: Sequence[Example],
-                   gen: GenerationSettings, n_generate: int, progress: bool = True, label: str = "") -> dict[str, Any]:
-    """Loss/perplexity on `val_seqs`; exact match and chrF of greedy answers on the first chat examples."""
-    model.eval()
-    out: dict[str, Any] = {}
-    if val_seqs:
-        total, count = loss_sums(CausalLMLoss(model), val_seqs, tok.pad_token_id, progress=progress,
-                                 desc=f"{label} loss".strip())
-        out["loss"] = total / max(count, 1)
-        out["perplexity"] = perplexity(out["loss"])
-        out["eval_tokens"] = count
-    chats = [ex for ex in val_examples if ex.messages is not None][:n_generate]
-    if chats:
-        prompts, refs = zip(*(prompt_messages(ex) for ex in chats), strict=False)
-        preds = generate(model, tok, list(prompts), gen, progress=progress, desc=f"{label} generate".strip())
-        out["exact_match"] = exact_match(preds, refs)
-        out["chrf"] = chrf(preds, refs)
-        out["samples"] = [
-            {"prompt": p[-1]["content"], "reference": r, "prediction": y}
-            for p, r, y in zip(prompts, refs, preds, strict=True)
-        ]
-    return out
-
-
-def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int = 3) -> str:
-    """A plain-text before/after table of every scalar metric both evaluations report (loss, and the task
-    metrics: accuracy, macro_f1, bleu, chrf, rougeL, exact_match, ...), plus a few sample answers."""
-    rows = [("metric", "before", "after", "change")]
-    rows += [(k, fmt_metric(k, b), fmt_metric(k, a), fmt_metric(k, a - b, sign=True))
-             for k, b, a in compared_metrics(before, after) if a is not None and b is not None]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    for s_before, s_after in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[:samples]:
-        lines += ["", f"Q: {s_before['prompt']}", f"   reference: {s_before['reference']}",
-                  f"   before:    {s_before['prediction']}", f"   after:     {s_after['prediction']}"]
-    return "\n".join(lines)
-
-
-def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40, max_length: int = 512,
+def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40, max_length: int | None = None,
                  out: str | None = None, gen: GenerationSettings | None = None, metric: str = "default",
                  context: int | None = None, stride: int | None = None) -> dict[str, Any]:
-    """Evaluate a run folder or model on a data file: loss, perplexity, and (for chats) exact match and chrF.
+    """Evaluate a run or model on a data file with its objective's evaluation (what train reports as "after").
 
-    metric="perplexity" instead scores raw text with a sliding window of `context` tokens advancing by `stride`
-    (pseudo-perplexity for masked LMs).
+    Args:
+        target: run folder, model folder or model name.
+        data: data file, folder or catalog:NAME, in a format the objective reads.
+        fmt: data format (auto: detected; labeled for classification runs).
+        n_generate: examples answered by generation and scored (sft, seq2seq).
+        max_length: truncation (default: the run's, else 512).
+        out: write the metrics JSON here; artifacts (a confusion matrix) go beside it as NAME_eval.png.
+        gen: decoding settings (default: the run's).
+        metric: "perplexity" scores raw text with a sliding window of `context` tokens advancing by `stride`
+            (pseudo-perplexity for masked LMs) instead.
     """
-    if metric == "perplexity":
-        from lmtailor.pretrain.perplexity import evaluate_perplexity
-
-        return evaluate_perplexity(target, data, context or max_length, stride, fmt, out)
     from lmtailor.data.validate import load_examples
-    from lmtailor.io import atomic_write_json
-    from lmtailor.models import load_for_inference
-    from lmtailor.render import tokenize_all
 
-    model, tok, info = load_for_inference(target)
-    examples = load_examples(data, fmt, system_prompt=info.get("system_prompt"))
-    seqs, _ = tokenize_all(tok, examples, max_length)
-    metrics = evaluate_model(model, tok, seqs, examples, gen or GenerationSettings(), n_generate, label="eval:")
-    metrics.update(model=target, data=data, examples=len(examples))
+    run = Run.open(target)
+    if metric == "perplexity":
+        return evaluate_perplexity(run, data, context or max_length or 512, stride, fmt, out)
+    cfg = run_recipe(run)
+    updates: dict[str, Any] = {"eval": cfg.eval.model_copy(update={"generate_examples": n_generate})}
+    if max_length is not None:
+        updates.update(max_length=max_length, pack_length=max(cfg.pack_length, max_length))
+    if gen is not None:
+        updates["generation"] = gen
+    cfg = cfg.model_copy(update=updates)
+    objective = get_objective(cfg)
+    model, tok = run.load()
+    ctx = objective.context(cfg)
+    ctx.tokenizer = tok
+    if run.kind == "seq-cls":  # the label set is the trained head's
+        config = unwrap_peft(model).config
+        ctx.labels = [config.id2label[i] for i in range(config.num_labels)]
+    examples = load_examples(data, "labeled" if fmt == "auto" and run.kind == "seq-cls" else fmt,
+                             system_prompt=run.system_prompt)
+    items, _ = objective.prepare(ctx, examples)
+    result = objective.evaluate(ctx, model, items, examples, progress=False, desc="eval")
+    metrics = {**result.metrics, "model": target, "data": data, "examples": result.metrics.get("examples",
+                                                                                               len(examples))}
+    folder = Path(out).parent if out else (run.path or Path("."))
+    for name, png in result.artifacts.items():
+        atomic_write_bytes(folder / f"{name}_eval.png", png)
+    if out:
+        atomic_write_json(out, metrics)
+    return metrics
+
+
+def evaluate_perplexity(run: Run, data: str, context: int = 512, stride: int | None = None, fmt: str = "auto",
+                        out: str | None = None) -> dict[str, Any]:
+    """Sliding-window perplexity (causal LMs) or pseudo-perplexity (masked LMs) of held-out texts.
+
+    Args:
+        run: the opened run or model.
+        data: held-out texts (file, folder, catalog:NAME); chats are scored on their joined turns.
+        context: window length in tokens. stride: tokens the window advances (default context / 2).
+    """
+    from lmtailor.data.validate import load_examples
+    from lmtailor.objectives.causal import sliding_window_perplexity
+    from lmtailor.objectives.mlm import pseudo_perplexity
+
+    examples = load_examples(data, fmt)
+    texts = [ex.text if ex.text is not None else "\n".join(m["content"] for m in ex.messages or [])
+             for ex in examples]
+    metrics: dict[str, Any] = {"model": run.target, "data": data, "examples": len(examples)}
+    model, tok = run.load()
+    if run.kind == "masked-lm":
+        seqs = [ids[:context] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        metrics.update(metric="pseudo_perplexity", pseudo_perplexity=pseudo_perplexity(model, tok, seqs, 2048),
+                       context=context)
+    elif run.kind == "causal-lm":
+        stride = stride or max(1, context // 2)
+        metrics.update(metric="perplexity", context=context, stride=stride,
+                       perplexity=sliding_window_perplexity(model, tok, texts, context, stride))
+    else:
+        raise CheckpointError(f"{run.target} is a {run.kind} model: perplexity needs a causal or masked LM",
+                              "evaluate it without --metric perplexity")
     if out:
         atomic_write_json(out, metrics)
     return metrics

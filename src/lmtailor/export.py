@@ -79,17 +79,15 @@ def export_run(run: str | Path, fmt: Literal["merged", "gguf"], out: str | Path,
 
 
 def load_merged(target: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """fp32 model with any LoRA adapter merged in, its tokenizer and info."""
-    from lmtailor.models import load_for_inference, load_run, unwrap_peft
+    """fp32 model with any LoRA adapter merged in, its tokenizer and info (`Run.info`)."""
+    from lmtailor.models import unwrap_peft
+    from lmtailor.runs import Run
 
-    path = Path(target)
-    if path.is_dir() and ((path / "model").is_dir() or (path / "adapter_config.json").is_file()):
-        model, tok, info = load_run(path, merge=True)
-    else:
-        model, tok, info = load_for_inference(str(target))
+    run = Run.open(target)
+    model, tok = run.load(merge=True)
     model = unwrap_peft(model)
     assert not hasattr(model, "peft_config") or not getattr(model, "peft_config", None), "adapter left unmerged"
-    return model.eval(), tok, info
+    return model.eval(), tok, run.info
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------------
@@ -214,6 +212,8 @@ def compare_gguf(path: str | Path, source: nn.Module, tok: Any, text: str = CHEC
 
     path = Path(path)
     try:
+        # Not through models.load_pretrained on purpose: this reads back the GGUF file just written, with
+        # transformers' GGUF reader, which parses GGUF tensors (no pickle, no model code).
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     except Exception as e:  # the GGUF reader raises many kinds of errors
         raise ModelError(f"transformers cannot read back {path}: {e}") from e

@@ -110,15 +110,17 @@ def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, sy
     Returns one {label: answer} dict per prompt; labels are "tuned" and "base" when comparing.
     """
     from lmtailor.fastdecode import speed_up
-    from lmtailor.models import load_for_inference, load_model
+    from lmtailor.models import load_pretrained
+    from lmtailor.runs import Run
 
-    model, tok, info = load_for_inference(target)
-    system = system or info.get("system_prompt")
-    if compare and info.get("adapter") and speedup == "none":
-        with model.disable_adapter():  # the base for free: the same weights, adapter off
+    run = Run.open(target)
+    model, tok = run.load()
+    system = system or run.system_prompt
+    if compare and run.adapter and speedup == "none":
+        with model.disable_adapter():  # type: ignore[operator]  # the base for free: same weights, adapter off
             base = generate(model, tok, prompts, settings, system=system, raw=raw)
     elif compare:
-        base_model = speed_up(load_model(info["base_model"]).eval(), speedup)
+        base_model = speed_up(load_pretrained(run.base_model, run.auto_class).eval(), speedup)
         base = generate(base_model, tok, prompts, settings, system=system, raw=raw)
         del base_model
     tuned = generate(speed_up(model, speedup), tok, prompts, settings, system=system, raw=raw)
@@ -130,13 +132,14 @@ def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, sy
 def chat_loop(target: str, settings: GenerationSettings, system: str | None = None, speedup: str = "none") -> None:
     """Interactive chat on stdin/stdout; the whole conversation goes through the chat template each turn."""
     from lmtailor.fastdecode import speed_up
-    from lmtailor.models import load_for_inference
+    from lmtailor.runs import Run
 
-    model, tok, info = load_for_inference(target)
+    run = Run.open(target)
+    model, tok = run.load()
     model = speed_up(model, speedup)
-    system = system or info.get("system_prompt")
+    system = system or run.system_prompt
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    print(f"chatting with {info['name']} (empty line or Ctrl-D to quit, /reset to start over)")
+    print(f"chatting with {run.name} (empty line or Ctrl-D to quit, /reset to start over)")
     while True:
         try:
             line = input("you> ").strip()

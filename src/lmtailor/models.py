@@ -1,9 +1,13 @@
-"""Load a base model (hub id, folder, GGUF file, bundled name), choose what trains, reload a run."""
+"""Load a base model (hub id, folder, GGUF file, bundled name), choose what trains, attach adapters.
+
+Every weight load goes through `load_pretrained` (models) or `load_adapter` (PEFT adapters): weights are read as
+safetensors, never unpickled, unless the caller passes allow_pickle=True; model code from the hub runs only when
+the caller passes trust_remote_code=True. Run folders are opened by `lmtailor.runs.Run`.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -59,6 +63,8 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     log.warning("converting %s to safetensors in %s (once, ~20 s)", gguf.name, out)
     t0 = time.time()
     try:
+        # transformers' GGUF reader parses the file's own tensor format (no pickle, no code); the safetensors folder
+        # it becomes is what load_pretrained then reads.
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
@@ -92,19 +98,28 @@ def resolve_model(name: str) -> str:
     return name  # a hub id
 
 
-def _check_safe(folder: str, allow_pickle: bool) -> None:
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safe_weights(folder: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse a local folder whose only weights are pickles (model or adapter), unless allow_pickle."""
     p = Path(folder)
     if not p.is_dir() or allow_pickle:
         return
     has_st = any(p.glob("*.safetensors")) or any((p / w).is_file() for w in MODEL_WEIGHTS)
-    has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt")) or any(p.glob("*.pth"))
-    if has_pickle and not has_st:
-        raise CheckpointError(f"{folder} holds only pickle weights (.bin/.pt), which can run code when loaded",
-                              "convert them to safetensors, or pass allow_pickle=True if you trust the source")
+    pickles = sorted(f.name for pattern in PICKLE_PATTERNS for f in p.glob(pattern))
+    if pickles and not has_st:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles[:3])}), which can run code when loaded",
+            "convert them to safetensors (load them once where you trust them, then save_pretrained), "
+            "or pass allow_pickle=True in Python if you trust the source")
 
 
 def _load_errors(name: str, e: Exception) -> Exception:
     text = str(e)
+    if "trust_remote_code" in text or "contains custom code" in text:
+        return ModelError(f"model '{name}' needs its own Python code to load, and trust_remote_code is off",
+                          "set trust_remote_code: true (or pass trust_remote_code=True) only if you trust its source")
     offline_markers = ("offline", "couldn't connect", "connection", "resolve", "nodename", "max retries",
                        "we couldn't", "cannot find the requested files", "not a valid model identifier")
     if not Path(name).exists() and any(m in text.lower() for m in offline_markers):
@@ -116,8 +131,86 @@ def _load_errors(name: str, e: Exception) -> Exception:
     return ModelError(f"cannot load model '{name}': {text.splitlines()[0] if text else type(e).__name__}")
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
-    """Load a tokenizer and make sure it can render chats and pad."""
+def load_pretrained(name: str, auto_class: str = "AutoModelForCausalLM", *, dtype: torch.dtype = torch.float32,
+                    trust_remote_code: bool = False, allow_pickle: bool = False, config: Any = None,
+                    **kwargs: Any) -> nn.Module:
+    """Load pretrained weights: the one way lmtailor reads a model's weights.
+
+    Args:
+        name: a bundled name, a .gguf file, a model folder or a hub id (see `resolve_model`).
+        auto_class: name of a transformers Auto class, e.g. AutoModelForCausalLM, AutoModelForSequenceClassification,
+            AutoModelForSeq2SeqLM, AutoModelForMaskedLM, AutoModelForPreTraining.
+        dtype: parameter dtype.
+        trust_remote_code: run the model's own Python code from its folder or hub repo (off unless asked).
+        allow_pickle: also read .bin/.pt weights, which can run code when unpickled (off unless asked).
+        config: a transformers config to build the model from (e.g. one carrying id2label).
+        **kwargs: passed to `from_pretrained`.
+
+    Returns:
+        The model, as `from_pretrained` leaves it (train mode).
+
+    Raises:
+        CheckpointError: a local folder holds only pickle weights. OfflineError: a hub id while offline.
+        ModelError: anything else transformers refuses (missing files, model code needed but not trusted).
+    """
+    import transformers
+
+    if not auto_class.startswith("AutoModel") or not hasattr(transformers, auto_class):
+        raise ValueError(f"not a transformers Auto model class: {auto_class}")
+    folder = resolve_model(name)
+    check_safe_weights(folder, allow_pickle)
+    if config is not None:
+        kwargs["config"] = config
+    try:
+        # use_safetensors=True also keeps a hub download from falling back to pytorch_model.bin.
+        return getattr(transformers, auto_class).from_pretrained(  # type: ignore[no-any-return]
+            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True,
+            **kwargs)
+    except Exception as e:
+        raise _load_errors(name, e) from e
+
+
+def load_model_config(name: str, trust_remote_code: bool = False) -> Any:
+    """A model's transformers config (config.json), resolved like `load_pretrained`; no weights are read."""
+    from transformers import AutoConfig
+
+    folder = resolve_model(name)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _load_errors(name, e) from e
+
+
+def load_adapter(model: nn.Module, folder: str | Path, *, allow_pickle: bool = False,
+                 adapter_name: str = "default") -> nn.Module:
+    """Put the PEFT adapter saved in `folder` on `model` (safetensors only unless allow_pickle).
+
+    A plain model becomes a PeftModel; on a PeftModel the adapter is added under `adapter_name`.
+
+    Raises:
+        CheckpointError: no adapter_config.json in `folder`, only adapter_model.bin there, or PEFT cannot load it.
+    """
+    from peft import PeftModel
+
+    path = Path(folder)
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"no adapter in {path} (adapter_config.json missing)",
+                              "give the model/ folder of a LoRA or soft-prompt run written by `lmtailor train`")
+    check_safe_weights(str(path), allow_pickle)
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=adapter_name)
+            return model
+        return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name)
+    except Exception as e:
+        text = str(e)
+        raise CheckpointError(f"cannot load the adapter in {path}: "
+                              f"{text.splitlines()[0] if text else type(e).__name__}",
+                              "check that it was trained on this base model") from e
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, *, chat: bool = True) -> Any:
+    """Load a tokenizer; with `chat`, make sure it can render chats and pad (see `prepare_tokenizer`)."""
     from transformers import AutoTokenizer
 
     folder = resolve_model(name)
@@ -125,7 +218,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise _load_errors(name, e) from e
-    return prepare_tokenizer(tok)
+    return prepare_tokenizer(tok) if chat else tok
 
 
 def prepare_tokenizer(tok: Any) -> Any:
@@ -148,21 +241,20 @@ def pick_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "masked-lm": "AutoModelForMaskedLM",
+}
+
+
+# TODO(arch): remove when callers moved (use load_pretrained)
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                allow_pickle: bool = False, task: str = "causal-lm", **kwargs: Any) -> nn.Module:
-    """Load pretrained weights (safetensors only unless allow_pickle) for a causal LM or another task head."""
-    from transformers import AutoModelForCausalLM
-
-    folder = resolve_model(name)
-    _check_safe(folder, allow_pickle)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None,
-            **kwargs,
-        )
-    except Exception as e:
-        raise _load_errors(name, e) from e
-    return model
+    """`load_pretrained` with a task name (a key of AUTO_CLASSES) instead of an Auto class."""
+    return load_pretrained(name, AUTO_CLASSES[task], dtype=dtype, trust_remote_code=trust_remote_code,
+                           allow_pickle=allow_pickle, **kwargs)
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
@@ -274,94 +366,45 @@ def save_model(model: Any, tokenizer: Any, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+# The five functions below are the old ways to open a run; each is now a thin wrapper over lmtailor.runs.Run
+# (imported lazily: runs.py sits above this module).
+
+# TODO(arch): remove when callers moved (use Run.open(run).load(dtype, merge))
 def load_run(run: str | Path, dtype: torch.dtype = torch.float32, merge: bool = False) -> tuple[nn.Module, Any, dict]:
-    """Load the model a run produced: `run` is a run folder (with model/ and config.yaml) or a model folder.
+    """Load the model a run produced: (model, tokenizer, info) with info = `Run.info`."""
+    from lmtailor.runs import Run
 
-    Returns (model, tokenizer, info) where info holds the base model name and whether an adapter is on.
-    """
-    run = Path(run)
-    folder = run / "model" if (run / "model").is_dir() else run
-    if not folder.is_dir():
-        raise CheckpointError(f"no model found in {run}", "give a run folder written by `lmtailor train`")
-    adapter = folder / "adapter_config.json"
-    if adapter.is_file():
-        from peft import PeftModel
-
-        base = json.loads(adapter.read_text())["base_model_name_or_path"]
-        base_name = _base_from_run(run) or base
-        model = load_model(base_name, dtype=dtype)
-        tok = prepare_tokenizer(_tokenizer_from(folder, base_name))
-        model = PeftModel.from_pretrained(model, folder)
-        if merge:
-            model = model.merge_and_unload()
-        info = {"base_model": base_name, "adapter": str(folder)}
-    elif (folder / "config.json").is_file():
-        model = load_model(str(folder), dtype=dtype)
-        tok = prepare_tokenizer(_tokenizer_from(folder, str(folder)))
-        info = {"base_model": _base_from_run(run) or str(folder), "adapter": None}
-    else:
-        model = load_model(str(run), dtype=dtype)
-        tok = load_tokenizer(str(run))
-        info = {"base_model": str(run), "adapter": None}
-    model.eval()
-    return model, tok, info
+    opened = Run.open(run)
+    model, tok = opened.load(dtype=dtype, merge=merge)
+    return model, tok, opened.info
 
 
+# TODO(arch): remove when callers moved (use Run.open(run).load(dtype))
 def load_head_run(run: Path, folder: Path, auto_class: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load a run's model with a task head (`auto_class`, e.g. AutoModelForSequenceClassification): a full model
-    folder, or an adapter on its base model (with the folder's config.json, which carries the labels, if present)."""
-    import transformers
+    """Load a run's model with a task head (`auto_class`); `folder` is ignored (Run.open finds the model)."""
+    import dataclasses
 
-    auto = getattr(transformers, auto_class)
-    adapter = folder / "adapter_config.json"
-    base = _base_from_run(run) or (json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.is_file()
-                                   else str(folder))
-    if adapter.is_file():
-        from peft import PeftModel
+    from lmtailor.runs import Run
 
-        has_config = (folder / "config.json").is_file()  # a classification adapter keeps its label names there
-        extra = {"config": transformers.AutoConfig.from_pretrained(folder)} if has_config else {}
-        model = PeftModel.from_pretrained(auto.from_pretrained(resolve_model(base), dtype=dtype, **extra), folder)
-    else:
-        model = auto.from_pretrained(folder, dtype=dtype)
-    model.eval()
-    return model, prepare_tokenizer(_tokenizer_from(folder, base))
+    opened = Run.open(run)
+    kind = next((k for k, v in AUTO_CLASSES.items() if v == auto_class), opened.kind)
+    model, tok = dataclasses.replace(opened, kind=kind).load(dtype=dtype)
+    return model, prepare_tokenizer(tok)
 
 
+# TODO(arch): remove when callers moved (use Run.open(run).config)
 def run_config(run: Path) -> dict[str, Any]:
     """The resolved config.yaml a run wrote, or {} for a plain model folder."""
-    cfg = Path(run) / "config.yaml"
-    if cfg.is_file():
-        import yaml
+    from lmtailor.runs import read_config
 
-        return yaml.safe_load(cfg.read_text()) or {}
-    return {}
+    return read_config(Path(run))
 
 
-def _base_from_run(run: Path) -> str | None:
-    return run_config(run).get("base_model")
-
-
+# TODO(arch): remove when callers moved (use Run.open(target).load(dtype) and the Run's fields)
 def load_for_inference(target: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict]:
-    """Load a run folder (adapter or full model) or a base model by name; info carries the run's system prompt."""
-    path = Path(target)
-    if path.is_dir() and ((path / "model").is_dir() or (path / "adapter_config.json").is_file()):
-        model, tok, info = load_run(path, dtype=dtype)
-        info["system_prompt"] = (run_config(path).get("data") or {}).get("system_prompt")
-        info["name"] = path.name
-        return model, tok, info
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise CheckpointError(f"{target} is neither a run folder nor a model folder",
-                              "give a folder written by `lmtailor train`, a model folder, or a model name")
-    model = load_model(target, dtype=dtype)
-    model.eval()
-    return model, load_tokenizer(target), {"base_model": target, "adapter": None, "system_prompt": None,
-                                           "name": path.name if path.is_dir() else target}
+    """Load a run folder (adapter or full model) or a base model by name; info = `Run.info`."""
+    from lmtailor.runs import Run
 
-
-def _tokenizer_from(folder: Path, fallback: str) -> Any:
-    from transformers import AutoTokenizer
-
-    if (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(folder)
-    return AutoTokenizer.from_pretrained(resolve_model(fallback))
+    opened = Run.open(target)
+    model, tok = opened.load(dtype=dtype)
+    return model, tok, opened.info

@@ -1,4 +1,5 @@
-"""Run reports: a loss-curve PNG and a short self-contained HTML page."""
+"""Run reports: plots (loss, validation metric curves, confusion matrix) and self-contained HTML pages (the run
+report, and the task report of classification and seq2seq runs)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import base64
 import html
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lmtailor.config import RunConfig, dump_config
 from lmtailor.io import atomic_write_bytes, atomic_write_text
+from lmtailor.metrics import higher_is_better
 
 
 def loss_plot(history: list[dict[str, Any]], title: str = "training") -> bytes:
@@ -119,3 +122,114 @@ table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><bod
 <h2>Resolved config</h2><pre>{html.escape(dump_config(cfg))}</pre></body></html>
 """
     atomic_write_text(run_dir / "report.html", page)
+
+
+def _img(path: Path | bytes, alt: str) -> str:
+    data = path if isinstance(path, bytes) else (path.read_bytes() if path.is_file() else b"")
+    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(data).decode()}">' if data else ""
+
+
+def curves_png(history: list[dict[str, Any]]) -> bytes:
+    """PNG of every validation metric recorded during training (one panel each) against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for r in history for k in r if k.startswith("val_") and k != "val_perplexity"})
+    if not keys:
+        return b""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        pts = [(r["step"], r[key]) for r in history if key in r and not math.isnan(r[key])]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-")
+        ax.set_title(f"{key} ({'higher' if higher_is_better(key) else 'lower'} is better)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return png_bytes(fig)
+
+
+def confusion_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> bytes:
+    """PNG of a confusion matrix (rows: truth, columns: prediction) with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    size = min(2.5 + 0.5 * n, 14)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=100)
+    im = ax.imshow(matrix, cmap="Blues")
+    top = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def write_task_report(run_dir: Path, before: dict[str, Any], metrics: dict[str, Any], history: list[dict[str, Any]],
+                      images: list[str] | None = None) -> None:
+    """`task_report.html` (and `metric_curves.png`) of a task run: before/after task metrics, per-class scores,
+    images already written in run_dir (e.g. confusion matrices), validation curves and sample predictions.
+
+    Args:
+        run_dir: the run folder.
+        before, metrics: the evaluations before and after training (scalars, and optionally "per_class" and
+            "samples": [{"prompt", "reference", "prediction"}]).
+        history: the training log (its val_* records become the curves).
+        images: file names in run_dir to show.
+    """
+    curves = curves_png(history)
+    if curves:
+        atomic_write_bytes(run_dir / "metric_curves.png", curves)
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{fmt_metric(k, b)}</td><td>{fmt_metric(k, a)}</td><td>"
+                   f"{fmt_metric(k, a - b, sign=True) if a is not None and b is not None else ''}</td></tr>"
+                   for k, b, a in compared_metrics(before, metrics) if a is not None)
+    per_class = metrics.get("per_class") or {}
+    classes = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{s.get(k, 0):.3f}</td>" for k in
+                      ("precision", "recall", "f1-score")) + f"<td>{int(s.get('support', 0))}</td></tr>"
+                      for name, s in per_class.items())
+    samples = "".join(
+        f"<tr><td><code>{html.escape(s_a['prompt'])}</code></td><td><code>{html.escape(s_a['reference'])}</code></td>"
+        f"<td><code>{html.escape(s_b.get('prediction', ''))}</code></td>"
+        f"<td><code>{html.escape(s_a['prediction'])}</code></td></tr>"
+        for s_a, s_b in zip(metrics.get("samples", [])[:20],
+                            before.get("samples", []) + [{}] * 20, strict=False))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>task report {html.escape(run_dir.name)}</title>
+<style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px}}
+table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><body>
+<h1>Task report: {html.escape(run_dir.name)}</h1>
+<h2>Before / after (held-out split)</h2><table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>
+{rows}</table>
+{"<h2>Per class (after)</h2><table><tr><th>label</th><th>precision</th><th>recall</th><th>F1</th><th>support</th>"
+ "</tr>" + classes + "</table>" if classes else ""}
+{"".join(_img(run_dir / name, name) for name in images or [])}
+<h2>Validation metrics during training</h2>{_img(curves, "metric curves")}
+{"<h2>Sample predictions</h2><table><tr><th>source</th><th>reference</th><th>before</th><th>after</th></tr>"
+ + samples + "</table>" if samples else ""}
+</body></html>
+"""
+    atomic_write_text(run_dir / "task_report.html", page)
+
+
+def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int = 3) -> str:
+    """A plain-text before/after table of every scalar metric both evaluations report (loss, and the task
+    metrics: accuracy, macro_f1, bleu, chrf, rougeL, exact_match, ...), plus a few sample answers."""
+    rows = [("metric", "before", "after", "change")]
+    rows += [(k, fmt_metric(k, b), fmt_metric(k, a), fmt_metric(k, a - b, sign=True))
+             for k, b, a in compared_metrics(before, after) if a is not None and b is not None]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    for s_before, s_after in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[:samples]:
+        lines += ["", f"Q: {s_before['prompt']}", f"   reference: {s_before['reference']}",
+                  f"   before:    {s_before['prediction']}", f"   after:     {s_after['prediction']}"]
+    return "\n".join(lines)

@@ -175,14 +175,14 @@ def extend_tokenizer(base: str, terms_file: str | Path, out: str | Path, corpus:
         A report: terms added, new vocabulary size, and the corpus token count before/after when `corpus` is given.
     """
     from lmtailor.errors import ConfigError
-    from lmtailor.models import load_model, load_tokenizer, save_model
+    from lmtailor.models import load_pretrained, load_tokenizer, save_model
 
     path = Path(terms_file)
     if not path.is_file():
         raise ConfigError(f"terms file not found: {path}", "give a text file with one term per line")
     terms = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     tok = load_tokenizer(base)
-    model = load_model(base)
+    model = load_pretrained(base)
     texts = list(corpus_texts(corpus)) if corpus else []
     before = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     old = len(tok)

@@ -25,8 +25,8 @@ import yaml
 from lmtailor.config import allowed_keys, apply_overrides, build_config, parse_override, read_yaml
 from lmtailor.errors import ConfigError
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lmtailor.metrics import higher_is_better
 from lmtailor.report import png_bytes
-from lmtailor.tasks.metrics import higher_is_better
 
 RANGE_KINDS = ("log", "uniform", "int")
 

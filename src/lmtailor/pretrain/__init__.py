@@ -1,5 +1,3 @@
-"""Pretraining: models from scratch, masked LM and span corruption, token caches, structure changes, perplexity.
-
-Importing `lmtailor.pretrain.objectives` registers the `mlm` and `span` objectives and makes `clm` build models from
-scratch (`pretrain.scratch`), read the token cache (`pretrain.cache`) and apply structure changes.
+"""Pretraining support: models built from scratch, the streamed token cache of a corpus, structure changes
+(depth pruning, RoPE scaling). The pretraining objectives themselves (clm, mlm, span) live in lmtailor.objectives.
 """

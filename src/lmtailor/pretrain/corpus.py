@@ -176,8 +176,7 @@ def file_digest(files: Sequence[Path]) -> str:
 def streams_corpus(cfg: RunConfig) -> bool:
     """Whether a run streams its corpus into the token cache instead of loading it: `pretrain.cache` is on and the
     objective trains on blocks (clm, span, mlm without NSP)."""
-    return cfg.pretrain.cache and cfg.objective in ("clm", "mlm", "span") and not (
-        cfg.objective == "mlm" and cfg.pretrain.nsp)
+    return cfg.pretrain.cache and cfg.objective in ("clm", "mlm", "span") and not getattr(cfg.settings, "nsp", False)
 
 
 class CachedDocuments(Sequence[Example]):

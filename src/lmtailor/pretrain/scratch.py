@@ -11,9 +11,6 @@ from torch import nn
 from lmtailor.config import ScratchSettings
 from lmtailor.errors import ConfigError
 
-# What each architecture trains with.
-ARCH_OBJECTIVES = {"llama": "clm", "bert": "mlm", "t5": "span"}
-
 
 def load_scratch_tokenizer(settings: ScratchSettings) -> Any:
     """The recipe's tokenizer, with the special tokens its architecture's objective needs."""
@@ -116,13 +113,19 @@ def describe(model: Any, settings: ScratchSettings) -> str:
             f"{n / 1e6:.2f}M parameters, ~{flops / 1e6:.1f} MFLOPs per training token")
 
 
-def load_scratch(settings: ScratchSettings, dtype: torch.dtype, nsp: bool = False, seed: int = 0,
-                 say: Any = print) -> tuple[nn.Module, Any]:
-    """(new model, tokenizer) for a `pretrain.scratch` recipe; prints parameters and FLOPs per token."""
-    tok = load_scratch_tokenizer(settings)
+def new_model(settings: ScratchSettings, tok: Any, dtype: torch.dtype, nsp: bool = False, seed: int = 0,
+              say: Any = print) -> nn.Module:
+    """A freshly initialized model for a `pretrain.scratch` recipe; prints parameters and FLOPs per token."""
     # Initialization must not depend on what consumed the global RNG before (resume rebuilds the same model).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_model(settings, tok, nsp=nsp, dtype=dtype)
     say(describe(model, settings))
-    return model, tok
+    return model
+
+
+def load_scratch(settings: ScratchSettings, dtype: torch.dtype, nsp: bool = False, seed: int = 0,
+                 say: Any = print) -> tuple[nn.Module, Any]:
+    """(new model, tokenizer) for a `pretrain.scratch` recipe."""
+    tok = load_scratch_tokenizer(settings)
+    return new_model(settings, tok, dtype, nsp, seed, say), tok

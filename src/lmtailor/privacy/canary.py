@@ -246,13 +246,14 @@ def canary_report(run_dir: str | Path, canaries: list[Canary] | str | Path, n_ca
         greedy_reproduces, ...}], "memorized": number with greedy_reproduces or exposure above half the maximum}.
     """
     from lmtailor.io import atomic_write_json
-    from lmtailor.models import load_for_inference
+    from lmtailor.runs import Run
 
     if not isinstance(canaries, list):
         canaries, listed_fmt = load_canaries(canaries)
         fmt = fmt or listed_fmt
-    model, tok, info = load_for_inference(str(run_dir))
-    results = measure(model, tok, canaries, fmt or "chat", n_candidates, seed, info.get("system_prompt"))
+    run = Run.open(run_dir)
+    model, tok = run.load()
+    results = measure(model, tok, canaries, fmt or "chat", n_candidates, seed, run.system_prompt)
     report = {
         "run": str(run_dir), "candidates": n_candidates, "canaries": results,
         "memorized": sum(r["greedy_reproduces"] or r["exposure"] > r["max_exposure"] / 2 for r in results),

@@ -68,9 +68,9 @@ def resolve_system(text: str, task: PromptTask, base_model: str) -> System:
         label = name or ("optimized" if path.name == "best_task.yaml" else path.stem)
         return System(label, "prompt", base_model, spec, _spec_text(spec))
     if path.is_dir() and (path / "config.yaml").is_file():
-        from lmtailor.models import run_config
+        from lmtailor.runs import Run
 
-        cfg = run_config(path)
+        cfg = Run.open(path).config
         label = name or path.name
         if cfg.get("objective") == "classify":
             return System(label, "classifier", str(path), None, f"{cfg.get('method')} classification head "
@@ -90,7 +90,7 @@ def resolve_system(text: str, task: PromptTask, base_model: str) -> System:
 
 
 def _classifier_predictions(system: System, items: list[Item], task: PromptTask) -> list[str]:
-    from lmtailor.tasks.classify import predict
+    from lmtailor.objectives.classify import predict
 
     field = task.inputs[0]
     out = predict(system.model, [str(it.fields[field]) for it in items])

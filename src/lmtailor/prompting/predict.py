@@ -113,7 +113,7 @@ class PromptRunner:
 
 def metrics(task: PromptTask, preds: list[str], refs: list[str]) -> dict[str, Any]:
     """Task metrics of predictions: accuracy, macro-F1, per class and confusion matrix; or BLEU/chrF/ROUGE/EM."""
-    from lmtailor.tasks.metrics import classification_metrics, text_metrics
+    from lmtailor.metrics import classification_metrics, text_metrics
 
     if task.output.labels is None:
         return text_metrics(preds, refs)

@@ -20,10 +20,11 @@ from lmtailor.prompting.task import Item, PromptTask, load_items, task_splits
 
 def load_scorer(target: str, cache: bool = True, batch_size: int = 16, progress: bool = True) -> Scorer:
     """A Scorer for a model name, model folder or run folder (LoRA or soft-prompt adapters included)."""
-    from lmtailor.models import load_for_inference
+    from lmtailor.runs import Run
 
-    model, tok, info = load_for_inference(target)
-    return Scorer(model, tok, model_key(target, info), default_cache() if cache else ScoreCache(), batch_size,
+    run = Run.open(target)
+    model, tok = run.load()
+    return Scorer(model, tok, model_key(target, run.info), default_cache() if cache else ScoreCache(), batch_size,
                   progress)
 
 

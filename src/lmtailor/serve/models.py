@@ -53,14 +53,6 @@ class Slot:
                 yield self.model
 
 
-def _adapter_folder(target: str) -> Path | None:
-    path = Path(target)
-    for folder in (path / "model", path):
-        if (folder / "adapter_config.json").is_file():
-            return folder
-    return None
-
-
 def _unique(name: str, taken: dict[str, Slot]) -> str:
     out, i = name, 2
     while out in taken:
@@ -75,54 +67,50 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
     speed-up (fp16, int8) each adapter run is merged into its own copy of the base instead, and the base is
     served only when named.
     """
-    from lmtailor.models import load_for_inference, run_config
+    from lmtailor.models import load_adapter
+    from lmtailor.runs import Run
 
     if not targets:
         raise ConfigError("no model to serve", "give at least one run folder, model folder or model name")
+    runs = [Run.open(target) for target in targets]  # every target is checked before any model loads
     slots: dict[str, Slot] = {}
     shared: dict[str, Slot] = {}  # resolved base -> the base slot of a shared PeftModel
-    plain: list[str] = []
-    for target in targets:
-        folder = _adapter_folder(target)
-        if folder is None or speedup in FAST:
-            plain.append(target)
+    plain: list[Run] = []
+    for run in runs:
+        if not run.adapter or speedup in FAST:
+            plain.append(run)
             continue
-        base_name = run_config(Path(target)).get("base_model") if (Path(target) / "model").is_dir() else None
-        if base_name is None:
-            import json
-
-            base_name = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
-        key = _key(base_name)
-        name = _unique(Path(target).resolve().name, slots)
-        system = (run_config(Path(target)).get("data") or {}).get("system_prompt")
+        key = _key(run.base_model)
+        name = _unique(run.name, slots)
         if key not in shared:
-            model, tok, info = load_for_inference(target)
+            model, tok = run.load()
             model = speed_up(model, speedup)
             # The first adapter PEFT loads is called "default"; later runs are loaded under their own names.
-            base = Slot(_unique(Path(base_name).name, slots), model, tok, max_positions=_max_positions(model))
+            base = Slot(_unique(Path(run.base_model).name, slots), model, tok, max_positions=_max_positions(model))
             shared[key] = base
-            slots[name] = Slot(name, model, tok, system, adapter="default", parent=base.name, lock=base.lock,
-                               max_positions=base.max_positions)
+            slots[name] = Slot(name, model, tok, run.system_prompt, adapter="default", parent=base.name,
+                               lock=base.lock, max_positions=base.max_positions)
         else:
             base = shared[key]
-            base.model.load_adapter(str(folder), adapter_name=name)
+            assert run.model_dir is not None  # an adapter run always has its folder
+            load_adapter(base.model, run.model_dir, adapter_name=name)
             if speedup == "bf16":
                 base.model.to(torch.bfloat16)
-            slots[name] = Slot(name, base.model, base.tok, system, adapter=name, parent=base.name, lock=base.lock,
-                               max_positions=base.max_positions)
+            slots[name] = Slot(name, base.model, base.tok, run.system_prompt, adapter=name, parent=base.name,
+                               lock=base.lock, max_positions=base.max_positions)
     for base in shared.values():
         slots.setdefault(base.name, base)
-    for target in plain:
+    for run in plain:
         try:
-            plain_key: str | None = _key(target)
+            plain_key: str | None = _key(run.target)
         except Exception:  # a target that does not resolve is loaded (and its error reported) below
             plain_key = None
         if plain_key in shared:
             continue  # already served as the base of an adapter run
-        model, tok, info = load_for_inference(target)
+        model, tok = run.load()
         model = speed_up(model, speedup)
-        name = _unique(info["name"], slots)
-        slots[name] = Slot(name, model, tok, info.get("system_prompt"), max_positions=_max_positions(model))
+        name = _unique(run.name, slots)
+        slots[name] = Slot(name, model, tok, run.system_prompt, max_positions=_max_positions(model))
     for slot in slots.values():
         slot.model.eval()
     log.info("serving: %s", ", ".join(slots))

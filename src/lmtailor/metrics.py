@@ -1,14 +1,19 @@
-"""Task metrics: classification (scikit-learn) and generated text against references (sacrebleu, rouge-score).
+"""Every metric lmtailor reports, defined once: perplexity, classification (scikit-learn) and generated text
+against references (sacrebleu, rouge-score, exact match).
 
 Each function takes plain Python lists and returns plain floats/dicts, so they are easy to test against the
 libraries they wrap and can be written to JSON as they are. Scores on a 0-100 scale follow sacrebleu (BLEU,
 chrF); ROUGE, exact match, accuracy and F1 are fractions in [0, 1].
+
+Exact match compares `normalize_answer` forms: surrounding whitespace and backticks stripped, runs of whitespace
+collapsed to one space; case and punctuation inside the answer count. chrF, BLEU and ROUGE see the raw texts.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 # Lower is better for these; every other metric is better when higher.
@@ -19,6 +24,11 @@ def higher_is_better(metric: str) -> bool:
     """Direction of a metric name (`val_` prefix allowed): loss-like metrics go down, the others up."""
     name = metric.removeprefix("val_")
     return not (name in LOWER_IS_BETTER or name.endswith("_loss"))
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token loss in nats), capped at exp(50) so a diverged loss stays a finite number."""
+    return math.exp(min(loss, 50.0))
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
@@ -65,10 +75,10 @@ def bleu(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def chrf(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """Corpus chrF (sacrebleu defaults), 0-100."""
+    """Corpus chrF (sacrebleu defaults: character 6-grams, beta 2), 0-100; nan for no references."""
     import sacrebleu
 
-    return float(sacrebleu.corpus_chrf(list(preds), [list(refs)]).score)
+    return float(sacrebleu.corpus_chrf(list(preds), [list(refs)]).score) if refs else float("nan")
 
 
 def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
@@ -85,11 +95,16 @@ def rouge(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     return {k: v / max(len(refs), 1) for k, v in totals.items()}
 
 
+def normalize_answer(text: str) -> str:
+    """The form exact match compares: strip whitespace and surrounding backticks, collapse runs of whitespace."""
+    return re.sub(r"\s+", " ", text.strip().strip("`").strip())
+
+
 def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
-    """Share of predictions equal to their reference after whitespace normalization."""
+    """Share of predictions equal to their reference after `normalize_answer` (nan for no references)."""
     if not refs:
         return float("nan")
-    return sum(" ".join(p.split()) == " ".join(r.split()) for p, r in zip(preds, refs, strict=True)) / len(refs)
+    return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(preds, refs, strict=True)) / len(refs)
 
 
 def text_metrics(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
@@ -98,32 +113,3 @@ def text_metrics(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
         return {}
     return {"bleu": bleu(preds, refs), "chrf": chrf(preds, refs), **rouge(preds, refs),
             "exact_match": exact_match(preds, refs)}
-
-
-def confusion_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], out: Path, title: str = "") -> Path:
-    """Draw a confusion matrix (rows: truth, columns: prediction) with counts in the cells into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lmtailor.io import atomic_write_bytes
-    from lmtailor.report import png_bytes
-
-    n = len(labels)
-    size = min(2.5 + 0.5 * n, 14)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85), dpi=100)
-    im = ax.imshow(matrix, cmap="Blues")
-    top = max((max(row) for row in matrix), default=0)
-    for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
-    ax.set_xticks(range(n), labels, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
-    ax.set_yticks(range(n), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    atomic_write_bytes(out, png_bytes(fig))
-    return out

@@ -1,0 +1,264 @@
+"""The optimizer-step loop: the data order of every step, micro-batches and accumulation, clipping, logging,
+validation (loss, and the task metric that picks the best weights), early stopping and checkpoints.
+
+A step consumes `batch_size` examples in a fixed seeded order (the data position is the step number, which is what
+makes resume exact). Each process takes every world_size-th example of the step and splits its share into
+micro-batches; the loss is the sum over loss terms divided by the step's total count of loss terms over all
+processes, so one process with accumulation and N processes compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lmtailor.checkpoint import prune_checkpoints, rng_state, save_checkpoint, trainable_state
+from lmtailor.config import RunConfig
+from lmtailor.errors import ConfigError
+from lmtailor.metrics import higher_is_better, perplexity
+from lmtailor.objectives import Objective, ObjectiveContext
+from lmtailor.rundata import RunData
+
+
+def step_batches(n_examples: int, batch_size: int, seed: int, world: int,
+                 weights: np.ndarray | None = None) -> list[np.ndarray]:
+    """The example indices of every step of one epoch: a seeded shuffle cut into batches.
+
+    With `weights` (one per example, e.g. classify.sampling=balanced) the epoch instead draws n_examples indices
+    with replacement in proportion to them: same length, so the schedule and resume position do not change.
+    A final batch smaller than the number of processes is dropped (every process needs one example).
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_examples) if weights is None else rng.choice(n_examples, n_examples, p=weights)
+    batches = [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+    return [b for b in batches if len(b) >= world]
+
+
+def plan_steps(cfg: RunConfig, n_train: int, world: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps)."""
+    per_epoch = len(step_batches(n_train, cfg.batch_size, 0, world))
+    if per_epoch == 0:
+        raise ConfigError(f"only {n_train} training example(s) for batch_size={cfg.batch_size} on {world} process(es)",
+                          "add data or lower batch_size")
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    return per_epoch, total
+
+
+def batch_at(step: int, per_epoch: int, n_train: int, cfg: RunConfig, world: int,
+             weights: np.ndarray | None = None) -> np.ndarray:
+    """Example indices of global step `step` (0-based); epoch e is shuffled (or drawn) with seed + e."""
+    epoch, k = divmod(step, per_epoch)
+    return step_batches(n_train, cfg.batch_size, cfg.seed + epoch, world, weights)[k]
+
+
+def item_tokens(item: Any) -> int:
+    """Tokens an item feeds the model (throughput accounting)."""
+    ids = getattr(item, "input_ids", None)
+    return len(ids) if ids is not None else 0
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # Norm weights and biases are not decayed (standard practice; decaying them hurts).
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+@dataclass
+class Loop:
+    """What the step loop works with; `state` is the checkpointed trainer state (step, best, history, ...)."""
+
+    acc: Any  # accelerate.Accelerator
+    cfg: RunConfig
+    objective: Objective
+    ctx: ObjectiveContext
+    data: RunData
+    model: torch.nn.Module
+    loss_module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: dict[str, Any]
+    run_dir: Path
+    writer: Any = None  # TensorBoard SummaryWriter on the main process
+
+
+@dataclass
+class LoopResult:
+    best_weights: dict[str, torch.Tensor] | None
+    stopped_early: bool
+
+
+def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = True,
+              on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> LoopResult:
+    """Train from loop.state["step"] to total_steps (or an early stop); returns the best weights seen, if any."""
+    acc, cfg, state = loop.acc, loop.cfg, loop.state
+    main = acc.is_main_process
+    weights = (loop.objective.sample_weights(loop.ctx, loop.data.train_items)
+               if loop.objective.sample_weights is not None else None)  # a pure function of the data: resume redraws
+    best_weights: dict[str, torch.Tensor] | None = None
+    stopped_early = False
+    bar = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=not (main and progress),
+               dynamic_ncols=True)
+    t_start = time.perf_counter() - state["elapsed"]
+    loop.model.train()
+    while state["step"] < total_steps:
+        step = state["step"]
+        items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, len(loop.data.train_items), cfg,
+                                                             acc.num_processes, weights)]
+        train_loss, grad_norm = _optimizer_step(loop, items)
+        state["step"] = step = step + 1
+        state["tokens"] += sum(item_tokens(s) for s in items)
+        state["elapsed"] = time.perf_counter() - t_start
+        record: dict[str, Any] = {"step": step, "epoch": round(step / per_epoch, 3), "loss": train_loss,
+                                  "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                                  "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9)}
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and loop.data.val_items:
+            record.update(_validate(loop))
+            loop.model.train()
+            improved, stopped_early = _track_best(cfg, state, record[f"val_{cfg.metric_for_best}"], step)
+            if improved:
+                best_weights = trainable_state(loop.model)
+        state["history"].append(record)
+        if main:
+            _log(loop, record, bar)
+        if on_eval is not None and main and "val_loss" in record:
+            on_eval(step, record)
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            _checkpoint(loop, step)
+        if stopped_early:
+            if main:
+                print(f"\nearly stopping at step {step}: validation {cfg.metric_for_best} has not improved for "
+                      f"{cfg.early_stopping_patience} evaluations (best {state['best']:.4f})")
+            break
+    bar.close()
+    return LoopResult(best_weights, stopped_early)
+
+
+def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
+    """One optimizer step over this process's share of the step's items; returns (train loss, grad norm)."""
+    acc, cfg = loop.acc, loop.cfg
+    world = acc.num_processes
+    mine = step_items[acc.process_index::world]
+    size = cfg.micro_batch_size or len(mine)
+    micro = [loop.objective.collate(loop.ctx, mine[i:i + size]) for i in range(0, len(mine), size)]
+    # the step's loss is a mean over all its loss terms, on every process together
+    n_global = sum(loop.objective.count(b) for b in micro)
+    if world > 1:
+        n_global = int(acc.reduce(torch.tensor(n_global, device=acc.device), "sum"))
+    n_global = max(n_global, 1)
+    loss_sum = torch.zeros((), device=acc.device)
+    for j, batch in enumerate(micro):
+        sync = j == len(micro) - 1
+        with contextlib.nullcontext() if sync else acc.no_sync(loop.loss_module):
+            loss, _ = loop.loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
+            # DDP averages gradients over processes; scale so the result is the global token mean.
+            acc.backward(loss * world / n_global)
+        loss_sum += loss.detach()
+    grad_norm = float("nan")
+    if cfg.max_grad_norm > 0:
+        grad_norm = float(acc.clip_grad_norm_(loop.loss_module.parameters(), cfg.max_grad_norm))
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    return float(acc.reduce(loss_sum, "sum")) / n_global, grad_norm
+
+
+def _validate(loop: Loop) -> dict[str, float]:
+    """val_loss (over all processes), val_perplexity and, when metric_for_best is a task metric, every val_<metric>
+    the objective reports."""
+    val_loss = distributed_val_loss(loop)
+    record = {"val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+    if loop.cfg.metric_for_best != "loss":
+        record.update(_task_metrics(loop))
+    return record
+
+
+def _track_best(cfg: RunConfig, state: dict[str, Any], score: float, step: int) -> tuple[bool, bool]:
+    """Update best / bad-evaluation counts; returns (improved, stop early now)."""
+    sign = 1.0 if higher_is_better(cfg.metric_for_best) else -1.0
+    if state["best"] is None or sign * (score - state["best"]) > 1e-6:
+        state["best"], state["bad_evals"], state["best_step"] = score, 0, step
+        return True, False
+    state["bad_evals"] += 1
+    return False, bool(cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience)
+
+
+def _log(loop: Loop, record: dict[str, Any], bar: Any) -> None:
+    with open(loop.run_dir / "history.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if loop.writer is not None:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", *(k for k in record if k.startswith("val_"))):
+            if key in record and not math.isnan(record[key]):
+                loop.writer.add_scalar(f"train/{key}" if "val" not in key else f"eval/{key}", record[key],
+                                       record["step"])
+    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                    **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+
+
+def _checkpoint(loop: Loop, step: int) -> None:
+    from accelerate.utils import gather_object
+
+    acc = loop.acc
+    rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    if acc.is_main_process:
+        save_checkpoint(loop.run_dir / "checkpoints" / f"step-{step:06d}", acc.unwrap_model(loop.loss_module).model,
+                        loop.optimizer, loop.scheduler, rngs, loop.state)
+        prune_checkpoints(loop.run_dir, loop.cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+
+
+def _task_metrics(loop: Loop) -> dict[str, float]:
+    """The objective's scalar metrics on the validation split as val_<name>, computed on the main process.
+
+    Raises:
+        ConfigError: the objective does not report cfg.metric_for_best.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    acc, cfg = loop.acc, loop.cfg
+    found: list[Any] = [None]
+    if acc.is_main_process:
+        metrics = loop.objective.evaluate(loop.ctx, loop.model, loop.data.val_items, loop.data.val_examples,
+                                          progress=False).metrics
+        found[0] = {f"val_{k}": float(v) for k, v in metrics.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool) and k != "examples"}
+    if acc.num_processes > 1:
+        broadcast_object_list(found)
+    scores: dict[str, float] = found[0]
+    if f"val_{cfg.metric_for_best}" not in scores:
+        names = ", ".join(["loss", *sorted(k.removeprefix("val_") for k in scores if k != "val_loss")])
+        raise ConfigError(f"config key 'metric_for_best': objective {cfg.objective} does not report "
+                          f"{cfg.metric_for_best!r}", f"allowed values are {names}")
+    scores.pop("val_loss", None)  # the distributed token-mean loss of the loop stays the one recorded
+    return scores
+
+
+@torch.inference_mode()
+def distributed_val_loss(loop: Loop) -> float:
+    """Mean validation loss over all processes (each takes every world_size-th item)."""
+    acc, items = loop.acc, loop.data.val_items
+    # index by position: items may be a lazy (memory-mapped) sequence without slicing
+    mine: Sequence[Any] = [items[i] for i in range(acc.process_index, len(items), acc.num_processes)]
+    size = loop.cfg.micro_batch_size or loop.cfg.batch_size
+    total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+    for i in range(0, len(mine), size):
+        batch = loop.objective.collate(loop.ctx, list(mine[i:i + size]))
+        loss, n = loop.loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
+        total += torch.stack([loss.double(), n.double()])
+    total = acc.reduce(total, "sum")
+    return float(total[0] / total[1].clamp(min=1.0))

@@ -1,0 +1,88 @@
+"""Attention for packed rows on CPU: each example attends to the row's shared prefix and, causally, to itself.
+
+Registered with transformers as the attention implementation "lmtailor_segments"; the causal LM loss switches a
+model to it for the duration of one forward pass (`segment_attention_for`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEGMENT_ATTENTION = "lmtailor_segments"
+
+
+def segment_bounds(segment_ids: torch.Tensor) -> list[tuple[int, list[tuple[int, int]]]]:
+    """(R, L) segment ids (0 shared prefix, 1.. examples, -1 padding) -> per row (prefix length, [(start, end)])."""
+    rows = []
+    for row in segment_ids.tolist():
+        prefix = sum(1 for x in row if x == 0)
+        spans: list[tuple[int, int]] = []
+        start = prefix
+        for i in range(prefix + 1, len(row) + 1):
+            if i == len(row) or row[i] != row[start]:
+                if row[start] > 0:
+                    spans.append((start, i))
+                start = i
+        rows.append((prefix, spans))
+    return rows
+
+
+def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      packed_segments: list[tuple[int, list[tuple[int, int]]]] | None = None, **kwargs: Any
+                      ) -> tuple[torch.Tensor, None]:
+    """Attention of packed rows computed example by example.
+
+    A dense block-diagonal mask makes the CPU kernel pay for the whole L x L square of a packed row; here each
+    example attends to the shared prefix and, causally, to itself, so the cost is the sum of its own squares.
+    query: (R, Hq, L, D); key/value: (R, Hkv, L, D); returns (R, L, Hq, D) like transformers' sdpa path.
+    """
+    assert packed_segments is not None, "segment attention needs packed_segments"
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.zeros_like(query)
+    for r, (p, spans) in enumerate(packed_segments):
+        if p:
+            out[r:r + 1, :, :p] = F.scaled_dot_product_attention(
+                query[r:r + 1, :, :p], key[r:r + 1, :, :p], value[r:r + 1, :, :p], is_causal=True, scale=scaling,
+                dropout_p=dropout, enable_gqa=gqa)
+        for a, b in spans:
+            q = query[r:r + 1, :, a:b]
+            if p:
+                k = torch.cat([key[r:r + 1, :, :p], key[r:r + 1, :, a:b]], dim=2)
+                v = torch.cat([value[r:r + 1, :, :p], value[r:r + 1, :, a:b]], dim=2)
+                # every query sees the whole prefix and the example up to itself
+                mask = torch.ones(b - a, p + b - a, dtype=torch.bool, device=q.device).tril(diagonal=p)
+                out[r:r + 1, :, a:b] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
+                                                                      dropout_p=dropout, enable_gqa=gqa)
+            else:
+                out[r:r + 1, :, a:b] = F.scaled_dot_product_attention(
+                    q, key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], is_causal=True, scale=scaling,
+                    dropout_p=dropout, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_segment_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+    AttentionMaskInterface.register(SEGMENT_ATTENTION, lambda *args, **kwargs: None)  # no L x L mask is built
+
+
+_register_segment_attention()
+
+
+@contextlib.contextmanager
+def attention_implementation(config: Any, name: str) -> Iterator[None]:
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old

@@ -1,0 +1,284 @@
+"""Causal language modelling: `sft` (loss on the assistant turns of chats) and `clm` (loss on every token, for
+continued pretraining or a model from scratch), their loss, evaluation and sliding-window perplexity.
+
+The loss module returns (sum of token losses, number of target tokens); the training loop divides by the target
+count of the whole optimizer step (over all micro-batches and processes), so the loss is a token mean that does
+not depend on how a step is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmtailor.config import Strict
+from lmtailor.data.example import Example
+from lmtailor.data.packing import collate as pack_collate
+from lmtailor.data.packing import segment_mask
+from lmtailor.generate import generate
+from lmtailor.metrics import chrf, exact_match, perplexity
+from lmtailor.models import is_prompt_learning, unwrap_peft
+from lmtailor.objectives.attention import SEGMENT_ATTENTION, attention_implementation, segment_bounds
+from lmtailor.objectives.common import prepare_blocks, recipe_model, recipe_tokenizer, texts
+from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
+from lmtailor.render import IGNORE, Tokenized, prompt_messages, tokenize_all
+
+
+class ClmSettings(Strict):
+    """`clm:` options."""
+
+    eval_context: int | None = Field(None, ge=8, description="sliding-window perplexity of the held-out texts with "
+                                     "this context, reported as window_perplexity (default: not computed)")
+    eval_stride: int | None = Field(None, ge=1, description="tokens the window advances (default context / 2)")
+
+
+class CausalLMLoss(nn.Module):
+    """Next-token cross-entropy computed only where a target exists.
+
+    The output head runs on the supervised positions alone: with a 49k vocabulary the logits of every position
+    (B*T*V floats) cost more memory traffic than the rest of the step, and most positions carry no loss in SFT.
+    Packed rows (`segment_ids`) are attended example by example on CPU; elsewhere through a block mask.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if is_prompt_learning(self.model):
+            return self._through_peft(input_ids, targets, attention_mask, segment_ids)
+        hf: Any = unwrap_peft(self.model)
+        backbone = hf.base_model  # the decoder stack without the LM head (e.g. LlamaModel)
+        head = hf.get_output_embeddings()
+        kwargs: dict[str, Any] = {}
+        ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if segment_ids is not None:
+            plain = hf.config._attn_implementation in (None, "sdpa", "eager")
+            if input_ids.device.type == "cpu" and plain and not getattr(hf.config, "sliding_window", None):
+                kwargs["packed_segments"] = segment_bounds(segment_ids)
+                ctx = attention_implementation(hf.config, SEGMENT_ATTENTION)
+            elif bool((segment_ids == 0).any()):
+                attention_mask = segment_mask(segment_ids)
+            # else: position ids restarting at 0 give transformers' own block-diagonal mask
+        with ctx:
+            hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                              use_cache=False, **kwargs).last_hidden_state  # (R, L, H)
+        keep = targets != IGNORE  # (R, L)
+        logits = head(hidden[keep])  # (N, V): only supervised positions
+        cap = getattr(hf.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()
+
+    def _through_peft(self, input_ids: torch.Tensor, targets: torch.Tensor, attention_mask: torch.Tensor | None,
+                      segment_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Soft prompts live in the PEFT model's forward, which puts virtual tokens before every sequence: packed
+        rows are split back into their examples (shared prefix included) and run as a padded batch."""
+        seqs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if segment_ids is None:
+            lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(
+                input_ids)
+            seqs = [(input_ids[r, :n], targets[r, :n]) for r, n in enumerate(lengths)]
+        else:
+            for r, (p, spans) in enumerate(segment_bounds(segment_ids)):
+                for a, b in spans:
+                    seqs.append((torch.cat([input_ids[r, :p], input_ids[r, a:b]]),
+                                 torch.cat([targets[r, :p], targets[r, a:b]])))
+        width = max(len(ids) for ids, _ in seqs)
+        ids = input_ids.new_zeros(len(seqs), width)
+        tgt = targets.new_full((len(seqs), width), IGNORE)
+        mask = input_ids.new_zeros(len(seqs), width)
+        for i, (x, y) in enumerate(seqs):
+            ids[i, :len(x)], tgt[i, :len(y)], mask[i, :len(x)] = x, y, 1
+        keep = tgt != IGNORE
+        peft_model: Any = self.model
+        peft_type = str(getattr(peft_model.active_peft_config, "peft_type", ""))
+        if peft_type.endswith("PROMPT_TUNING"):
+            # What PEFT's forward does (virtual token embeddings before the inputs), but with the output head on
+            # the supervised positions only instead of the logits of every position.
+            hf: Any = unwrap_peft(self.model)
+            embeds = hf.get_input_embeddings()(ids)  # (B, W, H)
+            if not getattr(self.model, "_adapters_disabled", False):
+                prompts = peft_model.get_prompt(batch_size=len(seqs)).to(embeds.dtype)  # (B, P, H)
+                embeds = torch.cat([prompts, embeds], dim=1)
+                mask = torch.cat([mask.new_ones(len(seqs), prompts.shape[1]), mask], dim=1)
+            hidden = hf.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+            logits = hf.get_output_embeddings()(hidden[:, -width:][keep])  # (N, V)
+        else:  # prefix tuning and others: through PEFT's own forward
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -width:][keep]  # after virtual tokens
+        loss = F.cross_entropy(logits.float(), tgt[keep], reduction="sum")
+        return loss, keep.sum()
+
+
+# ---- hooks ----------------------------------------------------------------------------------------------------
+
+def load_model(ctx: ObjectiveContext, dtype: torch.dtype) -> nn.Module:
+    """A causal LM (pretrained, or built from `pretrain.scratch`), then depth-pruned / RoPE-scaled if asked."""
+    from lmtailor.pretrain.structure import keep_first_layers, scale_rope
+
+    model = recipe_model(ctx, dtype, "AutoModelForCausalLM")
+    p = ctx.cfg.pretrain
+    config: Any = model.config
+    if p.keep_layers:
+        before = config.num_hidden_layers
+        keep_first_layers(model, p.keep_layers)
+        print(f"depth pruning: kept the first {p.keep_layers} of {before} layers")
+    if p.rope_factor:
+        scale_rope(model, p.rope_factor)
+        print(f"RoPE scaling: linear x{p.rope_factor:g}, max positions {config.max_position_embeddings}")
+    return model
+
+
+def prepare_chats(ctx: ObjectiveContext, examples: list[Example]) -> tuple[list[Tokenized], dict[str, Any]]:
+    """Render and tokenize through the one chat renderer; the loss covers answers (or everything)."""
+    seqs, dropped = tokenize_all(ctx.tokenizer, examples, ctx.cfg.max_length, ctx.train_on_prompt)
+    return seqs, {"sequences": len(seqs), "dropped_no_target": dropped,
+                  "tokens": sum(len(s.input_ids) for s in seqs), "supervised_tokens": sum(s.n_supervised for s in seqs)}
+
+
+def prepare_text(ctx: ObjectiveContext, examples: list[Example]) -> tuple[Any, dict[str, Any]]:
+    """clm: blocks of the token cache with pretrain.cache, else the rendered examples."""
+    return prepare_blocks(ctx, examples) if ctx.cfg.pretrain.cache else prepare_chats(ctx, examples)
+
+
+def collate(ctx: ObjectiveContext, items: list[Tokenized]) -> dict[str, torch.Tensor]:
+    cfg = ctx.cfg
+    return pack_collate(items, ctx.tokenizer.pad_token_id, cfg.packing, cfg.pack_length, cfg.share_prefix)
+
+
+def count(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["targets"] != IGNORE).sum())
+
+
+def build(ctx: ObjectiveContext, model: nn.Module) -> nn.Module:
+    return CausalLMLoss(model)
+
+
+@torch.inference_mode()
+def loss_sums(loss_module: nn.Module, seqs: Sequence[Tokenized], pad_id: int, batch_tokens: int = 2048,
+              row_tokens: int = 512, progress: bool = False, desc: str = "eval loss") -> tuple[float, int]:
+    """(sum of token losses, supervised tokens) over `seqs`, in batches of `batch_tokens` packed in rows."""
+    total, count = 0.0, 0
+    device = next(loss_module.parameters()).device
+    batches: list[list[Tokenized]] = []
+    cur: list[Tokenized] = []
+    size = 0
+    for i in range(len(seqs)):  # by position: seqs may be a memory-mapped sequence
+        s = seqs[i]
+        if cur and size + len(s.input_ids) > batch_tokens:
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(s)
+        size += len(s.input_ids)
+    if cur:
+        batches.append(cur)
+    for group in tqdm(batches, desc=desc, disable=not progress, leave=False, unit="batch"):
+        # Rows of at most row_tokens: attention cost grows with the square of the row length.
+        width = max(row_tokens, max(len(s.input_ids) for s in group))
+        batch = pack_collate(group, pad_id, packing=True, pack_length=width, share_prefix=True)
+        loss, n = loss_module(**{k: v.to(device) for k, v in batch.items()})
+        total += float(loss)
+        count += int(n)
+    return total, count
+
+
+def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized], examples: Sequence[Example],
+             progress: bool = True, desc: str = "") -> Evaluation:
+    """Loss and perplexity on the held-out items; exact match and chrF of greedy answers to the first
+    eval.generate_examples chat examples, with the answers as samples; clm: sliding-window perplexity if asked."""
+    cfg, tok = ctx.cfg, ctx.tokenizer
+    model.eval()
+    out: dict[str, Any] = {}
+    if items:
+        total, n = loss_sums(CausalLMLoss(model), items, tok.pad_token_id, progress=progress,
+                             desc=f"{desc} loss".strip())
+        out.update(loss=total / max(n, 1), perplexity=perplexity(total / max(n, 1)), eval_tokens=n)
+    limit = cfg.eval.generate_examples if cfg.eval.generate_examples is not None else 40
+    chats = [ex for ex in examples if ex.messages is not None][:limit] if limit else []
+    if chats:
+        prompts, refs = zip(*(prompt_messages(ex) for ex in chats), strict=True)
+        preds = generate(model, tok, list(prompts), cfg.generation, progress=progress,
+                         desc=f"{desc} generate".strip())
+        out.update(exact_match=exact_match(preds, refs), chrf=chrf(preds, refs))
+        out["samples"] = [{"prompt": p[-1]["content"], "reference": r, "prediction": y}
+                          for p, r, y in zip(prompts, refs, preds, strict=True)]
+    settings = ctx.settings
+    if isinstance(settings, ClmSettings) and settings.eval_context and examples:
+        context = settings.eval_context
+        out["window_perplexity"] = sliding_window_perplexity(model, tok, texts(examples), context,
+                                                             settings.eval_stride or max(1, context // 2))
+    return Evaluation(out)
+
+
+# ---- sliding-window perplexity ------------------------------------------------------------------------------
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored token) of each window over n tokens.
+
+    Every token but the first is scored exactly once, by the window where it is newest, with up to
+    context - stride tokens of history before the scored stretch (stride = context: disjoint chunks).
+    """
+    out, prev_end = [], 0
+    for begin in range(0, max(n - 1, 1), stride):
+        end = min(begin + context, n)
+        out.append((begin, end, max(prev_end, 1)))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+@torch.inference_mode()
+def sliding_window_nll(model: nn.Module, ids: list[int], context: int, stride: int, batch: int = 8
+                       ) -> tuple[float, int]:
+    """(sum of negative log-likelihoods, scored tokens) of one token stream."""
+    if stride > context:
+        raise ValueError(f"stride ({stride}) must not exceed context ({context})")
+    loss_module = CausalLMLoss(model)
+    device = next(model.parameters()).device
+    rows = []
+    for begin, end, first in windows(len(ids), context, stride):
+        x = ids[begin:end]
+        # position i predicts token begin + i + 1; only tokens from `first` on are scored here
+        tgt = [ids[begin + i + 1] if begin + i + 1 >= first and begin + i + 1 < end else IGNORE
+               for i in range(len(x))]
+        rows.append((x, tgt))
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch):
+        group = rows[i:i + batch]
+        width = max(len(x) for x, _ in group)
+        xs = torch.tensor([r[0] + [0] * (width - len(r[0])) for r in group], device=device)  # (R, W)
+        ts = torch.tensor([r[1] + [IGNORE] * (width - len(r[1])) for r in group], device=device)
+        pos = torch.arange(width, device=device).expand(len(group), -1)
+        loss, n = loss_module(input_ids=xs, targets=ts, position_ids=pos)  # right padding never reaches real tokens
+        total, count = total + float(loss), count + int(n)
+    return total, count
+
+
+def sliding_window_perplexity(model: nn.Module, tok: Any, texts: list[str], context: int, stride: int) -> float:
+    """Perplexity of `texts` joined by EOS into one stream, scored with a sliding window."""
+    model.eval()
+    ids: list[int] = []
+    for doc in tok(texts, add_special_tokens=False)["input_ids"]:
+        ids += doc + [tok.eos_token_id]
+    total, count = sliding_window_nll(model, ids, context, stride)
+    return math.exp(min(total / max(count, 1), 50.0))
+
+
+HOOKS = dict(tokenizer=recipe_tokenizer, model=load_model, collate=collate, count=count, build=build,
+             evaluate=evaluate)
+register_objective("sft", "causal LM loss on the assistant turns of chats (instruction tuning)",
+                   prepare=prepare_chats, **HOOKS)
+register_objective("clm", "causal LM loss on every token (continued pretraining on raw text, or from scratch)",
+                   settings=ClmSettings, prepare=prepare_text, train_on_prompt=True, **HOOKS)

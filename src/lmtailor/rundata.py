@@ -1,0 +1,100 @@
+"""The one data assembly of a run: what `train`, `validate` and `tune` (through train) feed the model.
+
+Read or stream the data -> render it through a prompt task (data.prompt_task) -> scrub PII (privacy.scrub) ->
+let the objective fit what the data fixes (the label set) -> the objective's items for both splits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmtailor.data.example import Example
+from lmtailor.errors import ConfigError
+from lmtailor.objectives import Objective, ObjectiveContext
+
+
+@dataclass
+class RunData:
+    """A run's training and validation items, the validation examples they came from, and data statistics.
+
+    Items and examples may be memory-mapped sequences (pretrain.cache): index them by position, do not slice.
+    """
+
+    train_items: Sequence[Any]
+    val_items: Sequence[Any]
+    val_examples: Sequence[Example]
+    stats: dict[str, Any] = field(default_factory=dict)
+    privacy_audit: dict[str, Any] = field(default_factory=dict)
+
+
+def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: bool = True) -> RunData:
+    """Assemble a run's data; sets ctx.tokenizer (the objective's, unless already set) and lets `objective.fit`
+    fill ctx (e.g. the label set). Records are read and checked before any tokenizer or model loads, so bad data
+    is reported first.
+
+    Args:
+        objective: the run's objective (resolved, see get_objective).
+        ctx: its context.
+        write_audit: write `<run_dir>/privacy_audit.json` when scrubbing (the main process of a run does).
+
+    Raises:
+        DataError: unreadable data or bad records (file, line and field named).
+        ConfigError: nothing to learn from, or a bad privacy/prompt-task setting.
+    """
+    from lmtailor.pretrain.corpus import streams_corpus
+
+    cfg = ctx.cfg
+    run_dir = ctx.run_dir if write_audit else None
+    if streams_corpus(cfg):  # pretrain.cache: documents go from the files into the token cache, never all in memory
+        if ctx.tokenizer is None:
+            ctx.tokenizer = objective.tokenizer(ctx)
+        data = _streamed(objective, ctx, run_dir)
+    else:
+        from lmtailor.data.validate import load_datasets
+
+        train_ex, val_ex, stats = load_datasets(cfg.data)
+        audit: dict[str, Any] = {}
+        if cfg.data.prompt_task:  # fine-tune on a prompt task's own rendering (see `lmtailor compare`)
+            from lmtailor.prompting.task import chat_examples, load_task, make_items
+
+            task = load_task(cfg.data.prompt_task)
+            train_ex, val_ex = (chat_examples(task, make_items(ex, task), cfg.data.prompt_template)
+                                for ex in (train_ex, val_ex))
+        if cfg.privacy.scrub:
+            from lmtailor.privacy.scrub import scrub_for_run
+
+            train_ex, val_ex, audit = scrub_for_run(train_ex, val_ex, cfg.privacy.mode, cfg.privacy.salt_env,
+                                                    cfg.privacy.ner, run_dir)
+            stats["pii_replaced"] = audit["total"]
+        if ctx.tokenizer is None:
+            ctx.tokenizer = objective.tokenizer(ctx)
+        objective.fit(ctx, train_ex)
+        train_items, train_stats = objective.prepare(ctx, train_ex)
+        val_ex = val_ex[:cfg.eval.max_examples]
+        val_items, _ = objective.prepare(ctx, val_ex)
+        stats.update({f"train_{k}": v for k, v in train_stats.items()}, val_items=len(val_items))
+        data = RunData(train_items, val_items, val_ex, stats, audit)
+    if not data.train_items:
+        raise ConfigError("no training example has anything to learn from",
+                          "check data.format and that examples have assistant turns, text or labels")
+    return data
+
+
+def _streamed(objective: Objective, ctx: ObjectiveContext, run_dir: Any) -> RunData:
+    from pathlib import Path
+
+    from lmtailor.io import atomic_write_json
+    from lmtailor.objectives.common import check_context
+    from lmtailor.pretrain.corpus import cached_corpus
+
+    if ctx.cfg.objective == "mlm":
+        from lmtailor.objectives.mlm import check_mask
+
+        check_mask(ctx.tokenizer)
+    check_context(ctx.cfg)
+    corpus = cached_corpus(ctx.cfg, ctx.tokenizer)
+    if corpus.audit and run_dir is not None:
+        atomic_write_json(Path(run_dir) / "privacy_audit.json", corpus.audit)
+    return RunData(corpus.train, corpus.val, corpus.val_examples, corpus.stats, corpus.audit)
