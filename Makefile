@@ -30,9 +30,11 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q --durations=15
 
+# ruff, mypy, and the import contracts of pyproject.toml (layers of the pipeline, no cycles, a leaf registry)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src/lmtailor
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/finetune_throughput.py

@@ -64,3 +64,67 @@ def test_allowed_keys_cover_nested_sections():
 def test_shipped_recipes_validate(recipe):
     cfg = load_config(recipe)
     assert cfg.data.path, f"{recipe} names no data"
+
+
+# ---- objective-owned settings ---------------------------------------------------------------------------------
+
+def test_objective_settings_live_under_the_objective_name():
+    cfg = load_config(None, ["objective=classify", "classify.class_weights=balanced", "classify.threshold=0.3"])
+    assert cfg.settings.class_weights == "balanced" and cfg.settings.threshold == 0.3
+    assert load_config(None, ["objective=mlm"]).settings.probability == 0.15  # defaults without a section
+    assert load_config(None, []).settings is None  # sft owns no settings
+    assert {"classify.labels", "seq2seq.num_beams", "mlm.nsp", "span.density", "clm.eval_context"} <= set(
+        allowed_keys())
+
+
+@pytest.mark.parametrize("overrides, expect", [
+    (["classify.class_weights=balanced"],  # objective sft (default)
+     "config key 'classify.class_weights' belongs to objective classify, but the objective is sft"),
+    (["objective=seq2seq", "mlm.nsp=true"], "objective seq2seq takes: seq2seq.max_target_length"),
+    (["objective=classify", "classify.treshold=0.3"], "did you mean classify.threshold?"),
+    (["objective=classify", "classify.threshold=2"], "config key 'classify.threshold': Input should be less than 1"),
+    (["objective=mlm", "clasify.labels=[a]"], "did you mean classify?"),
+    (["task.class_weights=balanced"], "config key 'task.class_weights' moved to 'classify.class_weights'"),
+    (["objective=seq2seq", "task.label_smoothing=0.1"], "moved to 'seq2seq.label_smoothing'"),
+    (["pretrain.nsp=true"], "config key 'pretrain.nsp' moved to 'mlm.nsp'"),
+])
+def test_a_key_of_another_objective_names_its_owner(overrides, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_registered_objective_brings_its_own_settings():
+    from pydantic import Field
+
+    from lmtailor.config import OBJECTIVE_SETTINGS, Strict
+    from lmtailor.objectives import OBJECTIVES, get_objective, register_objective
+    from lmtailor.objectives.causal import HOOKS, prepare_chats
+
+    class ToySettings(Strict):
+        temperature: float = Field(1.0, gt=0)
+
+    try:
+        register_objective("toy", "a test objective", settings=ToySettings, prepare=prepare_chats, **HOOKS)
+        cfg = load_config(None, ["objective=toy", "toy.temperature=2"])
+        assert get_objective(cfg).name == "toy" and cfg.settings.temperature == 2.0
+        with pytest.raises(ConfigError, match="allowed keys: toy.temperature"):
+            load_config(None, ["objective=toy", "toy.temp=2"])
+        with pytest.raises(ValueError, match="already registered"):
+            register_objective("toy", "again", settings=ToySettings, prepare=prepare_chats, **HOOKS)
+        with pytest.raises(ValueError, match="missing hook"):
+            register_objective("toy2", "no hooks")
+        with pytest.raises(ValueError, match="lowercase"):
+            register_objective("Toy", "bad name", prepare=prepare_chats, **HOOKS)
+    finally:
+        OBJECTIVES.pop("toy", None)
+        OBJECTIVE_SETTINGS.pop("toy", None)
+    with pytest.raises(ConfigError, match="unknown config key 'toy'"):
+        load_config(None, ["objective=sft", "toy.temperature=2"])
+
+
+def test_unknown_objective_lists_the_registered_ones():
+    from lmtailor.objectives import get_objective
+
+    with pytest.raises(ConfigError, match="allowed values are classify, clm, mlm, seq2seq"):
+        get_objective(load_config(None, ["objective=dpo"]))

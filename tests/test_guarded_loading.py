@@ -18,13 +18,9 @@ from lmtailor.errors import CheckpointError, ModelError
 from lmtailor.models import (
     add_lora,
     load_adapter,
-    load_for_inference,
-    load_head_run,
     load_model_config,
     load_pretrained,
-    load_run,
     load_tokenizer,
-    run_config,
     save_model,
 )
 from lmtailor.runs import Run, config_kind
@@ -100,12 +96,20 @@ def toy_task(tmp_path: Path) -> Path:
 
 # ---- every entry point refuses pickle weights, through the real CLI --------------------------------------------
 
+def _labeled(folder: Path) -> Path:
+    path = folder / "labeled.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{q} {i}", "label": "a" if i % 2 else "b"}) + "\n"
+                            for i in range(6) for q, _ in PAIRS))
+    return path
+
+
 def _cli_cases() -> list[tuple[str, str]]:
     verbs = ["generate", "generate-compare", "chat", "serve", "export-merged", "export-gguf", "prompt-run",
              "privacy-canary", "eval", "eval-perplexity"]
     cases = [(verb, target) for verb in verbs for target in ("model", "run", "adapter-run")]
     return [*cases, ("compare", "run"), ("compare", "adapter-run"), ("tokenizer-extend", "model"),
-            ("tokenizer-extend", "run-model")]
+            ("tokenizer-extend", "run-model"), ("train", "model"), ("train-classify", "model"),
+            ("train-seq2seq", "model")]
 
 
 @pytest.mark.parametrize(("verb", "which"), _cli_cases(), ids=lambda x: x)
@@ -140,13 +144,19 @@ def test_cli_refuses_pickle_weights(verb: str, which: str, pickled_model: Path, 
         "tokenizer-extend": ["tokenizer", "extend", target, "--terms", str(terms), "--out", str(out)],
         "eval": ["eval", target, "--data", str(pairs_file), "--generate", "0"],
         "eval-perplexity": ["eval", target, "--data", str(pairs_file), "--metric", "perplexity"],
+        "train": ["train", f"base_model={target}", f"data.path={pairs_file}", f"output_dir={out}", "max_steps=1"],
+        "train-classify": ["train", f"base_model={target}", f"data.path={_labeled(tmp_path)}", "objective=classify",
+                           f"output_dir={out}", "max_steps=1"],
+        "train-seq2seq": ["train", f"base_model={target}", f"data.path={pairs_file}", "objective=seq2seq",
+                          f"output_dir={out}", "max_steps=1"],
     }[verb]
     capsys.readouterr()
     assert main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and REFUSED in err[0], err
     assert "allow_pickle=True" in err[0] and "safetensors" in err[0]  # the fix is on the same line
-    assert not out.exists() and not out.with_suffix(".gguf").exists()
+    assert not (out / "model").exists() and not out.with_suffix(".gguf").exists()
+    assert verb.startswith("train") or not out.exists()
 
 
 def test_serve_library_refuses_a_pickled_adapter_on_a_shared_base(tiny_run: Path,  # noqa: F811
@@ -332,15 +342,3 @@ def test_classification_adapter_keeps_its_labels(tiny_model: Path, tmp_path: Pat
     assert loaded.config.id2label == labels
     ids = torch.tensor([[1, 5, 9, 12]])
     assert torch.allclose(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, atol=1e-5)
-
-
-def test_old_wrappers_go_through_the_guard(full_run: Path, pickled_run: Path,
-                                          pickled_adapter_run: Path) -> None:
-    _, _, info = load_for_inference(str(full_run))
-    assert info["system_prompt"] == "Answer with a shell command." and info["adapter"] is None
-    assert run_config(full_run)["method"] == "full" and run_config(full_run / "model") == {}
-    for load in (lambda: load_run(pickled_run), lambda: load_for_inference(str(pickled_run)),
-                 lambda: load_head_run(pickled_run, pickled_run / "model", "AutoModelForCausalLM"),
-                 lambda: load_run(pickled_adapter_run, merge=True)):
-        with pytest.raises(CheckpointError, match=REFUSED):
-            load()

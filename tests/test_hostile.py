@@ -231,20 +231,20 @@ def test_pickle_only_checkpoint_is_refused(tiny_model: Path, tmp_path: Path) -> 
     import torch
     from safetensors.torch import load_file
 
-    from lmtailor.models import load_model
+    from lmtailor.models import load_pretrained
 
     folder = tmp_path / "pickled"
     folder.mkdir()
     shutil.copy(tiny_model / "config.json", folder / "config.json")
     torch.save(load_file(str(tiny_model / "model.safetensors")), folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickle"):
-        load_model(str(folder))
-    assert load_model(str(folder), allow_pickle=True) is not None
+        load_pretrained(str(folder))
+    assert load_pretrained(str(folder), allow_pickle=True) is not None
 
 
 def test_remote_code_is_off_by_default() -> None:
-    from lmtailor.models import load_model, load_tokenizer
+    from lmtailor.models import load_pretrained, load_tokenizer
 
     assert RunConfig().trust_remote_code is False
-    for fn in (load_model, load_tokenizer):
+    for fn in (load_pretrained, load_tokenizer):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False

@@ -232,29 +232,12 @@ def prepare_tokenizer(tok: Any) -> Any:
     return tok
 
 
-def pick_dtype(dtype: str, device: torch.device | str = "cpu") -> torch.dtype:
-    if dtype == "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32  # CPUs without bf16 hardware train ~30x slower in bf16
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 AUTO_CLASSES = {
     "causal-lm": "AutoModelForCausalLM",
     "seq-cls": "AutoModelForSequenceClassification",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "masked-lm": "AutoModelForMaskedLM",
 }
-
-
-# TODO(arch): remove when callers moved (use load_pretrained)
-def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               allow_pickle: bool = False, task: str = "causal-lm", **kwargs: Any) -> nn.Module:
-    """`load_pretrained` with a task name (a key of AUTO_CLASSES) instead of an Auto class."""
-    return load_pretrained(name, AUTO_CLASSES[task], dtype=dtype, trust_remote_code=trust_remote_code,
-                           allow_pickle=allow_pickle, **kwargs)
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
@@ -364,47 +347,3 @@ def save_model(model: Any, tokenizer: Any, out: Path) -> None:
         if base is not model and type(base).__name__.endswith("ForSequenceClassification"):
             base.config.save_pretrained(tmp)  # an adapter folder lacks config.json: keep id2label/label2id
         tokenizer.save_pretrained(tmp)
-
-
-# The five functions below are the old ways to open a run; each is now a thin wrapper over lmtailor.runs.Run
-# (imported lazily: runs.py sits above this module).
-
-# TODO(arch): remove when callers moved (use Run.open(run).load(dtype, merge))
-def load_run(run: str | Path, dtype: torch.dtype = torch.float32, merge: bool = False) -> tuple[nn.Module, Any, dict]:
-    """Load the model a run produced: (model, tokenizer, info) with info = `Run.info`."""
-    from lmtailor.runs import Run
-
-    opened = Run.open(run)
-    model, tok = opened.load(dtype=dtype, merge=merge)
-    return model, tok, opened.info
-
-
-# TODO(arch): remove when callers moved (use Run.open(run).load(dtype))
-def load_head_run(run: Path, folder: Path, auto_class: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load a run's model with a task head (`auto_class`); `folder` is ignored (Run.open finds the model)."""
-    import dataclasses
-
-    from lmtailor.runs import Run
-
-    opened = Run.open(run)
-    kind = next((k for k, v in AUTO_CLASSES.items() if v == auto_class), opened.kind)
-    model, tok = dataclasses.replace(opened, kind=kind).load(dtype=dtype)
-    return model, prepare_tokenizer(tok)
-
-
-# TODO(arch): remove when callers moved (use Run.open(run).config)
-def run_config(run: Path) -> dict[str, Any]:
-    """The resolved config.yaml a run wrote, or {} for a plain model folder."""
-    from lmtailor.runs import read_config
-
-    return read_config(Path(run))
-
-
-# TODO(arch): remove when callers moved (use Run.open(target).load(dtype) and the Run's fields)
-def load_for_inference(target: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict]:
-    """Load a run folder (adapter or full model) or a base model by name; info = `Run.info`."""
-    from lmtailor.runs import Run
-
-    opened = Run.open(target)
-    model, tok = opened.load(dtype=dtype)
-    return model, tok, opened.info

@@ -5,31 +5,16 @@ A conversation is rendered with the tokenizer's chat template piece by piece, so
 - every assistant turn ends with the EOS / end-of-turn token and that token is supervised
   (a pad token equal to EOS is never used to mask labels: padding is masked by position, not by id);
 - labels are -100 everywhere except assistant tokens, unless train_on_prompt.
+
+IGNORE (-100) and Tokenized live in data.example, beside Example, so that packing (data) needs no renderer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from lmtailor.data.example import Example
+from lmtailor.data.example import IGNORE, Example, Tokenized
 from lmtailor.errors import DataError
-
-IGNORE = -100
-
-
-@dataclass
-class Tokenized:
-    """One training sequence. `labels[t]` is the token at t when supervised, else -100 (not yet shifted)."""
-
-    input_ids: list[int]
-    labels: list[int]
-    source: str = ""
-
-    @property
-    def n_supervised(self) -> int:
-        # Targets are labels shifted left by one: the first label never counts.
-        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 def _template(tok: Any, messages: list[dict[str, str]], gen: bool) -> str:

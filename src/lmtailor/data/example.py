@@ -1,4 +1,5 @@
-"""The one in-memory shape every data format is converted to."""
+"""The in-memory shapes of data: `Example` (what every data format is converted to) and `Tokenized` (one rendered,
+tokenized training sequence)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,20 @@ class Example:
 
     def __post_init__(self) -> None:
         assert (self.messages is None) != (self.text is None), "an Example is either chat or text"
+
+
+IGNORE = -100
+
+
+@dataclass
+class Tokenized:
+    """One training sequence. `labels[t]` is the token at t when supervised, else -100 (not yet shifted)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str = ""
+
+    @property
+    def n_supervised(self) -> int:
+        # Targets are labels shifted left by one: the first label never counts.
+        return sum(1 for x in self.labels[1:] if x != IGNORE)

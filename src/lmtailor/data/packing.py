@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lmtailor.render import IGNORE, Tokenized
+from lmtailor.data.example import IGNORE, Tokenized
 
 
 def shifted_targets(seq: Tokenized) -> list[int]:

@@ -276,8 +276,8 @@ def sliding_window_perplexity(model: nn.Module, tok: Any, texts: list[str], cont
     return math.exp(min(total / max(count, 1), 50.0))
 
 
-HOOKS = dict(tokenizer=recipe_tokenizer, model=load_model, collate=collate, count=count, build=build,
-             evaluate=evaluate)
+HOOKS: dict[str, Any] = dict(tokenizer=recipe_tokenizer, model=load_model, collate=collate, count=count, build=build,
+                             evaluate=evaluate)
 register_objective("sft", "causal LM loss on the assistant turns of chats (instruction tuning)",
                    prepare=prepare_chats, **HOOKS)
 register_objective("clm", "causal LM loss on every token (continued pretraining on raw text, or from scratch)",

@@ -14,16 +14,14 @@ from lmtailor.errors import ConfigError
 
 def load_scratch_tokenizer(settings: ScratchSettings) -> Any:
     """The recipe's tokenizer, with the special tokens its architecture's objective needs."""
-    from transformers import AutoTokenizer
-
-    from lmtailor.models import prepare_tokenizer
+    from lmtailor.models import load_tokenizer
     from lmtailor.tokenizers import SENTINELS
 
     folder = Path(settings.tokenizer)
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"config key 'pretrain.scratch.tokenizer': no tokenizer folder at {folder}",
                           f"train one first: lmtailor tokenizer train --corpus DIR --vocab-size 8000 --out {folder}")
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+    tok = load_tokenizer(str(folder))
     missing = {}
     if settings.arch == "bert":
         for key, text in (("mask_token", "<mask>"), ("cls_token", "<cls>"), ("sep_token", "<sep>")):
