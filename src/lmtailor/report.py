@@ -89,11 +89,15 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
     if png:
         atomic_write_bytes(run_dir / "loss.png", png)
     before, after = summary.get("before", {}), summary.get("after", {})
+    baselines: dict[str, dict[str, float]] = summary.get("baselines") or {}
     rows = "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{fmt_metric(k, b)}</td><td>{fmt_metric(k, a)}</td>"
+        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{fmt_metric(k, m.get(k))}</td>" for m in baselines.values())
+        + f"<td>{fmt_metric(k, b)}</td><td>{fmt_metric(k, a)}</td>"
         f"<td>{fmt_metric(k, a - b, sign=True) if a is not None and b is not None else ''}</td></tr>"
         for k, b, a in compared_metrics(before, after)
     )
+    heads = "".join(f"<th>baseline: {html.escape(n)}</th>" for n in baselines)
+    judged = f"<p><b>{html.escape(summary['verdict'])}</b></p>" if summary.get("verdict") else ""
     task_link = ('<p>Task report (validation metric curves; per class and confusion matrix, or sample predictions): '
                  '<a href="task_report.html">task_report.html</a></p>'
                  if (run_dir / "task_report.html").is_file() else "")
@@ -103,7 +107,7 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
         for b, a in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[:10]
     )
     facts = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in summary.items()
-                    if k not in ("before", "after", "data", "privacy"))
+                    if k not in ("before", "after", "data", "privacy", "baselines", "verdict"))
     data = "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in summary.get("data", {}).items())
     privacy = ""
     if summary.get("privacy"):
@@ -115,8 +119,9 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px}}
 table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><body>
 <h1>Run {html.escape(cfg.name)}</h1><ul>{facts}</ul><h2>Data</h2><ul>{data}</ul>
-<h2>Before / after (held-out split)</h2><table><tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>
-{rows}</table>{task_link}
+<h2>Before / after (held-out split)</h2><table><tr><th>metric</th>{heads}<th>before</th><th>after</th><th>change</th>
+</tr>
+{rows}</table>{judged}{task_link}
 {privacy}<h2>Loss</h2>{img}
 <h2>Sample answers</h2><table><tr><th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>{samples}</table>
 <h2>Resolved config</h2><pre>{html.escape(dump_config(cfg))}</pre></body></html>
@@ -220,16 +225,68 @@ table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><bod
     atomic_write_text(run_dir / "task_report.html", page)
 
 
-def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int = 3) -> str:
-    """A plain-text before/after table of every scalar metric both evaluations report (loss, and the task
-    metrics: accuracy, macro_f1, bleu, chrf, rougeL, exact_match, ...), plus a few sample answers."""
-    rows = [("metric", "before", "after", "change")]
-    rows += [(k, fmt_metric(k, b), fmt_metric(k, a), fmt_metric(k, a - b, sign=True))
-             for k, b, a in compared_metrics(before, after) if a is not None and b is not None]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
+def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int = 3,
+                     baselines: dict[str, dict[str, float]] | None = None, verdict: str | None = None) -> str:
+    """A plain-text table of every scalar metric both evaluations report (loss, and the task metrics: accuracy,
+    macro_f1, bleu, chrf, rougeL, exact_match, ...) with a column per baseline on the same split, then the verdict
+    against the baselines and a few sample answers."""
+    names = list(baselines or {})
+    rows = [("metric", *names, "before", "after", "change")]
+    for k, b, a in compared_metrics(before, after):
+        if a is None or b is None:
+            continue
+        base = [fmt_metric(k, (baselines or {})[n].get(k)) for n in names]
+        rows.append((k, *base, fmt_metric(k, b), fmt_metric(k, a), fmt_metric(k, a - b, sign=True)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if verdict:
+        lines += ["", verdict]
     for s_before, s_after in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[:samples]:
         lines += ["", f"Q: {s_before['prompt']}", f"   reference: {s_before['reference']}",
                   f"   before:    {s_before['prediction']}", f"   after:     {s_after['prediction']}"]
     return "\n".join(lines)
+
+
+def likely_reasons(history: list[dict[str, Any]], stats: dict[str, Any], metric: str) -> list[str]:
+    """Why a run may fall short, read from the run itself: loss or the validation metric still improving at the end,
+    few optimizer steps, examples cut at max_length."""
+    reasons = []
+    losses = [r["loss"] for r in history if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+    if len(losses) >= 10:
+        k = max(2, len(losses) // 10)
+        earlier, last = sum(losses[-2 * k:-k]) / k, sum(losses[-k:]) / k
+        if last < earlier * 0.98:
+            reasons.append(f"the training loss was still falling at the end ({earlier:.3f} -> {last:.3f} over the "
+                           f"last {2 * k} steps): train longer (epochs, max_steps or budget)")
+    curve = [r[f"val_{metric}"] for r in history if f"val_{metric}" in r]
+    if len(curve) >= 2:
+        best = max(curve) if higher_is_better(metric) else min(curve)
+        if curve[-1] == best and curve[-1] != curve[0]:
+            reasons.append(f"validation {metric} was still improving at the last evaluation")
+    if history and len(history) < 100:
+        reasons.append(f"only {len(history)} optimizer steps")
+    cut, total = stats.get("train_truncated"), stats.get("train_examples") or stats.get("train_pairs")
+    if cut and total and cut / total > 0.05:
+        reasons.append(f"{cut / total:.0%} of the training examples were cut at max_length")
+    return reasons
+
+
+def verdict(after: dict[str, Any], baselines: dict[str, dict[str, float]], metric: str | None,
+            reasons: list[str] | None = None) -> str | None:
+    """One paragraph: does the tuned model beat the best baseline on `metric`; if not, the likely reasons."""
+    if not metric or metric not in after or not baselines:
+        return None
+    scored = {n: m[metric] for n, m in baselines.items() if isinstance(m.get(metric), float)
+              and math.isfinite(m[metric])}
+    if not scored:
+        return None
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    name, value = max(scored.items(), key=lambda kv: sign * kv[1])
+    ours = float(after[metric])
+    if sign * (ours - value) > 0:
+        return (f"The tuned model beats the best baseline on {metric}: {fmt_metric(metric, ours)} vs "
+                f"{fmt_metric(metric, value)} ({name}).")
+    why = "; ".join(reasons or []) or "no sign of undertraining in the run: the baseline may suit this data better"
+    return (f"The tuned model does NOT beat the baseline {name} on {metric}: {fmt_metric(metric, ours)} vs "
+            f"{fmt_metric(metric, value)}. Likely reasons: {why}.")

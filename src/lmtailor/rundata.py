@@ -27,6 +27,7 @@ class RunData:
     val_examples: Sequence[Example]
     stats: dict[str, Any] = field(default_factory=dict)
     privacy_audit: dict[str, Any] = field(default_factory=dict)
+    train_examples: Sequence[Example] = ()  # what the items came from (empty when streamed into the token cache)
 
 
 def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: bool = True) -> RunData:
@@ -75,7 +76,7 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
         val_ex = val_ex[:cfg.eval.max_examples]
         val_items, _ = objective.prepare(ctx, val_ex)
         stats.update({f"train_{k}": v for k, v in train_stats.items()}, val_items=len(val_items))
-        data = RunData(train_items, val_items, val_ex, stats, audit)
+        data = RunData(train_items, val_items, val_ex, stats, audit, train_ex)
     if not data.train_items:
         raise ConfigError("no training example has anything to learn from",
                           "check data.format and that examples have assistant turns, text or labels")

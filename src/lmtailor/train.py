@@ -23,7 +23,7 @@ from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmtailor.loop import Loop, item_tokens, make_optimizer, plan_steps, run_steps
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
-from lmtailor.report import comparison_table, write_report, write_task_report
+from lmtailor.report import comparison_table, likely_reasons, verdict, write_report, write_task_report
 from lmtailor.rundata import RunData, build_run_data
 
 ADAPTER_METHODS = ("lora", "prompt_tuning", "prefix_tuning")  # PEFT wrappers: the base model is their "before"
@@ -67,7 +67,10 @@ def train(cfg: RunConfig, progress: bool = True,
         + ", ".join(f"{k.removeprefix('train_')} {v}" for k, v in data.stats.items() if k.startswith("train_")))
     model.to(acc.device)
 
-    # ---- before -------------------------------------------------------------------------------------------------
+    # ---- baselines and before: the obvious alternatives and the untrained start, on the held-out split ---------
+    baselines: dict[str, dict[str, float]] = {}
+    if main and objective.baseline is not None and data.train_examples and data.val_examples:
+        baselines = objective.baseline(ctx, data.train_examples, data.val_examples)
     before = Evaluation()
     if main and cfg.eval.before_after and (data.val_items or data.val_examples):
         with model.disable_adapter() if cfg.method in ADAPTER_METHODS else contextlib.nullcontext():
@@ -108,23 +111,37 @@ def train(cfg: RunConfig, progress: bool = True,
         save_model(model, ctx.tokenizer, run_dir / "model")
         after = objective.evaluate(ctx, model, data.val_items, data.val_examples, progress=progress,
                                    desc="after") if (data.val_items or data.val_examples) else Evaluation()
-        summary = {
-            "run_dir": str(run_dir), "base_model": base_name, "method": cfg.method, "objective": cfg.objective,
-            "steps": state["step"], "stopped_early": result.stopped_early, "trainable_params": trainable,
-            "total_params": total, "train_seconds": round(state["elapsed"], 2),
-            "train_tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": acc.num_processes,
-            "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
-            "best": {"metric": cfg.metric_for_best, "value": state["best"], "step": state.get("best_step")},
-            "data": data.stats, "before": before.metrics, "after": after.metrics,
-            **({"privacy": data.privacy_audit} if data.privacy_audit else {}),
-        }
+        summary = _summary(cfg, objective, data, state, result.stopped_early, (trainable, total), base_name,
+                           acc.num_processes, baselines, before, after)
         _write_outputs(run_dir, cfg, objective, state["history"], summary, before, after)
         say(f"\nrun folder: {run_dir} ({state['step']} steps in {state['elapsed']:.0f} s, "
             f"{summary['train_tokens_per_s']:.0f} tokens/s)")
         if before.metrics and after.metrics:
-            say("\n" + comparison_table(before.metrics, after.metrics, cfg.eval.samples))
+            say("\n" + comparison_table(before.metrics, after.metrics, cfg.eval.samples, baselines,
+                                        summary["verdict"]))
+        elif summary["verdict"]:
+            say(summary["verdict"])
     acc.wait_for_everyone()
     return summary
+
+
+def _summary(cfg: RunConfig, objective: Objective, data: RunData, state: dict[str, Any], stopped_early: bool,
+             params: tuple[int, int], base_name: str, world: int, baselines: dict[str, dict[str, float]],
+             before: Evaluation, after: Evaluation) -> dict[str, Any]:
+    """What metrics.json records: the run's facts, data statistics, baselines, before/after and the verdict."""
+    metric = cfg.metric_for_best if cfg.metric_for_best != "loss" else objective.primary_metric
+    return {
+        "run_dir": str(cfg.run_dir), "base_model": base_name, "method": cfg.method, "objective": cfg.objective,
+        "steps": state["step"], "stopped_early": stopped_early, "trainable_params": params[0],
+        "total_params": params[1], "train_seconds": round(state["elapsed"], 2),
+        "train_tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9), "world_size": world,
+        "final_train_loss": state["history"][-1]["loss"] if state["history"] else None,
+        "best": {"metric": cfg.metric_for_best, "value": state["best"], "step": state.get("best_step")},
+        "data": data.stats, "baselines": baselines, "before": before.metrics, "after": after.metrics,
+        "verdict": verdict(after.metrics, baselines, metric, likely_reasons(state["history"], data.stats,
+                                                                            metric or "loss")),
+        **({"privacy": data.privacy_audit} if data.privacy_audit else {}),
+    }
 
 
 def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:

@@ -193,6 +193,26 @@ def loss_sums(loss_module: nn.Module, seqs: Sequence[Tokenized], pad_id: int, ba
     return total, count
 
 
+def generation_examples(ctx: ObjectiveContext, examples: Sequence[Example]) -> list[Example]:
+    """The held-out chats answered by generation: the first eval.generate_examples (default 40)."""
+    limit = ctx.cfg.eval.generate_examples if ctx.cfg.eval.generate_examples is not None else 40
+    return [ex for ex in examples if ex.messages is not None][:limit] if limit else []
+
+
+def baseline(ctx: ObjectiveContext, train: Sequence[Example], val: Sequence[Example]) -> dict[str, dict[str, float]]:
+    """The answer of the nearest training question (BM25), and copying the question, on the evaluated chats."""
+    from lmtailor.baselines import answer_baselines
+
+    chats = generation_examples(ctx, val)
+    if not chats:
+        return {}
+    pairs = [prompt_messages(ex) for ex in train if ex.messages is not None]
+    questions = [p[-1]["content"] for p, _ in pairs]
+    held = [prompt_messages(ex) for ex in chats]
+    return answer_baselines(questions, [a for _, a in pairs], [p[-1]["content"] for p, _ in held],
+                            [r for _, r in held])
+
+
 def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized], examples: Sequence[Example],
              progress: bool = True, desc: str = "") -> Evaluation:
     """Loss and perplexity on the held-out items; exact match and chrF of greedy answers to the first
@@ -204,8 +224,7 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized]
         total, n = loss_sums(CausalLMLoss(model), items, tok.pad_token_id, progress=progress,
                              desc=f"{desc} loss".strip())
         out.update(loss=total / max(n, 1), perplexity=perplexity(total / max(n, 1)), eval_tokens=n)
-    limit = cfg.eval.generate_examples if cfg.eval.generate_examples is not None else 40
-    chats = [ex for ex in examples if ex.messages is not None][:limit] if limit else []
+    chats = generation_examples(ctx, examples)
     if chats:
         prompts, refs = zip(*(prompt_messages(ex) for ex in chats), strict=True)
         preds = generate(model, tok, list(prompts), cfg.generation, progress=progress,
@@ -279,6 +298,6 @@ def sliding_window_perplexity(model: nn.Module, tok: Any, texts: list[str], cont
 HOOKS: dict[str, Any] = dict(tokenizer=recipe_tokenizer, model=load_model, collate=collate, count=count, build=build,
                              evaluate=evaluate)
 register_objective("sft", "causal LM loss on the assistant turns of chats (instruction tuning)",
-                   prepare=prepare_chats, **HOOKS)
+                   prepare=prepare_chats, baseline=baseline, primary_metric="chrf", **HOOKS)
 register_objective("clm", "causal LM loss on every token (continued pretraining on raw text, or from scratch)",
                    settings=ClmSettings, prepare=prepare_text, train_on_prompt=True, **HOOKS)

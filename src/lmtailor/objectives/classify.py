@@ -284,6 +284,26 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[ClassItem]
     return Evaluation(metrics, artifacts)
 
 
+def baseline(ctx: ObjectiveContext, train: Sequence[Example], val: Sequence[Example]) -> dict[str, dict[str, float]]:
+    """The majority class and TF-IDF + logistic regression, trained on the training texts, scored on the held-out
+    ones with the metrics `evaluate` reports."""
+    from lmtailor.baselines import classification_baselines, multilabel_baselines
+
+    s: ClassifySettings = ctx.settings
+    names = ctx.labels or []
+    index = {n: i for i, n in enumerate(names)}
+    if not val or not names:
+        return {}
+    texts = [str(ex.text) for ex in train]
+    held = [str(ex.text) for ex in val]
+    if s.multi_label:
+        def rows(exs: Sequence[Example]) -> list[list[int]]:
+            return [[int(n in example_labels(ex, s)) for n in names] for ex in exs]
+        return multilabel_baselines(texts, rows(train), held, rows(val), names)
+    return classification_baselines(texts, [index[example_labels(ex, s)[0]] for ex in train], held,
+                                    [index[example_labels(ex, s)[0]] for ex in val], names)
+
+
 def predict(run: Any, texts: list[str], batch_size: int = EVAL_BATCH
             ) -> list[tuple[str | list[str], dict[str, float]]]:
     """Classify texts with a trained run (a folder or an opened `Run`): [(label, {label: probability})];
@@ -311,4 +331,4 @@ def predict(run: Any, texts: list[str], batch_size: int = EVAL_BATCH
 register_objective("classify", "sequence classification: a label per text (labeled data), head on any backbone",
                    settings=ClassifySettings, tokenizer=recipe_tokenizer, fit=fit, model=load_model, prepare=prepare,
                    collate=collate, count=count, build=build, evaluate=evaluate, sample_weights=sample_weights,
-                   task_report=True)
+                   baseline=baseline, task_report=True, primary_metric="macro_f1")

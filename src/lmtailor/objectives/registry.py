@@ -11,6 +11,8 @@ An objective is a set of hooks the pipeline calls in this order:
     collate(ctx, items) -> batch                      items -> tensors
     count(batch) -> int                               loss terms in a batch (the step normalizes by their total)
     evaluate(ctx, model, items, examples, progress) -> Evaluation     metrics and artifacts; the caller writes them
+    baseline(ctx, train_examples, val_examples) -> {name: metrics}    optional: the obvious alternatives (e.g.
+                                                      TF-IDF + logistic regression), scored like `evaluate` scores
 
 Hooks share what they know through the `ObjectiveContext` passed to each, never through attributes set on a model
 or a mutated config. Each objective module registers itself (`register_objective`); the package imports them.
@@ -83,6 +85,8 @@ class Objective:
     train_on_prompt: bool = False
     task_report: bool = False  # write task_report.html (task metrics, curves, per-class/sample tables)
     sample_weights: Callable[[ObjectiveContext, Any], Any] | None = None  # per-item draw weights of an epoch
+    baseline: Callable[[ObjectiveContext, Any, Any], dict[str, dict[str, float]]] | None = None
+    primary_metric: str | None = None  # the task metric a tuned model is judged by against the baselines
     select: Callable[[RunConfig], str] | None = None  # an alias that picks a concrete objective per recipe
 
     def context(self, cfg: RunConfig, run_dir: Path | None = None) -> ObjectiveContext:
@@ -91,7 +95,8 @@ class Objective:
 
 
 OBJECTIVES: dict[str, Objective] = {}
-_HOOKS = ("tokenizer", "model", "prepare", "build", "collate", "count", "evaluate", "fit", "sample_weights", "select")
+_HOOKS = ("tokenizer", "model", "prepare", "build", "collate", "count", "evaluate", "fit", "sample_weights", "baseline",
+          "select")
 
 
 def register_objective(name: str, description: str, *, settings: type[BaseModel] | None = None,
@@ -103,8 +108,8 @@ def register_objective(name: str, description: str, *, settings: type[BaseModel]
         description: one line for listings.
         settings: a pydantic model of the objective's own options.
         hooks: tokenizer, model, prepare, build, collate, count, evaluate (required unless `select` is given:
-            then the name is an alias resolved per recipe), fit, sample_weights and select (optional), and the
-            flags train_on_prompt and task_report.
+            then the name is an alias resolved per recipe), fit, sample_weights, baseline and select (optional),
+            and the flags train_on_prompt, task_report and primary_metric.
 
     Raises:
         ValueError: a bad or taken name, a missing or non-callable hook, an unknown keyword.
@@ -113,7 +118,7 @@ def register_objective(name: str, description: str, *, settings: type[BaseModel]
         raise ValueError(f"objective name must be lowercase letters, digits, - or _: {name!r}")
     if name in OBJECTIVES:
         raise ValueError(f"objective {name!r} is already registered")
-    flags = {k: hooks.pop(k) for k in ("train_on_prompt", "task_report") if k in hooks}
+    flags = {k: hooks.pop(k) for k in ("train_on_prompt", "task_report", "primary_metric") if k in hooks}
     unknown = set(hooks) - set(_HOOKS)
     if unknown:
         raise ValueError(f"objective {name!r}: unknown hook(s) {sorted(unknown)}; hooks are {', '.join(_HOOKS)}")

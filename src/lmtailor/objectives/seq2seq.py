@@ -178,12 +178,27 @@ def generate_targets(ctx: ObjectiveContext, model: nn.Module, sources: list[str]
     return out
 
 
+def generated_pairs(ctx: ObjectiveContext, examples: Sequence[Example]) -> list[tuple[str, str]]:
+    """(source, target) of the held-out examples answered by generation: the first eval.generate_examples (200)."""
+    limit = ctx.cfg.eval.generate_examples if ctx.cfg.eval.generate_examples is not None else 200
+    return [source_target(examples[i]) for i in range(min(limit, len(examples)))]
+
+
+def baseline(ctx: ObjectiveContext, train: Sequence[Example], val: Sequence[Example]) -> dict[str, dict[str, float]]:
+    """The target of the nearest training source (BM25), and copying the source, scored like the model."""
+    from lmtailor.baselines import generation_baselines
+
+    pairs = [source_target(ex) for ex in train]
+    held = generated_pairs(ctx, val)
+    return generation_baselines([s for s, _ in pairs], [t for _, t in pairs], [s for s, _ in held],
+                                [t for _, t in held])
+
+
 def generation_metrics(ctx: ObjectiveContext, model: nn.Module, examples: Sequence[Example], progress: bool
                        ) -> dict[str, Any]:
     """BLEU, chrF, ROUGE-1/2/L and exact match of generated targets for the first eval.generate_examples examples,
     with sample predictions."""
-    limit = ctx.cfg.eval.generate_examples if ctx.cfg.eval.generate_examples is not None else 200
-    pairs = [source_target(ex) for ex in list(examples)[:limit]]
+    pairs = generated_pairs(ctx, examples)
     if not pairs:
         return {}
     sources, refs = [p[0] for p in pairs], [p[1] for p in pairs]
@@ -224,8 +239,9 @@ register_objective("seq2seq", "source -> target generation (paired data): encode
                    select=select)
 register_objective("seq2seq_encdec", "seq2seq on an encoder-decoder (T5/BART): source to the encoder, target loss "
                    "through the decoder", settings=Seq2SeqSettings, tokenizer=recipe_tokenizer, model=load_model,
-                   prepare=prepare, collate=collate, count=count, build=build, evaluate=evaluate, task_report=True)
+                   prepare=prepare, collate=collate, count=count, build=build, evaluate=evaluate, baseline=baseline,
+                   task_report=True, primary_metric="chrf")
 register_objective("seq2seq_causal", "seq2seq on a decoder-only model: the sft loss on the completion, judged by "
                    "generation", settings=Seq2SeqSettings, tokenizer=recipe_tokenizer, model=causal.load_model,
                    prepare=causal.prepare_chats, collate=causal.collate, count=causal.count, build=causal.build,
-                   evaluate=evaluate_causal, task_report=True)
+                   evaluate=evaluate_causal, baseline=baseline, task_report=True, primary_metric="chrf")
