@@ -13,7 +13,7 @@ from lmtailor.cli import main
 from lmtailor.report import comparison_table, likely_reasons, verdict
 
 KEYWORDS = {"sport": ["goal", "match", "league"], "money": ["bank", "loan", "interest"]}
-FILLER = "the a of and to in that it with for on as was this by at".split()
+FILLER = ["the", "a", "of", "and", "to", "in", "that", "it", "with", "for", "on", "as", "was", "this", "by", "at"]
 
 
 def _texts(n: int, seed: int) -> tuple[list[str], list[int]]:

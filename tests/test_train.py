@@ -139,3 +139,26 @@ def test_console_script_prints_one_line_errors(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "unknown config key 'lora.rank'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_budget_fits_the_steps_to_the_measured_step_time(tiny_model, pairs_file, tmp_path, capsys):
+    """budget= measures a step before training, cuts the step count to fit, writes it to the resolved config, and
+    the measurement leaves the run unchanged: the same max_steps without a budget gives identical weights."""
+    import yaml
+
+    common = [f"base_model={tiny_model}", f"data.path={pairs_file}", "data.val_size=2", "batch_size=2", "epochs=50",
+              "method=full", "eval.before_after=false", "--no-progress"]
+    # a budget far above the planned 200 steps never raises them
+    roomy = tmp_path / "roomy"
+    assert main(["train", *common, f"output_dir={roomy}", "budget=2h", "max_steps=3"]) == 0
+    assert json.loads((roomy / "metrics.json").read_text())["steps"] == 3
+    fitted = tmp_path / "fitted"
+    assert main(["train", *common, f"output_dir={fitted}", "budget=1.5s"]) == 0
+    out = capsys.readouterr().out
+    steps = json.loads((fitted / "metrics.json").read_text())["steps"]
+    assert "budget 1.5 s: a step takes" in out and f"-> {steps} steps" in out and 1 <= steps < 200
+    assert yaml.safe_load((fitted / "config.yaml").read_text())["max_steps"] == steps
+    plain = tmp_path / "plain"
+    assert main(["train", *common, f"output_dir={plain}", f"max_steps={steps}"]) == 0
+    a, b = (load_file(r / "model" / "model.safetensors") for r in (fitted, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)

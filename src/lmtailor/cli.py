@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lmtailor.errors import DataError, LmtailorError
 
@@ -51,7 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="verb", required=True)
+    # Called in this order so `lmtailor --help` lists the verbs as it always has.
+    _train_verbs(sub)
+    _generate_verbs(sub)
+    _data_verbs(sub)
+    _deploy_verbs(sub)
+    _prompt_verbs(sub)
+    _privacy_verbs(sub)
+    return p
 
+
+def _train_verbs(sub: argparse._SubParsersAction) -> None:
+    """train, tune, validate, eval."""
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("recipe", nargs="?", help="YAML recipe (defaults if omitted)")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -68,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--progress", action="store_true", help="show each trial's progress bars")
 
     v = sub.add_parser("validate", help="check a recipe and its data without training")
-    v.add_argument("recipe")
-    v.add_argument("overrides", nargs="*")
+    v.add_argument("recipe", nargs="?", help="YAML recipe (defaults if omitted)")
+    v.add_argument("overrides", nargs="*", help="key=value overrides")
 
     e = sub.add_parser("eval", help="evaluate a run or model on a data file")
     e.add_argument("run", help="run folder, model folder or model name")
@@ -84,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=None, help="perplexity window in tokens (default --max-length)")
     e.add_argument("--stride", type=int, default=None, help="tokens the window advances (default context / 2)")
 
+
+def _generate_verbs(sub: argparse._SubParsersAction) -> None:
+    """generate, chat."""
     g = sub.add_parser("generate", help="answer prompts with a run or model")
     g.add_argument("run")
     g.add_argument("prompts", nargs="+")
@@ -95,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run")
     _gen_args(c)
 
+
+def _data_verbs(sub: argparse._SubParsersAction) -> None:
+    """tokenizer train|extend, datasets list|fetch."""
     tk = sub.add_parser("tokenizer", help="train a tokenizer, or extend a model's vocabulary with domain terms")
     tsub = tk.add_subparsers(dest="action", required=True)
     tt = tsub.add_parser("train", help="train a BPE or Unigram tokenizer on a corpus")
@@ -114,14 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     f = dsub.add_parser("fetch", help="download a catalog dataset into the cache")
     f.add_argument("name")
     f.add_argument("--refresh", action="store_true")
+
+
+def _deploy_verbs(sub: argparse._SubParsersAction) -> None:
+    """serve, export."""
+    from lmtailor.config import SPEEDUP_HELP, SPEEDUPS
+
     s = sub.add_parser("serve", help="OpenAI-compatible API and web playground for runs or models")
     s.add_argument("runs", nargs="+", help="run folders, model folders or model names (each becomes a model id)")
     s.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="environment variable holding the bearer key clients must send")
-    from lmtailor.config import SPEEDUP_HELP, SPEEDUPS
-
     s.add_argument("--speedup", choices=SPEEDUPS, default="none", help=SPEEDUP_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch threads for decoding (0: torch default; "
                    "1 is as fast and far steadier on a shared machine)")
@@ -135,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="folder (merged) or .gguf file")
     x.add_argument("--gguf-type", choices=["f16", "q8_0"], default="f16")
 
+
+def _prompt_verbs(sub: argparse._SubParsersAction) -> None:
+    """prompt run|optimize, compare."""
     pm = sub.add_parser("prompt", help="prompt engineering on a task file: score a prompt, or search for a better one")
     pmsub = pm.add_subparsers(dest="action", required=True)
     pmr = pmsub.add_parser("run", help="score the task's prompt on test data with the task's metric")
@@ -157,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     pmo.add_argument("--budget", type=int, default=None, help="model calls (default search.budget)")
     pmo.add_argument("--out", default=None, help="output folder (default runs/<task>-prompt-search)")
     pmo.add_argument("--no-cache", action="store_true")
+
     cp = sub.add_parser("compare", help="zero-shot vs few-shot vs optimized prompt vs fine-tuned runs, one test set")
     cp.add_argument("task", help="task YAML")
     cp.add_argument("systems", nargs="+", help="zero-shot, few-shot, optimized, a task .yaml, a run folder; "
@@ -168,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", default=None, help="report folder (default runs/<task>-compare)")
     cp.add_argument("--no-cache", action="store_true")
 
+
+def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
+    """privacy scan|scrub|plant|canary."""
     pv = sub.add_parser("privacy", help="find and scrub personal data; check a run for memorized canaries")
     psub = pv.add_subparsers(dest="action", required=True)
     ps = psub.add_parser("scan", help="count PII by type, field and line; changes nothing")
@@ -192,102 +220,140 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("run")
     pc.add_argument("--canaries", required=True, help="the .canaries.yaml file `privacy plant` wrote")
     pc.add_argument("--candidates", type=int, default=1000, help="random secrets each canary is ranked against")
-    return p
 
 
 def _run(a: argparse.Namespace) -> int:
-    if a.verb == "train" and a.recipe and "=" in a.recipe and not os.path.exists(a.recipe):
-        a.overrides, a.recipe = [a.recipe, *a.overrides], None  # only overrides were given
-    if a.verb == "train":
-        from lmtailor.config import load_config
-        from lmtailor.train import train
-
-        train(load_config(a.recipe, a.overrides), progress=not a.no_progress)
-    elif a.verb == "tune":
-        from lmtailor.tune import tune
-
-        result = tune(a.recipe, a.overrides, a.trials, a.timeout, a.param, prune=not a.no_prune, progress=a.progress)
-        print(json.dumps({k: v for k, v in result.items() if k != "all"}, indent=2))
-    elif a.verb == "validate":
-        from lmtailor.config import load_config
-        from lmtailor.train import check_recipe
-
-        print(check_recipe(load_config(a.recipe, a.overrides)))
-    elif a.verb == "eval":
-        from lmtailor.evaluate import evaluate_run
-
-        metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
-                               out=a.out, metric=a.metric, context=a.context, stride=a.stride)
-        print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
-    elif a.verb == "generate":
-        from lmtailor.generate import answer
-
-        answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare, raw=a.raw, speedup=a.speedup)
-        for prompt, answers in zip(a.prompts, answers_all, strict=True):
-            print(f"> {prompt}")
-            for who, text in answers.items():
-                print(f"[{who}] {text}" if a.compare else text)
-    elif a.verb == "chat":
-        from lmtailor.generate import chat_loop
-
-        chat_loop(a.run, _gen_settings(a), a.system, speedup=a.speedup)
-    elif a.verb == "tokenizer":
-        from lmtailor import tokenizers
-
-        if a.action == "train":
-            print(tokenizers.train_tokenizer(a.corpus, a.vocab_size, a.out, a.type))
-        else:
-            print(tokenizers.extend_tokenizer(a.base, a.terms, a.out, a.corpus))
-    elif a.verb == "datasets":
-        from lmtailor.data import catalog
-
-        if a.action == "list":
-            for info in catalog.list_datasets():
-                print(f"{info.name:16} {info.format:18} {info.license:14} {info.description}")
-        else:
-            print(catalog.fetch(a.name, refresh=a.refresh))
-    elif a.verb == "serve":
-        from lmtailor.serve import Limits, serve
-
-        serve(a.runs, host=a.host, port=a.port, api_key_env=a.api_key_env, speedup=a.speedup,
-              limits=Limits(max_batch_size=a.max_batch_size, max_queue=a.max_queue, timeout_s=a.timeout,
-                            torch_threads=a.threads))
-    elif a.verb == "export":
-        from lmtailor.export import export_run
-
-        print(json.dumps(export_run(a.run, a.format, a.out, gguf_type=a.gguf_type), indent=2))
-    elif a.verb == "prompt":
-        from lmtailor.prompting.task import load_task
-        from lmtailor.prompting.workflows import optimize_prompt, run_prompt
-
-        task = load_task(a.task, a.overrides)
-        if a.action == "run":
-            result = run_prompt(task, a.model, a.data, a.pool, a.template, not a.zero_shot, a.limit, a.out,
-                                cache=not a.no_cache)
-            print(json.dumps({k: v for k, v in result["metrics"].items() if not isinstance(v, dict | list)}, indent=2))
-        else:
-            optimize_prompt(task, a.model, a.dev, a.pool, a.budget, a.out, cache=not a.no_cache)
-    elif a.verb == "compare":
-        from lmtailor.prompting.compare import compare
-        from lmtailor.prompting.task import load_task
-
-        summary = compare(load_task(a.task), a.systems, a.model, a.test, a.pool, a.limit, a.out,
-                          cache=not a.no_cache)
-        from lmtailor.prompting.report import compare_markdown
-
-        print(compare_markdown(summary), end="")
-    elif a.verb == "privacy":
-        from lmtailor.privacy import canary, scrub
-
-        if a.action == "scan":
-            print(scrub.cli_scan(a.file, as_json=a.json, ner=a.ner))
-        elif a.action == "scrub":
-            print(scrub.cli_scrub(a.file, a.out, a.mode, a.salt_env, a.ner, a.audit))
-        elif a.action == "plant":
-            print(canary.cli_plant(a.file, a.out, a.repeats, a.pattern, a.seed))
-        else:
-            print(canary.cli_canary(a.run, a.canaries, a.candidates))
+    _VERBS[a.verb](a)
     return 0
+
+
+def _train(a: argparse.Namespace) -> None:
+    from lmtailor.config import load_config
+    from lmtailor.train import train
+
+    _shift_overrides(a)
+    train(load_config(a.recipe, a.overrides), progress=not a.no_progress)
+
+
+def _tune(a: argparse.Namespace) -> None:
+    from lmtailor.tune import tune
+
+    result = tune(a.recipe, a.overrides, a.trials, a.timeout, a.param, prune=not a.no_prune, progress=a.progress)
+    print(json.dumps({k: v for k, v in result.items() if k != "all"}, indent=2))
+
+
+def _validate(a: argparse.Namespace) -> None:
+    from lmtailor.config import load_config
+    from lmtailor.train import check_recipe
+
+    _shift_overrides(a)
+    print(check_recipe(load_config(a.recipe, a.overrides)))
+
+
+def _shift_overrides(a: argparse.Namespace) -> None:
+    """`train lr=1e-3` gives only overrides: the first one landed in `recipe`."""
+    if a.recipe and "=" in a.recipe and not os.path.exists(a.recipe):
+        a.overrides, a.recipe = [a.recipe, *a.overrides], None
+
+
+def _eval(a: argparse.Namespace) -> None:
+    from lmtailor.evaluate import evaluate_run
+
+    metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
+                           out=a.out, metric=a.metric, context=a.context, stride=a.stride)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from lmtailor.generate import answer
+
+    answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare, raw=a.raw, speedup=a.speedup)
+    for prompt, answers in zip(a.prompts, answers_all, strict=True):
+        print(f"> {prompt}")
+        for who, text in answers.items():
+            print(f"[{who}] {text}" if a.compare else text)
+
+
+def _chat(a: argparse.Namespace) -> None:
+    from lmtailor.generate import chat_loop
+
+    chat_loop(a.run, _gen_settings(a), a.system, speedup=a.speedup)
+
+
+def _tokenizer(a: argparse.Namespace) -> None:
+    from lmtailor import tokenizers
+
+    if a.action == "train":
+        print(tokenizers.train_tokenizer(a.corpus, a.vocab_size, a.out, a.type))
+    else:
+        print(tokenizers.extend_tokenizer(a.base, a.terms, a.out, a.corpus))
+
+
+def _datasets(a: argparse.Namespace) -> None:
+    from lmtailor.data import catalog
+
+    if a.action == "list":
+        for info in catalog.list_datasets():
+            print(f"{info.name:16} {info.format:18} {info.license:14} {info.description}")
+    else:
+        print(catalog.fetch(a.name, refresh=a.refresh))
+
+
+def _serve(a: argparse.Namespace) -> None:
+    from lmtailor.serve import Limits, serve
+
+    serve(a.runs, host=a.host, port=a.port, api_key_env=a.api_key_env, speedup=a.speedup,
+          limits=Limits(max_batch_size=a.max_batch_size, max_queue=a.max_queue, timeout_s=a.timeout,
+                        torch_threads=a.threads))
+
+
+def _export(a: argparse.Namespace) -> None:
+    from lmtailor.export import export_run
+
+    print(json.dumps(export_run(a.run, a.format, a.out, gguf_type=a.gguf_type), indent=2))
+
+
+def _prompt(a: argparse.Namespace) -> None:
+    from lmtailor.prompting.task import load_task
+    from lmtailor.prompting.workflows import optimize_prompt, run_prompt
+
+    task = load_task(a.task, a.overrides)
+    if a.action == "run":
+        result = run_prompt(task, a.model, a.data, a.pool, a.template, not a.zero_shot, a.limit, a.out,
+                            cache=not a.no_cache)
+        print(json.dumps({k: v for k, v in result["metrics"].items() if not isinstance(v, dict | list)}, indent=2))
+    else:
+        optimize_prompt(task, a.model, a.dev, a.pool, a.budget, a.out, cache=not a.no_cache)
+
+
+def _compare(a: argparse.Namespace) -> None:
+    from lmtailor.prompting.compare import compare
+    from lmtailor.prompting.report import compare_markdown
+    from lmtailor.prompting.task import load_task
+
+    summary = compare(load_task(a.task), a.systems, a.model, a.test, a.pool, a.limit, a.out, cache=not a.no_cache)
+    print(compare_markdown(summary), end="")
+
+
+def _privacy(a: argparse.Namespace) -> None:
+    from lmtailor.privacy import canary, scrub
+
+    if a.action == "scan":
+        print(scrub.cli_scan(a.file, as_json=a.json, ner=a.ner))
+    elif a.action == "scrub":
+        print(scrub.cli_scrub(a.file, a.out, a.mode, a.salt_env, a.ner, a.audit))
+    elif a.action == "plant":
+        print(canary.cli_plant(a.file, a.out, a.repeats, a.pattern, a.seed))
+    else:
+        print(canary.cli_canary(a.run, a.canaries, a.candidates))
+
+
+# One handler per verb: each calls one library function and prints its result.
+_VERBS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "train": _train, "tune": _tune, "validate": _validate, "eval": _eval, "generate": _generate, "chat": _chat,
+    "tokenizer": _tokenizer, "datasets": _datasets, "serve": _serve, "export": _export, "prompt": _prompt,
+    "compare": _compare, "privacy": _privacy,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

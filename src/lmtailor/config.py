@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmtailor.errors import ConfigError
 
@@ -73,6 +74,19 @@ class GenerationSettings(Strict):
     repetition_penalty: float = Field(1.0, gt=0)
     stop: list[str] = Field(default_factory=list, description="strings that end generation")
     batch_size: int = Field(8, ge=1, description="prompts decoded together during evaluation")
+    # On by default: greedy answers of small tuned models loop ("apparmor -r -o -r -o ..."), and this stop
+    # removed every loop at no cost to chrF or exact match, where a repetition penalty or a repeated n-gram ban
+    # changed ordinary answers too (benchmarks/looping.py, benchmarks/results/looping.json).
+    stop_repeats: int = Field(3, ge=0, description="repetition stop: end an answer once it ends in this many "
+                              "copies in a row of one n-gram of up to 16 tokens (covering at least 12 tokens) "
+                              "and keep its first copy; 0 disables it. On by default: it removed the loops of "
+                              "greedy answers without costing chrF or exact match (benchmarks/looping.py)")
+
+    @model_validator(mode="after")
+    def _check_repeats(self) -> GenerationSettings:
+        if self.stop_repeats == 1:
+            raise ValueError("stop_repeats must be 0 (off) or at least 2 (one copy is not a repetition)")
+        return self
 
 
 class EvalSettings(Strict):
@@ -175,6 +189,10 @@ class RunConfig(Strict):
 
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
+    budget: float | None = Field(None, gt=0, description="wall-clock time for the training steps (90s, 15m, 2h or "
+                                 "seconds): the step time is measured on the first batches before training and the "
+                                 "number of steps cut to fit (never raised above epochs/max_steps); the fitted "
+                                 "max_steps is written to the resolved config")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all processes")
     micro_batch_size: int | None = Field(None, ge=1, description="examples per forward pass on one process "
                                          "(default: the whole share of a step; smaller values accumulate gradients)")
@@ -203,6 +221,11 @@ class RunConfig(Strict):
     tune: dict[str, list[Any]] = Field(default_factory=dict, description="`lmtailor tune` search space: "
                                        "{key: [low, high, log|uniform|int]} or {key: [choice, ...]}")
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value, "budget") if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.micro_batch_size and self.micro_batch_size > self.batch_size:
@@ -225,6 +248,20 @@ class RunConfig(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
+
+
+def parse_duration(text: str | float | None, key: str = "--timeout") -> float | None:
+    """'30m', '2h', '90s', '45' (seconds) -> seconds; None stays None.
+
+    Raises:
+        ConfigError: not a duration (the message names `key`).
+    """
+    if text is None or isinstance(text, int | float):
+        return None if text is None else float(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise ConfigError(f"{key} {text!r} is not a duration", "write e.g. 90s, 30m or 2h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def _objective_section(key: str, value: Any, objective: str) -> BaseModel:

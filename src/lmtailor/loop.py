@@ -90,7 +90,7 @@ class Loop:
     model: torch.nn.Module
     loss_module: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    scheduler: Any  # set once the step count is known (after fitting a budget)
     state: dict[str, Any]
     run_dir: Path
     writer: Any = None  # TensorBoard SummaryWriter on the main process
@@ -149,8 +149,8 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
     return LoopResult(best_weights, stopped_early)
 
 
-def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
-    """One optimizer step over this process's share of the step's items; returns (train loss, grad norm)."""
+def _backward(loop: Loop, step_items: list[Any]) -> tuple[torch.Tensor, int]:
+    """Forward and backward passes over this process's share of a step; returns (loss sum, step's loss terms)."""
     acc, cfg = loop.acc, loop.cfg
     world = acc.num_processes
     mine = step_items[acc.process_index::world]
@@ -169,6 +169,13 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
             # DDP averages gradients over processes; scale so the result is the global token mean.
             acc.backward(loss * world / n_global)
         loss_sum += loss.detach()
+    return loss_sum, n_global
+
+
+def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
+    """One optimizer step over this process's share of the step's items; returns (train loss, grad norm)."""
+    acc, cfg = loop.acc, loop.cfg
+    loss_sum, n_global = _backward(loop, step_items)
     grad_norm = float("nan")
     if cfg.max_grad_norm > 0:
         grad_norm = float(acc.clip_grad_norm_(loop.loss_module.parameters(), cfg.max_grad_norm))
@@ -176,6 +183,40 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
     loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
     return float(acc.reduce(loss_sum, "sum")) / n_global, grad_norm
+
+
+def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int, probe_steps: int = 3) -> int:
+    """Optimizer steps that fit `budget` seconds: the time of a step is measured on the first steps' batches
+    (forward and backward only; the gradients are dropped and the RNG restored, so the run is unchanged), and each
+    validation pass (eval_every) is charged as forward-only work on the validation tokens. Never more than `planned`.
+    Every process measures; the slowest decides, so all agree."""
+    acc, cfg = loop.acc, loop.cfg
+    n = len(loop.data.train_items)
+    times = []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    loop.model.train()
+    with torch.random.fork_rng(devices=devices):
+        for step in range(min(probe_steps, planned)):
+            items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, n, cfg, acc.num_processes)]
+            t0 = time.perf_counter()
+            _backward(loop, items)
+            loop.optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t0)
+    step_s = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median; the first pass pays one-off costs
+    step_s = float(acc.reduce(torch.tensor(step_s, device=acc.device), "max")) if acc.num_processes > 1 else step_s
+    step_s *= 1.05  # the optimizer update and logging
+    eval_s = 0.0
+    if cfg.eval_every and loop.data.val_items:
+        train_tokens = sum(item_tokens(loop.data.train_items[i]) for i in range(min(n, cfg.batch_size))) or 1
+        val_tokens = sum(item_tokens(loop.data.val_items[i]) for i in range(len(loop.data.val_items)))
+        eval_s = step_s / 3 * val_tokens / train_tokens  # forward only: about a third of forward + backward
+    per_step = step_s + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
+    steps = max(1, min(planned, int(budget / per_step)))
+    if acc.is_main_process:
+        print(f"budget {budget:g} s: a step takes {step_s:.2f} s (measured on {len(times)} steps)"
+              + (f", validation {eval_s:.1f} s every {cfg.eval_every} steps" if eval_s else "")
+              + f" -> {steps} steps ({steps / per_epoch:.2f} epochs; the recipe planned {planned})")
+    return steps
 
 
 def _validate(loop: Loop) -> dict[str, float]:

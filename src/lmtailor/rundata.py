@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmtailor.config import RunConfig
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError
+from lmtailor.fitting import Choice, apply, choose_max_length, choose_schedule
 from lmtailor.objectives import Objective, ObjectiveContext
 
 
@@ -28,17 +30,23 @@ class RunData:
     stats: dict[str, Any] = field(default_factory=dict)
     privacy_audit: dict[str, Any] = field(default_factory=dict)
     train_examples: Sequence[Example] = ()  # what the items came from (empty when streamed into the token cache)
+    cfg: RunConfig | None = None  # the recipe with the values chosen from the data filled in
+    choices: list[Choice] = field(default_factory=list)  # those values, each with its reason
 
 
-def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: bool = True) -> RunData:
+def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: bool = True, world: int = 1) -> RunData:
     """Assemble a run's data; sets ctx.tokenizer (the objective's, unless already set) and lets `objective.fit`
     fill ctx (e.g. the label set). Records are read and checked before any tokenizer or model loads, so bad data
     is reported first.
+
+    Values the recipe leaves unset are then chosen from the data (lmtailor.fitting): data.cfg is the recipe with
+    them filled in (also set as ctx.cfg), data.choices says what was chosen and why.
 
     Args:
         objective: the run's objective (resolved, see get_objective).
         ctx: its context.
         write_audit: write `<run_dir>/privacy_audit.json` when scrubbing (the main process of a run does).
+        world: processes sharing each step (the schedule's steps per epoch depend on it).
 
     Raises:
         DataError: unreadable data or bad records (file, line and field named).
@@ -72,14 +80,19 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
         if ctx.tokenizer is None:
             ctx.tokenizer = objective.tokenizer(ctx)
         objective.fit(ctx, train_ex)
+        choices = [c for c in [choose_max_length(objective, ctx, train_ex)] if c is not None]
+        ctx.cfg = cfg = apply(cfg, choices)
         train_items, train_stats = objective.prepare(ctx, train_ex)
         val_ex = val_ex[:cfg.eval.max_examples]
         val_items, _ = objective.prepare(ctx, val_ex)
         stats.update({f"train_{k}": v for k, v in train_stats.items()}, val_items=len(val_items))
-        data = RunData(train_items, val_items, val_ex, stats, audit, train_ex)
+        data = RunData(train_items, val_items, val_ex, stats, audit, train_ex, choices=choices)
     if not data.train_items:
         raise ConfigError("no training example has anything to learn from",
                           "check data.format and that examples have assistant turns, text or labels")
+    schedule = choose_schedule(ctx.cfg, objective, len(data.train_items), world)
+    ctx.cfg = data.cfg = apply(ctx.cfg, schedule)
+    data.choices += schedule
     return data
 
 

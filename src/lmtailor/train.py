@@ -20,11 +20,12 @@ from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainabl
 from lmtailor.config import RunConfig, dump_config
 from lmtailor.errors import CheckpointError, ConfigError
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lmtailor.loop import Loop, item_tokens, make_optimizer, plan_steps, run_steps
+from lmtailor.loop import Loop, fit_steps_to_budget, item_tokens, make_optimizer, plan_steps, run_steps
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
 from lmtailor.report import comparison_table, likely_reasons, verdict, write_report, write_task_report
 from lmtailor.rundata import RunData, build_run_data
+from lmtailor.runs import read_config
 
 ADAPTER_METHODS = ("lora", "prompt_tuning", "prefix_tuning")  # PEFT wrappers: the base model is their "before"
 
@@ -57,7 +58,10 @@ def train(cfg: RunConfig, progress: bool = True,
 
     # ---- data and model (the main process first: it may convert a bundled model or write the token cache) --------
     with acc.main_process_first():
-        data = build_run_data(objective, ctx, write_audit=main)
+        data = build_run_data(objective, ctx, write_audit=main, world=acc.num_processes)
+        cfg = ctx.cfg  # with the values chosen from the data (data.choices) filled in
+        if data.choices:
+            say("chosen from the data: " + "; ".join(str(c) for c in data.choices))
         model: Any = objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype))
     model = _apply_method(model, cfg)
     trainable, total = param_counts(model)
@@ -78,28 +82,29 @@ def train(cfg: RunConfig, progress: bool = True,
                                         desc="before")
     acc.wait_for_everyone()
 
-    # ---- optimizer, schedule, resume ------------------------------------------------------------------------------
+    # ---- optimizer, schedule (fitted to the budget), resume --------------------------------------------------------
     per_epoch, total_steps = plan_steps(cfg, len(data.train_items), acc.num_processes)
     optimizer = make_optimizer(model, cfg)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
     loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)
-    state = _resume(cfg, run_dir, model, optimizer, scheduler, acc.process_index, main) if cfg.resume else \
-        {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
-    if state["step"]:
-        say(f"resumed at step {state['step']}")
-    writer = None
+    state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
+    loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, run_dir)
+    if cfg.budget:  # a resumed run keeps the step count its first start fitted (written to its config.yaml)
+        fitted = read_config(run_dir).get("max_steps") if cfg.resume else None
+        total_steps = int(fitted) if fitted else fit_steps_to_budget(loop, cfg.budget, per_epoch, total_steps)
+    loop.scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                                   num_training_steps=total_steps)
+    if cfg.resume:
+        loop.state = state = _resume(cfg, run_dir, model, optimizer, loop.scheduler, acc.process_index, main)
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tb"))
-        atomic_write_text(run_dir / "config.yaml", dump_config(_resolved(cfg, ctx)))
+        loop.writer = SummaryWriter(str(run_dir / "tb"))
+        atomic_write_text(run_dir / "config.yaml", dump_config(_resolved(cfg, ctx, total_steps)))
 
     # ---- steps ----------------------------------------------------------------------------------------------------
-    loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, scheduler, state, run_dir, writer)
     result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
-    if writer is not None:
-        writer.close()
+    if loop.writer is not None:
+        loop.writer.close()
 
     # ---- final model, after, report -----------------------------------------------------------------------------
     acc.wait_for_everyone()
@@ -184,17 +189,19 @@ def _resume(cfg: RunConfig, run_dir: Path, model: Any, optimizer: Any, scheduler
         atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
         for stale in (run_dir / "checkpoints").glob(".step-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        print(f"resuming from {ckpts[-1]}")
+        print(f"resumed from {ckpts[-1]} at step {state['step']}")
     return state
 
 
-def _resolved(cfg: RunConfig, ctx: ObjectiveContext) -> RunConfig:
-    """The recipe as the run used it: a label set fixed from the data is written into its section."""
+def _resolved(cfg: RunConfig, ctx: ObjectiveContext, total_steps: int) -> RunConfig:
+    """The recipe as the run used it: a label set fixed from the data is written into its section, and a step
+    count fitted to the budget into max_steps."""
+    resolved = cfg.model_copy(deep=True)
     if ctx.labels is not None and getattr(cfg.settings, "labels", "absent") is None:
-        resolved = cfg.model_copy(deep=True)
         resolved.settings.labels = list(ctx.labels)
-        return resolved
-    return cfg
+    if cfg.budget:
+        resolved.max_steps = total_steps
+    return resolved
 
 
 def _write_outputs(run_dir: Path, cfg: RunConfig, objective: Objective, history: list[dict[str, Any]],
@@ -217,7 +224,7 @@ def check_recipe(cfg: RunConfig) -> str:
     objective = get_objective(cfg)
     ctx = objective.context(cfg)
     data: RunData = build_run_data(objective, ctx, write_audit=False)
-    stats = data.stats
+    cfg, stats = ctx.cfg, data.stats
     per_epoch, total = plan_steps(cfg, len(data.train_items), 1)
     lengths = [item_tokens(data.train_items[i]) for i in range(len(data.train_items))]
     truncated = sum(n >= cfg.max_length for n in lengths)
@@ -228,4 +235,5 @@ def check_recipe(cfg: RunConfig) -> str:
             f"{stats['empty']} empty dropped, {stats['train']} train / {stats['val']} validation"
             + (f", {stats['pii_replaced']} PII values replaced" if "pii_replaced" in stats else "") + f"{labels}\n"
             f"items: {items}; longest {max(lengths)} tokens, {truncated} cut at max_length={cfg.max_length}\n"
-            f"schedule: {per_epoch} steps per epoch, {total} steps of {cfg.batch_size} examples")
+            f"schedule: {per_epoch} steps per epoch, {total} steps of {cfg.batch_size} examples"
+            + "".join(f"\nchosen from the data: {c}" for c in data.choices))

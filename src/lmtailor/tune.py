@@ -16,29 +16,18 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lmtailor.config import allowed_keys, apply_overrides, build_config, parse_override, read_yaml
+from lmtailor.config import allowed_keys, apply_overrides, build_config, parse_duration, parse_override, read_yaml
 from lmtailor.errors import ConfigError
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmtailor.metrics import higher_is_better
 from lmtailor.report import png_bytes
 
 RANGE_KINDS = ("log", "uniform", "int")
-
-
-def parse_duration(text: str | float | None) -> float | None:
-    """'30m', '2h', '90s', '45' (seconds) -> seconds; None stays None."""
-    if text is None or isinstance(text, int | float):
-        return None if text is None else float(text)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
-    if not m:
-        raise ConfigError(f"--timeout {text!r} is not a duration", "write e.g. 90s, 30m or 2h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def parse_space(space: dict[str, Any]) -> dict[str, tuple[str, Any]]:

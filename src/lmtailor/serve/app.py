@@ -8,7 +8,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,21 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         The FastAPI app; its engine starts and stops with the app's lifespan.
     """
     slots = targets if isinstance(targets, dict) else load_models(list(targets), speedup)
-    lim = limits or Limits()
-    created = int(time.time())
+    server = _Server(slots, limits or Limits(), created=int(time.time()))
+    app = FastAPI(title="lmtailor", lifespan=_lifespan(server.lim), docs_url=None, redoc_url=None)
+    app.state.slots = server.slots
+    app.state.limits = server.lim
+    _add_error_handlers(app)
+    if api_key is not None:
+        app.add_middleware(_BearerKey, key=api_key)
+    _add_info_routes(app, server)
+    _add_openai_routes(app, server)
+    _add_playground_routes(app)
+    return app
+
+
+def _lifespan(lim: Limits) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """The app's lifespan: one batching engine (kept on `app.state.engine`), closed when the app stops."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,9 +75,11 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         finally:
             app.state.engine.close()
 
-    app = FastAPI(title="lmtailor", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.slots = slots
-    app.state.limits = lim
+    return lifespan
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer API errors and request validation errors with OpenAI-shaped error bodies."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -77,16 +92,27 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         return JSONResponse(APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid request')}",
                                      "invalid_request", param).body(), status_code=400)
 
-    if api_key is not None:
-        app.add_middleware(_BearerKey, key=api_key)
 
-    def pick(name: str) -> Slot:
-        if name not in slots:
-            raise APIError(404, f"model '{name}' is not served here; available: {', '.join(slots)}",
+@dataclass
+class _Server:
+    """What the routes share, built once per app: the served models, the limits and the start time.
+
+    The batching engine lives on `app.state.engine` (made by the lifespan), so it is looked up per request.
+    """
+
+    slots: dict[str, Slot]
+    lim: Limits
+    created: int
+
+    def pick(self, name: str) -> Slot:
+        if name not in self.slots:
+            raise APIError(404, f"model '{name}' is not served here; available: {', '.join(self.slots)}",
                            "model_not_found", "model")
-        return slots[name]
+        return self.slots[name]
 
-    def prepare(req: _Sampling, slot: Slot, prompts: list[list[int]]) -> Prepared:
+    def prepare(self, req: _Sampling, slot: Slot, prompts: list[list[int]]) -> Prepared:
+        """Check the request against the limits and the model's positions; settle max_tokens and sampling."""
+        lim = self.lim
         if req.logprobs:
             raise APIError(400, "logprobs are not supported", "unsupported_parameter", "logprobs")
         if req.frequency_penalty or req.presence_penalty:
@@ -113,20 +139,21 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
                             repetition_penalty=req.repetition_penalty, seed=req.seed, ignore_eos=req.ignore_eos)
         return Prepared(slot, prompts, sampling, max_tokens, req.stops())
 
-    async def run(request: Request, prep: Prepared, n: int) -> tuple[AsyncJob, Job]:
+    async def run(self, request: Request, prep: Prepared, n: int) -> tuple[AsyncJob, Job]:
+        """Queue the job (n rows per prompt) on the engine; 429 when the queue is full."""
         engine: Engine = request.app.state.engine
         bridge = AsyncJob(asyncio.get_running_loop())
         rows = [p for p in prep.prompts for _ in range(n)]
         job = Job(prep.slot, rows, prep.sampling, prep.max_tokens, prep.stop, bridge.emit,
-                  deadline=time.monotonic() + lim.timeout_s)
+                  deadline=time.monotonic() + self.lim.timeout_s)
         try:
             engine.submit(job)
         except QueueFull:
-            raise APIError(429, f"the server is busy ({lim.max_queue} requests waiting); retry shortly",
+            raise APIError(429, f"the server is busy ({self.lim.max_queue} requests waiting); retry shortly",
                            "rate_limit_exceeded", kind="rate_limit_error") from None
         return bridge, job
 
-    async def collect(request: Request, bridge: AsyncJob, job: Job) -> tuple[list[str], list[str], int]:
+    async def collect(self, request: Request, bridge: AsyncJob, job: Job) -> tuple[list[str], list[str], int]:
         """Wait for every row; cancel the job if the client goes away. Returns texts, finish reasons, tokens."""
         texts = [""] * len(job.prompts)
         reasons: list[str | None] = [None] * len(job.prompts)
@@ -151,69 +178,84 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
             if any(r is None for r in reasons):
                 job.cancelled.set()
         if "timeout" in reasons:
-            raise APIError(504, f"the request took longer than {lim.timeout_s:g} s", "timeout", kind="server_error")
+            raise APIError(504, f"the request took longer than {self.lim.timeout_s:g} s", "timeout",
+                           kind="server_error")
         return texts, [r or "stop" for r in reasons], used
 
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def stream(request: Request, bridge: AsyncJob, job: Job, head: dict[str, Any], chat: bool,
-               prompt_tokens: int, with_usage: bool) -> StreamingResponse:
-        async def events() -> AsyncIterator[str]:
-            open_rows = set(range(len(job.prompts)))
-            used = 0
-            try:
-                if chat:
-                    for i in open_rows:
-                        yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                        "finish_reason": None}]})
-                while open_rows:
-                    ev = await bridge.events.get()
-                    if ev[0] == "error":
-                        yield sse({"error": {"message": ev[2], "type": "server_error", "code": ev[1]}})
-                        return
-                    i = ev[1]
-                    if ev[0] == "delta":
-                        choice = {"index": i, "delta": {"content": ev[2]}} if chat else {"index": i, "text": ev[2]}
-                        yield sse({**head, "choices": [{**choice, "finish_reason": None}]})
-                    elif ev[2] == "timeout":
-                        yield sse({"error": {"message": f"the request took longer than {lim.timeout_s:g} s",
-                                             "type": "server_error", "code": "timeout"}})
-                        return
-                    else:
-                        open_rows.discard(i)
-                        used += ev[3]
-                        reason = ev[2] if ev[2] in ("stop", "length") else "stop"
-                        choice = {"index": i, "delta": {}} if chat else {"index": i, "text": ""}
-                        yield sse({**head, "choices": [{**choice, "finish_reason": reason}]})
-                if with_usage:
-                    yield sse({**head, "choices": [], "usage": usage(prompt_tokens, used)})
-                yield "data: [DONE]\n\n"
-            finally:
-                if open_rows:  # the client left (the response task was cancelled) or an error ended it
-                    job.cancelled.set()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
+    def stream(self, bridge: AsyncJob, job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int,
+               with_usage: bool) -> StreamingResponse:
+        """The job's rows as server-sent events, OpenAI chunk format, ending with `data: [DONE]`."""
+        events = _events(bridge, job, head, chat, prompt_tokens, with_usage, self.lim.timeout_s)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _events(bridge: AsyncJob, job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int,
+                  with_usage: bool, timeout_s: float) -> AsyncIterator[str]:
+    open_rows = set(range(len(job.prompts)))
+    used = 0
+    try:
+        if chat:
+            for i in open_rows:
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None}]})
+        while open_rows:
+            ev = await bridge.events.get()
+            if ev[0] == "error":
+                yield _sse({"error": {"message": ev[2], "type": "server_error", "code": ev[1]}})
+                return
+            i = ev[1]
+            if ev[0] == "delta":
+                choice = {"index": i, "delta": {"content": ev[2]}} if chat else {"index": i, "text": ev[2]}
+                yield _sse({**head, "choices": [{**choice, "finish_reason": None}]})
+            elif ev[2] == "timeout":
+                yield _sse({"error": {"message": f"the request took longer than {timeout_s:g} s",
+                                      "type": "server_error", "code": "timeout"}})
+                return
+            else:
+                open_rows.discard(i)
+                used += ev[3]
+                reason = ev[2] if ev[2] in ("stop", "length") else "stop"
+                choice = {"index": i, "delta": {}} if chat else {"index": i, "text": ""}
+                yield _sse({**head, "choices": [{**choice, "finish_reason": reason}]})
+        if with_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, used)})
+        yield "data: [DONE]\n\n"
+    finally:
+        if open_rows:  # the client left (the response task was cancelled) or an error ended it
+            job.cancelled.set()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _add_info_routes(app: FastAPI, server: _Server) -> None:
+    """GET /health and GET /v1/models."""
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
         engine: Engine = request.app.state.engine
-        return {"status": "ok", "models": list(slots), "waiting": engine.waiting, **engine.stats}
+        return {"status": "ok", "models": list(server.slots), "waiting": engine.waiting, **engine.stats}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": [
-            {"id": s.name, "object": "model", "created": created, "owned_by": "lmtailor", "parent": s.parent}
-            for s in slots.values()]}
+            {"id": s.name, "object": "model", "created": server.created, "owned_by": "lmtailor", "parent": s.parent}
+            for s in server.slots.values()]}
+
+
+def _add_openai_routes(app: FastAPI, server: _Server) -> None:
+    """POST /v1/chat/completions and POST /v1/completions, streaming or not."""
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request, body: ChatRequest) -> Any:
-        slot = pick(body.model)
+        slot = server.pick(body.model)
         if body.tools:
             raise APIError(400, "tools are not supported", "unsupported_parameter", "tools")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -222,21 +264,21 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
             ids = prompt_ids(slot.tok, as_messages(messages, slot.system_prompt))
         except LmtailorError as e:
             raise APIError(400, str(e), "invalid_messages", "messages") from None
-        prep = prepare(body, slot, [ids])
-        bridge, job = await run(request, prep, body.n)
+        prep = server.prepare(body, slot, [ids])
+        bridge, job = await server.run(request, prep, body.n)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": slot.name}
-            return stream(request, bridge, job, head, True, len(ids), body.include_usage())
-        texts, reasons, used = await collect(request, bridge, job)
+            return server.stream(bridge, job, head, True, len(ids), body.include_usage())
+        texts, reasons, used = await server.collect(request, bridge, job)
         return {"id": rid, "object": "chat.completion", "created": now, "model": slot.name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": _r(r)}
                             for i, (t, r) in enumerate(zip(texts, reasons, strict=False))],
-                "usage": usage(len(ids), used)}
+                "usage": _usage(len(ids), used)}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: CompletionRequest) -> Any:
-        slot = pick(body.model)
+        slot = server.pick(body.model)
         if body.echo or body.suffix:
             raise APIError(400, "echo and suffix are not supported", "unsupported_parameter", "echo")
         texts_in = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -246,25 +288,28 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         prompts = [list(slot.tok(t, add_special_tokens=True)["input_ids"]) for t in texts_in]
         if any(not p for p in prompts):
             raise APIError(400, "prompt is empty", "invalid_value", "prompt")
-        prep = prepare(body, slot, prompts)
-        bridge, job = await run(request, prep, body.n)
+        prep = server.prepare(body, slot, prompts)
+        bridge, job = await server.run(request, prep, body.n)
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         n_prompt = sum(len(p) for p in prompts)
         if body.stream:
             head = {"id": rid, "object": "text_completion", "created": now, "model": slot.name}
-            return stream(request, bridge, job, head, False, n_prompt, body.include_usage())
-        texts, reasons, used = await collect(request, bridge, job)
+            return server.stream(bridge, job, head, False, n_prompt, body.include_usage())
+        texts, reasons, used = await server.collect(request, bridge, job)
         return {"id": rid, "object": "text_completion", "created": now, "model": slot.name,
                 "choices": [{"index": i, "text": t, "finish_reason": _r(r), "logprobs": None}
                             for i, (t, r) in enumerate(zip(texts, reasons, strict=False))],
-                "usage": usage(n_prompt, used)}
+                "usage": _usage(n_prompt, used)}
+
+
+def _add_playground_routes(app: FastAPI) -> None:
+    """The playground page at / and its static files."""
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def _r(reason: str) -> str:

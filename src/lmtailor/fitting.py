@@ -1,0 +1,128 @@
+"""Recipes that fit the data: values a recipe leaves unset are chosen from the data, each with its reason.
+
+Only keys the recipe (or an override) does not set are chosen; a set key is never changed. The choices:
+- max_length (sft, classify, seq2seq): the length that 95% of the training examples fit, rounded up to a multiple
+  of 32, between 32 and 512 tokens (attention cost grows with the square of the length; set it to go longer), and
+  never past the model's positions. pack_length follows when it is unset.
+- epochs (without max_steps): enough passes for about 150 optimizer steps, at most 3; one pass when the data gives
+  that many steps already. A budget (`budget=`) then cuts the steps to the time available.
+- lr: by method (LoRA 2e-4, or 1e-3 with a new classification head; full 2e-5; freeze 5e-5; prompt tuning 3e-2;
+  prefix tuning 1e-2): full fine-tuning at LoRA's rate wrecks a pretrained model, a new head learns slowly at it.
+- eval_every and early_stopping_patience: about 5 validations per run, stopping after 3 without improvement;
+  classification picks its best checkpoint by validation macro-F1 (metric_for_best), which costs one forward pass
+  over the validation texts; generation objectives keep the validation loss (their task metric needs decoding).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lmtailor.config import RunConfig
+from lmtailor.data.example import Example
+from lmtailor.objectives import Objective, ObjectiveContext
+
+LENGTH_QUANTILE = 0.95
+MAX_AUTO_LENGTH = 512
+TARGET_STEPS = 150
+MAX_AUTO_EPOCHS = 3
+EVALUATIONS = 5
+METHOD_LR = {"lora": 2e-4, "full": 2e-5, "freeze": 5e-5, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2}
+HEAD_LR = 1e-3  # LoRA with a new classification head: the head starts from random weights
+LENGTH_OBJECTIVES = ("sft", "classify", "seq2seq_causal", "seq2seq_encdec")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A value chosen for a key the recipe left unset, and why."""
+
+    key: str
+    value: Any
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value} ({self.reason})"
+
+
+def _set(cfg: RunConfig) -> set[str]:
+    return set(cfg.model_fields_set)
+
+
+def choose_max_length(objective: Objective, ctx: ObjectiveContext, examples: Sequence[Example],
+                      sample: int = 2000) -> Choice | None:
+    """max_length from the token lengths of (a sample of) the training examples, prepared at the longest allowed."""
+    cfg = ctx.cfg
+    if "max_length" in _set(cfg) or objective.name not in LENGTH_OBJECTIVES or not examples:
+        return None
+    limit = min(MAX_AUTO_LENGTH, _model_positions(cfg))
+    if cfg.packing and "pack_length" in _set(cfg):
+        limit = min(limit, cfg.pack_length)
+    probe = ObjectiveContext(cfg.model_copy(update={"max_length": 100_000, "pack_length": 100_000}), ctx.settings,
+                             ctx.tokenizer, None, ctx.labels, ctx.stats, ctx.train_on_prompt)
+    step = max(1, len(examples) // sample)
+    items, _ = objective.prepare(probe, list(examples[::step]))
+    lengths = sorted(len(items[i].input_ids) for i in range(len(items)))
+    if not lengths:
+        return None
+    at = lengths[min(len(lengths) - 1, math.ceil(LENGTH_QUANTILE * len(lengths)) - 1)]
+    value = max(32, min(limit, 32 * math.ceil(at / 32)))
+    cut = sum(n > value for n in lengths) / len(lengths)
+    why = (f"{1 - cut:.0%} of {len(lengths)} training examples fit; longest {lengths[-1]}, median "
+           f"{lengths[len(lengths) // 2]}" + (f"; capped at {limit}" if value == limit and at > limit else ""))
+    return Choice("max_length", value, why)
+
+
+def choose_schedule(cfg: RunConfig, objective: Objective, n_train: int, world: int) -> list[Choice]:
+    """epochs, lr, eval_every, early stopping and the best-checkpoint metric for keys the recipe left unset."""
+    given = _set(cfg)
+    out: list[Choice] = []
+    per_epoch = max(1, n_train // max(cfg.batch_size, world))
+    if "epochs" not in given and cfg.max_steps is None:
+        epochs = min(MAX_AUTO_EPOCHS, max(1, math.ceil(TARGET_STEPS / per_epoch)))
+        out.append(Choice("epochs", float(epochs), f"{n_train} training examples give {per_epoch} steps per epoch at "
+                          f"batch_size {cfg.batch_size}; {epochs} epoch(s) for about {TARGET_STEPS} steps, at most "
+                          f"{MAX_AUTO_EPOCHS}"))
+    if "lr" not in given:
+        head = objective.name == "classify" and cfg.method == "lora"
+        lr = HEAD_LR if head else METHOD_LR[cfg.method]
+        out.append(Choice("lr", lr, f"method {cfg.method}" + (" with a new classification head" if head else "")))
+    steps = cfg.max_steps or math.ceil(
+        (next((c.value for c in out if c.key == "epochs"), cfg.epochs)) * per_epoch)
+    if "eval_every" not in given and steps >= 2 * EVALUATIONS:
+        out.append(Choice("eval_every", max(1, steps // EVALUATIONS), f"about {EVALUATIONS} validations in {steps} "
+                          "steps"))
+        if "early_stopping_patience" not in given:
+            out.append(Choice("early_stopping_patience", 3, "stop after 3 validations without improvement"))
+        if "metric_for_best" not in given and objective.name == "classify":
+            out.append(Choice("metric_for_best", "macro_f1", "classification: the best checkpoint by validation "
+                              "macro-F1 (one forward pass over the validation texts per validation)"))
+    return out
+
+
+def apply(cfg: RunConfig, choices: Sequence[Choice]) -> RunConfig:
+    """The recipe with the choices filled in (pack_length follows a chosen max_length when it is unset)."""
+    update: dict[str, Any] = {c.key: c.value for c in choices}
+    if "max_length" in update and "pack_length" not in _set(cfg):
+        update["pack_length"] = max(1024, int(update["max_length"]))
+    fitted = cfg.model_copy(update=update)
+    fitted.__pydantic_fields_set__ = set(cfg.model_fields_set)  # chosen values stay "unset by the recipe"
+    return fitted
+
+
+def _model_positions(cfg: RunConfig) -> int:
+    if cfg.pretrain.scratch is not None:
+        return cfg.pretrain.scratch.context
+    from lmtailor.errors import LmtailorError
+    from lmtailor.models import load_model_config
+
+    try:
+        config = load_model_config(cfg.base_model, cfg.trust_remote_code)
+    except LmtailorError:  # the model's own load reports a missing or broken model with its proper error
+        return MAX_AUTO_LENGTH
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return MAX_AUTO_LENGTH
