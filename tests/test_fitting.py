@@ -1,0 +1,76 @@
+"""Values a recipe leaves unset are chosen from the data, each with a reason; set values are never changed."""
+
+from __future__ import annotations
+
+import json
+
+from lmtailor.cli import main
+from lmtailor.config import load_config
+from lmtailor.objectives import get_objective
+from lmtailor.rundata import build_run_data
+
+
+def _chats(path, n: int, long_every: int = 10):
+    """Alpaca records whose answers are short, except every long_every-th which is about 20x longer."""
+    rows = [{"instruction": f"question {i}", "output": ("word " * (120 if i % long_every == 0 else 4)).strip()}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _data(args):
+    cfg = load_config(None, args)
+    objective = get_objective(cfg)
+    ctx = objective.context(cfg)
+    return build_run_data(objective, ctx, write_audit=False), ctx.cfg
+
+
+def test_max_length_epochs_lr_and_cadence_follow_the_data(tiny_model, tmp_path):
+    data = _chats(tmp_path / "d.jsonl", 200, long_every=40)  # 2.5% long answers: the 95% quantile is a short one
+    fitted, cfg = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", "batch_size=8"])
+    chosen = {c.key: c for c in fitted.choices}
+    import re
+
+    longest = int(re.search(r"longest (\d+)", chosen["max_length"].reason).group(1))
+    kept = [len(fitted.train_items[i].input_ids) for i in range(len(fitted.train_items))]
+    assert cfg.max_length % 32 == 0 and cfg.max_length < longest and max(kept) == cfg.max_length
+    assert sum(n < cfg.max_length for n in kept) / len(kept) >= 0.95  # the short answers are never cut
+    assert "training examples fit" in chosen["max_length"].reason and cfg.pack_length >= cfg.max_length
+    # 190 examples at batch 8: 23 steps per epoch, so enough epochs for ~150 steps, capped at 3
+    assert cfg.epochs == 3.0 and "23 steps per epoch" in chosen["epochs"].reason
+    assert cfg.lr == 2e-4 and chosen["lr"].reason == "method lora"
+    assert cfg.eval_every == 69 // 5 and cfg.early_stopping_patience == 3 and cfg.metric_for_best == "loss"
+
+
+def test_set_keys_are_never_changed(tiny_model, tmp_path):
+    data = _chats(tmp_path / "d.jsonl", 200)
+    given = ["max_length=64", "epochs=1", "lr=1e-3", "eval_every=0", "method=full"]
+    fitted, cfg = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", *given])
+    assert fitted.choices == [] and (cfg.max_length, cfg.epochs, cfg.lr, cfg.eval_every) == (64, 1.0, 1e-3, 0)
+    full, cfg = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", "method=full",
+                       "max_steps=5"])
+    assert cfg.lr == 2e-5 and "epochs" not in {c.key for c in full.choices}  # max_steps rules out an epoch choice
+
+
+def test_classification_picks_its_best_checkpoint_by_macro_f1_and_a_head_rate(tiny_model, tmp_path):
+    rows = [{"text": f"{'goal match' if i % 2 else 'bank loan'} {i}", "label": "sport" if i % 2 else "money"}
+            for i in range(120)]
+    path = tmp_path / "l.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, cfg = _data([f"base_model={tiny_model}", f"data.path={path}", "objective=classify", "data.val_size=20"])
+    assert cfg.metric_for_best == "macro_f1" and cfg.lr == 1e-3 and cfg.max_length <= 32
+
+
+def test_train_prints_the_choices_and_writes_them_to_the_resolved_config(tiny_model, tmp_path, capsys):
+    import yaml
+
+    data = _chats(tmp_path / "d.jsonl", 40)
+    run = tmp_path / "run"
+    assert main(["train", f"base_model={tiny_model}", f"data.path={data}", f"output_dir={run}", "max_steps=2",
+                 "data.val_size=4", "eval.before_after=false", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen from the data: max_length=" in out and "lr=0.0002 (method lora)" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["max_length"] < 512 and saved["lr"] == 2e-4
+    assert main(["validate", f"base_model={tiny_model}", f"data.path={data}", "data.val_size=4"]) == 0
+    assert "chosen from the data: max_length=" in capsys.readouterr().out
