@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_verbs(sub: argparse._SubParsersAction) -> None:
-    """train, tune, validate, eval."""
+    """train, tune, auto, validate, eval."""
     t = sub.add_parser("train", help="train a recipe")
     t.add_argument("recipe", nargs="?", help="YAML recipe (defaults if omitted)")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -77,6 +77,16 @@ def _train_verbs(sub: argparse._SubParsersAction) -> None:
                     help="search-space entry, e.g. 'lr=[1e-5,1e-3,log]' or 'lora.r=[4,8,16]' (repeatable)")
     tn.add_argument("--no-prune", action="store_true", help="run every trial to the end")
     tn.add_argument("--progress", action="store_true", help="show each trial's progress bars")
+
+    au = sub.add_parser("auto", help="pick objective and settings for a data file within a time budget, train the "
+                        "best, report it against the baselines")
+    au.add_argument("data", help="data file/folder/catalog:NAME (format detected)")
+    au.add_argument("--budget", required=True, help="wall-clock time for the whole job (90s, 20m, 2h)")
+    au.add_argument("--out", default=None, help="output folder (default runs/auto-<data name>)")
+    au.add_argument("--base-model", default="smollm2-135m-instruct", help="model to tailor")
+    au.add_argument("--format", default="auto")
+    au.add_argument("--trials", type=int, default=6, help="candidates the search may start")
+    au.add_argument("--progress", action="store_true", help="show each run's progress bars")
 
     v = sub.add_parser("validate", help="check a recipe and its data without training")
     v.add_argument("recipe", nargs="?", help="YAML recipe (defaults if omitted)")
@@ -235,6 +245,12 @@ def _train(a: argparse.Namespace) -> None:
     train(load_config(a.recipe, a.overrides), progress=not a.no_progress)
 
 
+def _auto(a: argparse.Namespace) -> None:
+    from lmtailor.auto import auto
+
+    auto(a.data, a.budget, a.out, a.base_model, a.format, a.trials, progress=a.progress)
+
+
 def _tune(a: argparse.Namespace) -> None:
     from lmtailor.tune import tune
 
@@ -350,9 +366,9 @@ def _privacy(a: argparse.Namespace) -> None:
 
 # One handler per verb: each calls one library function and prints its result.
 _VERBS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "train": _train, "tune": _tune, "validate": _validate, "eval": _eval, "generate": _generate, "chat": _chat,
-    "tokenizer": _tokenizer, "datasets": _datasets, "serve": _serve, "export": _export, "prompt": _prompt,
-    "compare": _compare, "privacy": _privacy,
+    "train": _train, "tune": _tune, "auto": _auto, "validate": _validate, "eval": _eval, "generate": _generate,
+    "chat": _chat, "tokenizer": _tokenizer, "datasets": _datasets, "serve": _serve, "export": _export,
+    "prompt": _prompt, "compare": _compare, "privacy": _privacy,
 }
 
 

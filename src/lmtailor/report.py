@@ -284,6 +284,9 @@ def verdict(after: dict[str, Any], baselines: dict[str, dict[str, float]], metri
     sign = 1.0 if higher_is_better(metric) else -1.0
     name, value = max(scored.items(), key=lambda kv: sign * kv[1])
     ours = float(after[metric])
+    if abs(ours - value) < 1e-9:
+        return (f"The tuned model ties with the baseline {name} on {metric}: {fmt_metric(metric, ours)} (no gain "
+                f"from tailoring on this split).")
     if sign * (ours - value) > 0:
         return (f"The tuned model beats the best baseline on {metric}: {fmt_metric(metric, ours)} vs "
                 f"{fmt_metric(metric, value)} ({name}).")

@@ -91,7 +91,8 @@ def _values(trial_params: dict[str, Any], space: dict[str, tuple[str, Any]]) -> 
 
 def tune(recipe: str | None, overrides: list[str] | None = None, trials: int = 20, timeout: str | float | None = None,
          params: list[str] | None = None, prune: bool = True, startup_trials: int = 2,
-         enqueue: list[dict[str, Any]] | None = None, progress: bool = False) -> dict[str, Any]:
+         enqueue: list[dict[str, Any]] | None = None, progress: bool = False, halving: bool = False
+         ) -> dict[str, Any]:
     """Search hyperparameters of a recipe; returns the summary also written to `<run>/tune.json`.
 
     Args:
@@ -104,6 +105,8 @@ def tune(recipe: str | None, overrides: list[str] | None = None, trials: int = 2
         startup_trials: trials that run to the end before pruning starts.
         enqueue: parameter sets to try first (e.g. the recipe's current values), as {key: value}.
         progress: show training progress bars.
+        halving: prune by successive halving (Optuna's SuccessiveHalvingPruner: at each rung, only the best third
+            of the trials that reached it go on) instead of the median rule.
 
     Raises:
         ConfigError: empty or malformed search space, unknown keys.
@@ -130,8 +133,10 @@ def tune(recipe: str | None, overrides: list[str] | None = None, trials: int = 2
     maximize = higher_is_better(metric)
     if not progress:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    pruner: optuna.pruners.BasePruner = (optuna.pruners.MedianPruner(n_startup_trials=startup_trials)
-                                         if prune else optuna.pruners.NopPruner())
+    pruner: optuna.pruners.BasePruner = (
+        optuna.pruners.NopPruner() if not prune else
+        optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3) if halving else
+        optuna.pruners.MedianPruner(n_startup_trials=startup_trials))
     study = optuna.create_study(study_name=base.name, storage=f"sqlite:///{run_dir / 'study.db'}",
                                 load_if_exists=True, direction="maximize" if maximize else "minimize",
                                 sampler=optuna.samplers.TPESampler(seed=base.seed), pruner=pruner)
