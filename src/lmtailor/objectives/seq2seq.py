@@ -208,16 +208,21 @@ def generation_metrics(ctx: ObjectiveContext, model: nn.Module, examples: Sequen
                         for s, r, p in zip(sources, refs, preds, strict=True)][:max(ctx.cfg.eval.samples, 20)]}
 
 
-def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any], examples: Sequence[Example],
-             progress: bool = True, desc: str = "") -> Evaluation:
-    """Held-out target loss, and the generation metrics."""
+def _evaluate(ctx: ObjectiveContext, model: nn.Module, loss_module: nn.Module, collate_fn: Any, items: Sequence[Any],
+              examples: Sequence[Example], progress: bool) -> Evaluation:
     model.eval()
     metrics: dict[str, Any] = {}
     if items:
         size = ctx.cfg.micro_batch_size or ctx.cfg.batch_size
-        total, n = loss_over(build(ctx, model), items, lambda b: collate(ctx, b), batch=size)
+        total, n = loss_over(loss_module, items, lambda b: collate_fn(ctx, b), batch=size)
         metrics["loss"] = total / max(n, 1)
     return Evaluation({**metrics, **generation_metrics(ctx, model, examples, progress)})
+
+
+def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any], examples: Sequence[Example],
+             progress: bool = True, desc: str = "") -> Evaluation:
+    """Held-out target loss, and the generation metrics."""
+    return _evaluate(ctx, model, build(ctx, model), collate, items, examples, progress)
 
 
 # ---- decoder-only: the sft path, judged by generation -------------------------------------------------------
@@ -225,13 +230,7 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any], exam
 def evaluate_causal(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any], examples: Sequence[Example],
                     progress: bool = True, desc: str = "") -> Evaluation:
     """Held-out loss of the completions (the sft loss), and the generation metrics."""
-    model.eval()
-    metrics: dict[str, Any] = {}
-    if items:
-        size = ctx.cfg.micro_batch_size or ctx.cfg.batch_size
-        total, n = loss_over(causal.CausalLMLoss(model), items, lambda b: causal.collate(ctx, b), batch=size)
-        metrics["loss"] = total / max(n, 1)
-    return Evaluation({**metrics, **generation_metrics(ctx, model, examples, progress)})
+    return _evaluate(ctx, model, causal.CausalLMLoss(model), causal.collate, items, examples, progress)
 
 
 register_objective("seq2seq", "source -> target generation (paired data): encoder-decoder, or decoder-only with the "
