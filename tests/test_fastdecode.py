@@ -14,6 +14,7 @@ from lmtailor.fastdecode import FastCausalLM, PackedLinear, speed_up
 from lmtailor.render import prompt_ids
 from lmtailor.runs import Run
 from test_export import tiny_run  # noqa: F401  (session fixture: a LoRA run made by the real CLI)
+from test_generate import looper  # noqa: F401  (session fixture: a tiny model rigged to loop)
 
 PROMPTS = ["list files", "count lines in a big file please", "pwd", "show processes"]
 # ||y - y_fp32|| / ||y_fp32|| of one linear: fp16 weights round each weight to 2^-11 relative; int8 keeps
@@ -253,3 +254,29 @@ def test_cli_generate_with_speedup(lively: Path, capsys: pytest.CaptureFixture[s
         assert main(["generate", str(lively), "list files", "pwd", "--max-new-tokens", "8", *extra]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[0].count("> ") == 2
+
+
+@pytest.mark.parametrize("how", ["fp16", "int8"])
+def test_repetition_stop_on_the_fast_path(looper: Path, how: str) -> None:  # noqa: F811
+    """The rigged looping model (test_generate) on FastCausalLM: generate, stream and the server's engine stop
+    the looping row alone, keeping one copy."""
+    from lmtailor.config import GenerationSettings
+    from lmtailor.generate import generate, stream
+    from test_generate import CHAIN, CHAIN_PROMPT, LOOP_PROMPT, Steps, engine_rows, loop_texts
+
+    model, tok = Run.open(looper).load()
+    fast = speed_up(model, how)
+    one_copy, unstopped, chain = loop_texts(tok)
+    prompts = [LOOP_PROMPT, CHAIN_PROMPT]
+    off = Steps(fast)
+    assert generate(off, tok, prompts, GenerationSettings(max_new_tokens=40, stop_repeats=0), raw=True) == \
+        [unstopped(40), chain] and off.steps == [40]
+    on = Steps(fast)
+    assert generate(on, tok, prompts, GenerationSettings(max_new_tokens=40), raw=True) == [one_copy, chain]
+    alone = Steps(fast)
+    assert generate(alone, tok, [LOOP_PROMPT], GenerationSettings(max_new_tokens=40), raw=True) == [one_copy]
+    assert on.steps == [len(CHAIN) + 1] and alone.steps == [13]
+    msgs = [{"role": "user", "content": "anything"}]
+    assert "".join(stream(fast, tok, msgs, GenerationSettings(max_new_tokens=40))).strip() == one_copy
+    texts, ends, _ = engine_rows(fast, tok, 3)  # the server's engine on the fast path
+    assert texts == [one_copy, chain] and ends == {0: ("stop", 13), 1: ("stop", len(CHAIN) + 1)}

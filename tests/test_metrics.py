@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from lmtailor import metrics as M
@@ -61,3 +63,39 @@ def test_metric_direction_and_confusion_png(tmp_path):
     from lmtailor.report import confusion_png
 
     assert confusion_png([[3, 1], [0, 2]], ["ham", "spam"], "test")[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(("text", "loops"), [
+    # the two loops of the issue, and others: 3 copies of 2+ words, 6 of one word
+    ("apparmor -r -o -r -o -r -o -r -o", True),
+    ("apparmor -r -o -r -o -r -o", True),
+    ("de los hijos de los hijos de los hijos de los", True),
+    ("ls -la\nls -la\nls -la", True),
+    ("no no no no no no", True),
+    ("find . -name a b c d e f g h a b c d e f g h a b c d e f g h", True),  # 8 words x 3
+    ("jq -l -r 10000000000000000000000000000000000000000", True),  # no spaces: one character x 40
+    ('grep -r "^[0-9]{1,3}|^[0-9]{1,3}|^[0-9]{1,3}|^[0', True),  # 12 characters x 3
+    # ordinary commands and prose, short repeats
+    ("tar -xzvf a.tar.gz", False),
+    ("ls -la", False),
+    ("find . -name x -type f", False),
+    ("a a", False),
+    ("very very very good", False),  # 3 copies of one word cover 3 < 6 words
+    ("* * * * * /usr/bin/backup.sh", False),  # a crontab line: 5 copies of one word
+    ("ssh -v -v host", False),
+    ("echo hi; echo hi", False),  # 2 copies
+    ("git add . && git commit -m 'fix' && git push", False),
+    ("To search a package using apt, you can use the following command: apt search package", False),
+    ("a b c d e f g h i a b c d e f g h i a b c d e f g h i", False),  # a 9-word n-gram is not looked for
+    ("dd if=/dev/zero of=disk.img bs=1000000 count=1", False),  # 6 zeros
+    ("sha256sum: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", False),
+    ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", False),  # 31 characters, below the 32-character floor
+    ("", False),
+])
+def test_looping_rule(text: str, loops: bool) -> None:
+    assert M.looping(text) is loops
+
+
+def test_looping_share() -> None:
+    assert M.looping_share(["ls -la", "x y x y x y", "pwd", "pwd"]) == 0.25
+    assert math.isnan(M.looping_share([]))

@@ -17,7 +17,8 @@ KEY = "pg-key"
 
 
 def talkative(folder: Path, seed: int) -> Path:
-    """A tiny model whose greedy answers are visible text: EOS and whitespace-only tokens can never win."""
+    """A tiny model whose greedy answers are varied visible text: larger random weights (so answers are not one
+    token repeated, which the repetition stop would cut), and EOS and whitespace-only tokens can never win."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,7 +26,11 @@ def talkative(folder: Path, seed: int) -> Path:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     silent = [i for t, i in tok.get_vocab().items() if i in tok.all_special_ids or not tok.decode([i]).strip()]
+    torch.manual_seed(seed)
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2)
         # Tied head: a zero row gives these tokens logit 0, below the best of the other (random) logits.
         model.get_input_embeddings().weight[silent] = 0
     model.save_pretrained(folder)

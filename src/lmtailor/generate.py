@@ -1,13 +1,16 @@
-"""Decoding: greedy or sampled, batched, with stop strings, through the same renderer as training."""
+"""Decoding: greedy or sampled, batched, with stop strings and the repetition stop, through the same renderer as
+training."""
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lmtailor.config import GenerationSettings
 from lmtailor.render import prompt_ids
@@ -21,6 +24,104 @@ def as_messages(prompt: Prompt, system: str | None = None) -> list[dict[str, str
     if system and not any(m["role"] == "system" for m in msgs):
         msgs.insert(0, {"role": "system", "content": system})
     return msgs
+
+
+# ---- the repetition stop -----------------------------------------------------------------------------------
+# Greedy answers of small tuned models loop ("apparmor -r -o -r -o -r -o ..."). Every decoding path (generate,
+# stream, the --speedup fast path, the server engine) applies one rule to the token ids of the answer (never the
+# prompt): an answer whose tail is `repeats` consecutive copies of one n-gram of at most LOOP_MAX_NGRAM tokens,
+# the copies covering at least LOOP_MIN_TOKENS tokens, has ended; it keeps its text up to the end of the first
+# copy of that repeated stretch. The token floor leaves short legitimate repeats alone (`a a`, `-v -v -v`, `../../`):
+# a 1-token n-gram needs 12 copies, a 2-token one 6, a 3-token one 4. benchmarks/looping.py chose the numbers
+# (GenerationSettings.stop_repeats says why 3 copies); floors of 6 to 16 tokens scored the same there, and 12
+# costs about one token per answer over 6 for the margin.
+LOOP_MAX_NGRAM = 16
+LOOP_MIN_TOKENS = 12
+
+
+def _loop_periods(ids: Sequence[int], repeats: int, end: int) -> list[int]:
+    """The n-gram lengths n for which ids[:end] ends in `repeats` copies of one n-gram (>= LOOP_MIN_TOKENS)."""
+    found = []
+    for n in range(1, LOOP_MAX_NGRAM + 1):
+        need = max(repeats * n, LOOP_MIN_TOKENS)  # grows with n
+        if need > end:
+            break
+        if ids[end - need + n:end] == ids[end - need:end - n]:  # the last `need` tokens have period n
+            found.append(n)
+    return found
+
+
+def ends_in_loop(ids: Sequence[int], repeats: int) -> bool:
+    """Whether an answer being decoded has just completed a loop: the check made after every new token."""
+    if repeats < 2:
+        return False
+    tail = list(ids[-max(repeats * LOOP_MAX_NGRAM, LOOP_MIN_TOKENS):])  # the rule never looks further back
+    return bool(_loop_periods(tail, repeats, len(tail)))
+
+
+def _periodic_from(ids: Sequence[int], n: int, end: int) -> int:
+    """Earliest start s such that ids[s:end] has period n."""
+    s = end - n
+    while s > 0 and ids[s - 1] == ids[s - 1 + n]:
+        s -= 1
+    return s
+
+
+def loop_cut(ids: Sequence[int], repeats: int) -> int:
+    """How many tokens of an answer to keep: up to the end of the first copy of its first loop, or all of them.
+
+    Args:
+        ids: the answer's token ids (without the prompt).
+        repeats: copies in a row that make a loop (see the rule above); below 2 nothing is cut.
+
+    Returns:
+        The length of the kept prefix: the answer is scanned token by token, as decoding saw it, and at the first
+        length where the rule holds the cut falls after the first copy of the repeated stretch.
+    """
+    if repeats < 2:
+        return len(ids)
+    ids = list(ids)
+    for end in range(LOOP_MIN_TOKENS, len(ids) + 1):
+        periods = _loop_periods(ids, repeats, end)
+        if periods:
+            return min(_periodic_from(ids, n, end) + n for n in periods)
+    return len(ids)
+
+
+def loop_safe(ids: Sequence[int], repeats: int) -> int:
+    """How many leading tokens of an answer still being decoded no later loop cut can remove.
+
+    Streaming shows only these, so that what a client has seen is never taken back: a cut keeps ids[:s + n]
+    where ids[s:] has period n, and s can be no earlier than where the current tail's period-n stretch starts.
+    Outside a repeated stretch this is len(ids): nothing is held back.
+    """
+    if repeats < 2:
+        return len(ids)
+    ids = list(ids)
+    return min((_periodic_from(ids, n, len(ids)) + n for n in range(1, min(LOOP_MAX_NGRAM, len(ids)) + 1)),
+               default=len(ids))
+
+
+def repeat_stops(start: int, repeats: int) -> StoppingCriteriaList:
+    """The `stopping_criteria` of a `generate` call whose answers start at column `start` (empty when off)."""
+    return StoppingCriteriaList([RepeatStop(start, repeats)] if repeats >= 2 else [])
+
+
+class RepeatStop(StoppingCriteria):
+    """Ends each row whose answer (columns from `start` on) has just completed a loop (see `loop_cut`).
+
+    Returns one bool per row, so a looping row stops while the others of its batch decode on (transformers pads
+    a finished row from then on; `generate` cuts the row's text with `loop_cut`).
+    """
+
+    def __init__(self, start: int, repeats: int) -> None:
+        self.start, self.repeats = start, repeats
+        self.window = max(repeats * LOOP_MAX_NGRAM, LOOP_MIN_TOKENS)  # the rule never looks further back
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        tail = input_ids[:, self.start:][:, -self.window:].tolist()  # (B, <= window)
+        done = [ends_in_loop(row, self.repeats) for row in tail]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _gen_kwargs(tok: Any, s: GenerationSettings) -> dict[str, Any]:
@@ -70,36 +171,81 @@ def generate(model: Any, tok: Any, prompts: Sequence[Prompt], settings: Generati
         for r, i in enumerate(idx):  # left padding: every row ends where its answer begins
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[r, width - len(encoded[i]):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **_gen_kwargs(tok, s))
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             stopping_criteria=repeat_stops(width, s.stop_repeats),
+                             **_gen_kwargs(tok, s))
         for r, i in enumerate(idx):
-            text = tok.decode(gen[r, width:], skip_special_tokens=True)
+            new = gen[r, width:].tolist()
+            text = tok.decode(new[:loop_cut(_until_eos(new, tok.eos_token_id), s.stop_repeats)],
+                              skip_special_tokens=True)
             out[i] = cut_at_stop(text, s.stop).strip()
         bar.update(len(idx))
     bar.close()
     return out
 
 
+def _until_eos(ids: list[int], eos: int | list[int] | None) -> list[int]:
+    """The answer's tokens before its first EOS (what follows is padding, never a loop)."""
+    ends = {eos} if isinstance(eos, int) else set(eos or [])
+    return next((ids[:k] for k, t in enumerate(ids) if t in ends), ids)
+
+
+class _TokenQueue:
+    """A `generate` streamer that hands the new token ids of one row to another thread (None at the end)."""
+
+    def __init__(self) -> None:
+        self.items: queue.Queue[int | None] = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        for t in value.reshape(-1).tolist():
+            self.items.put(int(t))
+
+    def end(self) -> None:
+        self.items.put(None)
+
+
 def stream(model: Any, tok: Any, messages: list[dict[str, str]], settings: GenerationSettings | None = None
            ) -> Iterator[str]:
-    """Yield the answer to one conversation piece by piece as it is decoded."""
-    from transformers import TextIteratorStreamer
+    """Yield the answer to one conversation piece by piece as it is decoded.
 
+    The pieces join to `generate`'s answer: text that a loop cut or a stop string may still remove is held back
+    until decoding shows it stays (see `loop_safe`).
+    """
     s = settings or GenerationSettings()
     ids = torch.tensor([prompt_ids(tok, messages)], device=next(model.parameters()).device)
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **_gen_kwargs(tok, s))
-    worker = threading.Thread(target=lambda: torch.inference_mode()(model.generate)(**kwargs), daemon=True)
+    tokens = _TokenQueue()
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=tokens,
+                  stopping_criteria=repeat_stops(ids.shape[1], s.stop_repeats),
+                  **_gen_kwargs(tok, s))
+
+    def work() -> None:
+        try:
+            torch.inference_mode()(model.generate)(**kwargs)
+        finally:
+            tokens.end()  # also when generate raised, so the reader below never waits forever
+
+    worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    emitted = ""
-    for piece in streamer:
-        emitted += piece
-        if s.stop and cut_at_stop(emitted, s.stop) != emitted:
-            tail = cut_at_stop(emitted, s.stop)[len(emitted) - len(piece):]
-            if tail:
-                yield tail
-            break
-        yield piece
+    eos = tok.eos_token_id
+    ends = {eos} if isinstance(eos, int) else set(eos or [])
+    new: list[int] = []
+    sent = ""
+    while (t := tokens.items.get()) is not None and t not in ends:
+        new.append(t)
+        text = tok.decode(new[:loop_safe(new, s.stop_repeats)], skip_special_tokens=True).rstrip("\ufffd")
+        if s.stop and cut_at_stop(text, s.stop) != text:
+            break  # the final text below ends before the stop string
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent):]
+            sent = text
     worker.join()
+    text = cut_at_stop(tok.decode(new[:loop_cut(new, s.stop_repeats)], skip_special_tokens=True), s.stop)
+    if len(text) > len(sent) and text.startswith(sent):
+        yield text[len(sent):]
 
 
 def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, system: str | None = None,

@@ -7,6 +7,14 @@ chrF); ROUGE, exact match, accuracy and F1 are fractions in [0, 1].
 
 Exact match compares `normalize_answer` forms: surrounding whitespace and backticks stripped, runs of whitespace
 collapsed to one space; case and punctuation inside the answer count. chrF, BLEU and ROUGE see the raw texts.
+
+An answer loops (`looping`) when its whitespace-separated words hold one n-gram of 1-8 words repeated right
+after itself so that at least 3 copies in a row cover at least 6 words: "-r -o -r -o -r -o" (3 x 2 words) and
+"de los hijos de los hijos de los hijos" (3 x 3) loop; "a a", "very very very good" (3 x 1 word), "* * * * *"
+(5 x 1) and ordinary commands do not. A loop without spaces counts too: one word of at least 32 characters made
+of 3 or more copies in a row of a 1-16-character chunk ("10000000000000000000000000000000000000000",
+"^[0-9]{1,3}|^[0-9]{1,3}|^[0-9]{1,3}|"). Words and characters, not model tokens, so the share compares across
+tokenizers.
 """
 
 from __future__ import annotations
@@ -113,3 +121,38 @@ def text_metrics(preds: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
         return {}
     return {"bleu": bleu(preds, refs), "chrf": chrf(preds, refs), **rouge(preds, refs),
             "exact_match": exact_match(preds, refs)}
+
+
+# `looping`: >= LOOP_COPIES copies in a row of an n-gram of 1..LOOP_MAX_WORDS words covering >= LOOP_MIN_WORDS
+# words, or, inside one word, of a chunk of 1..LOOP_MAX_CHARS characters covering >= LOOP_MIN_CHARS characters.
+LOOP_COPIES = 3
+LOOP_MAX_WORDS = 8
+LOOP_MIN_WORDS = 6
+LOOP_MAX_CHARS = 16
+LOOP_MIN_CHARS = 32
+
+
+def _repeats(items: Sequence[Any], max_n: int, floor: int) -> bool:
+    """Whether `items` hold LOOP_COPIES or more copies in a row of one n-gram (n <= max_n) covering >= floor items."""
+    for n in range(1, max_n + 1):
+        need = max(LOOP_COPIES * n, floor)  # items the repeated stretch must cover
+        if need > len(items):
+            break
+        run = 0  # consecutive items equal to the one n before them: the stretch holds run + n items
+        for i in range(n, len(items)):
+            run = run + 1 if items[i] == items[i - n] else 0
+            if run + n >= need:
+                return True
+    return False
+
+
+def looping(text: str) -> bool:
+    """Whether a generated answer loops: see the module docstring for the rule and its examples."""
+    words = text.split()
+    return _repeats(words, LOOP_MAX_WORDS, LOOP_MIN_WORDS) or any(
+        _repeats(w, LOOP_MAX_CHARS, LOOP_MIN_CHARS) for w in words if len(w) >= LOOP_MIN_CHARS)
+
+
+def looping_share(preds: Sequence[str]) -> float:
+    """Share of answers that loop (`looping`), in [0, 1]; nan for no answers."""
+    return sum(looping(p) for p in preds) / len(preds) if preds else float("nan")

@@ -3,8 +3,9 @@
 Requests wait in a queue (bounded: a full queue is refused, never piled up). A scheduler thread takes the
 oldest request, waits `batch_window_ms` for others with the same model and sampling settings, and hands the
 group to a worker as ONE batched `generate` (left padding, KV cache). Each row stops on its own: EOS (through
-HF), its stop strings, its max_tokens, its client going away, or its deadline. Text reaches the request as
-deltas while the batch decodes, so streaming and non-streaming requests share batches.
+HF), its stop strings, the repetition stop of `lmtailor.generate` (a loop ends the row, its text keeps the first
+copy), its max_tokens, its client going away, or its deadline. Text reaches the request as deltas while the batch
+decodes, so streaming and non-streaming requests share batches.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from lmtailor.config import GenerationSettings
+from lmtailor.generate import ends_in_loop, loop_cut, loop_safe
 from lmtailor.serve.models import Slot
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,9 @@ class Sampling:
                 "repetition_penalty": self.repetition_penalty}
 
 
+STOP_REPEATS = GenerationSettings().stop_repeats  # the same default repetition stop as `lmtailor generate`
+
+
 @dataclass(eq=False)
 class Job:
     """One API request: `n` rows with the same prompt (or one row per prompt of a batch completion)."""
@@ -80,6 +86,11 @@ class Job:
     emit: Callable[[tuple], None]  # receives ("delta", row, text) / ("done", row, reason, n_tokens) / ("error", ...)
     deadline: float
     cancelled: threading.Event = field(default_factory=threading.Event)
+    stop_repeats: int = STOP_REPEATS  # the repetition stop (GenerationSettings.stop_repeats); 0: off
+
+    def repeats(self) -> int:
+        """The repetition stop in force: off for ignore_eos rows, which run to max_tokens by request."""
+        return 0 if self.sampling.ignore_eos else self.stop_repeats
 
     def key(self) -> tuple:
         return (self.slot.name, self.sampling)
@@ -88,8 +99,9 @@ class Job:
 class _Rows(StoppingCriteria):
     """Per-row stopping plus incremental text: called by `generate` after every decoding step.
 
-    input_ids: (B, width + t). A row is finished by its stop strings, max_tokens, its job being cancelled or
-    past its deadline; on EOS, HF also marks the row finished and pads it from then on.
+    input_ids: (B, width + t). A row is finished by its stop strings, a loop (the repetition stop), max_tokens,
+    its job being cancelled or past its deadline; on EOS, HF also marks the row finished and pads it from then on.
+    A streamed row is sent only the text that no later loop cut or stop string can take back.
     """
 
     def __init__(self, rows: list[tuple[Job, int]], width: int, tok: Any, eos: int | None,
@@ -112,6 +124,8 @@ class _Rows(StoppingCriteria):
                 self._finish(r, ids, "cancelled", len(ids))
             elif now > job.deadline:
                 self._finish(r, ids, "timeout", len(ids))
+            elif ends_in_loop(ids, job.repeats()):
+                self._finish(r, ids[:loop_cut(ids, job.repeats())], "stop", len(ids))
             else:
                 text = self.tok.decode(ids, skip_special_tokens=True)
                 cut = _first_stop(text, job.stop)
@@ -120,7 +134,9 @@ class _Rows(StoppingCriteria):
                 elif len(ids) >= job.max_tokens:
                     self._finish(r, ids, "length", len(ids), text)
                 else:
-                    self._send(r, _safe_prefix(text, job.stop))
+                    safe = loop_safe(ids, job.repeats())
+                    shown = text if safe == len(ids) else self.tok.decode(ids[:safe], skip_special_tokens=True)
+                    self._send(r, _safe_prefix(shown, job.stop))
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
     def _send(self, r: int, text: str) -> None:
@@ -147,11 +163,13 @@ class _Rows(StoppingCriteria):
             if self.done[r]:
                 continue
             ids = new[r]
+            repeats = self.rows[r][0].repeats()
             if self.eos is not None and self.eos in ids:
                 k = ids.index(self.eos)
-                self._finish(r, ids[:k], "stop", k + 1)
+                self._finish(r, ids[:loop_cut(ids[:k], repeats)], "stop", k + 1)
             else:
-                self._finish(r, ids, "length", len(ids))
+                keep = loop_cut(ids, repeats)
+                self._finish(r, ids[:keep], "stop" if keep < len(ids) else "length", len(ids))
 
 
 def _first_stop(text: str, stop: list[str]) -> int | None:
