@@ -35,15 +35,23 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop-repeats", type=int, default=3, help="end an answer once it ends in this many copies of "
+                   "one n-gram (12+ tokens), keeping the first copy; 0: off")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--speedup", choices=SPEEDUPS, default="none", help=SPEEDUP_HELP)
 
 
 def _gen_settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from lmtailor.config import GenerationSettings
+    from pydantic import ValidationError
 
-    return GenerationSettings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                              top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop)
+    from lmtailor.config import GenerationSettings, explain
+
+    try:
+        return GenerationSettings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                                  top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
+                                  stop_repeats=a.stop_repeats)
+    except ValidationError as e:  # e.g. --temperature -1: one line naming the option's setting
+        raise explain(e, "options", GenerationSettings) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from lmtailor.data.example import Example
 from lmtailor.data.packing import collate as pack_collate
 from lmtailor.data.packing import segment_mask
 from lmtailor.generate import generate
-from lmtailor.metrics import chrf, exact_match, perplexity
+from lmtailor.metrics import chrf, exact_match, looping_share, perplexity
 from lmtailor.models import is_prompt_learning, unwrap_peft
 from lmtailor.objectives.attention import SEGMENT_ATTENTION, attention_implementation, segment_bounds
 from lmtailor.objectives.common import prepare_blocks, recipe_model, recipe_tokenizer, texts
@@ -229,7 +229,7 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized]
         prompts, refs = zip(*(prompt_messages(ex) for ex in chats), strict=True)
         preds = generate(model, tok, list(prompts), cfg.generation, progress=progress,
                          desc=f"{desc} generate".strip())
-        out.update(exact_match=exact_match(preds, refs), chrf=chrf(preds, refs))
+        out.update(exact_match=exact_match(preds, refs), chrf=chrf(preds, refs), looping=looping_share(preds))
         out["samples"] = [{"prompt": p[-1]["content"], "reference": r, "prediction": y}
                           for p, r, y in zip(prompts, refs, preds, strict=True)]
     settings = ctx.settings

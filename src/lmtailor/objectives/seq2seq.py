@@ -24,8 +24,8 @@ from torch import nn
 from lmtailor.config import RunConfig, Strict
 from lmtailor.data.example import Example
 from lmtailor.errors import DataError
-from lmtailor.generate import generate
-from lmtailor.metrics import text_metrics
+from lmtailor.generate import generate, loop_cut, repeat_stops
+from lmtailor.metrics import looping_share, text_metrics
 from lmtailor.models import unwrap_peft
 from lmtailor.objectives import causal
 from lmtailor.objectives.common import loss_over, override_dropout, recipe_tokenizer
@@ -170,11 +170,15 @@ def generate_targets(ctx: ObjectiveContext, model: nn.Module, sources: list[str]
         for r, i in enumerate(idx):
             ids[r, :len(enc[i])] = torch.tensor(enc[i])
             mask[r, :len(enc[i])] = 1
+        beams, repeats = ctx.settings.num_beams, cfg.generation.stop_repeats
+        # the repetition stop ends greedy rows early; beams are cut afterwards (the same rule, see generate.loop_cut)
+        stops = repeat_stops(1, repeats) if beams == 1 else None  # decoder rows start with the decoder start token
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),  # type: ignore[operator]
-                             max_new_tokens=cfg.generation.max_new_tokens, num_beams=ctx.settings.num_beams,
-                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                             max_new_tokens=cfg.generation.max_new_tokens, num_beams=beams, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, stopping_criteria=stops)
         for r, i in enumerate(idx):
-            out[i] = tok.decode(gen[r], skip_special_tokens=True).strip()
+            row = gen[r, 1:].tolist()
+            out[i] = tok.decode(row[:loop_cut(row, repeats)], skip_special_tokens=True).strip()
     return out
 
 
@@ -203,7 +207,7 @@ def generation_metrics(ctx: ObjectiveContext, model: nn.Module, examples: Sequen
         return {}
     sources, refs = [p[0] for p in pairs], [p[1] for p in pairs]
     preds = generate_targets(ctx, model, sources, progress=progress)
-    return {**text_metrics(preds, refs), "examples": len(pairs),
+    return {**text_metrics(preds, refs), "looping": looping_share(preds), "examples": len(pairs),
             "samples": [{"prompt": s, "reference": r, "prediction": p}
                         for s, r, p in zip(sources, refs, preds, strict=True)][:max(ctx.cfg.eval.samples, 20)]}
 
