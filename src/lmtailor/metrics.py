@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 # Lower is better for these; every other metric is better when higher.
-LOWER_IS_BETTER = ("loss", "perplexity")
+LOWER_IS_BETTER = ("loss", "perplexity", "looping")
 
 
 def higher_is_better(metric: str) -> bool:
