@@ -5,8 +5,9 @@ the baselines on a held-out test split.
 Steps (each writes into the output folder):
 1. data/: the records read once (format detected), split into train.jsonl and test.jsonl (the recipe's split rule:
    a seeded hash of each example; 10% held out, at most 300 examples). The test split is never seen by the search.
-2. search/: an Optuna study (`lmtailor tune` machinery) over lr, LoRA rank and epochs; each trial trains on 80% of
-   train.jsonl and is judged on the other 20% (the dev split); successive halving stops weak trials early. The
+2. search/: an Optuna study (`lmtailor tune` machinery) over lr, LoRA rank and epochs; each trial trains on
+   train.jsonl less a dev split (20%, at most 200 examples) it is judged on; successive halving stops weak trials
+   early. The
    study gets `search_share` of the budget; each trial a slice of it (its steps fitted with `budget=`).
 3. final/: the best settings trained on all of train.jsonl with the rest of the budget, evaluated on test.jsonl:
    its report holds the baselines, before and after.
@@ -37,6 +38,7 @@ SPACES: dict[str, dict[str, list[Any]]] = {
 }
 SEARCH_METRIC = {"classify": "macro_f1", "sft": "loss", "clm": "loss"}  # cheap to measure at every validation
 RESERVE = 0.15  # of the budget, kept for loading models and the final before/after evaluation
+DEV_MAX = 200  # dev examples each search trial is judged on (a larger split costs the search most of its time)
 
 
 def _record(ex: Example) -> dict[str, Any]:
@@ -98,7 +100,9 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     search_s = total * search_share
     recipe = {"name": "search", "output_dir": str(root / "search"), "base_model": base_model,
               "objective": objective, "method": "lora", "seed": seed,
-              "data": {"path": str(folder / "train.jsonl"), "format": detected, "val_fraction": 0.2},
+              # a dev split of at most 200 examples: its evaluations are charged to each trial's time
+              "data": {"path": str(folder / "train.jsonl"), "format": detected,
+                       "val_size": min(DEV_MAX, max(10, len(train_ex) // 5))},
               "metric_for_best": SEARCH_METRIC[objective], "budget": search_s / max(2, trials) * 1.5,
               "eval": {"generate_examples": 0}, "tune": SPACES[objective]}
     recipe_file = root / "search.yaml"
