@@ -15,6 +15,7 @@ Only keys the recipe (or an override) does not set are chosen; a set key is neve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,8 +60,8 @@ def choose_max_length(objective: Objective, ctx: ObjectiveContext, examples: Seq
     limit = min(MAX_AUTO_LENGTH, _model_positions(cfg))
     if cfg.packing and "pack_length" in _set(cfg):
         limit = min(limit, cfg.pack_length)
-    probe = ObjectiveContext(cfg.model_copy(update={"max_length": 100_000, "pack_length": 100_000}), ctx.settings,
-                             ctx.tokenizer, None, ctx.labels, ctx.stats, ctx.train_on_prompt)
+    probe = dataclasses.replace(ctx, cfg=cfg.model_copy(update={"max_length": 100_000, "pack_length": 100_000}),
+                                run_dir=None)
     step = max(1, len(examples) // sample)
     items, _ = objective.prepare(probe, list(examples[::step]))
     lengths = sorted(len(items[i].input_ids) for i in range(len(items)))
