@@ -30,6 +30,28 @@ def test_auto_classifies_a_labeled_file_within_its_budget(tiny_model, tmp_path, 
     assert not set(train) & set(test) and len(train) + len(test) == 120
     assert set(report["baselines"]) == {"majority", "tfidf_logreg"} and "macro_f1" in report["after"]
     assert report["verdict"] and (out / "final" / "model").is_dir()
+    # a tiny model's steps are cheap: the plan paid for the 2 trials asked; the final report is on the test split
+    assert report["plan"]["trials"] == 2 and report["plan"]["step_s"] > 0
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert final["evaluated_on"] == "test" and final["after"]["examples"] == len(test)
     md = (out / "auto.md").read_text()
     assert "objective **classify**" in md and "tfidf_logreg" in md and "| 0 |" in md
     assert elapsed < 150 * 1.5  # the budget covers training; loading and evaluation add a little
+
+
+def test_the_plan_searches_only_when_the_budget_pays_for_it():
+    from lmtailor.auto import MIN_TRIAL_STEPS, MIN_TRIALS, plan_search
+
+    slow = {"step_s": 2.3, "eval_s": 0.0, "eval_every": 0}  # a 135M model on 2 CPU cores
+    plan = plan_search(20 * 60, slow, trials=6, search_share=0.4)
+    assert plan["trials"] == 0 and plan["search_s"] == 0 and "no search" in plan["reason"]
+    assert plan["steps_fit"] == int(20 * 60 * 0.85 / 2.3)
+    fast = {"step_s": 0.05, "eval_s": 1.0, "eval_every": 20}  # the same budget on a GPU
+    plan = plan_search(20 * 60, fast, trials=6, search_share=0.4)
+    assert plan["trials"] == 6 and plan["search_s"] == 20 * 60 * 0.85 * 0.4
+    # the trials that fit, never more than asked, and a search only with enough of them
+    some = {"step_s": 1.0, "eval_s": 0.0, "eval_every": 0}
+    seconds = (MIN_TRIALS + 1) * MIN_TRIAL_STEPS / 0.4 / 0.85 + 1
+    assert plan_search(seconds, some, trials=6, search_share=0.4)["trials"] == MIN_TRIALS + 1
+    assert plan_search(seconds, some, trials=2, search_share=0.4)["trials"] == 2
+    assert plan_search(seconds / 2, some, trials=6, search_share=0.4)["trials"] == 0

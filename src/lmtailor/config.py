@@ -38,6 +38,9 @@ class DataSettings(Strict):
     )
     split: str = Field("train", description="split to read from a hub dataset")
     val_path: str | None = Field(None, description="separate validation data (otherwise split off `path`)")
+    test_path: str | None = Field(None, description="held-out test data: the baselines and the before/after report "
+                                  "are judged on it, while validation (best checkpoint, early stopping) stays on "
+                                  "the validation split, so the reported figures are not the ones selected on")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of examples held out for validation")
     val_size: int | None = Field(None, ge=0, description="held-out example count (overrides val_fraction)")
     max_examples: int | None = Field(None, ge=1, description="use at most this many training examples")
@@ -47,6 +50,9 @@ class DataSettings(Strict):
                                     "rendered through its template into zero-shot chats answered by the label word "
                                     "or reference, to fine-tune (LoRA or a soft prompt) on the task's own prompts")
     prompt_template: int = Field(0, ge=0, description="with prompt_task: which of its templates")
+    retrieved_examples: int = Field(0, ge=0, le=16, description="show each request the k most similar training "
+                                    "examples (BM25) as solved request/answer pairs, in training (never itself), "
+                                    "evaluation and generation alike; chat-shaped data only")
 
 
 class PrivacySettings(Strict):

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lmtailor.config import GenerationSettings
+from lmtailor.data.retrieve import RunRetrieval
 from lmtailor.render import prompt_ids
 
 Prompt = str | list[dict[str, str]]
@@ -248,6 +249,24 @@ def stream(model: Any, tok: Any, messages: list[dict[str, str]], settings: Gener
         yield text[len(sent):]
 
 
+def retrieval_for(config: dict[str, Any]) -> RunRetrieval | None:
+    """The retrieval a run trained with (data.retrieved_examples in its resolved config), or None: the pool is its
+    training split, read (and scrubbed, with privacy.scrub) the way training read it."""
+    if not (config.get("data") or {}).get("retrieved_examples"):
+        return None
+    from lmtailor.config import build_config
+    from lmtailor.data.retrieve import Retriever
+    from lmtailor.data.validate import load_datasets
+
+    cfg = build_config(config, "the run's config.yaml")
+    train, _, _ = load_datasets(cfg.data)
+    if cfg.privacy.scrub:
+        from lmtailor.privacy.scrub import scrub_for_run
+
+        train, _, _ = scrub_for_run(train, [], cfg.privacy.mode, cfg.privacy.salt_env, cfg.privacy.ner)
+    return RunRetrieval(Retriever([ex for ex in train if ex.messages is not None]), cfg.data.retrieved_examples)
+
+
 def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, system: str | None = None,
            compare: bool = False, raw: bool = False, speedup: str = "none") -> list[dict[str, str]]:
     """Answer prompts with a run or model; with `compare`, also with its base model (adapter off).
@@ -262,6 +281,9 @@ def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, sy
     run = Run.open(target)
     model, tok = run.load()
     system = system or run.system_prompt
+    rag = retrieval_for(run.config)
+    if rag is not None and not raw:  # the run trained with retrieved examples in its prompts: show them here too
+        prompts = [str(rag(p)) for p in prompts]
     if compare and run.adapter and speedup == "none":
         with model.disable_adapter():  # type: ignore[operator]  # the base for free: same weights, adapter off
             base = generate(model, tok, prompts, settings, system=system, raw=raw)
@@ -284,6 +306,7 @@ def chat_loop(target: str, settings: GenerationSettings, system: str | None = No
     model, tok = run.load()
     model = speed_up(model, speedup)
     system = system or run.system_prompt
+    rag = retrieval_for(run.config)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     print(f"chatting with {run.name} (empty line or Ctrl-D to quit, /reset to start over)")
     while True:
@@ -300,7 +323,8 @@ def chat_loop(target: str, settings: GenerationSettings, system: str | None = No
         messages.append({"role": "user", "content": line})
         print("bot> ", end="", flush=True)
         reply = ""
-        for piece in stream(model, tok, messages, settings):
+        shown = messages if rag is None else rag(messages)  # the history keeps the user's own words
+        for piece in stream(model, tok, shown if isinstance(shown, list) else messages, settings):
             reply += piece
             print(piece, end="", flush=True)
         print()

@@ -185,18 +185,18 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
     return float(acc.reduce(loss_sum, "sum")) / n_global, grad_norm
 
 
-def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int, probe_steps: int = 3) -> int:
-    """Optimizer steps that fit `budget` seconds: the time of a step is measured on the first steps' batches
-    (forward and backward only; the gradients are dropped and the RNG restored, so the run is unchanged), and each
-    validation pass (eval_every) is charged as forward-only work on the validation tokens. Never more than `planned`.
-    Every process measures; the slowest decides, so all agree."""
+def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 3) -> tuple[float, float]:
+    """(seconds of an optimizer step, seconds of one validation pass): a step is timed on the first steps' batches
+    (forward and backward only; the gradients are dropped and the RNG restored, so the run is unchanged), and a
+    validation pass is charged as forward-only work on the validation tokens. Every process measures; the slowest
+    decides, so all agree."""
     acc, cfg = loop.acc, loop.cfg
     n = len(loop.data.train_items)
     times = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     loop.model.train()
     with torch.random.fork_rng(devices=devices):
-        for step in range(min(probe_steps, planned)):
+        for step in range(probe_steps):
             items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, n, cfg, acc.num_processes)]
             t0 = time.perf_counter()
             _backward(loop, items)
@@ -206,17 +206,35 @@ def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int,
     step_s = float(acc.reduce(torch.tensor(step_s, device=acc.device), "max")) if acc.num_processes > 1 else step_s
     step_s *= 1.05  # the optimizer update and logging
     eval_s = 0.0
-    if cfg.eval_every and loop.data.val_items:
+    if loop.data.val_items:
         train_tokens = sum(item_tokens(loop.data.train_items[i]) for i in range(min(n, cfg.batch_size))) or 1
         val_tokens = sum(item_tokens(loop.data.val_items[i]) for i in range(len(loop.data.val_items)))
         eval_s = step_s / 3 * val_tokens / train_tokens  # forward only: about a third of forward + backward
-    per_step = step_s + (eval_s / cfg.eval_every if cfg.eval_every else 0.0)
-    steps = max(1, min(planned, int(budget / per_step)))
-    if acc.is_main_process:
-        print(f"budget {budget:g} s: a step takes {step_s:.2f} s (measured on {len(times)} steps)"
-              + (f", validation {eval_s:.1f} s every {cfg.eval_every} steps" if eval_s else "")
+    return step_s, eval_s
+
+
+def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int, probe_steps: int = 3,
+                        evaluations: int | None = None) -> tuple[int, int]:
+    """(optimizer steps, eval_every) that fit `budget` seconds, the validation passes included, from the step time
+    `measure_step` takes on this run's own batches. Never more than `planned` steps.
+
+    With `evaluations` (eval_every was chosen from the data, not set by the recipe), the validations are spread
+    again over the steps that fit: that many of them, not the ones planned for the uncut schedule (which a budget
+    may cut to fewer than one)."""
+    cfg = loop.cfg
+    step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned))
+    eval_every = cfg.eval_every
+    if evaluations and eval_every:
+        steps = max(1, min(planned, int((budget - evaluations * eval_s) / step_s)))
+        eval_every = max(1, steps // evaluations)
+    else:
+        per_step = step_s + (eval_s / eval_every if eval_every else 0.0)
+        steps = max(1, min(planned, int(budget / per_step)))
+    if loop.acc.is_main_process:
+        print(f"budget {budget:g} s: a step takes {step_s:.2f} s (measured on {min(probe_steps, planned)} steps)"
+              + (f", validation {eval_s:.1f} s every {eval_every} steps" if eval_every and eval_s else "")
               + f" -> {steps} steps ({steps / per_epoch:.2f} epochs; the recipe planned {planned})")
-    return steps
+    return steps, eval_every
 
 
 def _validate(loop: Loop) -> dict[str, float]:

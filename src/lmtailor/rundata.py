@@ -1,7 +1,8 @@
 """The one data assembly of a run: what `train`, `validate` and `tune` (through train) feed the model.
 
 Read or stream the data -> render it through a prompt task (data.prompt_task) -> scrub PII (privacy.scrub) ->
-let the objective fit what the data fixes (the label set) -> the objective's items for both splits.
+show each request its most similar training examples (data.retrieved_examples) -> let the objective fit what
+the data fixes (the label set) -> the objective's items for every split.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ class RunData:
     train_examples: Sequence[Example] = ()  # what the items came from (empty when streamed into the token cache)
     cfg: RunConfig | None = None  # the recipe with the values chosen from the data filled in
     choices: list[Choice] = field(default_factory=list)  # those values, each with its reason
+    test_items: Sequence[Any] = ()  # data.test_path: what the report is judged on (never selected on)
+    test_examples: Sequence[Example] = ()
+
+    def report_split(self) -> tuple[Sequence[Any], Sequence[Example], str]:
+        """(items, examples, name) the baselines and before/after are judged on: the test split when the run has
+        one, else the validation split."""
+        if self.test_examples:
+            return self.test_items, self.test_examples, "test"
+        return self.val_items, self.val_examples, "validation"
 
 
 def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: bool = True, world: int = 1) -> RunData:
@@ -61,22 +71,28 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
             ctx.tokenizer = objective.tokenizer(ctx)
         data = _streamed(objective, ctx, run_dir)
     else:
-        from lmtailor.data.validate import load_datasets
+        from lmtailor.data.validate import load_datasets, load_test_examples
 
         train_ex, val_ex, stats = load_datasets(cfg.data)
+        test_ex = load_test_examples(cfg.data)
         audit: dict[str, Any] = {}
         if cfg.data.prompt_task:  # fine-tune on a prompt task's own rendering (see `lmtailor compare`)
             from lmtailor.prompting.task import chat_examples, load_task, make_items
 
             task = load_task(cfg.data.prompt_task)
-            train_ex, val_ex = (chat_examples(task, make_items(ex, task), cfg.data.prompt_template)
-                                for ex in (train_ex, val_ex))
+            train_ex, val_ex, test_ex = (chat_examples(task, make_items(ex, task), cfg.data.prompt_template)
+                                         for ex in (train_ex, val_ex, test_ex))
         if cfg.privacy.scrub:
             from lmtailor.privacy.scrub import scrub_for_run
 
-            train_ex, val_ex, audit = scrub_for_run(train_ex, val_ex, cfg.privacy.mode, cfg.privacy.salt_env,
-                                                    cfg.privacy.ner, run_dir)
+            train_ex, held_ex, audit = scrub_for_run(train_ex, val_ex + test_ex, cfg.privacy.mode,
+                                                     cfg.privacy.salt_env, cfg.privacy.ner, run_dir)
+            val_ex, test_ex = held_ex[:len(val_ex)], held_ex[len(val_ex):]
             stats["pii_replaced"] = audit["total"]
+        if cfg.data.retrieved_examples:  # after scrubbing: retrieved answers are scrubbed like the rest
+            from lmtailor.data.retrieve import with_retrieved
+
+            train_ex, (val_ex, test_ex) = with_retrieved(train_ex, [val_ex, test_ex], cfg.data.retrieved_examples)
         if ctx.tokenizer is None:
             ctx.tokenizer = objective.tokenizer(ctx)
         objective.fit(ctx, train_ex)
@@ -85,8 +101,13 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
         train_items, train_stats = objective.prepare(ctx, train_ex)
         val_ex = val_ex[:cfg.eval.max_examples]
         val_items, _ = objective.prepare(ctx, val_ex)
+        test_ex = test_ex[:cfg.eval.max_examples]
+        test_items, _ = objective.prepare(ctx, test_ex) if test_ex else ([], {})
         stats.update({f"train_{k}": v for k, v in train_stats.items()}, val_items=len(val_items))
-        data = RunData(train_items, val_items, val_ex, stats, audit, train_ex, choices=choices)
+        if test_ex:
+            stats["test"] = len(test_ex)
+        data = RunData(train_items, val_items, val_ex, stats, audit, train_ex, choices=choices,
+                       test_items=test_items, test_examples=test_ex)
     if not data.train_items:
         raise ConfigError("no training example has anything to learn from",
                           "check data.format and that examples have assistant turns, text or labels")

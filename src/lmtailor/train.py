@@ -19,8 +19,9 @@ import torch
 from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainable
 from lmtailor.config import RunConfig, dump_config
 from lmtailor.errors import CheckpointError, ConfigError
+from lmtailor.fitting import EVALUATIONS
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lmtailor.loop import Loop, fit_steps_to_budget, item_tokens, make_optimizer, plan_steps, run_steps
+from lmtailor.loop import Loop, fit_steps_to_budget, item_tokens, make_optimizer, measure_step, plan_steps, run_steps
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
 from lmtailor.report import comparison_table, likely_reasons, verdict, write_report, write_task_report
@@ -72,13 +73,14 @@ def train(cfg: RunConfig, progress: bool = True,
     model.to(acc.device)
 
     # ---- baselines and before: the obvious alternatives and the untrained start, on the held-out split ---------
+    report_items, report_examples, report_split = data.report_split()
     baselines: dict[str, dict[str, float]] = {}
-    if main and objective.baseline is not None and data.train_examples and data.val_examples:
-        baselines = objective.baseline(ctx, data.train_examples, data.val_examples)
+    if main and objective.baseline is not None and data.train_examples and report_examples:
+        baselines = objective.baseline(ctx, data.train_examples, report_examples)
     before = Evaluation()
-    if main and cfg.eval.before_after and (data.val_items or data.val_examples):
+    if main and cfg.eval.before_after and (report_items or report_examples):
         with model.disable_adapter() if cfg.method in ADAPTER_METHODS else contextlib.nullcontext():
-            before = objective.evaluate(ctx, model, data.val_items, data.val_examples, progress=progress,
+            before = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
                                         desc="before")
     acc.wait_for_everyone()
 
@@ -88,9 +90,19 @@ def train(cfg: RunConfig, progress: bool = True,
     loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)
     state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
     loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, run_dir)
-    if cfg.budget:  # a resumed run keeps the step count its first start fitted (written to its config.yaml)
-        fitted = read_config(run_dir).get("max_steps") if cfg.resume else None
-        total_steps = int(fitted) if fitted else fit_steps_to_budget(loop, cfg.budget, per_epoch, total_steps)
+    if cfg.budget:  # a resumed run keeps the schedule its first start fitted (written to its config.yaml)
+        first = read_config(run_dir) if cfg.resume else {}
+        chosen_eval = "eval_every" not in cfg.model_fields_set and cfg.eval_every > 0
+        if first.get("max_steps"):
+            total_steps, eval_every = int(first["max_steps"]), int(first.get("eval_every", cfg.eval_every))
+        else:
+            total_steps, eval_every = fit_steps_to_budget(loop, cfg.budget, per_epoch, total_steps,
+                                                          evaluations=EVALUATIONS if chosen_eval else None)
+        if eval_every != cfg.eval_every:
+            fields = set(cfg.model_fields_set)
+            cfg = cfg.model_copy(update={"eval_every": eval_every})
+            cfg.__pydantic_fields_set__ = fields  # still a value chosen for the recipe, not set by it
+            loop.cfg = ctx.cfg = cfg
     loop.scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                                    num_training_steps=total_steps)
     if cfg.resume:
@@ -114,10 +126,11 @@ def train(cfg: RunConfig, progress: bool = True,
     summary: dict[str, Any] = {}
     if main:
         save_model(model, ctx.tokenizer, run_dir / "model")
-        after = objective.evaluate(ctx, model, data.val_items, data.val_examples, progress=progress,
-                                   desc="after") if (data.val_items or data.val_examples) else Evaluation()
+        after = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
+                                   desc="after") if (report_items or report_examples) else Evaluation()
         summary = _summary(cfg, objective, data, state, result.stopped_early, (trainable, total), base_name,
                            acc.num_processes, baselines, before, after)
+        summary["evaluated_on"] = report_split
         _write_outputs(run_dir, cfg, objective, state["history"], summary, before, after)
         say(f"\nrun folder: {run_dir} ({state['step']} steps in {state['elapsed']:.0f} s, "
             f"{summary['train_tokens_per_s']:.0f} tokens/s)")
@@ -216,6 +229,35 @@ def _write_outputs(run_dir: Path, cfg: RunConfig, objective: Objective, history:
     if objective.task_report and after.metrics:
         write_task_report(run_dir, before.metrics, after.metrics, history, images)
     write_report(run_dir, cfg, history, summary)
+
+
+def measure_recipe(cfg: RunConfig, probe_steps: int = 3) -> dict[str, Any]:
+    """What one optimizer step of this recipe costs here, measured on its own first batches without training or
+    writing anything: `step_s` (forward and backward), `eval_s` (one validation pass, forward only),
+    `per_epoch` and `planned` steps, the values chosen from the data, and the item counts. One process."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cuda = torch.cuda.is_available()
+    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.dtype == "auto" and cuda
+                      and torch.cuda.is_bf16_supported() else "no")
+    set_seed(cfg.seed)
+    objective = get_objective(cfg)
+    ctx = objective.context(cfg)
+    data = build_run_data(objective, ctx, write_audit=False)
+    cfg = ctx.cfg
+    model = _apply_method(objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)),
+                          cfg).to(acc.device)
+    per_epoch, planned = plan_steps(cfg, len(data.train_items), 1)
+    optimizer = make_optimizer(model, cfg)
+    loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)
+    state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
+    loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, cfg.run_dir)
+    step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned))
+    return {"step_s": step_s, "eval_s": eval_s, "per_epoch": per_epoch, "planned": planned,
+            "eval_every": cfg.eval_every, "train_items": len(data.train_items), "val_items": len(data.val_items),
+            "choices": [str(c) for c in data.choices], "max_length": cfg.max_length, "lr": cfg.lr,
+            "epochs": cfg.epochs}
 
 
 def check_recipe(cfg: RunConfig) -> str:

@@ -265,11 +265,25 @@ def load_datasets(cfg: DataSettings) -> tuple[list[Example], list[Example], dict
         overlap = len(examples) - len(train)
     else:
         train, val = split_examples(examples, cfg.val_fraction, cfg.val_size, cfg.split_seed)
+    test_overlap = 0
+    if cfg.test_path:  # a training example equal to a test one would leak the answer into the report
+        test_keys = {content_key(e) for e in load_test_examples(cfg)}
+        kept = [e for e in train if content_key(e) not in test_keys]
+        test_overlap, train = len(train) - len(kept), kept
     if cfg.max_examples is not None:
         train = train[:cfg.max_examples]
     if not train:
         raise no_training_left(cfg.path, stats, len(val))
-    return train, val, {"format": fmt, **stats, "train": len(train), "val": len(val), "val_overlap": overlap}
+    return train, val, {"format": fmt, **stats, "train": len(train), "val": len(val), "val_overlap": overlap,
+                        **({"test_overlap": test_overlap} if cfg.test_path else {})}
+
+
+def load_test_examples(cfg: DataSettings) -> list[Example]:
+    """The cleaned test examples of `cfg.test_path` (empty without one), read in the training data's format."""
+    if not cfg.test_path:
+        return []
+    test, _ = clean_examples(load_examples(cfg.test_path, cfg.format, cfg.split, cfg.system_prompt))
+    return test
 
 
 def no_training_left(path: str, stats: dict[str, Any], n_val: int) -> DataError:

@@ -206,11 +206,12 @@ def baseline(ctx: ObjectiveContext, train: Sequence[Example], val: Sequence[Exam
     chats = generation_examples(ctx, val)
     if not chats:
         return {}
-    pairs = [prompt_messages(ex) for ex in train if ex.messages is not None]
-    questions = [p[-1]["content"] for p, _ in pairs]
-    held = [prompt_messages(ex) for ex in chats]
-    return answer_baselines(questions, [a for _, a in pairs], [p[-1]["content"] for p, _ in held],
-                            [r for _, r in held])
+    chats_train = [ex for ex in train if ex.messages is not None]
+    # the requests as the data gave them (data.retrieved_examples adds solved examples to the prompts)
+    questions = [ex.meta.get("query", prompt_messages(ex)[0][-1]["content"]) for ex in chats_train]
+    answers = [prompt_messages(ex)[1] for ex in chats_train]
+    held = [ex.meta.get("query", prompt_messages(ex)[0][-1]["content"]) for ex in chats]
+    return answer_baselines(questions, answers, held, [prompt_messages(ex)[1] for ex in chats])
 
 
 def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized], examples: Sequence[Example],

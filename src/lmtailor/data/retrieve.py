@@ -1,0 +1,119 @@
+"""Worked examples retrieved into each prompt (`data.retrieved_examples: k`).
+
+Each chat example's last request gets the k training examples whose requests are most similar to it (BM25 over
+lowercased words, `rank-bm25`), shown as request/answer pairs before it. A training example never retrieves
+itself, so the model learns to use similar solved examples rather than to copy its own answer; validation and test
+examples retrieve from the training set only, which is exactly what the nearest-answer baseline may use. The
+original request stays in `meta["query"]`, so baselines and reports see the data as it was.
+
+The model then answers with the closest solved examples in view: it can copy the nearest answer where that is right
+and edit it where the request differs, which a fine-tuned model without them has to recall from its weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lmtailor.data.example import Example
+from lmtailor.errors import ConfigError
+
+INTRO = "Similar requests with their answers:"
+OUTRO = "Now answer this request the same way:"
+
+
+def _turns(ex: Example) -> tuple[int, int]:
+    """(index of the last assistant turn, index of the user turn before it)."""
+    assert ex.messages is not None
+    answer = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+    request = max(i for i, m in enumerate(ex.messages[:answer]) if m["role"] == "user")
+    return answer, request
+
+
+def query(ex: Example) -> str:
+    """The example's own last request (before any retrieved examples were added)."""
+    if "query" in ex.meta:
+        return str(ex.meta["query"])
+    assert ex.messages is not None
+    return ex.messages[_turns(ex)[1]]["content"]
+
+
+def retrieval_prompt(request: str, shots: Sequence[tuple[str, str]]) -> str:
+    """The request with its retrieved (request, answer) pairs before it, least similar first."""
+    blocks = "\n\n".join(f"Request: {q}\nAnswer: {a}" for q, a in shots)
+    return f"{INTRO}\n\n{blocks}\n\n{OUTRO}\n{request}" if shots else request
+
+
+class Retriever:
+    """BM25 over the training requests; `nearest(text, k, skip)` gives (request, answer) pairs, least similar
+    first (the nearest sits next to the request it helps)."""
+
+    def __init__(self, train: Sequence[Example]) -> None:
+        from rank_bm25 import BM25Okapi
+
+        from lmtailor.baselines import words
+
+        self._words = words
+        self.pairs: list[tuple[str, str]] = []
+        for ex in train:
+            answer, request = _turns(ex)
+            assert ex.messages is not None
+            self.pairs.append((query(ex), ex.messages[answer]["content"]))
+        self.index = BM25Okapi([words(q) or [""] for q, _ in self.pairs]) if self.pairs else None
+
+    def nearest(self, text: str, k: int, skip: int | None = None) -> list[tuple[str, str]]:
+        if self.index is None or k <= 0:
+            return []
+        scores = np.asarray(self.index.get_scores(self._words(text)), dtype=float)
+        if skip is not None:
+            scores[skip] = -np.inf
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [self.pairs[i] for i in reversed(top) if np.isfinite(scores[i])]
+
+
+def _augmented(ex: Example, shots: list[tuple[str, str]]) -> Example:
+    assert ex.messages is not None
+    _, request = _turns(ex)
+    messages = [dict(m) for m in ex.messages]
+    own = query(ex)
+    messages[request]["content"] = retrieval_prompt(own, shots)
+    return Example(messages=messages, source=ex.source, meta={**ex.meta, "query": own})
+
+
+def with_retrieved(train: Sequence[Example], held: Sequence[Sequence[Example]], k: int
+                   ) -> tuple[list[Example], list[list[Example]]]:
+    """Training examples with k retrieved from the other training examples, and each held-out split with k from the
+    training set.
+
+    Raises:
+        ConfigError: an example is not a chat with an assistant answer (text or labeled records).
+    """
+    for ex in [*train, *(e for split in held for e in split)]:
+        if ex.messages is None or not any(m["role"] == "assistant" for m in ex.messages):
+            raise ConfigError(f"{ex.source or 'an example'}: data.retrieved_examples needs chat-shaped examples with "
+                              "an answer (alpaca, chat, sharegpt, prompt_completion or paired records)",
+                              "set data.retrieved_examples: 0 for text or labeled data")
+    retriever = Retriever(train)
+    out_train = [_augmented(ex, retriever.nearest(query(ex), k, skip=i)) for i, ex in enumerate(train)]
+    out_held = [[_augmented(ex, retriever.nearest(query(ex), k)) for ex in split] for split in held]
+    return out_train, out_held
+
+
+class RunRetrieval:
+    """The retrieval a run was trained with, applied to new prompts (generate, chat, serve): a prompt's last user
+    turn gets its k most similar training examples, exactly as in training."""
+
+    def __init__(self, retriever: Retriever, k: int) -> None:
+        self.retriever, self.k = retriever, k
+
+    def __call__(self, prompt: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
+        if isinstance(prompt, str):
+            return retrieval_prompt(prompt, self.retriever.nearest(prompt, self.k))
+        users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+        if not users:
+            return prompt
+        out = [dict(m) for m in prompt]
+        text = out[users[-1]]["content"]
+        out[users[-1]]["content"] = retrieval_prompt(text, self.retriever.nearest(text, self.k))
+        return out

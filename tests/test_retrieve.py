@@ -1,0 +1,74 @@
+"""data.retrieved_examples: each request sees its most similar training examples, never itself; baselines see the
+data as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmtailor.cli import main
+from lmtailor.data.example import Example
+from lmtailor.data.retrieve import INTRO, query, with_retrieved
+from lmtailor.errors import ConfigError
+
+
+def _chat(q: str, a: str, source: str = "") -> Example:
+    return Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}], source=source)
+
+
+TRAIN = [_chat("extract a tar archive", "tar -xf a.tar"), _chat("list hidden files", "ls -a"),
+         _chat("count lines in a file", "wc -l f"), _chat("extract a zip archive", "unzip a.zip")]
+
+
+def test_nearest_examples_come_last_and_a_training_example_never_sees_itself():
+    train, (test,) = with_retrieved(TRAIN, [[_chat("how to extract a gzip tar archive", "tar -xzf a.tgz")]], k=2)
+    prompt = test[0].messages[0]["content"]
+    assert prompt.startswith(INTRO) and prompt.endswith("how to extract a gzip tar archive")
+    # the two archive examples, the best match (tar) nearest to the request
+    assert prompt.index("unzip a.zip") < prompt.index("tar -xf a.tar") < prompt.index("how to extract a gzip")
+    assert "ls -a" not in prompt and "wc -l" not in prompt
+    assert test[0].messages[1]["content"] == "tar -xzf a.tgz"  # the answer is untouched
+    assert query(test[0]) == "how to extract a gzip tar archive"
+    for original, shown in zip(TRAIN, train, strict=True):
+        own_answer = original.messages[1]["content"]
+        assert f"Answer: {own_answer}" not in shown.messages[0]["content"]
+        assert query(shown) == original.messages[0]["content"] and shown.messages[1]["content"] == own_answer
+    assert "unzip a.zip" in train[0].messages[0]["content"]  # the tar example's nearest other one
+
+
+def test_text_or_labeled_records_are_refused_with_the_key_to_change():
+    labeled = Example(text="great match", source="news.jsonl:3", meta={"label": "sport"})
+    with pytest.raises(ConfigError, match=r"news.jsonl:3: data.retrieved_examples needs chat-shaped"):
+        with_retrieved([labeled], [], k=2)
+
+
+def test_a_run_with_retrieval_trains_and_keeps_the_baselines_of_the_plain_data(tiny_model, tmp_path):
+    from conftest import PAIRS
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"{q} {suffix}", "output": a} for suffix in ("now", "please") for q, a in PAIRS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"base_model={tiny_model}", f"data.path={data}", "data.val_size=4", "max_steps=3", "batch_size=4",
+              "eval.generate_examples=4", "generation.max_new_tokens=4", "--no-progress"]
+    plain, rag = tmp_path / "plain", tmp_path / "rag"
+    assert main(["train", *common, f"output_dir={plain}"]) == 0
+    assert main(["train", *common, f"output_dir={rag}", "data.retrieved_examples=2"]) == 0
+    m_plain, m_rag = (json.loads((r / "metrics.json").read_text()) for r in (plain, rag))
+    assert m_rag["baselines"] == m_plain["baselines"] and "nearest_answer" in m_rag["baselines"]
+    # the prompts grew by the retrieved pairs: more tokens per training example
+    assert m_rag["data"]["train_tokens"] > 2 * m_plain["data"]["train_tokens"]
+    # generate, chat and serve show new prompts the same retrieved examples, from the run's own training split
+    from lmtailor.generate import answer, retrieval_for
+    from lmtailor.runs import Run
+
+    rag_prompt = retrieval_for(Run.open(rag).config)
+    assert retrieval_for(Run.open(plain).config) is None and rag_prompt is not None
+    shown = rag_prompt("list files please")
+    assert shown.startswith(INTRO) and "Answer: ls -la" in shown and shown.endswith("list files please")
+    chat = rag_prompt([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                       {"role": "user", "content": "extract archive now"}])
+    assert chat[0]["content"] == "hi" and "Answer: tar -xzvf a.tar.gz" in chat[2]["content"]
+    from lmtailor.config import GenerationSettings
+
+    assert len(answer(str(rag), ["list files please"], GenerationSettings(max_new_tokens=3))) == 1
