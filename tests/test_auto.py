@@ -55,3 +55,35 @@ def test_the_plan_searches_only_when_the_budget_pays_for_it():
     assert plan_search(seconds, some, trials=6, search_share=0.4)["trials"] == MIN_TRIALS + 1
     assert plan_search(seconds, some, trials=2, search_share=0.4)["trials"] == 2
     assert plan_search(seconds / 2, some, trials=6, search_share=0.4)["trials"] == 0
+
+
+def test_long_documents_are_cut_so_the_budget_sees_an_epoch():
+    from lmtailor.auto import MIN_LENGTH, shorter_length
+
+    probe = {"max_length": 512, "per_epoch": 60}
+    assert shorter_length("classify", probe, {"steps_fit": 30}) == 256  # half an epoch fits: half the length
+    assert shorter_length("classify", probe, {"steps_fit": 3}) == MIN_LENGTH  # never shorter than the floor
+    assert shorter_length("classify", probe, {"steps_fit": 60}) is None  # an epoch fits already
+    assert shorter_length("sft", probe, {"steps_fit": 30}) is None  # answers would be cut
+    assert shorter_length("classify", {"max_length": 96, "per_epoch": 60}, {"steps_fit": 10}) is None
+
+
+def test_retrieval_is_chosen_when_neighbours_carry_the_answer():
+    import random
+
+    from lmtailor.auto import RETRIEVED, choose_retrieval
+    from lmtailor.data.example import Example
+
+    def chat(q: str, a: str) -> Example:
+        return Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+
+    tools = {"archive": "tar -xzf", "files": "ls -la", "lines": "wc -l", "space": "du -sh", "text": "grep -rn"}
+    similar = [chat(f"show the {topic} of item {i}", f"{cmd} item{i}") for i in range(12) for topic, cmd in
+               tools.items()]
+    random.Random(0).shuffle(similar)
+    picked = choose_retrieval(similar)
+    assert picked["k"] == RETRIEVED and picked["nearest_chrf"] > picked["copy_chrf"]
+    rng = random.Random(1)
+    unrelated = [chat(f"show the {topic} of item {i}", "".join(rng.choice("qxzjvk") for _ in range(12)))
+                 for i in range(12) for topic in tools]
+    assert choose_retrieval(unrelated)["k"] == 0 and "no retrieved examples" in choose_retrieval(unrelated)["reason"]

@@ -9,7 +9,7 @@ Steps (each writes into the output folder):
    budget pays for at least MIN_TRIALS trials of MIN_TRIAL_STEPS steps each in its `search_share` (on 2 CPU cores
    a 20-minute budget does not: its few hundred steps all go to one run of the data-fitted defaults).
 3. search/: an Optuna study (`lmtailor tune` machinery) over lr, LoRA rank and epochs; each trial trains on
-   train.jsonl less a dev split (20%, at most 200 examples) it is judged on; successive halving stops weak trials
+   train.jsonl less a dev split (10%, at most 200 examples) it is judged on; successive halving stops weak trials
    early. Each trial's steps are fitted to its slice of the search time with `budget=`.
 4. final/: the best settings (or the data-fitted defaults) trained on train.jsonl less the same dev split, which
    picks the best checkpoint, with the rest of the budget; the report (baselines, before and after) is judged on
@@ -43,6 +43,12 @@ SEARCH_METRIC = {"classify": "macro_f1", "sft": "loss", "clm": "loss"}  # cheap 
 RESERVE = 0.15  # of the budget, kept for loading models and the final before/after evaluation
 MIN_TRIAL_STEPS = 100  # a search trial shorter than this says little about its settings
 MIN_TRIALS = 3
+MIN_LENGTH = 128  # the shortest max_length auto cuts long classification documents to
+RETRIEVED = 1  # retrieved examples per prompt when retrieval pays: on the main job at a 5-minute budget one
+# (chrF 32.9 after 23 steps) did as well as two (30.7 after 25) at 60% of the tokens; none: 20.0 after 73 steps
+RETRIEVAL_MIN_CHRF = 20.0  # the nearest training answer must reach this on the dev split
+GENERATED = 60  # test requests an sft run answers by generation (chrF, exact match, looping share)
+GENERATE_S = 60.0  # about what answering them takes the bundled model on 2 CPU cores, kept back from the budget
 DEV_MAX = 200  # dev examples each search trial is judged on (a larger split costs the search most of its time)
 
 
@@ -107,10 +113,26 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                              # validation (best checkpoint, early stopping) on a dev split of the training data;
                              # the report on the test split, which nothing is selected on
                              "data": {"path": str(folder / "train.jsonl"), "format": detected,
-                                      "val_size": min(DEV_MAX, max(10, len(train_ex) // 5)),
+                                      "val_size": min(DEV_MAX, max(10, len(train_ex) // 10)),
                                       "test_path": str(folder / "test.jsonl")}}
+    retrieval: dict[str, Any] = {"k": 0, "reason": "not a generation objective"}
+    if objective == "sft":
+        retrieval = choose_retrieval(train_ex)
+        print(f"auto: {retrieval['reason']}")
+        if retrieval["k"]:
+            final["data"]["retrieved_examples"] = retrieval["k"]
+        final["eval"] = {"generate_examples": min(GENERATED, len(test_ex))}
     probe = measure_recipe(build_config(final, "auto probe"))
     plan = plan_search(total - (time.monotonic() - start), probe, trials, search_share)
+    shorter = shorter_length(objective, probe, plan)
+    if shorter:  # long documents: more of them seen at a shorter length beats a fraction of them seen whole
+        print(f"auto: at max_length {probe['max_length']} the budget fits {plan['steps_fit']} of the "
+              f"{probe['per_epoch']} steps of one epoch; max_length {shorter} instead")
+        final["max_length"] = shorter
+        probe = {**measure_recipe(build_config(final, "auto probe")),
+                 "length_reason": f"max_length {shorter}: at {probe['max_length']} the budget fits only "
+                                  f"{plan['steps_fit']} of the {probe['per_epoch']} steps of one epoch"}
+        plan = plan_search(total - (time.monotonic() - start), probe, trials, search_share)
     print(f"auto: a step takes {probe['step_s']:.2f} s here ({probe['per_epoch']} steps per epoch); {plan['reason']}")
 
     study: dict[str, Any] = {"metric": SEARCH_METRIC[objective], "all": [], "best_params": {}}
@@ -133,7 +155,8 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     left = total - (time.monotonic() - start)
     # kept back: loading, and the before/after evaluations on the test split (forward passes, measured per token)
     test_eval_s = probe["eval_s"] * len(test_ex) / max(1, probe["val_items"])
-    final["budget"] = max(10.0, left - max(RESERVE * total, 2 * test_eval_s + 30))
+    generating = 2 * GENERATE_S if objective == "sft" else 0.0  # before and after answer the test requests
+    final["budget"] = max(10.0, left - max(RESERVE * total, 2 * test_eval_s + 30 + generating))
     for key, value in study["best_params"].items():
         node: dict[str, Any] = final
         *parents, leaf = key.split(".")
@@ -144,7 +167,52 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     summary = train(build_config(final, str(root / "final.yaml")), progress=progress)
     return _report(root, data, detected, objective, total, time.monotonic() - start, stats, study, summary,
                    {**plan, "step_s": round(probe["step_s"], 3), "per_epoch": probe["per_epoch"],
-                    "chosen_from_data": probe["choices"]})
+                    "chosen_from_data": probe["choices"] + ([probe["length_reason"]] if shorter else [])
+                    + ([f"data.retrieved_examples={retrieval['k']} ({retrieval['reason']})"] if retrieval["k"] else []),
+                    "retrieval": retrieval})
+
+
+def choose_retrieval(train: list[Example]) -> dict[str, Any]:
+    """Whether an sft run should see retrieved examples (data.retrieved_examples), judged on the training data
+    alone: on a dev split of it (20%, at most DEV_MAX), the answer of the nearest other training request (BM25) is
+    scored against the reference (chrF) and against copying the request. When the neighbours' answers predict the
+    dev answers better than the request itself and reach RETRIEVAL_MIN_CHRF, similar requests carry their answers'
+    form, and showing the model RETRIEVED of them is worth the longer prompts; otherwise not."""
+    from lmtailor.baselines import generation_baselines
+    from lmtailor.data.retrieve import query
+
+    chats = [ex for ex in train if ex.messages is not None and any(m["role"] == "assistant" for m in ex.messages)]
+    n_dev = min(DEV_MAX, len(chats) // 5)
+    if n_dev < 5:
+        return {"k": 0, "reason": f"only {len(chats)} chat examples: too few to judge retrieval"}
+    pool, dev = chats[:-n_dev], chats[-n_dev:]
+
+    def answer(ex: Example) -> str:
+        assert ex.messages is not None
+        return next(m["content"] for m in reversed(ex.messages) if m["role"] == "assistant")
+
+    scores = generation_baselines([query(ex) for ex in pool], [answer(ex) for ex in pool],
+                                  [query(ex) for ex in dev], [answer(ex) for ex in dev])
+    near, copy = scores["nearest_answer"]["chrf"], scores["copy_input"]["chrf"]
+    facts = (f"on {n_dev} dev examples the nearest training answer scores chrF {near:.1f}, copying the request "
+             f"{copy:.1f}")
+    if near > copy and near >= RETRIEVAL_MIN_CHRF:
+        return {"k": RETRIEVED, "nearest_chrf": near, "copy_chrf": copy,
+                "reason": f"{facts}: similar requests carry their answers, so each prompt shows the "
+                          f"{RETRIEVED} most similar training examples (data.retrieved_examples={RETRIEVED})"}
+    return {"k": 0, "nearest_chrf": near, "copy_chrf": copy,
+            "reason": f"{facts}: similar requests do not carry their answers, so no retrieved examples"}
+
+
+def shorter_length(objective: str, probe: dict[str, Any], plan: dict[str, Any]) -> int | None:
+    """A classification max_length that lets the budget see one epoch (in proportion, rounded down to a multiple
+    of 32, at least MIN_LENGTH), when the length chosen from the data lets it see less; None otherwise. A step's
+    cost falls at least in proportion to its length, so the estimate errs towards too few steps. Classification
+    only: a generation objective's answers would be cut."""
+    if objective != "classify" or plan["steps_fit"] >= probe["per_epoch"] or probe["max_length"] <= MIN_LENGTH:
+        return None
+    length = int(probe["max_length"] * plan["steps_fit"] / probe["per_epoch"]) // 32 * 32
+    return max(MIN_LENGTH, length) if max(MIN_LENGTH, length) < probe["max_length"] else None
 
 
 def plan_search(seconds: float, probe: dict[str, Any], trials: int, search_share: float) -> dict[str, Any]:

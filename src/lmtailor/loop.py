@@ -185,35 +185,42 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
     return float(acc.reduce(loss_sum, "sum")) / n_global, grad_norm
 
 
-def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 3) -> tuple[float, float]:
-    """(seconds of an optimizer step, seconds of one validation pass): a step is timed on the first steps' batches
-    (forward and backward only; the gradients are dropped and the RNG restored, so the run is unchanged), and a
-    validation pass is charged as forward-only work on the validation tokens. Every process measures; the slowest
-    decides, so all agree."""
+def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5) -> tuple[float, float]:
+    """(seconds of an average optimizer step, seconds of one validation pass).
+
+    The first steps' batches are run forward and backward (the gradients are dropped and the RNG restored, so the
+    run is unchanged) and timed per token: the median over all but the first (which pays one-off costs), times the
+    tokens of an average step of the epoch, so a probe batch longer or shorter than the average does not skew the
+    estimate. A validation pass is charged as forward-only work (a third of forward + backward) on the validation
+    tokens. Every process measures; the slowest decides, so all agree."""
     acc, cfg = loop.acc, loop.cfg
     n = len(loop.data.train_items)
-    times = []
+    rates = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     loop.model.train()
     with torch.random.fork_rng(devices=devices):
         for step in range(probe_steps):
             items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, n, cfg, acc.num_processes)]
+            tokens = sum(item_tokens(item) for item in items) or len(items)
             t0 = time.perf_counter()
             _backward(loop, items)
             loop.optimizer.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-    step_s = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median; the first pass pays one-off costs
-    step_s = float(acc.reduce(torch.tensor(step_s, device=acc.device), "max")) if acc.num_processes > 1 else step_s
-    step_s *= 1.05  # the optimizer update and logging
+            rates.append((time.perf_counter() - t0) / tokens)
+    later = sorted(rates[1:] or rates)
+    per_token = later[len(later) // 2]
+    per_token = float(acc.reduce(torch.tensor(per_token, device=acc.device), "max")) if acc.num_processes > 1 \
+        else per_token
+    sample = range(0, n, max(1, n // 2000))  # a pretraining cache may hold millions of items: an even sample
+    mean_item = sum(item_tokens(loop.data.train_items[i]) for i in sample) / max(1, len(sample)) or 1.0
+    step_s = per_token * mean_item * n / max(1, per_epoch) * 1.05  # + the optimizer update and logging
     eval_s = 0.0
     if loop.data.val_items:
-        train_tokens = sum(item_tokens(loop.data.train_items[i]) for i in range(min(n, cfg.batch_size))) or 1
         val_tokens = sum(item_tokens(loop.data.val_items[i]) for i in range(len(loop.data.val_items)))
-        eval_s = step_s / 3 * val_tokens / train_tokens  # forward only: about a third of forward + backward
+        eval_s = per_token / 3 * val_tokens
     return step_s, eval_s
 
 
-def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int, probe_steps: int = 3,
+def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int, probe_steps: int = 5,
                         evaluations: int | None = None) -> tuple[int, int]:
     """(optimizer steps, eval_every) that fit `budget` seconds, the validation passes included, from the step time
     `measure_step` takes on this run's own batches. Never more than `planned` steps.

@@ -231,7 +231,7 @@ def _write_outputs(run_dir: Path, cfg: RunConfig, objective: Objective, history:
     write_report(run_dir, cfg, history, summary)
 
 
-def measure_recipe(cfg: RunConfig, probe_steps: int = 3) -> dict[str, Any]:
+def measure_recipe(cfg: RunConfig, probe_steps: int = 5) -> dict[str, Any]:
     """What one optimizer step of this recipe costs here, measured on its own first batches without training or
     writing anything: `step_s` (forward and backward), `eval_s` (one validation pass, forward only),
     `per_epoch` and `planned` steps, the values chosen from the data, and the item counts. One process."""
