@@ -72,3 +72,11 @@ def test_a_run_with_retrieval_trains_and_keeps_the_baselines_of_the_plain_data(t
     from lmtailor.config import GenerationSettings
 
     assert len(answer(str(rag), ["list files please"], GenerationSettings(max_new_tokens=3))) == 1
+    # the server's slot for the run carries the same retrieval; the base model's slot has none
+    from lmtailor.serve.models import load_models
+
+    slots = load_models([str(rag)])
+    tuned = [s for s in slots.values() if s.adapter]
+    assert len(tuned) == 1 and tuned[0].retrieval is not None
+    assert all(s.retrieval is None for s in slots.values() if not s.adapter)
+    assert "Answer: ls -la" in tuned[0].retrieval([{"role": "user", "content": "list files please"}])[0]["content"]
