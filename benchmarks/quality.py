@@ -53,14 +53,20 @@ def _catalog_shapes() -> dict[str, tuple[str, str, str]]:
     return shapes
 
 
-def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: str) -> dict[str, Any]:
-    from lmtailor.auto import FORMAT_OBJECTIVES, auto
+def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: str, reuse: bool = False
+                ) -> dict[str, Any]:
+    from lmtailor.auto import FORMAT_OBJECTIVES, auto, written_format
     from lmtailor.config import build_config
     from lmtailor.train import train
 
     t0 = time.monotonic()
-    auto_report = auto(f"catalog:{name}", budget, str(root / name / "auto"), base_model)
-    auto_s = time.monotonic() - t0
+    done = root / name / "auto" / "auto.json"
+    if reuse and done.is_file():  # a finished auto run of an interrupted benchmark
+        auto_report = json.loads(done.read_text())
+        auto_s = float(auto_report["elapsed_s"])
+    else:
+        auto_report = auto(f"catalog:{name}", budget, str(root / name / "auto"), base_model)
+        auto_s = time.monotonic() - t0
     data = root / name / "auto" / "data"
     fmt = auto_report["format"]
     counts = {"train_examples": len((data / "train.jsonl").read_text().splitlines()),
@@ -68,7 +74,12 @@ def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: s
     plan = auto_report.get("plan") or {}
     same = not auto_report["candidates"] and not (plan.get("retrieval") or {}).get("k") and not any(
         c.startswith("max_length ") for c in plan.get("chosen_from_data", []))
-    if defaults == "if-different" and same:
+    if defaults == "never" and not same:
+        return {"auto": auto_report, "defaults": {"after": None, "verdict": None, "steps": None,
+                                                  "same_as_auto": False, "not_run": True},
+                "baselines": auto_report["baselines"], "auto_seconds": round(auto_s, 1), "defaults_seconds": 0.0,
+                **counts}
+    if defaults != "always" and same:
         # auto ran no search: its final run is the shipped defaults fitted to the data and the budget
         final = json.loads((Path(auto_report["final_run"]) / "metrics.json").read_text())
         return {"auto": auto_report, "defaults": {"after": auto_report["after"], "verdict": auto_report["verdict"],
@@ -79,7 +90,8 @@ def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: s
     # of the training data, the report judged on the same test split as auto's
     recipe = {"name": f"{name}-defaults", "output_dir": str(root / name / "defaults"), "overwrite": True,
               "base_model": base_model, "objective": FORMAT_OBJECTIVES.get(fmt, "sft"), "budget": budget,
-              "data": {"path": str(data / "train.jsonl"), "format": fmt, "test_path": str(data / "test.jsonl")}}
+              "data": {"path": str(data / "train.jsonl"), "format": written_format(fmt),
+                       "test_path": str(data / "test.jsonl")}}
     t1 = time.monotonic()
     result = train(build_config(recipe, f"{name} defaults"), progress=False)
     return {"auto": auto_report, "defaults": {"after": result.get("after"), "verdict": result.get("verdict"),
@@ -95,9 +107,11 @@ def main() -> None:
     p.add_argument("--base-model", default="smollm2-135m-instruct")
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--defaults", choices=("always", "if-different"), default="if-different",
-                   help="run the shipped defaults separately always, or only when auto ran a search (without one, "
-                        "auto's final run is the defaults fitted to the data and budget)")
+    p.add_argument("--defaults", choices=("always", "if-different", "never"), default="if-different",
+                   help="run the shipped defaults separately always, only when auto's final recipe differs from them "
+                        "(search, retrieval, a shorter max_length), or never (the column then reads 'not run')")
+    p.add_argument("--reuse-auto", action="store_true", help="reuse finished auto runs in --work (an interrupted "
+                   "benchmark continues where it stopped)")
     a = p.parse_args()
     import tempfile
 
@@ -108,7 +122,7 @@ def main() -> None:
     for name in names:
         shape, metric, baseline = shapes.get(name, ("", "macro_f1", "tfidf_logreg"))
         print(f"\n=== {name} ({shape}) ===")
-        result = run_dataset(name, a.budget, work, a.base_model, a.defaults)
+        result = run_dataset(name, a.budget, work, a.base_model, a.defaults, a.reuse_auto)
         base = (result["baselines"] or {}).get(baseline, {}).get(metric)
         ours = (result["auto"]["after"] or {}).get(metric)
         rows[name] = {"shape": shape, "metric": metric, "baseline": baseline, "baseline_value": base,
@@ -135,6 +149,8 @@ def _write(out: Path, rows: dict[str, Any]) -> None:
                                                                       r["auto_value"]))
         if r["defaults"].get("same_as_auto"):
             d = "= auto (no search)"
+        elif r["defaults"].get("not_run"):
+            d = "not run"
         lines.append(f"| {name} | {r['shape']} | {r['train_examples']}/{r['test_examples']} | {r['metric']} | "
                      f"{b} ({r['baseline']}) | {d} | {o} | {r['auto_beats_baseline']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

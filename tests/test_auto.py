@@ -87,3 +87,22 @@ def test_retrieval_is_chosen_when_neighbours_carry_the_answer():
     unrelated = [chat(f"show the {topic} of item {i}", "".join(rng.choice("qxzjvk") for _ in range(12)))
                  for i in range(12) for topic in tools]
     assert choose_retrieval(unrelated)["k"] == 0 and "no retrieved examples" in choose_retrieval(unrelated)["reason"]
+
+
+def test_auto_tailors_instruction_pairs_and_chooses_retrieval(tiny_model, tmp_path):
+    """alpaca records are written back as chats (the format the final recipe reads), and similar requests whose
+    answers carry over turn retrieval on."""
+    cmds = {"archive": "tar -xzf", "files": "ls -la", "lines": "wc -l", "space": "du -sh", "text": "grep -rn"}
+    rows = [{"instruction": f"show the {topic} of item {i}", "output": f"{cmd} item{i}"}
+            for i in range(12) for topic, cmd in cmds.items()]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "auto"
+    assert main(["auto", str(data), "--budget", "60s", "--trials", "1", "--base-model", str(tiny_model),
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "auto.json").read_text())
+    assert report["format"] == "alpaca" and report["objective"] == "sft"
+    assert report["plan"]["retrieval"]["k"] >= 1
+    assert json.loads((out / "data" / "train.jsonl").read_text().splitlines()[0])["messages"][0]["role"] == "user"
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert final["evaluated_on"] == "test" and "nearest_answer" in final["baselines"] and "chrf" in final["after"]

@@ -43,6 +43,7 @@ SEARCH_METRIC = {"classify": "macro_f1", "sft": "loss", "clm": "loss"}  # cheap 
 RESERVE = 0.15  # of the budget, kept for loading models and the final before/after evaluation
 MIN_TRIAL_STEPS = 100  # a search trial shorter than this says little about its settings
 MIN_TRIALS = 3
+PROBE_SHARE = 0.02  # of the budget, after which timing a step stops probing (long documents: 40 s a step)
 MIN_LENGTH = 128  # the shortest max_length auto cuts long classification documents to
 RETRIEVED = 1  # retrieved examples per prompt when retrieval pays: on the main job at a 5-minute budget one
 # (chrF 32.9 after 23 steps) did as well as two (30.7 after 25) at 60% of the tokens; none: 20.0 after 73 steps
@@ -59,6 +60,12 @@ def _record(ex: Example) -> dict[str, Any]:
     if "label" in ex.meta:
         return {"text": ex.text, "label": ex.meta["label"]}
     return {"text": ex.text}
+
+
+def written_format(detected: str) -> str:
+    """The format of the records `_record` writes for data read in `detected` format: labeled and text stay, every
+    chat-shaped format (alpaca, paired, prompt_completion, sharegpt) is written as chat."""
+    return detected if detected in ("labeled", "text") else "chat"
 
 
 def _write_jsonl(path: Path, examples: list[Example]) -> None:
@@ -112,7 +119,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                              "base_model": base_model, "objective": objective, "method": "lora", "seed": seed,
                              # validation (best checkpoint, early stopping) on a dev split of the training data;
                              # the report on the test split, which nothing is selected on
-                             "data": {"path": str(folder / "train.jsonl"), "format": detected,
+                             "data": {"path": str(folder / "train.jsonl"), "format": written_format(detected),
                                       "val_size": min(DEV_MAX, max(10, len(train_ex) // 10)),
                                       "test_path": str(folder / "test.jsonl")}}
     retrieval: dict[str, Any] = {"k": 0, "reason": "not a generation objective"}
@@ -122,14 +129,14 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
         if retrieval["k"]:
             final["data"]["retrieved_examples"] = retrieval["k"]
         final["eval"] = {"generate_examples": min(GENERATED, len(test_ex))}
-    probe = measure_recipe(build_config(final, "auto probe"))
+    probe = measure_recipe(build_config(final, "auto probe"), max_seconds=PROBE_SHARE * total)
     plan = plan_search(total - (time.monotonic() - start), probe, trials, search_share)
     shorter = shorter_length(objective, probe, plan)
     if shorter:  # long documents: more of them seen at a shorter length beats a fraction of them seen whole
         print(f"auto: at max_length {probe['max_length']} the budget fits {plan['steps_fit']} of the "
               f"{probe['per_epoch']} steps of one epoch; max_length {shorter} instead")
         final["max_length"] = shorter
-        probe = {**measure_recipe(build_config(final, "auto probe")),
+        probe = {**measure_recipe(build_config(final, "auto probe"), max_seconds=PROBE_SHARE * total),
                  "length_reason": f"max_length {shorter}: at {probe['max_length']} the budget fits only "
                                   f"{plan['steps_fit']} of the {probe['per_epoch']} steps of one epoch"}
         plan = plan_search(total - (time.monotonic() - start), probe, trials, search_share)

@@ -193,6 +193,9 @@ class RunConfig(Strict):
     max_length: int = Field(512, ge=8, description="examples longer than this many tokens are truncated")
     packing: bool = Field(True, description="pack examples into rows without padding")
     pack_length: int = Field(1024, ge=8, description="tokens per packed row")
+    group_by_length: bool = Field(False, description="batches of similar-length examples (sorted within seeded groups "
+                                  "of 64 batches, the batches then shuffled): less padding where examples are padded "
+                                  "rather than packed (classify, seq2seq)")
     share_prefix: bool = Field(True, description="packed rows hold a prompt prefix shared by all their examples "
                                "(e.g. the system prompt) once; exact, and saves its compute")
 

@@ -29,18 +29,29 @@ from lmtailor.metrics import higher_is_better, perplexity
 from lmtailor.objectives import Objective, ObjectiveContext
 from lmtailor.rundata import RunData
 
+GROUP_BATCHES = 64  # group_by_length sorts within groups of this many batches
+
 
 def step_batches(n_examples: int, batch_size: int, seed: int, world: int,
-                 weights: np.ndarray | None = None) -> list[np.ndarray]:
+                 weights: np.ndarray | None = None, lengths: np.ndarray | None = None) -> list[np.ndarray]:
     """The example indices of every step of one epoch: a seeded shuffle cut into batches.
 
     With `weights` (one per example, e.g. classify.sampling=balanced) the epoch instead draws n_examples indices
     with replacement in proportion to them: same length, so the schedule and resume position do not change.
+    With `lengths` (group_by_length) the shuffled order is cut into groups of GROUP_BATCHES batches, each group
+    sorted by length before it is cut into batches, and the batches are then shuffled: batches of similar lengths
+    pad less, and which examples share an epoch is unchanged.
     A final batch smaller than the number of processes is dropped (every process needs one example).
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_examples) if weights is None else rng.choice(n_examples, n_examples, p=weights)
+    if lengths is not None:
+        span = batch_size * GROUP_BATCHES
+        groups = [order[i:i + span] for i in range(0, len(order), span)]
+        order = np.concatenate([g[np.argsort(lengths[g], kind="stable")] for g in groups]) if groups else order
     batches = [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
     return [b for b in batches if len(b) >= world]
 
 
@@ -55,10 +66,17 @@ def plan_steps(cfg: RunConfig, n_train: int, world: int) -> tuple[int, int]:
 
 
 def batch_at(step: int, per_epoch: int, n_train: int, cfg: RunConfig, world: int,
-             weights: np.ndarray | None = None) -> np.ndarray:
+             weights: np.ndarray | None = None, lengths: np.ndarray | None = None) -> np.ndarray:
     """Example indices of global step `step` (0-based); epoch e is shuffled (or drawn) with seed + e."""
     epoch, k = divmod(step, per_epoch)
-    return step_batches(n_train, cfg.batch_size, cfg.seed + epoch, world, weights)[k]
+    return step_batches(n_train, cfg.batch_size, cfg.seed + epoch, world, weights, lengths)[k]
+
+
+def item_lengths(cfg: RunConfig, items: Any) -> np.ndarray | None:
+    """Token counts of the training items when the recipe groups batches by length (group_by_length), else None."""
+    if not cfg.group_by_length:
+        return None
+    return np.array([item_tokens(items[i]) for i in range(len(items))])
 
 
 def item_tokens(item: Any) -> int:
@@ -109,6 +127,7 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
     main = acc.is_main_process
     weights = (loop.objective.sample_weights(loop.ctx, loop.data.train_items)
                if loop.objective.sample_weights is not None else None)  # a pure function of the data: resume redraws
+    lengths = item_lengths(cfg, loop.data.train_items)
     best_weights: dict[str, torch.Tensor] | None = None
     stopped_early = False
     bar = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=not (main and progress),
@@ -118,7 +137,7 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
     while state["step"] < total_steps:
         step = state["step"]
         items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, len(loop.data.train_items), cfg,
-                                                             acc.num_processes, weights)]
+                                                             acc.num_processes, weights, lengths)]
         train_loss, grad_norm = _optimizer_step(loop, items)
         state["step"] = step = step + 1
         state["tokens"] += sum(item_tokens(s) for s in items)
@@ -185,22 +204,29 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
     return float(acc.reduce(loss_sum, "sum")) / n_global, grad_norm
 
 
-def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5) -> tuple[float, float]:
+def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: float | None = None
+                 ) -> tuple[float, float]:
     """(seconds of an average optimizer step, seconds of one validation pass).
 
     The first steps' batches are run forward and backward (the gradients are dropped and the RNG restored, so the
     run is unchanged) and timed per token: the median over all but the first (which pays one-off costs), times the
     tokens of an average step of the epoch, so a probe batch longer or shorter than the average does not skew the
     estimate. A validation pass is charged as forward-only work (a third of forward + backward) on the validation
-    tokens. Every process measures; the slowest decides, so all agree."""
+    tokens. With `max_seconds`, probing stops early (after at least 2 steps) once it has taken that long: slow steps
+    are measured well enough by fewer of them. Every process measures; the slowest decides, so all agree."""
     acc, cfg = loop.acc, loop.cfg
     n = len(loop.data.train_items)
+    lengths = item_lengths(cfg, loop.data.train_items)
     rates = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     loop.model.train()
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
         for step in range(probe_steps):
-            items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, n, cfg, acc.num_processes)]
+            if max_seconds is not None and step >= 2 and time.perf_counter() - started > max_seconds:
+                break
+            items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, n, cfg, acc.num_processes,
+                                                                 lengths=lengths)]
             tokens = sum(item_tokens(item) for item in items) or len(items)
             t0 = time.perf_counter()
             _backward(loop, items)
@@ -229,7 +255,7 @@ def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int,
     again over the steps that fit: that many of them, not the ones planned for the uncut schedule (which a budget
     may cut to fewer than one)."""
     cfg = loop.cfg
-    step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned))
+    step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned), max_seconds=0.03 * budget)
     eval_every = cfg.eval_every
     if evaluations and eval_every:
         steps = max(1, min(planned, int((budget - evaluations * eval_s) / step_s)))

@@ -231,9 +231,10 @@ def _write_outputs(run_dir: Path, cfg: RunConfig, objective: Objective, history:
     write_report(run_dir, cfg, history, summary)
 
 
-def measure_recipe(cfg: RunConfig, probe_steps: int = 5) -> dict[str, Any]:
+def measure_recipe(cfg: RunConfig, probe_steps: int = 5, max_seconds: float | None = None) -> dict[str, Any]:
     """What one optimizer step of this recipe costs here, measured on its own first batches without training or
-    writing anything: `step_s` (forward and backward), `eval_s` (one validation pass, forward only),
+    writing anything (probing at most about `max_seconds` after its first 2 steps): `step_s` (forward and
+    backward), `eval_s` (one validation pass, forward only),
     `per_epoch` and `planned` steps, the values chosen from the data, and the item counts. One process."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -253,7 +254,7 @@ def measure_recipe(cfg: RunConfig, probe_steps: int = 5) -> dict[str, Any]:
     loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)
     state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
     loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, cfg.run_dir)
-    step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned))
+    step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned), max_seconds)
     return {"step_s": step_s, "eval_s": eval_s, "per_epoch": per_epoch, "planned": planned,
             "eval_every": cfg.eval_every, "train_items": len(data.train_items), "val_items": len(data.val_items),
             "choices": [str(c) for c in data.choices], "max_length": cfg.max_length, "lr": cfg.lr,
