@@ -78,8 +78,12 @@ def test_retrieval_is_chosen_when_neighbours_carry_the_answer():
         return Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
 
     tools = {"archive": "tar -xzf", "files": "ls -la", "lines": "wc -l", "space": "du -sh", "text": "grep -rn"}
-    similar = [chat(f"show the {topic} of item {i}", f"{cmd} item{i}") for i in range(12) for topic, cmd in
-               tools.items()]
+    # each request's id is its own, so the topic word is what similar requests share
+    similar = [chat(f"show the {topic} of entry {topic[:2]}{i}", f"{cmd} {topic[:2]}{i}") for i in range(12)
+               for topic, cmd in tools.items()]
+    # ordered by topic, as data files often are (a contiguous dev tail would hold a whole topic the pool lacks)
+    by_topic = sorted(similar, key=lambda ex: ex.messages[1]["content"].split()[0])
+    assert choose_retrieval(by_topic)["k"] == RETRIEVED
     random.Random(0).shuffle(similar)
     picked = choose_retrieval(similar)
     assert picked["k"] == RETRIEVED and picked["nearest_chrf"] > picked["copy_chrf"]

@@ -20,6 +20,7 @@ Steps (each writes into the output folder):
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                                       "test_path": str(folder / "test.jsonl")}}
     retrieval: dict[str, Any] = {"k": 0, "reason": "not a generation objective"}
     if objective == "sft":
-        retrieval = choose_retrieval(train_ex)
+        retrieval = choose_retrieval(train_ex, seed)
         print(f"auto: {retrieval['reason']}")
         if retrieval["k"]:
             final["data"]["retrieved_examples"] = retrieval["k"]
@@ -179,7 +180,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                     "retrieval": retrieval})
 
 
-def choose_retrieval(train: list[Example]) -> dict[str, Any]:
+def choose_retrieval(train: list[Example], seed: int = 0) -> dict[str, Any]:
     """Whether an sft run should see retrieved examples (data.retrieved_examples), judged on the training data
     alone: on a dev split of it (20%, at most DEV_MAX), the answer of the nearest other training request (BM25) is
     scored against the reference (chrF) and against copying the request. When the neighbours' answers predict the
@@ -192,7 +193,10 @@ def choose_retrieval(train: list[Example]) -> dict[str, Any]:
     n_dev = min(DEV_MAX, len(chats) // 5)
     if n_dev < 5:
         return {"k": 0, "reason": f"only {len(chats)} chat examples: too few to judge retrieval"}
-    pool, dev = chats[:-n_dev], chats[-n_dev:]
+    # a seeded random dev split: data files are often ordered (by tool, by source), and a contiguous tail would
+    # take whole groups of near-twins out of the pool
+    order = random.Random(seed).sample(range(len(chats)), len(chats))
+    pool, dev = [chats[i] for i in order[n_dev:]], [chats[i] for i in order[:n_dev]]
 
     def answer(ex: Example) -> str:
         assert ex.messages is not None

@@ -30,6 +30,7 @@ from lmtailor.objectives import Objective, ObjectiveContext
 from lmtailor.rundata import RunData
 
 GROUP_BATCHES = 64  # group_by_length sorts within groups of this many batches
+EVAL_SHARE = 0.2  # of a budget, at most, for the validations it re-spaces
 
 
 def step_batches(n_examples: int, batch_size: int, seed: int, world: int,
@@ -252,12 +253,15 @@ def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int,
     `measure_step` takes on this run's own batches. Never more than `planned` steps.
 
     With `evaluations` (eval_every was chosen from the data, not set by the recipe), the validations are spread
-    again over the steps that fit: that many of them, not the ones planned for the uncut schedule (which a budget
-    may cut to fewer than one)."""
+    again over the steps that fit: that many of them (fewer when they would take more than EVAL_SHARE of the
+    budget), not the ones planned for the uncut schedule (which a budget may cut to fewer than one)."""
     cfg = loop.cfg
     step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned), max_seconds=0.03 * budget)
     eval_every = cfg.eval_every
     if evaluations and eval_every:
+        # at most EVAL_SHARE of the budget validates: slow validations (long examples) become fewer, not longer
+        if eval_s > 0:
+            evaluations = max(1, min(evaluations, int(EVAL_SHARE * budget / eval_s)))
         steps = max(1, min(planned, int((budget - evaluations * eval_s) / step_s)))
         eval_every = max(1, steps // evaluations)
     else:
