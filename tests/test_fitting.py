@@ -40,6 +40,9 @@ def test_max_length_epochs_lr_and_cadence_follow_the_data(tiny_model, tmp_path):
     assert cfg.epochs == 3.0 and "23 steps per epoch" in chosen["epochs"].reason
     assert cfg.lr == 2e-4 and chosen["lr"].reason == "method lora"
     assert cfg.eval_every == 69 // 5 and cfg.early_stopping_patience == 3 and cfg.metric_for_best == "loss"
+    assert not cfg.group_by_length and "group_by_length" not in chosen  # packed rows: nothing to group
+    _, unpacked = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", "packing=false"])
+    assert unpacked.group_by_length  # padded batches group by length
 
 
 def test_set_keys_are_never_changed(tiny_model, tmp_path):
@@ -59,6 +62,10 @@ def test_classification_picks_its_best_checkpoint_by_macro_f1_and_a_head_rate(ti
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, cfg = _data([f"base_model={tiny_model}", f"data.path={path}", "objective=classify", "data.val_size=20"])
     assert cfg.metric_for_best == "macro_f1" and cfg.lr == 1e-3 and cfg.max_length <= 32
+    assert cfg.group_by_length  # padded batches: similar lengths share one
+    _, ungrouped = _data([f"base_model={tiny_model}", f"data.path={path}", "objective=classify", "data.val_size=20",
+                          "group_by_length=false"])
+    assert not ungrouped.group_by_length  # a set value stays
 
 
 def test_train_prints_the_choices_and_writes_them_to_the_resolved_config(tiny_model, tmp_path, capsys):

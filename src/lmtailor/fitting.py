@@ -11,6 +11,9 @@ Only keys the recipe (or an override) does not set are chosen; a set key is neve
 - eval_every and early_stopping_patience: about 5 validations per run, stopping after 3 without improvement;
   classification picks its best checkpoint by validation macro-F1 (metric_for_best), which costs one forward pass
   over the validation texts; generation objectives keep the validation loss (their task metric needs decoding).
+- group_by_length: on where batches are padded rather than packed (classify, seq2seq on an encoder-decoder, or
+  packing off): similar lengths share a batch. On short texts of mixed lengths this made steps 1.7x faster at
+  equal or better macro-F1 after the same steps (benchmarks/batching.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ EVALUATIONS = 5
 METHOD_LR = {"lora": 2e-4, "full": 2e-5, "freeze": 5e-5, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2}
 HEAD_LR = 1e-3  # LoRA with a new classification head: the head starts from random weights
 LENGTH_OBJECTIVES = ("sft", "classify", "seq2seq_causal", "seq2seq_encdec")
+PADDED_OBJECTIVES = ("classify", "seq2seq_encdec")  # batches padded to their longest example, never packed
+PACKING_OBJECTIVES = ("sft", "seq2seq_causal")  # these pad only with packing off
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,10 @@ def choose_schedule(cfg: RunConfig, objective: Objective, n_train: int, world: i
         if "metric_for_best" not in given and objective.name == "classify":
             out.append(Choice("metric_for_best", "macro_f1", "classification: the best checkpoint by validation "
                               "macro-F1 (one forward pass over the validation texts per validation)"))
+    padded = objective.name in PADDED_OBJECTIVES or (objective.name in PACKING_OBJECTIVES and not cfg.packing)
+    if "group_by_length" not in given and padded and not cfg.group_by_length:
+        out.append(Choice("group_by_length", True, "batches are padded to their longest example: similar lengths "
+                          "share a batch and pad less"))
     return out
 
 
