@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmtailor.data.example import Example
-from lmtailor.data.packing import collate, pack_bins, segment_mask, shared_prefix
+from lmtailor.data.packing import balanced_bins, collate, pack_bins, segment_mask, shared_prefix
 from lmtailor.models import load_pretrained, load_tokenizer
 from lmtailor.objectives.causal import CausalLMLoss
 from lmtailor.render import IGNORE, tokenize_example
@@ -29,6 +29,16 @@ def test_pack_bins_fit_and_cover():
     assert sorted(i for b in bins for i in b) == list(range(6))
     assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
     assert len(bins) == 4  # 34 tokens need at least 4 rows of 10
+
+
+def test_balanced_bins_keep_the_row_count_and_pad_less():
+    lengths = [130, 128, 135, 127, 140, 133, 131, 130]  # 1,054 tokens: first-fit at 1,024 leaves a 130-token row
+    first_fit, balanced = pack_bins(lengths, 1024), balanced_bins(lengths, 1024)
+    assert len(balanced) == len(first_fit) == 2
+    assert sorted(i for b in balanced for i in b) == list(range(8))
+    width = max(sum(lengths[i] for i in b) for b in balanced)
+    assert width <= 1024 and width < 600 < max(sum(lengths[i] for i in b) for b in first_fit)
+    assert balanced_bins([5, 9, 3], 100) == pack_bins([5, 9, 3], 100)  # one row: nothing to balance
 
 
 def test_packed_rows_have_no_padding_and_reset_positions(model_tok):

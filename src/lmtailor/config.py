@@ -195,7 +195,7 @@ class RunConfig(Strict):
     pack_length: int = Field(1024, ge=8, description="tokens per packed row")
     group_by_length: bool = Field(False, description="batches of similar-length examples (sorted within seeded groups "
                                   "of 64 batches, the batches then shuffled): less padding where examples are padded "
-                                  "rather than packed (classify, seq2seq)")
+                                  "rather than packed (classify, seq2seq); chosen on for those when unset")
     share_prefix: bool = Field(True, description="packed rows hold a prompt prefix shared by all their examples "
                                "(e.g. the system prompt) once; exact, and saves its compute")
 

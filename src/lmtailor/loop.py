@@ -210,7 +210,7 @@ def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: 
     """(seconds of an average optimizer step, seconds of one validation pass).
 
     The first steps' batches are run forward and backward (the gradients are dropped and the RNG restored, so the
-    run is unchanged) and timed per token: the median over all but the first (which pays one-off costs), times the
+    run is unchanged) and timed per token: the mean over all but the first (which pays one-off costs), times the
     tokens of an average step of the epoch, so a probe batch longer or shorter than the average does not skew the
     estimate. A validation pass is charged as forward-only work (a third of forward + backward) on the validation
     tokens. With `max_seconds`, probing stops early (after at least 2 steps) once it has taken that long: slow steps
@@ -233,8 +233,8 @@ def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: 
             _backward(loop, items)
             loop.optimizer.zero_grad(set_to_none=True)
             rates.append((time.perf_counter() - t0) / tokens)
-    later = sorted(rates[1:] or rates)
-    per_token = later[len(later) // 2]
+    later = rates[1:] or rates
+    per_token = sum(later) / len(later)  # the mean: an occasional slow step is part of what the run will pay
     per_token = float(acc.reduce(torch.tensor(per_token, device=acc.device), "max")) if acc.num_processes > 1 \
         else per_token
     sample = range(0, n, max(1, n // 2000))  # a pretraining cache may hold millions of items: an even sample
