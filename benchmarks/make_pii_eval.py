@@ -1,10 +1,17 @@
-"""Write the labeled PII evaluation set tests/data/pii_eval.jsonl (deterministic: same seed, same file).
+"""Write the held-out PII evaluation set tests/data/pii_eval.jsonl from `faker` (same seed and faker version: same file).
 
-Every snippet is synthetic: support tickets, emails, log lines and chat turns written from templates, with PII of
-every regex type planted at known offsets, plus hard negatives (order numbers, version strings, git hashes,
-timestamps, UUIDs, MAC addresses, prices, placeholders, checksum-failing look-alikes) that must not be flagged.
+The detectors were not written against this set: its values come from faker's locale providers (e-mails, phone
+numbers, IBANs, card numbers, national IDs, passwords, dates) in seven locales, and its sentences are templates
+written for this file only, in the languages of those locales, before the detectors were measured on them. Every
+row also carries non-PII look-alikes (version strings, prices, order numbers, ISO dates, git SHAs, UUIDs, ports,
+ISBNs, meeting dates) that must not be flagged.
 
-Each line: {"id": "ticket-0007", "kind": "ticket", "text": "...", "spans": [{"type", "start", "end", "value"}]}.
+Labels: a span is the PII value itself (the password, not "password is"; the date, not "born on"; the
+credentials or token inside a URL, not the URL). Documentation
+domains (example.com, ...) are labeled EMAIL, because the scanner counts them by default. Each row records the
+region of its locale: a user scrubbing German data sets `privacy.phone_region=DE`, and the evaluation does the same.
+
+Each line: {"id", "locale", "region", "kind", "text", "spans": [{"type", "start", "end", "value"}]}.
 
     python benchmarks/make_pii_eval.py            # writes tests/data/pii_eval.jsonl
 """
@@ -12,442 +19,277 @@ Each line: {"id": "ticket-0007", "kind": "ticket", "text": "...", "spans": [{"ty
 from __future__ import annotations
 
 import argparse
+import base64
+import ipaddress
 import json
 import random
 import string
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-Piece = tuple[str, list[tuple[int, int, str]]]  # text, labeled sub-spans (start, end, type) within it
+LOCALES = {"en_US": ("en", "US"), "en_AU": ("en", "AU"), "de_DE": ("de", "DE"), "fr_FR": ("fr", "FR"),
+           "es_ES": ("es", "ES"), "it_IT": ("it", "IT"), "ja_JP": ("ja", "JP")}
 
-FIRST = ["Anna", "Ben", "Chloe", "David", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam", "Maya",
-         "Noah", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tara", "Uma", "Victor", "Wen", "Yusuf", "Zoe"]
-LAST = ["Smith", "Garcia", "Müller", "Nakamura", "Okafor", "Rossi", "Dubois", "Kowalski", "Larsen", "Silva", "Chen",
-        "Patel", "OBrien", "Novak", "Haddad", "Jensen", "Moreau", "Fischer", "Costa", "Ivanova"]
-DOMAINS = ["acme.io", "globex.com", "initech.co.uk", "umbrella-corp.de", "mail.hooli.com", "gmail.com",
-           "outlook.fr", "proton.me", "stark-industries.net", "wayne.enterprises", "yahoo.co.jp", "web.de"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = {
+    "en": ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"],
+    "de": ["Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August", "September", "Oktober", "November",
+           "Dezember"],
+    "fr": ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre",
+           "novembre", "décembre"],
+    "es": ["enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre",
+           "noviembre", "diciembre"],
+    "it": ["gennaio", "febbraio", "marzo", "aprile", "maggio", "giugno", "luglio", "agosto", "settembre", "ottobre",
+           "novembre", "dicembre"],
+}
 
-
-class Gen:
-    """Random PII values and hard negatives, all from one seeded RNG."""
-
-    def __init__(self, seed: int) -> None:
-        self.r = random.Random(seed)
-
-    def digits(self, n: int) -> str:
-        return "".join(self.r.choice(string.digits) for _ in range(n))
-
-    def alnum(self, n: int, alphabet: str = string.ascii_letters + string.digits) -> str:
-        return "".join(self.r.choice(alphabet) for _ in range(n))
-
-    def name(self) -> tuple[str, str]:
-        return self.r.choice(FIRST), self.r.choice(LAST)
-
-    # ---- positives -----------------------------------------------------------------------------------------------
-
-    def email(self) -> str:
-        first, last = self.name()
-        first, last = first.lower(), last.lower().replace("ü", "u")
-        local = self.r.choice([f"{first}.{last}", f"{first[0]}{last}", f"{first}_{last}{self.digits(2)}",
-                               f"{first}+support", f"{last}.{first[0]}", f"{first}{self.digits(4)}"])
-        email = f"{local}@{self.r.choice(DOMAINS)}"
-        return email.upper() if self.r.random() < 0.05 else email
-
-    def phone(self) -> str:
-        d = self.digits
-        nxx = lambda: str(self.r.randint(2, 9)) + d(2)  # noqa: E731
-        return self.r.choice([
-            f"+44 20 7946 {d(4)}", f"+44 7700 900{d(3)}", f"+44 (0)161 496 {d(4)}", f"+1 ({nxx()}) 555-{d(4)}",
-            f"+1-{nxx()}-555-{d(4)}", f"({nxx()}) {nxx()}-{d(4)}", f"{nxx()}-{nxx()}-{d(4)}", f"{nxx()}.{nxx()}.{d(4)}",
-            f"+49 30 {d(7)}", f"+49 (0)89 {d(4)} {d(4)}", f"+49 151 {d(8)}", f"+33 1 {d(2)} {d(2)} {d(2)} {d(2)}",
-            f"+33 6 {d(2)} {d(2)} {d(2)} {d(2)}", f"07700 900{d(3)}", f"020 7946 {d(4)}", f"030 {d(7)}",
-            f"+91 98{d(3)} {d(5)}", f"+61 2 {d(4)} {d(4)}", f"+81 3-{d(4)}-{d(4)}", f"+34 612 {d(3)} {d(3)}",
-            f"+31 20 {d(3)} {d(4)}", f"01 {d(2)} {d(2)} {d(2)} {d(2)}", f"+353 1 {d(3)} {d(4)}",
-        ])
-
-    def card(self) -> str:
-        prefix, length = self.r.choice([("4", 16), ("4", 16), ("51", 16), ("55", 16), ("2221", 16), ("37", 15),
-                                         ("34", 15), ("6011", 16), ("3530", 16)])
-        body = prefix + self.digits(length - len(prefix) - 1)
-        check = next(c for c in string.digits if _luhn_ok(body + c))
-        num = body + check
-        groups = [num[:4], num[4:10], num[10:]] if length == 15 else [num[i:i + 4] for i in range(0, 16, 4)]
-        return self.r.choice([" ", "-", ""]).join(groups)
-
-    def iban(self) -> str:
-        country, spec = self.r.choice([("DE", "n18"), ("GB", "a4n14"), ("FR", "n23"), ("NL", "a4n10"),
-                                       ("ES", "n20"), ("IT", "a1n22"), ("BE", "n12"), ("CH", "n17"),
-                                       ("AT", "n16"), ("PL", "n24"), ("IE", "a4n14")])
-        bban = ""
-        for kind, count in ((spec[i], int(n)) for i, n in _spec_parts(spec)):
-            bban += self.alnum(count, string.ascii_uppercase) if kind == "a" else self.digits(count)
-        check = 98 - _mod97(bban + country + "00")
-        compact = f"{country}{check:02d}{bban}"
-        if self.r.random() < 0.6:
-            return " ".join(compact[i:i + 4] for i in range(0, len(compact), 4))
-        return compact
-
-    def ipv4(self) -> str:
-        b, c, d = self.r.randint(0, 255), self.r.randint(0, 255), self.r.randint(1, 254)
-        return self.r.choice([f"192.168.{c}.{d}", f"10.{b}.{c}.{d}", f"{self.r.randint(11, 223)}.{b}.{c}.{d}",
-                              f"172.{self.r.randint(16, 31)}.{c}.{d}"])
-
-    def ipv6(self) -> str:
-        groups = [f"{self.r.randint(0, 0xffff):x}" for _ in range(8)]
-        groups[0] = self.r.choice(["2001", "2a02", "fe80", "2607", "2001"])
-        if self.r.random() < 0.5:
-            return ":".join(groups)
-        return f"{groups[0]}:{groups[1]}::{groups[6]}:{groups[7]}"
-
-    def ip(self) -> str:
-        return self.ipv6() if self.r.random() < 0.3 else self.ipv4()
-
-    def password(self) -> str:
-        return self.r.choice(["Tr0ub4dor&3", "hunter2!X", "S3cure#Pass", "Winter2024!", "P@ssw0rd99",
-                              "correct-Horse-7", "qwerty!234", "Zx9$kLm2pQ"]) + self.digits(self.r.randint(0, 2))
-
-    def token(self, n: int = 32) -> str:
-        return self.alnum(n)
-
-    def key(self) -> str:
-        a = self.alnum
-        return self.r.choice([
-            "AKIA" + a(16, string.ascii_uppercase + string.digits),
-            "ghp_" + a(36), "gho_" + a(36), "xoxb-" + self.digits(12) + "-" + self.digits(12) + "-" + a(24),
-            "xoxp-" + self.digits(11) + "-" + a(24), "sk_live_" + a(24), "rk_live_" + a(24), "sk-proj-" + a(48),
-            "sk-" + a(48), "AIza" + a(35, string.ascii_letters + string.digits + "_-"), "glpat-" + a(20),
-            "hf_" + a(34), "npm_" + a(36),
-        ])
-
-    def dob(self) -> str:
-        y, m, d = self.r.randint(1940, 2006), self.r.randint(1, 12), self.r.randint(1, 28)
-        return self.r.choice([f"{d} {MONTHS[m - 1]} {y}", f"{MONTHS[m - 1]} {d}, {y}", f"{y}-{m:02d}-{d:02d}",
-                              f"{d:02d}/{m:02d}/{y}", f"{m:02d}/{d:02d}/{y}", f"{d:02d}.{m:02d}.{y}",
-                              f"{d}th of {MONTHS[m - 1]} {y}" if d not in (1, 2, 3, 21, 22, 23)
-                              else f"{d} {MONTHS[m - 1][:3]} {y}"])
-
-    def ssn(self) -> str:
-        area = self.r.choice([n for n in range(1, 900) if n != 666])
-        sep = self.r.choice(["-", "-", " "])
-        return f"{area:03d}{sep}{self.r.randint(1, 99):02d}{sep}{self.r.randint(1, 9999):04d}"
-
-    def nino(self) -> str:
-        first = self.r.choice("ABCEGHJKLMNOPRSTWXYZ")
-        second = self.r.choice("ABCEGHJKLMNPRSTWXYZ")
-        while first + second in {"BG", "GB", "NK", "KN", "TN", "NT", "ZZ"}:
-            second = self.r.choice("ABCEHJLMPRSW")
-        d = self.digits(6)
-        suffix = self.r.choice("ABCD")
-        if self.r.random() < 0.5:
-            return f"{first}{second} {d[:2]} {d[2:4]} {d[4:]} {suffix}"
-        return f"{first}{second}{d}{suffix}"
-
-    def insee(self) -> str:
-        body = f"{self.r.choice('12')}{self.r.randint(40, 99):02d}{self.r.randint(1, 12):02d}" \
-               f"{self.r.randint(1, 95):02d}{self.r.randint(1, 999):03d}{self.r.randint(1, 999):03d}"
-        key = 97 - int(body) % 97
-        if self.r.random() < 0.5:
-            return f"{body[0]} {body[1:3]} {body[3:5]} {body[5:7]} {body[7:10]} {body[10:13]} {key:02d}"
-        return f"{body}{key:02d}"
-
-    def dni(self) -> str:
-        n = self.r.randint(10_000_000, 99_999_999)
-        return f"{n}{'TRWAGMYFPDXBNJZSQVHLCKE'[n % 23]}"
-
-    def national_id(self) -> tuple[str, str]:
-        kind = self.r.choice(["ssn", "ssn", "nino", "insee", "dni"])
-        return kind, getattr(self, kind)()
-
-    # ---- hard negatives ------------------------------------------------------------------------------------------
-
-    def hexs(self, n: int) -> str:
-        return self.alnum(n, "0123456789abcdef")
-
-    def timestamp(self) -> str:
-        return f"2024-{self.r.randint(1, 12):02d}-{self.r.randint(1, 28):02d}T{self.r.randint(0, 23):02d}:" \
-               f"{self.r.randint(0, 59):02d}:{self.r.randint(0, 59):02d}.{self.digits(3)}Z"
-
-    def version(self) -> str:
-        return self.r.choice([f"v{self.r.randint(0, 9)}.{self.r.randint(0, 30)}.{self.r.randint(0, 20)}",
-                              f"{self.r.randint(1, 12)}.{self.r.randint(0, 9)}.{self.r.randint(0, 9)}",
-                              f"version {self.r.randint(1, 20)}.{self.r.randint(0, 9)}.{self.r.randint(0, 99)}"
-                              f".{self.r.randint(0, 255)}"])
-
-    def uuid(self) -> str:
-        h = self.hexs(32)
-        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}"
-
-    def mac(self) -> str:
-        return ":".join(self.hexs(2).upper() for _ in range(6))
-
-    def bad_luhn(self) -> str:
-        while True:
-            num = self.r.choice("4536") + self.digits(15)
-            if not _luhn_ok(num):
-                return " ".join(num[i:i + 4] for i in range(0, 16, 4))
-
-    def bad_iban(self) -> str:
-        compact = "DE" + "00" + self.digits(18)
-        return " ".join(compact[i:i + 4] for i in range(0, len(compact), 4))
-
-    def order_no(self) -> str:
-        return self.r.choice([f"#{self.digits(3)}-{self.digits(3)}-{self.digits(4)}", f"INV-2024-{self.digits(5)}",
-                              f"{self.digits(10)}", f"SO-{self.digits(8)}", f"#{self.digits(6)}"])
-
-
-def _luhn_ok(number: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(number)):
-        d = int(ch) * (2 if i % 2 else 1)
-        total += d - 9 if d > 9 else d
-    return total % 10 == 0
-
-
-def _mod97(s: str) -> int:
-    return int("".join(str(int(c, 36)) for c in s)) % 97
-
-
-def _spec_parts(spec: str) -> list[tuple[int, str]]:
-    """'a4n14' -> [(0, '4'), (2, '14')]: index of the kind letter and its count."""
-    out, i = [], 0
-    while i < len(spec):
-        j = i + 1
-        while j < len(spec) and spec[j].isdigit():
-            j += 1
-        out.append((i, spec[i + 1:j]))
-        i = j
-    return out
-
-
-# ---- templates ------------------------------------------------------------------------------------------------
-# A template is a list of literal strings and slot callables; a slot returns a Piece.
-
-Slot = Callable[[Gen], Piece]
-
-
-def pii(type_: str, make: Callable[[Gen], str]) -> Slot:
-    def slot(g: Gen) -> Piece:
-        value = make(g)
-        return value, [(0, len(value), type_)]
-    return slot
-
-
-def neg(make: Callable[[Gen], str]) -> Slot:
-    return lambda g: (make(g), [])
-
-
-def url_userinfo(g: Gen) -> Piece:
-    user = g.r.choice(["admin", "deploy", "app", "svc_backup", g.name()[0].lower()])
-    pw = g.password()
-    host = g.r.choice(["db.internal", g.ipv4(), "git.acme.io", "ftp.globex.com", "redis-prod"])
-    scheme = g.r.choice(["https", "postgres", "mysql", "ftp", "redis", "amqp"])
-    head = f"{scheme}://"
-    spans = [(len(head), len(head) + len(user) + 1 + len(pw), "URL_SECRET")]
-    if host[0].isdigit():  # an IP host is an IP address too
-        at = len(head) + len(user) + 1 + len(pw) + 1
-        spans.append((at, at + len(host), "IP_ADDRESS"))
-    return f"{head}{user}:{pw}@{host}/{g.r.choice(['prod', 'repo.git', 'backups', '0', 'vhost'])}", spans
-
-
-def url_token(g: Gen) -> Piece:
-    param = g.r.choice(["token", "access_token", "api_key", "apikey", "sig", "X-Amz-Signature", "key", "secret",
-                        "session_id", "auth"])
-    value = g.hexs(64) if param == "X-Amz-Signature" else g.token(g.r.randint(16, 40))
-    base = g.r.choice(["https://api.globex.com/v2/export?format=csv&", "https://files.acme.io/d/report.pdf?",
-                       "https://hooks.initech.co.uk/cb?id=42&", "http://internal-dash:8080/view?user=7&"])
-    head = f"{base}{param}="
-    return f"{head}{value}", [(len(head), len(head) + len(value), "URL_SECRET")]
-
-
-def assigned_secret(g: Gen) -> Piece:
-    kind = g.r.choice(["password", "api_key", "SECRET_KEY", "AWS_SECRET_ACCESS_KEY", "client_secret", "pwd", "token"])
-    if kind in ("password", "pwd"):
-        value = g.password()
-    elif kind == "AWS_SECRET_ACCESS_KEY":
-        value = g.alnum(40, string.ascii_letters + string.digits + "/+")
-    else:
-        value = g.token(g.r.randint(20, 40))
-    head = g.r.choice([f"{kind}: ", f"{kind}={'' if kind.isupper() else ''}", f"{kind} = \"", f'"{kind}": "'])
-    tail = '"' if head.endswith('"') else ""
-    return f"{head}{value}{tail}", [(len(head), len(head) + len(value), "SECRET")]
-
-
-def said_password(g: Gen) -> Piece:
-    head = g.r.choice(["my password is ", "the new password is ", "temp password: ", "Password: "])
-    value = g.password()
-    return head + value, [(len(head), len(head) + len(value), "SECRET")]
-
-
-def dob_phrase(g: Gen) -> Piece:
-    head = g.r.choice(["born on ", "DOB: ", "date of birth: ", "D.O.B. ", "Date of birth ", "born ", "dob=",
-                       "birthdate: ", "Geburtsdatum: "])
-    value = g.dob()
-    return head + value, [(len(head), len(head) + len(value), "DATE_OF_BIRTH")]
-
-
-def national_id_phrase(g: Gen) -> Piece:
-    kind, value = g.national_id()
-    head = {"ssn": g.r.choice(["SSN ", "SSN: ", "social security number ", "ss# "]),
-            "nino": g.r.choice(["NI number ", "National Insurance: ", "NINO "]),
-            "insee": g.r.choice(["numéro de sécu ", "INSEE ", "NIR: "]),
-            "dni": g.r.choice(["DNI ", "DNI: ", "NIF "])}[kind]
-    return head + value, [(len(head), len(head) + len(value), "NATIONAL_ID")]
-
-
-EMAIL_S = pii("EMAIL", Gen.email)
-PHONE_S = pii("PHONE", Gen.phone)
-CARD_S = pii("CREDIT_CARD", Gen.card)
-IBAN_S = pii("IBAN", Gen.iban)
-IP_S = pii("IP_ADDRESS", Gen.ip)
-KEY_S = pii("SECRET", Gen.key)
-NAME_S = neg(lambda g: " ".join(g.name()))  # names are NER territory, not scored here
-TS_S = neg(Gen.timestamp)
-VER_S = neg(Gen.version)
-HASH_S = neg(lambda g: g.hexs(40))
-SHORTHASH_S = neg(lambda g: g.hexs(7))
-UUID_S = neg(Gen.uuid)
-MAC_S = neg(Gen.mac)
-ORDER_S = neg(Gen.order_no)
-BADCARD_S = neg(Gen.bad_luhn)
-BADIBAN_S = neg(Gen.bad_iban)
-PRICE_S = neg(lambda g: f"${g.r.randint(1, 9)},{g.digits(3)}.{g.digits(2)}")
-PORT_S = neg(lambda g: str(g.r.choice([22, 443, 5432, 6379, 8080, 9200])))
-DATE_S = neg(lambda g: f"{g.r.randint(1, 28)} {g.r.choice(MONTHS)} 20{g.r.randint(20, 26)}")
-
-TEMPLATES: dict[str, list[list[str | Slot]]] = {
-    "ticket": [
-        ["Customer ", NAME_S, " (", EMAIL_S, ") reports that order ", ORDER_S, " never arrived. Callback on ",
-         PHONE_S, "."],
-        ["Refund request for order ", ORDER_S, ": card ", CARD_S, " was charged twice on ", DATE_S, " (", PRICE_S,
-         ")."],
-        ["Please update payout account to IBAN ", IBAN_S, " for ", NAME_S, ". Old reference ", BADIBAN_S,
-         " is closed."],
-        ["User cannot log in from ", IP_S, " since the upgrade to ", VER_S, ". Session id ", UUID_S, "."],
-        ["Identity check: ", NAME_S, ", ", dob_phrase, ", ", national_id_phrase, ". Verified by phone ", PHONE_S,
-         "."],
-        ["Leaked credential in ticket attachment: ", KEY_S, " (rotated). Build ", ORDER_S, " unaffected."],
-        ["Ticket ", ORDER_S, ": customer pasted ", said_password, " into the chat, please reset it."],
-        ["Webhook misconfigured, the URL contains credentials: ", url_userinfo, " -- see commit ", HASH_S, "."],
-        ["Tracking number ", BADCARD_S, " shows delivered; customer says no. Contact: ", EMAIL_S, ", ", PHONE_S,
-         "."],
-        ["Update billing: new card ", CARD_S, ", billing email ", EMAIL_S, ". Device MAC ", MAC_S, "."],
-        ["Escalation: payroll file for ", NAME_S, " shows ", national_id_phrase, " and IBAN ", IBAN_S, "."],
-        ["Please delete my data. Email: ", EMAIL_S, ". I was ", dob_phrase, ". Invoice ", ORDER_S, "."],
+# Sentence templates, per language. `{x}` slots are filled by FILLERS; the PII slots are labeled, the others are
+# look-alikes or plain words. Written for this set, not copied from the detector tests.
+TEMPLATES: dict[str, list[tuple[str, str]]] = {
+    "en": [
+        ("crm", "Spoke with {name} today; best reached at {phone}, or by mail at {email}. Follow-up on {isodate}."),
+        ("crm", "{name} asked us to update their card on file to {card} before the {isodate} renewal ({price})."),
+        ("ticket", "Hello, my account was locked after the {version} update. My password is {password} if you need "
+                   "to check. Order {order} is still pending."),
+        ("ticket", "Refund to IBAN {iban} please, it was order {order} for {price}. Thanks, {name}"),
+        ("form", "Full name: {name}\nDate of birth: {dob}\nPhone: {phone}\nEmail: {email}"),
+        ("form", "Applicant {name}, born {dob}, SSN {national_id}, contact {phone}."),
+        ("log", "{isodate} WARN auth failed for {email} from {ip}; build {sha} on port {port}"),
+        ("log", "request {uuid} from {ipv6} took 412 ms (api {version}), user {username}"),
+        ("chat", "hey can you ping me on {phone}? my other mail is {obf_email} btw"),
+        ("chat", "just paste this into the deploy job: {aws_id} / {aws_secret} and it should work"),
+        ("config", "DATABASE_URL={url_userinfo}\nWORKERS=4\nVERSION={version}"),
+        ("email", "Dear support,\nthe reset link {url_token} expired. Release {version} is what I run.\nRegards, {name}"),
+        ("email", "Hi {first},\nour new GitHub bot uses {gh_token}; please don't share it. The ISBN is {isbn}."),
+        ("note", "Her DOB is {dob}. She paid {price} with card {card} on {meeting}."),
+        ("note", "Call {name} at {phone} about invoice {order} (due {isodate})."),
+        ("secret", "Slack bot token for the alerts channel: {slack} (rotated {isodate})"),
+        ("secret", "export STRIPE_KEY={stripe}  # live key, commit {sha}"),
     ],
-    "email": [
-        ["Hi ", NAME_S, ",\n\nplease call me back on ", PHONE_S, " or write to ", EMAIL_S,
-         ".\n\nBest,\n", NAME_S],
-        ["Dear team,\nthe transfer to ", IBAN_S, " failed on ", DATE_S, ". Our reference is ", ORDER_S,
-         ".\nRegards"],
-        ["Hello,\nhere are the staging credentials you asked for:\n", assigned_secret, "\nDelete this mail after."],
-        ["Hi,\nyour download link: ", url_token, "\nIt expires on ", DATE_S, ".\nThanks"],
-        ["Good morning,\nfor HR records: ", NAME_S, ", ", dob_phrase, ", mobile ", PHONE_S, ", ",
-         national_id_phrase, ".\n"],
-        ["Hi ", NAME_S, ",\nI paid with ", CARD_S, " but the receipt says ", BADCARD_S, ". Can you check? My number ",
-         "is ", PHONE_S, ".\nCheers"],
-        ["Team,\nv2 of the API is live (", VER_S, "). Keys for the sandbox: ", KEY_S, ".\nPing ", EMAIL_S,
-         " with questions."],
-        ["Bonjour,\nmerci de mettre à jour mon RIB: ", IBAN_S, ". Tél. ", PHONE_S, ".\nCordialement, ", NAME_S],
-        ["Hi,\nforwarding from ", EMAIL_S, ": \"my SSN changed?\" Their file says ", national_id_phrase,
-         ". Ticket ", ORDER_S, ".\n"],
-        ["Hallo,\nbitte überweisen Sie an ", IBAN_S, ". ", dob_phrase, ". Telefon: ", PHONE_S, ".\n"],
+    "de": [
+        ("crm", "Kunde {name} ist unter {phone} erreichbar, E-Mail {email}. Rückruf am {meeting}."),
+        ("ticket", "Hallo, mein Passwort lautet {password}, trotzdem komme ich nicht rein. Version {version}, "
+                   "Bestellung {order}."),
+        ("ticket", "Bitte überweisen Sie die Erstattung ({price}) auf mein Konto {iban}. Viele Grüße, {name}"),
+        ("form", "Name: {name}\nGeburtsdatum: {dob}\nTelefon: {phone}\nE-Mail: {email}"),
+        ("form", "{name}, geboren am {dob}, wohnhaft in {city}, Tel. {phone}"),
+        ("log", "{isodate} Anmeldung fehlgeschlagen für {email} von {ip}, Port {port}, Commit {sha}"),
+        ("chat", "schreib mir an {obf_email} oder ruf an: {phone}"),
+        ("note", "Kreditkarte {card} wurde am {isodate} belastet, Betrag {price}, Vorgang {uuid}."),
+        ("config", "Der Zugang lautet {url_userinfo} (nur intern, Build {version})."),
     ],
-    "log": [
-        [TS_S, " INFO  auth: login ok user=", EMAIL_S, " ip=", IP_S, " session=", UUID_S],
-        [TS_S, " WARN  http: GET ", url_token, " 200 from ", IP_S],
-        [TS_S, " ERROR db: connection refused ", url_userinfo, " after 3 retries (port ", PORT_S, ")"],
-        ["commit ", HASH_S, "\nAuthor: ", NAME_S, " <", EMAIL_S, ">\nDate:   ", TS_S,
-         "\n\n    bump to ", VER_S],
-        [TS_S, " DEBUG config loaded: ", assigned_secret, " region=eu-west-1 build=", SHORTHASH_S],
-        [TS_S, " INFO  dhcp: lease ", IP_S, " to ", MAC_S, " (", SHORTHASH_S, ")"],
-        [TS_S, " WARN  payments: card ", CARD_S, " declined, order ", ORDER_S, ", amount ", PRICE_S],
-        [TS_S, " INFO  listening on 0.0.0.0:", PORT_S, " and 127.0.0.1:", PORT_S, ", peer ", IP_S],
-        [TS_S, " ERROR ci: token leaked in job log: ", KEY_S, " (job ", ORDER_S, ", sha ", HASH_S, ")"],
-        [TS_S, " INFO  sepa: payout queued iban=", IBAN_S, " ref=", ORDER_S, " sha256=", neg(lambda g: g.hexs(64))],
-        [TS_S, " INFO  sms: sent OTP to ", PHONE_S, " trace=", UUID_S],
+    "fr": [
+        ("crm", "Client {name}, joignable au {phone} ou par courriel à {email}. Rappel prévu le {meeting}."),
+        ("ticket", "Bonjour, mon mot de passe est {password} mais la connexion échoue depuis la version {version}."),
+        ("ticket", "Merci de rembourser {price} sur le compte {iban}. Commande {order}. Cordialement, {name}"),
+        ("form", "Nom : {name}\nDate de naissance : {dob}\nTéléphone : {phone}\nCourriel : {email}"),
+        ("form", "{name}, né le {dob} à {city}, numéro de sécurité sociale {national_id}."),
+        ("log", "{isodate} échec de connexion pour {email} depuis {ip} (port {port}, build {sha})"),
+        ("chat", "écris-moi à {obf_email} ou appelle le {phone}"),
+        ("note", "Carte {card} débitée le {isodate} de {price}, référence {uuid}."),
     ],
-    "chat": [
-        ["user: hey, my email is ", EMAIL_S, " and my phone is ", PHONE_S, "\nassistant: Thanks, I have updated "
-         "your profile."],
-        ["user: can you check why ", CARD_S, " was declined?\nassistant: I cannot see card details, please "
-         "contact your bank."],
-        ["user: here is my api key ", KEY_S, " why does it fail?\nassistant: Please revoke it; keys should never "
-         "be shared."],
-        ["user: I was ", dob_phrase, ", do I qualify?\nassistant: Yes, you are eligible for the senior plan."],
-        ["user: my ", national_id_phrase, " is on file, right?\nassistant: I cannot confirm identity numbers "
-         "here."],
-        ["user: the server at ", IP_S, " is down since ", VER_S, "\nassistant: Restart it and check the logs at ",
-         TS_S, "."],
-        ["user: use this link ", url_token, "\nassistant: That link contains a token; I will not open it."],
-        ["user: set the db url to ", url_userinfo, "\nassistant: Done, but store credentials in a secret manager."],
-        ["user: wire it to ", IBAN_S, " please\nassistant: The transfer is scheduled for ", DATE_S, "."],
-        ["user: ", said_password, " -- is that strong enough?\nassistant: Do not share passwords with anyone."],
-        ["user: my order ", ORDER_S, " and invoice ", ORDER_S, " are missing, commit ", SHORTHASH_S,
-         " broke it?\nassistant: I will check with the warehouse."],
-        ["user: reset instructions were sent to ", EMAIL_S, "?\nassistant: Yes, the password reset link expires "
-         "in 24 hours. Your token expired at ", TS_S, "."],
+    "es": [
+        ("crm", "Cliente {name}, teléfono {phone}, correo {email}. Volver a llamar el {meeting}."),
+        ("ticket", "Hola, mi contraseña es {password} y no puedo entrar desde la versión {version}."),
+        ("ticket", "Por favor devuelvan {price} a la cuenta {iban}. Pedido {order}. Saludos, {name}"),
+        ("form", "Nombre: {name}\nFecha de nacimiento: {dob}\nTeléfono: {phone}\nDNI: {national_id}"),
+        ("form", "{name}, nacida el {dob} en {city}, contacto {email}"),
+        ("log", "{isodate} fallo de acceso de {email} desde {ip}, puerto {port}, commit {sha}"),
+        ("chat", "escríbeme a {obf_email} o llámame al {phone}"),
+        ("note", "Tarjeta {card} cargada el {isodate} por {price}, operación {uuid}."),
+    ],
+    "it": [
+        ("crm", "Cliente {name}, telefono {phone}, email {email}. Richiamare il {meeting}."),
+        ("ticket", "Buongiorno, la mia password è {password} ma non riesco ad accedere dalla versione {version}."),
+        ("ticket", "Vi prego di rimborsare {price} sul conto {iban}. Ordine {order}. Cordiali saluti, {name}"),
+        ("form", "Nome: {name}\nData di nascita: {dob}\nTelefono: {phone}\nCodice fiscale: {national_id}"),
+        ("form", "{name}, nato il {dob} a {city}, email {email}"),
+        ("log", "{isodate} accesso negato per {email} da {ip}, porta {port}, commit {sha}"),
+        ("chat", "scrivimi a {obf_email} oppure chiamami al {phone}"),
+        ("note", "Carta {card} addebitata il {isodate} per {price}, pratica {uuid}."),
+    ],
+    "ja": [
+        ("crm", "{name}様の連絡先は{phone}、メールは{email}です。次回の連絡は{isodate}。"),
+        ("ticket", "パスワードは{password}です。バージョン{version}からログインできません。注文番号{order}"),
+        ("form", "氏名：{name}\n生年月日：{dob}\n電話番号：{phone}\nメール：{email}"),
+        ("log", "{isodate} ログイン失敗 {email} {ip} ポート{port} コミット{sha}"),
+        ("note", "カード{card}で{price}を支払いました。受付番号{uuid}"),
+        ("config", "接続先 {url_userinfo} を使用（ビルド{version}）"),
     ],
 }
 
-# Extra hard negatives with no PII at all: prose that mentions the trigger words.
-NEGATIVE_ONLY: list[list[str | Slot]] = [
-    ["Password reset requested for account ", ORDER_S, "; the api key is stored in the vault, not here."],
-    ["Release notes ", VER_S, ": fixed token refresh, secret rotation and key: value parsing. Commit ", HASH_S, "."],
-    ["Build ", neg(lambda g: f"{g.r.randint(1, 9)}.{g.r.randint(0, 9)}.{g.r.randint(0, 9)}.{g.r.randint(0, 99)}"),
-     " deployed at ", TS_S, " to cluster ", UUID_S, "."],
-    ["Order ", neg(lambda g: f"#{g.digits(3)}-{g.digits(3)}-{g.digits(4)}"), " shipped; tracking ", BADCARD_S,
-     ", total ", PRICE_S, "."],
-    ["password: ********  api_key=<YOUR_API_KEY>  token=${API_TOKEN}  # placeholders in the sample config"],
-    ["Interface eth0 ", MAC_S, " up; netmask 255.255.255.0; gateway unreachable at ", TS_S, "."],
-    ["Meeting on ", DATE_S, " at 10:30; agenda item ", ORDER_S, "; see icon@2x.png and git@github.com:acme/app.git"],
-    ["Invoice date ", DATE_S, ", due ", DATE_S, ", amount ", PRICE_S, ", account ref ", BADIBAN_S, "."],
-]
+PII_SLOTS = {"email": "EMAIL", "obf_email": "EMAIL", "phone": "PHONE", "card": "CREDIT_CARD", "iban": "IBAN",
+             "ip": "IP_ADDRESS", "ipv6": "IP_ADDRESS", "url_userinfo": "URL_SECRET", "url_token": "URL_SECRET",
+             "password": "SECRET", "aws_id": "SECRET", "aws_secret": "SECRET", "gh_token": "SECRET",
+             "slack": "SECRET", "stripe": "SECRET", "dob": "DATE_OF_BIRTH", "national_id": "NATIONAL_ID"}
 
 
-def render(template: list[str | Slot], g: Gen) -> tuple[str, list[dict[str, object]]]:
-    text, spans = "", []
-    for part in template:
-        if isinstance(part, str):
-            text += part
-            continue
-        piece, labels = part(g)
-        for start, end, type_ in labels:
-            spans.append({"type": type_, "start": len(text) + start, "end": len(text) + end,
-                          "value": piece[start:end]})
-        text += piece
-    return text, spans
+class Values:
+    """Slot values for one locale: faker's providers where they exist, a seeded RNG for token shapes."""
+
+    def __init__(self, locale: str, seed: int) -> None:
+        from faker import Faker
+
+        self.locale, (self.lang, self.region) = locale, LOCALES[locale]
+        self.f = Faker(locale)
+        self.f.seed_instance(seed)
+        self.r = random.Random(seed)
+
+    def token(self, n: int, alphabet: str = string.ascii_letters + string.digits) -> str:
+        return "".join(self.r.choice(alphabet) for _ in range(n))
+
+    def fill(self, slot: str) -> str | None:
+        """The value for `slot`; None where this locale has nothing of the kind (the row is then redrawn)."""
+        f, r = self.f, self.r
+        if slot == "email":
+            return r.choice([f.email, f.free_email, f.company_email, f.safe_email])()
+        if slot == "obf_email":
+            local, domain = f.free_email().split("@")
+            at, dot = r.choice([(" (at) ", " (dot) "), (" [at] ", " [dot] "), (" at ", " dot "), ("(at)", "(dot)")])
+            return local + at + domain.replace(".", dot)
+        if slot == "phone":
+            return f.phone_number()
+        if slot == "card":
+            return f.credit_card_number()
+        if slot == "iban":
+            iban = f.iban()
+            return " ".join(iban[i:i + 4] for i in range(0, len(iban), 4)) if r.random() < 0.4 else iban
+        if slot == "ip":
+            return r.choice([f.ipv4_public, f.ipv4_private])()
+        if slot == "ipv6":
+            groups = [format(r.getrandbits(16), "x") for _ in range(8)]
+            start, run = r.randrange(1, 6), r.randrange(1, 4)  # zero groups in the middle: the compressed `::` form
+            groups[start:start + run] = ["0"] * run
+            return str(ipaddress.IPv6Address(":".join(groups)))
+        if slot == "url_userinfo":
+            scheme = r.choice(["postgres", "mysql", "https", "redis", "amqp"])
+            return f"{scheme}://[{f.user_name()}:{f.password(length=12)}]@{f.domain_name()}/{f.word()}"
+        if slot == "url_token":
+            param = r.choice(["token", "access_token", "apikey", "auth", "signature"])
+            return f"https://{f.domain_name()}/reset?{param}=[{self.token(r.randrange(24, 41))}]"
+        if slot == "password":
+            return f.password(length=r.randrange(8, 17))
+        if slot == "aws_id":
+            return "AKIA" + self.token(16, string.ascii_uppercase + string.digits)
+        if slot == "aws_secret":
+            return base64.b64encode(r.randbytes(30)).decode()
+        if slot == "gh_token":
+            return "ghp_" + self.token(36)
+        if slot == "slack":
+            return f"xoxb-{self.token(12, string.digits)}-{self.token(13, string.digits)}-{self.token(24)}"
+        if slot == "stripe":
+            return "sk_live_" + self.token(24)
+        if slot == "dob":
+            return self.date(f.date_of_birth(minimum_age=18, maximum_age=90))
+        if slot == "national_id":
+            ids: dict[str, Callable[[], str]] = {"en_US": f.ssn, "fr_FR": f.ssn, "it_IT": f.ssn,
+                                                  "es_ES": lambda: r.choice([f.nif, f.nie])()}
+            return ids[self.locale]() if self.locale in ids else None
+        # ---- look-alikes and plain words -----------------------------------------------------------------------
+        if slot == "name":
+            return f.name()
+        if slot == "first":
+            return f.first_name()
+        if slot == "username":
+            return f.user_name()
+        if slot == "city":
+            return f.city()
+        if slot == "version":
+            return ".".join(str(r.randrange(0, 20)) for _ in range(r.choice([2, 3, 4])))
+        if slot == "price":
+            return f.pricetag()
+        if slot == "order":
+            return r.choice(["#", "", "A-", "ORD-"]) + str(r.randrange(10 ** 5, 10 ** 10))
+        if slot == "isodate":
+            return f.date()
+        if slot == "meeting":
+            return self.date(f.date_between("-1y", "+1y"))
+        if slot == "sha":
+            return f.sha1()[:r.choice([7, 12, 40])]
+        if slot == "uuid":
+            return f.uuid4()
+        if slot == "port":
+            return str(f.port_number())
+        if slot == "isbn":
+            return f.isbn13()
+        raise KeyError(slot)
+
+    def date(self, d: Any) -> str:
+        """A date as people of this locale write it (several common styles each)."""
+        r, m = self.r, MONTHS.get(self.lang, MONTHS["en"])
+        if self.lang == "ja":
+            return r.choice([f"{d.year}年{d.month}月{d.day}日", f"{d.year}/{d.month:02d}/{d.day:02d}"])
+        if self.lang == "en":
+            us = self.region == "US"
+            return r.choice([f"{m[d.month - 1]} {d.day}, {d.year}" if us else f"{d.day} {m[d.month - 1]} {d.year}",
+                             f"{d.month:02d}/{d.day:02d}/{d.year}" if us else f"{d.day:02d}/{d.month:02d}/{d.year}",
+                             d.isoformat()])
+        styles = {"de": [f"{d.day}. {m[d.month - 1]} {d.year}", f"{d.day:02d}.{d.month:02d}.{d.year}"],
+                  "fr": [f"{d.day} {m[d.month - 1]} {d.year}", f"{d.day:02d}/{d.month:02d}/{d.year}"],
+                  "es": [f"{d.day} de {m[d.month - 1]} de {d.year}", f"{d.day:02d}/{d.month:02d}/{d.year}"],
+                  "it": [f"{d.day} {m[d.month - 1]} {d.year}", f"{d.day:02d}/{d.month:02d}/{d.year}"]}
+        return r.choice(styles[self.lang])
 
 
-def build(n: int = 360, seed: int = 7) -> list[dict[str, object]]:
-    g = Gen(seed)
-    rows: list[dict[str, object]] = []
-    kinds = list(TEMPLATES)
-    for i in range(n):
-        if i % 9 == 8:
-            kind, template = "negative", NEGATIVE_ONLY[(i // 9) % len(NEGATIVE_ONLY)]
-        else:
-            kind = kinds[i % len(kinds)]
-            template = TEMPLATES[kind][(i // len(kinds)) % len(TEMPLATES[kind])]
-        text, spans = render(template, g)
-        rows.append({"id": f"{kind}-{i:04d}", "kind": kind, "text": text, "spans": spans})
+def render(template: str, values: Values) -> tuple[str, list[dict[str, Any]]] | None:
+    """Fill `template`; None when a slot has no value in this locale."""
+    text, spans, rest = "", [], template
+    while "{" in rest:
+        before, _, after = rest.partition("{")
+        slot, _, rest = after.partition("}")
+        text += before
+        value = values.fill(slot)
+        if value is None:
+            return None
+        start, end = 0, len(value)
+        if slot.startswith("url_"):  # the credentials or token inside the URL, marked [...] by `fill`
+            start, end = value.index("["), value.index("]") - 1
+            value = value.replace("[", "", 1).replace("]", "", 1)
+        if slot in PII_SLOTS:
+            spans.append({"type": PII_SLOTS[slot], "start": len(text) + start, "end": len(text) + end,
+                          "value": value[start:end]})
+        text += value
+    return text + rest, spans
+
+
+def build(per_locale: int = 90, seed: int = 16) -> list[dict[str, Any]]:
+    """`per_locale` rows for each locale, templates drawn in turn so each is used about equally."""
+    rows: list[dict[str, Any]] = []
+    for i, locale in enumerate(LOCALES):
+        values = Values(locale, seed * 100 + i)
+        lang, region = LOCALES[locale]
+        templates = TEMPLATES[lang]
+        n = 0
+        while n < per_locale:
+            kind, template = templates[n % len(templates)]
+            rendered = render(template, values)
+            if rendered is None:
+                templates = [t for t in templates if t[1] != template]
+                continue
+            text, spans = rendered
+            rows.append({"id": f"{locale}-{n:03d}", "locale": locale, "region": region, "kind": kind, "text": text,
+                         "spans": spans})
+            n += 1
     return rows
 
 
 def main() -> None:
+    import faker
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "pii_eval.jsonl"))
-    ap.add_argument("-n", type=int, default=360)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("-n", type=int, default=90, help="rows per locale")
+    ap.add_argument("--seed", type=int, default=16)
     a = ap.parse_args()
     rows = build(a.n, a.seed)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    counts = Counter(s["type"] for r in rows for s in r["spans"])  # type: ignore[index, union-attr]
-    print(f"wrote {len(rows)} snippets to {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    (out.with_suffix(".faker-version")).write_text(faker.VERSION + "\n", encoding="utf-8")
+    counts = Counter(s["type"] for r in rows for s in r["spans"])
+    print(f"wrote {len(rows)} rows to {out} (faker {faker.VERSION}): " + ", ".join(f"{t} {n}" for t, n in
+                                                                                   sorted(counts.items())))
 
 
 if __name__ == "__main__":
