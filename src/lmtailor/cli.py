@@ -213,7 +213,7 @@ def _prompt_verbs(sub: argparse._SubParsersAction) -> None:
 
 
 def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
-    """privacy scan|scrub|plant|canary."""
+    """privacy scan|scrub|plant|canary|encrypt|decrypt|keygen."""
     pv = sub.add_parser("privacy", help="find and scrub personal data; check a run for memorized canaries")
     psub = pv.add_subparsers(dest="action", required=True)
     ps = psub.add_parser("scan", help="count PII by type, field and line; changes nothing")
@@ -238,6 +238,23 @@ def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
     pc.add_argument("run")
     pc.add_argument("--canaries", required=True, help="the .canaries.yaml file `privacy plant` wrote")
     pc.add_argument("--candidates", type=int, default=1000, help="random secrets each canary is ranked against")
+    for verb, what in (("encrypt", "encrypt a file, or a folder into one file (AES-256-GCM, chunked)"),
+                       ("decrypt", "decrypt a file `privacy encrypt` wrote (a sealed folder becomes a folder)")):
+        pe = psub.add_parser(verb, help=what)
+        pe.add_argument("path")
+        pe.add_argument("--out", required=True, help="output path; on a wrong key or a damaged byte nothing is written")
+        _key_args(pe)
+    pk = psub.add_parser("keygen", help="write a fresh random 256-bit key file, readable by its owner only")
+    pk.add_argument("--out", required=True, help="key file to create (an existing file is never replaced)")
+
+
+def _key_args(p: argparse.ArgumentParser) -> None:
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--key-env", default=None, metavar="VAR",
+                      help="environment variable holding a 32-byte key, base64 or hex (default LMTAILOR_DATA_KEY)")
+    keys.add_argument("--key-file", default=None, metavar="FILE", help="key file (see `privacy keygen`)")
+    keys.add_argument("--passphrase-env", default=None, metavar="VAR",
+                      help="environment variable holding a passphrase (stretched with scrypt)")
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -360,9 +377,16 @@ def _compare(a: argparse.Namespace) -> None:
 
 
 def _privacy(a: argparse.Namespace) -> None:
+    from lmtailor import crypto
     from lmtailor.privacy import canary, scrub
 
-    if a.action == "scan":
+    if a.action in ("encrypt", "decrypt"):
+        keys = crypto.KeySource(key_env=None if a.key_file or a.passphrase_env else a.key_env or crypto.DEFAULT_KEY_ENV,
+                                key_file=a.key_file, passphrase_env=a.passphrase_env)
+        print((crypto.encrypt_path if a.action == "encrypt" else crypto.decrypt_path)(a.path, a.out, keys))
+    elif a.action == "keygen":
+        print(crypto.keygen(a.out))
+    elif a.action == "scan":
         print(scrub.cli_scan(a.file, as_json=a.json, ner=a.ner))
     elif a.action == "scrub":
         print(scrub.cli_scrub(a.file, a.out, a.mode, a.salt_env, a.ner, a.audit))

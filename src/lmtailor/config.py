@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lmtailor.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from lmtailor.crypto import KeySource
+
 
 class Strict(BaseModel):
     """Unknown keys are an error (the message lists the allowed ones)."""
@@ -62,6 +65,17 @@ class PrivacySettings(Strict):
     )
     salt_env: str = Field("LMTAILOR_PRIVACY_SALT", description="environment variable holding the pseudonym salt")
     ner: bool = Field(False, description="also scrub names and places (needs presidio-analyzer or spaCy + a model)")
+    key_env: str = Field("LMTAILOR_DATA_KEY", description="environment variable holding the 32-byte key (base64 "
+                         "or hex) that opens encrypted data files (`lmtailor privacy encrypt`) and seals outputs")
+    key_file: str | None = Field(None, description="key file to use instead of key_env (`lmtailor privacy keygen`)")
+    passphrase_env: str | None = Field(None, description="environment variable holding a passphrase to use "
+                                       "instead of key_env (stretched with scrypt for each file)")
+
+    def key_source(self) -> KeySource:
+        """The key source these settings name (crypto is imported only when a key is needed)."""
+        from lmtailor.crypto import KeySource
+
+        return KeySource(key_env=self.key_env, key_file=self.key_file, passphrase_env=self.passphrase_env)
 
 
 # CPU decoding speed-ups (`--speedup` of generate, chat and serve; see lmtailor.fastdecode.speed_up).

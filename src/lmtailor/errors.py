@@ -42,3 +42,7 @@ class OfflineError(ModelError):
 
 class CheckpointError(LmtailorError):
     """A run folder or checkpoint is missing, incomplete or unsafe to load."""
+
+
+class EncryptionError(LmtailorError):
+    """An encrypted file cannot be opened or written: no key, the wrong key, a damaged or tampered byte."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lmtailor import crypto
 from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainable
 from lmtailor.config import RunConfig, dump_config
 from lmtailor.errors import CheckpointError, ConfigError
@@ -35,6 +36,8 @@ def train(cfg: RunConfig, progress: bool = True,
           on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one recipe end to end and return its summary (also written to `<run>/metrics.json`).
 
+    Encrypted data files are read with the key the recipe's `privacy` section names, in memory.
+
     Args:
         cfg: the recipe.
         progress: show progress bars.
@@ -42,6 +45,11 @@ def train(cfg: RunConfig, progress: bool = True,
             val_loss and, when cfg.metric_for_best names a task metric, every val_<metric>. An exception it
             raises (e.g. optuna.TrialPruned) ends the run there and propagates.
     """
+    with crypto.use_keys(cfg.privacy.key_source()):
+        return _train(cfg, progress, on_eval)
+
+
+def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -236,6 +244,11 @@ def measure_recipe(cfg: RunConfig, probe_steps: int = 5, max_seconds: float | No
     writing anything (probing at most about `max_seconds` after its first 2 steps): `step_s` (forward and
     backward), `eval_s` (one validation pass, forward only),
     `per_epoch` and `planned` steps, the values chosen from the data, and the item counts. One process."""
+    with crypto.use_keys(cfg.privacy.key_source()):
+        return _measure_recipe(cfg, probe_steps, max_seconds)
+
+
+def _measure_recipe(cfg: RunConfig, probe_steps: int, max_seconds: float | None) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -264,6 +277,11 @@ def measure_recipe(cfg: RunConfig, probe_steps: int = 5, max_seconds: float | No
 def check_recipe(cfg: RunConfig) -> str:
     """Validate a recipe without training: objective, settings, tokenizer and template, and every record through
     the same data assembly `train` runs (prompt-task rendering and PII scrubbing included)."""
+    with crypto.use_keys(cfg.privacy.key_source()):
+        return _check_recipe(cfg)
+
+
+def _check_recipe(cfg: RunConfig) -> str:
     objective = get_objective(cfg)
     ctx = objective.context(cfg)
     data: RunData = build_run_data(objective, ctx, write_audit=False)

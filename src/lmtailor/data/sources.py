@@ -5,6 +5,11 @@ yielded with `problem` set instead of raising, so the validator can report every
 Problems with a whole file (missing, empty, not UTF-8) raise `DataError` when the reader reaches them.
 JSON Lines, CSV/TSV and Parquet files are read record by record, so a file may be larger than memory;
 a .json file is parsed whole and a text file is one record.
+
+An encrypted file (`lmtailor privacy encrypt`, found by its magic bytes) is read the same way, decrypted on the
+fly in memory with the key of `crypto.active_keys()`; its plaintext never touches the disk. Its format is that
+of its inner name: `train.jsonl.enc` is JSON Lines. (An encrypted Parquet file is decrypted whole into memory,
+because Parquet is read from the end.)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lmtailor import crypto
 from lmtailor.errors import DataError
 
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
@@ -30,7 +36,7 @@ TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 SUPPORTED_SUFFIXES = JSONL_SUFFIXES | TEXT_SUFFIXES | {".json", ".csv", ".tsv", ".parquet"}
 # Suffixes that mean "this was meant as a file", even though we cannot read them.
 _FILE_LIKE_SUFFIXES = SUPPORTED_SUFFIXES | {".gz", ".zip", ".bz2", ".xz", ".zst", ".tar", ".xlsx", ".xls",
-                                            ".xml", ".yaml", ".yml", ".arrow", ".html", ".pdf"}
+                                            ".xml", ".yaml", ".yml", ".arrow", ".html", ".pdf", crypto.SUFFIX}
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _BOM = b"\xef\xbb\xbf"
@@ -107,7 +113,7 @@ def _folder_files(root: Path) -> list[Path]:
         rel = p.relative_to(root).parts
         if any(part.startswith(".") for part in rel) or not p.is_file():
             continue
-        if p.suffix.lower() in SUPPORTED_SUFFIXES:
+        if _suffix(p) in SUPPORTED_SUFFIXES:
             files.append(p)
     return sorted(files)
 
@@ -130,8 +136,13 @@ def _not_found(path: str, local: Path) -> DataError:
     return DataError(f"{path}: file not found", hint=hint)
 
 
+def _suffix(file: Path) -> str:
+    """The suffix that names the format: that of the inner name for an encrypted `x.jsonl.enc`."""
+    return Path(crypto.inner_name(file)).suffix.lower()
+
+
 def _read_file(file: Path) -> Iterator[Record]:
-    suffix = file.suffix.lower()
+    suffix = _suffix(file)
     if suffix == ".parquet":
         yield from _read_parquet(file)
         return
@@ -158,7 +169,7 @@ def _lines(file: Path) -> Iterator[tuple[int, str]]:
         DataError: the file cannot be read, or a line is not UTF-8 (its byte offset counts the BOM).
     """
     try:
-        f = open(file, "rb")  # noqa: SIM115 - closed by the with below; open errors need their own message
+        f = crypto.open_bytes(file)  # closed by the with below; open errors need their own message
     except OSError as e:
         raise DataError(f"{file}: cannot be read ({e.strerror or e})") from None
     offset = 0
@@ -199,7 +210,7 @@ def _read_jsonl_file(file: Path) -> Iterator[Record]:
 def _read_text(file: Path) -> str:
     """The file as text: UTF-8, a leading BOM dropped; DataError if empty or not UTF-8."""
     try:
-        raw = file.read_bytes()
+        raw = crypto.read_bytes(file)
     except OSError as e:
         raise DataError(f"{file}: cannot be read ({e.strerror or e})") from None
     skip = len(_BOM) if raw.startswith(_BOM) else 0
@@ -354,7 +365,7 @@ def _find_key_value(text: str, key: str) -> int:
 def _read_csv_file(file: Path, delimiter: str) -> Iterator[Record]:
     """Records of a CSV/TSV file, read row by row."""
     try:
-        f = open(file, encoding="utf-8-sig", newline="")  # noqa: SIM115 - closed by the with below
+        f = crypto.open_text(file, encoding="utf-8-sig", newline="")  # closed by the with below
     except OSError as e:
         raise DataError(f"{file}: cannot be read ({e.strerror or e})") from None
     with f:
@@ -406,7 +417,7 @@ def _read_parquet(file: Path) -> Iterator[Record]:
     except ImportError:
         raise DataError(f"{file}: reading Parquet files needs pyarrow", hint="pip install pyarrow") from None
     try:
-        pf = pq.ParquetFile(file)
+        pf = pq.ParquetFile(io.BytesIO(crypto.read_bytes(file)) if crypto.is_encrypted(file) else file)
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{file}: not a valid Parquet file ({e})") from None
     if pf.metadata.num_rows == 0:

@@ -1,0 +1,177 @@
+"""Encryption at rest: the envelope round-trips and refuses wrong keys and tampering, readers open encrypted
+data in memory, and a run on encrypted data writes no plaintext of it anywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from lmtailor import crypto
+from lmtailor.cli import main
+from lmtailor.errors import EncryptionError
+
+MARKER = "ZQX-planted-7f3a9c-marker"
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch) -> crypto.Key:
+    """A fresh key, also in $LMTAILOR_DATA_KEY (the default source of readers and the CLI)."""
+    text = crypto.new_key_text()
+    monkeypatch.setenv(crypto.DEFAULT_KEY_ENV, text)
+    return crypto.parse_key(text.encode(), "test key")
+
+
+def _other_key() -> crypto.Key:
+    return crypto.parse_key(crypto.new_key_text().encode(), "other key")
+
+
+# ---- the envelope --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [0, 1, 1000, crypto.CHUNK, crypto.CHUNK + 1, 3 * crypto.CHUNK + 17])
+def test_round_trip_small_and_multi_chunk(tmp_path: Path, key: crypto.Key, size: int) -> None:
+    data = os.urandom(size)
+    (tmp_path / "a.bin").write_bytes(data)
+    crypto.encrypt_file(tmp_path / "a.bin", tmp_path / "a.bin.enc", key)
+    sealed = (tmp_path / "a.bin.enc").read_bytes()
+    chunks = max(1, -(-size // crypto.CHUNK))
+    assert len(sealed) == crypto.HEADER.size + size + chunks * crypto.TAG
+    assert crypto.is_encrypted(tmp_path / "a.bin.enc") and not crypto.is_encrypted(tmp_path / "a.bin")
+    assert crypto.read_bytes(tmp_path / "a.bin.enc", key) == data
+    crypto.decrypt_file(tmp_path / "a.bin.enc", tmp_path / "b.bin", key)
+    assert (tmp_path / "b.bin").read_bytes() == data
+
+
+def test_passphrase_key_file_and_env_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a.txt").write_text("hello")
+    monkeypatch.setenv("PASS", "correct horse battery staple")
+    by_pass = crypto.KeySource(key_env=None, passphrase_env="PASS")
+    crypto.encrypt_file(tmp_path / "a.txt", tmp_path / "p.enc", by_pass, scrypt_log_n=10)
+    assert crypto.read_bytes(tmp_path / "p.enc", by_pass) == b"hello"
+    monkeypatch.setenv("PASS", "wrong horse")
+    with pytest.raises(EncryptionError, match="wrong key"):
+        crypto.read_bytes(tmp_path / "p.enc", by_pass)
+
+    assert "0600" in crypto.keygen(tmp_path / "k")
+    assert (tmp_path / "k").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(EncryptionError, match="already exists"):
+        crypto.keygen(tmp_path / "k")
+    by_file = crypto.KeySource(key_env=None, key_file=str(tmp_path / "k"))
+    crypto.encrypt_file(tmp_path / "a.txt", tmp_path / "f.enc", by_file)
+    # the same key as hex in a variable opens it: base64 and hex are two spellings of one key
+    monkeypatch.setenv("HEXKEY", by_file.load().secret.hex())
+    assert crypto.read_bytes(tmp_path / "f.enc", crypto.KeySource(key_env="HEXKEY")) == b"hello"
+    with pytest.raises(EncryptionError, match="was encrypted with a 32-byte key"):
+        crypto.read_bytes(tmp_path / "f.enc", by_pass)
+    monkeypatch.setenv("BAD", "too short")
+    with pytest.raises(EncryptionError, match=r"\$BAD is not a 32-byte key"):
+        crypto.KeySource(key_env="BAD").load()
+    with pytest.raises(EncryptionError, match=r"no key: \$UNSET_VAR is not set"):
+        crypto.KeySource(key_env="UNSET_VAR").load()
+
+
+def _sealed(tmp_path: Path, key: crypto.Key, size: int = 3 * crypto.CHUNK + 100) -> tuple[Path, bytearray]:
+    (tmp_path / "a.bin").write_bytes(os.urandom(size))
+    crypto.encrypt_file(tmp_path / "a.bin", tmp_path / "a.enc", key)
+    return tmp_path / "a.enc", bytearray((tmp_path / "a.enc").read_bytes())
+
+
+def _damaged(tmp_path: Path, key: crypto.Key) -> list[tuple[str, bytes]]:
+    """(what, bytes) of damaged copies of one sealed file: flipped bits, cuts, swapped and dropped chunks."""
+    _, raw = _sealed(tmp_path, key)
+    h, c = crypto.HEADER.size, crypto.CHUNK + crypto.TAG
+    cases = []
+    for pos in (6, 12, 20, 40, 50, h, h + 5, h + c + 7, len(raw) - 1):
+        flipped = bytearray(raw)
+        flipped[pos] ^= 0x01
+        cases.append((f"bit at {pos}", bytes(flipped)))
+    cases += [("cut at a chunk boundary", bytes(raw[:h + c])), ("cut mid chunk", bytes(raw[:-5])),
+              ("header only", bytes(raw[:h])), ("half a header", bytes(raw[:30])),
+              ("chunks swapped", bytes(raw[:h] + raw[h + c:h + 2 * c] + raw[h:h + c] + raw[h + 2 * c:])),
+              ("chunk dropped", bytes(raw[:h] + raw[h + c:])), ("bytes appended", bytes(raw + b"x" * 20)),
+              ("version", bytes(raw[:6] + struct.pack("B", 9) + raw[7:]))]
+    return cases
+
+
+def test_wrong_key_and_every_kind_of_damage_raise_and_write_nothing(tmp_path: Path, key: crypto.Key) -> None:
+    src, _ = _sealed(tmp_path, key)
+    out = tmp_path / "out.bin"
+    with pytest.raises(EncryptionError, match="wrong key") as err:
+        crypto.decrypt_file(src, out, _other_key())
+    assert "\n" not in str(err.value)
+    for what, blob in _damaged(tmp_path, key):
+        bad = tmp_path / "bad.enc"
+        bad.write_bytes(blob)
+        with pytest.raises(EncryptionError) as err:
+            crypto.decrypt_file(bad, out, key)
+        assert "\n" not in str(err.value), what
+        with pytest.raises(EncryptionError):
+            crypto.read_bytes(bad, key)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.enc", "bad.enc"]  # no temp file left
+
+
+def test_cli_encrypt_decrypt_keygen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["privacy", "keygen", "--out", str(tmp_path / "k")]) == 0
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": MARKER}) + "\n")
+    kf = ["--key-file", str(tmp_path / "k")]
+    assert main(["privacy", "encrypt", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "d.jsonl.enc"), *kf]) == 0
+    assert MARKER.encode() not in (tmp_path / "d.jsonl.enc").read_bytes()
+    assert main(["privacy", "decrypt", str(tmp_path / "d.jsonl.enc"), "--out", str(tmp_path / "back.jsonl"),
+                 *kf]) == 0
+    assert (tmp_path / "back.jsonl").read_text() == (tmp_path / "d.jsonl").read_text()
+    # a wrong key: one line, exit 2, nothing written
+    monkeypatch.setenv("OTHER", crypto.new_key_text())
+    capsys.readouterr()
+    assert main(["privacy", "decrypt", str(tmp_path / "d.jsonl.enc"), "--out", str(tmp_path / "x.jsonl"),
+                 "--key-env", "OTHER"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "x.jsonl").exists()
+    # a folder: every file encrypted in place of the same name, and back
+    (tmp_path / "m" / "sub").mkdir(parents=True)
+    (tmp_path / "m" / "sub" / "w.bin").write_bytes(os.urandom(70000))
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert main(["privacy", "encrypt", str(tmp_path / "m"), "--out", str(tmp_path / "m.sealed"), *kf]) == 0
+    assert crypto.is_encrypted(tmp_path / "m.sealed" / "sub" / "w.bin")
+    assert main(["privacy", "decrypt", str(tmp_path / "m.sealed"), "--out", str(tmp_path / "m2"), *kf]) == 0
+    assert (tmp_path / "m2" / "sub" / "w.bin").read_bytes() == (tmp_path / "m" / "sub" / "w.bin").read_bytes()
+
+
+# ---- readers --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,body", [
+    ("d.jsonl", "".join(json.dumps({"instruction": f"q{i} {MARKER}", "output": "a"}) + "\n" for i in range(5))),
+    ("d.json", json.dumps([{"instruction": f"q{i} {MARKER}", "output": "a"} for i in range(5)])),
+    ("d.csv", "instruction,output\n" + "".join(f"q{i} {MARKER},a\n" for i in range(5))),
+    ("d.txt", f"some text {MARKER}\n"),
+])
+def test_readers_open_encrypted_files_by_their_inner_name(tmp_path: Path, key: crypto.Key, name: str,
+                                                           body: str) -> None:
+    from lmtailor.data.sources import read_records
+    from lmtailor.data.validate import load_examples
+
+    (tmp_path / name).write_text(body)
+    crypto.encrypt_file(tmp_path / name, tmp_path / f"{name}.enc", key)
+    (tmp_path / name).unlink()
+    plain = [r.data for r in read_records(str(tmp_path / f"{name}.enc"))]
+    assert plain and MARKER in json.dumps(plain)
+    assert [r.data for r in read_records(str(tmp_path))] == plain  # found in a folder by its inner suffix
+    assert load_examples(str(tmp_path / f"{name}.enc"))
+
+
+def test_validate_reads_with_the_key_the_recipe_names(tiny_model: Path, pairs_file: Path, key: crypto.Key,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    enc = pairs_file.with_name("pairs.jsonl.enc")
+    crypto.encrypt_file(pairs_file, enc, key)
+    common = ["validate", f"base_model={tiny_model}", f"data.path={enc}", "data.val_size=2"]
+    monkeypatch.setenv("MY_KEY", os.environ[crypto.DEFAULT_KEY_ENV])
+    monkeypatch.delenv(crypto.DEFAULT_KEY_ENV)
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert "no key: $LMTAILOR_DATA_KEY is not set" in err and err.count("\n") == 1
+    assert main([*common, "privacy.key_env=MY_KEY"]) == 0
+    assert "10 records read" in capsys.readouterr().out
