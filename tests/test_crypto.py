@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -175,3 +176,87 @@ def test_validate_reads_with_the_key_the_recipe_names(tiny_model: Path, pairs_fi
     assert "no key: $LMTAILOR_DATA_KEY is not set" in err and err.count("\n") == 1
     assert main([*common, "privacy.key_env=MY_KEY"]) == 0
     assert "10 records read" in capsys.readouterr().out
+
+
+# ---- a run on encrypted data ----------------------------------------------------------------------------------------
+
+def _plaintext_hits(root: Path) -> list[str]:
+    """Files under `root` holding the marker in plaintext (UTF-8, or escaped as JSON writes non-ASCII)."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and MARKER.encode() in p.read_bytes()]
+
+
+def _staged() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("lmtailor-plain-*")} if shm.is_dir() else set()
+
+
+def test_run_on_encrypted_data_writes_no_plaintext_and_reloads_with_the_key(
+        tiny_model: Path, tmp_path: Path, key: crypto.Key, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import tempfile
+
+    from conftest import PAIRS
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("LMTAILOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # temporary files land where they are scanned
+    staged_before = _staged()
+    plain = tmp_path / "d.jsonl"
+    plain.write_text("".join(json.dumps({"instruction": f"{q} {i} {MARKER}", "output": f"{a} {MARKER}"}) + "\n"
+                             for i in range(3) for q, a in PAIRS))
+    enc = tmp_path / "d.jsonl.enc"
+    crypto.encrypt_file(plain, enc, key)
+    plain.unlink()
+    run = tmp_path / "run"
+    common = ["train", f"base_model={tiny_model}", f"data.path={enc}", f"output_dir={run}", "max_steps=4",
+              "save_every=2", "keep_checkpoints=2", "batch_size=4", "micro_batch_size=2", "lr=5e-3",
+              "data.val_size=3", "eval.generate_examples=2", "generation.max_new_tokens=4", "--no-progress"]
+    assert main(common) == 0  # encrypt_outputs unset: on, because the data is encrypted
+    assert _plaintext_hits(tmp_path) == []
+    model_files = [p for p in (run / "model").iterdir()]
+    assert model_files and all(crypto.is_encrypted(p) for p in model_files)
+    ckpt = run / "checkpoints" / "step-000002"
+    assert all(crypto.is_encrypted(p) for p in ckpt.iterdir())
+    assert crypto.is_encrypted(run / "metrics.json.enc") and not (run / "metrics.json").exists()
+    assert MARKER in crypto.read_bytes(run / "metrics.json.enc").decode()  # the samples are there, sealed
+
+    # resume from the sealed checkpoint of step 2 (the last step writes the model, not a checkpoint)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+    capsys.readouterr()
+    assert main([*common, "resume=true"]) == 0
+    assert "at step 2" in capsys.readouterr().out
+
+    # eval and generate read the sealed model with the key; eval's metrics file is sealed too
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--data", str(enc), "--generate", "2", "--out", str(out)]) == 0
+    assert crypto.is_encrypted(out) and "loss" in json.loads(crypto.read_bytes(out))
+    assert main(["generate", str(run), "list files", "--max-new-tokens", "3"]) == 0
+    # serve: two sealed adapter runs on one base (the second goes through add_adapter_to); export merges one
+    from lmtailor.serve.models import load_models
+
+    shutil.copytree(run, tmp_path / "run2")
+    assert {"run", "run2"} <= set(load_models([str(run), str(tmp_path / "run2")]))
+    assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+    assert _plaintext_hits(tmp_path) == []
+    assert _staged() == staged_before  # nothing decrypted is left in RAM-backed staging either
+
+    # the model folder decrypts back to an ordinary HF adapter folder
+    assert main(["privacy", "decrypt", str(run / "model"), "--out", str(tmp_path / "plain-model")]) == 0
+    assert json.loads((tmp_path / "plain-model" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    # without the key: one line, exit 2
+    monkeypatch.delenv(crypto.DEFAULT_KEY_ENV)
+    capsys.readouterr()
+    assert main(["generate", str(run), "list files", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "no key" in err and err.count("\n") == 1
+
+
+def test_sealed_run_refuses_a_plaintext_token_cache(tiny_model: Path, pairs_file: Path, key: crypto.Key,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", f"base_model={tiny_model}", f"data.path={pairs_file}", "encrypt_outputs=true",
+                 "pretrain.cache=true", f"output_dir={tmp_path / 'r'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain.cache would write the tokenized data unencrypted" in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()

@@ -6,7 +6,8 @@ A checkpoint folder `checkpoints/step-000120/` holds:
   scheduler.json           LR scheduler state
   rng.safetensors          torch RNG state of each process; rng.json Python and NumPy RNG states
   trainer.json             step, best metric, patience counter, log history
-The folder appears by one rename, so a crash leaves either a complete checkpoint or none.
+The folder appears by one rename, so a crash leaves either a complete checkpoint or none. In a run with
+`encrypt_outputs` each file is encrypted (lmtailor.crypto) under the same name; loading reads either kind.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 from torch import nn
 
+from lmtailor import crypto
 from lmtailor.errors import CheckpointError
 from lmtailor.io import atomic_dir
 
@@ -89,16 +91,22 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
                     rng_states: list[dict[str, Any]], trainer: dict[str, Any]) -> None:
     """Write one checkpoint folder atomically (call on the main process)."""
     opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
+    key = crypto.sealing_key()
+
+    def put(name: str, data: bytes) -> None:
+        # Serialized in memory and sealed before it reaches the disk: no plaintext weights at rest.
+        (tmp / name).write_bytes(data if key is None else crypto.seal_bytes(data, key))
+
     with atomic_dir(folder) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(opt_rest))
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        save_file({f"{r}.{k}": v for r, s in enumerate(rng_states) for k, v in s.items() if torch.is_tensor(v)},
-                  str(tmp / "rng.safetensors"))
-        (tmp / "rng.json").write_text(json.dumps(
-            [{k: _jsonable(v) for k, v in s.items() if not torch.is_tensor(v)} for s in rng_states]))
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+        put("trainable.safetensors", save(trainable_state(model)))
+        put("optimizer.safetensors", save(opt_tensors))
+        put("optimizer.json", json.dumps(opt_rest).encode())
+        put("scheduler.json", json.dumps(scheduler.state_dict()).encode())
+        put("rng.safetensors", save({f"{r}.{k}": v for r, s in enumerate(rng_states) for k, v in s.items()
+                                     if torch.is_tensor(v)}))
+        put("rng.json", json.dumps([{k: _jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
+                                    for s in rng_states]).encode())
+        put("trainer.json", json.dumps(trainer, indent=1).encode())
 
 
 def _jsonable(v: Any) -> Any:
@@ -115,15 +123,21 @@ def _jsonable(v: Any) -> Any:
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     rank: int = 0) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this process's RNG; returns the trainer state."""
+    """Restore model, optimizer, scheduler and this process's RNG; returns the trainer state.
+
+    Encrypted files are decrypted in memory with the active key (lmtailor.crypto.use_keys).
+    """
+    def get(name: str) -> bytes:
+        return crypto.read_bytes(folder / name)
+
     try:
-        load_trainable(model, load_file(str(folder / "trainable.safetensors")))
-        optimizer.load_state_dict(_join_optimizer(load_file(str(folder / "optimizer.safetensors")),
-                                                  json.loads((folder / "optimizer.json").read_text())))
-        scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
-        rng_t = load_file(str(folder / "rng.safetensors"))
-        rng_j = json.loads((folder / "rng.json").read_text())
-        trainer = json.loads((folder / "trainer.json").read_text())
+        load_trainable(model, load(get("trainable.safetensors")))
+        optimizer.load_state_dict(_join_optimizer(load(get("optimizer.safetensors")),
+                                                  json.loads(get("optimizer.json"))))
+        scheduler.load_state_dict(json.loads(get("scheduler.json")))
+        rng_t = load(get("rng.safetensors"))
+        rng_j = json.loads(get("rng.json"))
+        trainer = json.loads(get("trainer.json"))
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint {folder} cannot be read: {e}",
                               "delete it to resume from the one before") from e

@@ -65,6 +65,10 @@ class PrivacySettings(Strict):
     )
     salt_env: str = Field("LMTAILOR_PRIVACY_SALT", description="environment variable holding the pseudonym salt")
     ner: bool = Field(False, description="also scrub names and places (needs presidio-analyzer or spaCy + a model)")
+    phone_region: str = Field("US", description="region(s) whose national phone formats count, ISO 3166 codes "
+                              "separated by commas (\"DE,FR\"); numbers written with +country are found anyway")
+    documentation_emails: bool = Field(True, description="count e-mail addresses at documentation domains "
+                                       "(example.com, .test, .invalid, ...) as PII")
     key_env: str = Field("LMTAILOR_DATA_KEY", description="environment variable holding the 32-byte key (base64 "
                          "or hex) that opens encrypted data files (`lmtailor privacy encrypt`) and seals outputs")
     key_file: str | None = Field(None, description="key file to use instead of key_env (`lmtailor privacy keygen`)")
@@ -238,6 +242,10 @@ class RunConfig(Strict):
     early_stopping_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement")
     resume: bool = Field(False, description="continue from the newest complete checkpoint of the run folder")
     overwrite: bool = Field(False, description="replace a finished run in the same run folder")
+    encrypt_outputs: bool | None = Field(None, description="write the run's model, checkpoints, reports and "
+                                         "metrics encrypted with the key of privacy.key_env / key_file / "
+                                         "passphrase_env; resume, eval, generate, serve and export read them with "
+                                         "it. Unset: on when a data file is encrypted")
 
     eval: EvalSettings = Field(default_factory=EvalSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)

@@ -433,6 +433,15 @@ def _require_envelope(src: Path) -> None:
         raise EncryptionError(f"{src}: not an lmtailor encrypted file", "it is already plain; nothing to decrypt")
 
 
+def seal_bytes(data: bytes, key: Key | KeySource | None = None) -> bytes:
+    """The envelope of `data`, in memory (for small files written by a library into a buffer)."""
+    buf = io.BytesIO()
+    sealer = _Sealer(buf, _resolve(key))
+    sealer.write(data)
+    sealer.close()
+    return buf.getvalue()
+
+
 def write_bytes(path: str | Path, data: bytes, key: Key | KeySource | None = None) -> Path:
     """Encrypt `data` (already in memory) into `path`, atomically."""
     secret = _resolve(key)

@@ -3,9 +3,11 @@ trained with (loss and generation metrics, task metrics, or perplexity of raw te
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from lmtailor import crypto
 from lmtailor.config import GenerationSettings, RunConfig, build_config
 from lmtailor.errors import CheckpointError, ConfigError
 from lmtailor.io import atomic_write_bytes, atomic_write_json
@@ -67,8 +69,9 @@ def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40
     if run.kind == "seq-cls":  # the label set is the trained head's
         config = unwrap_peft(model).config
         ctx.labels = [config.id2label[i] for i in range(config.num_labels)]
-    examples = load_examples(data, "labeled" if fmt == "auto" and run.kind == "seq-cls" else fmt,
-                             system_prompt=run.system_prompt)
+    with crypto.use_keys(run.keys):
+        examples = load_examples(data, "labeled" if fmt == "auto" and run.kind == "seq-cls" else fmt,
+                                 system_prompt=run.system_prompt)
     items, _ = objective.prepare(ctx, examples)
     result = objective.evaluate(ctx, model, items, examples, progress=False, desc="eval")
     metrics = {**result.metrics, "model": target, "data": data, "examples": result.metrics.get("examples",
@@ -77,8 +80,20 @@ def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40
     for name, png in result.artifacts.items():
         atomic_write_bytes(folder / f"{name}_eval.png", png)
     if out:
-        atomic_write_json(out, metrics)
+        _write_metrics(out, metrics, run, data)
     return metrics
+
+
+def _write_metrics(out: str, metrics: dict[str, Any], run: Run, data: str) -> None:
+    """The metrics JSON; encrypted when the run's model or the data is (its samples quote the data)."""
+    from lmtailor.data.sources import local_files
+
+    files = [] if data.startswith("catalog:") else local_files(data) or []
+    if (run.model_dir is not None and crypto.has_encrypted_files(run.model_dir)) or any(
+            crypto.is_encrypted(f) for f in files):
+        crypto.write_bytes(out, (json.dumps(metrics, indent=2, ensure_ascii=False) + "\n").encode(), run.keys)
+    else:
+        atomic_write_json(out, metrics)
 
 
 def evaluate_perplexity(run: Run, data: str, context: int = 512, stride: int | None = None, fmt: str = "auto",
@@ -94,7 +109,8 @@ def evaluate_perplexity(run: Run, data: str, context: int = 512, stride: int | N
     from lmtailor.objectives.causal import sliding_window_perplexity
     from lmtailor.objectives.mlm import pseudo_perplexity
 
-    examples = load_examples(data, fmt)
+    with crypto.use_keys(run.keys):
+        examples = load_examples(data, fmt)
     texts = [ex.text if ex.text is not None else "\n".join(m["content"] for m in ex.messages or [])
              for ex in examples]
     metrics: dict[str, Any] = {"model": run.target, "data": data, "examples": len(examples)}

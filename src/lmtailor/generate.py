@@ -255,15 +255,18 @@ def retrieval_for(config: dict[str, Any]) -> RunRetrieval | None:
     if not (config.get("data") or {}).get("retrieved_examples"):
         return None
     from lmtailor.config import build_config
+    from lmtailor.crypto import use_keys
     from lmtailor.data.retrieve import Retriever
     from lmtailor.data.validate import load_datasets
 
     cfg = build_config(config, "the run's config.yaml")
-    train, _, _ = load_datasets(cfg.data)
+    with use_keys(cfg.privacy.key_source()):  # the training data may be encrypted
+        train, _, _ = load_datasets(cfg.data)
     if cfg.privacy.scrub:
-        from lmtailor.privacy.scrub import scrub_for_run
+        from lmtailor.privacy.scrub import scan_options, scrub_for_run
 
-        train, _, _ = scrub_for_run(train, [], cfg.privacy.mode, cfg.privacy.salt_env, cfg.privacy.ner)
+        train, _, _ = scrub_for_run(train, [], cfg.privacy.mode, cfg.privacy.salt_env, cfg.privacy.ner,
+                                    options=scan_options(cfg.privacy))
     return RunRetrieval(Retriever([ex for ex in train if ex.messages is not None]), cfg.data.retrieved_examples)
 
 

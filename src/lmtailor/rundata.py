@@ -83,10 +83,11 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
             train_ex, val_ex, test_ex = (chat_examples(task, make_items(ex, task), cfg.data.prompt_template)
                                          for ex in (train_ex, val_ex, test_ex))
         if cfg.privacy.scrub:
-            from lmtailor.privacy.scrub import scrub_for_run
+            from lmtailor.privacy.scrub import scan_options, scrub_for_run
 
             train_ex, held_ex, audit = scrub_for_run(train_ex, val_ex + test_ex, cfg.privacy.mode,
-                                                     cfg.privacy.salt_env, cfg.privacy.ner, run_dir)
+                                                     cfg.privacy.salt_env, cfg.privacy.ner, run_dir,
+                                                     scan_options(cfg.privacy))
             val_ex, test_ex = held_ex[:len(val_ex)], held_ex[len(val_ex):]
             stats["pii_replaced"] = audit["total"]
         if cfg.data.retrieved_examples:  # after scrubbing: retrieved answers are scrubbed like the rest
@@ -118,8 +119,10 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
 
 
 def _streamed(objective: Objective, ctx: ObjectiveContext, run_dir: Any) -> RunData:
+    import json
     from pathlib import Path
 
+    from lmtailor import crypto
     from lmtailor.io import atomic_write_json
     from lmtailor.objectives.common import check_context
     from lmtailor.pretrain.corpus import cached_corpus
@@ -131,5 +134,9 @@ def _streamed(objective: Objective, ctx: ObjectiveContext, run_dir: Any) -> RunD
     check_context(ctx.cfg)
     corpus = cached_corpus(ctx.cfg, ctx.tokenizer)
     if corpus.audit and run_dir is not None:
-        atomic_write_json(Path(run_dir) / "privacy_audit.json", corpus.audit)
+        key = crypto.sealing_key()
+        if key is None:
+            atomic_write_json(Path(run_dir) / "privacy_audit.json", corpus.audit)
+        else:  # the audit quotes masked values: sealed with the run's other outputs
+            crypto.write_bytes(Path(run_dir) / "privacy_audit.json.enc", json.dumps(corpus.audit).encode(), key)
     return RunData(corpus.train, corpus.val, corpus.val_examples, corpus.stats, corpus.audit)

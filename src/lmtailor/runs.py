@@ -3,6 +3,10 @@
     run = Run.open("runs/my-run")   # reads config.yaml, adapter_config.json and config.json once
     model, tok = run.load()         # weights through models.load_pretrained / load_adapter (safetensors only)
 
+A run trained with `encrypt_outputs` holds encrypted files under their usual names; `Run` reads them with the key
+its config's `privacy` section names (lmtailor.crypto), and `load` decrypts the model folder into RAM for the moment
+transformers reads it.
+
 What the model is (causal LM, sequence classifier, seq2seq, masked LM) is read from the files a run or model
 folder holds, never from the objective that trained it, so this module sits just above `models` and imports
 nothing from the stages above it (objectives, tasks, train, evaluate, generate, serve, export, cli).
@@ -10,14 +14,17 @@ nothing from the stages above it (objectives, tasks, train, evaluate, generate, 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lmtailor import crypto
 from lmtailor.errors import CheckpointError
 from lmtailor.models import (
     AUTO_CLASSES,
@@ -57,10 +64,17 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
+        loaded = json.loads(crypto.read_bytes(path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}", "restore the file, or retrain the run") from e
     return loaded if isinstance(loaded, dict) else {}
+
+
+def keys_of(config: dict[str, Any]) -> crypto.KeySource:
+    """The key source a run's config.yaml names (privacy.key_env / key_file / passphrase_env), else the default."""
+    privacy = config.get("privacy") or {}
+    return crypto.KeySource(key_env=privacy.get("key_env") or crypto.DEFAULT_KEY_ENV,
+                            key_file=privacy.get("key_file"), passphrase_env=privacy.get("passphrase_env"))
 
 
 def config_kind(cfg: dict[str, Any]) -> str:
@@ -145,6 +159,11 @@ class Run:
         else:
             raise CheckpointError(f"{text} is neither a run folder nor a model folder", OPEN_HINT)
         config = read_config(path)
+        with crypto.use_keys(keys_of(config)):
+            return cls._open_folder(text, path, folder, config)
+
+    @classmethod
+    def _open_folder(cls, text: str, path: Path, folder: Path, config: dict[str, Any]) -> Run:
         adapter_file = folder / "adapter_config.json"
         adapter = adapter_file.is_file()
         if adapter:
@@ -196,6 +215,11 @@ class Run:
             CheckpointError: pickle-only weights, or an adapter that does not fit its base.
             ModelError / OfflineError: the base model cannot be loaded.
         """
+        if self.model_dir is not None and crypto.has_encrypted_files(self.model_dir):
+            # transformers reads only files: decrypt into RAM, load, and let the plaintext go at once.
+            with self._plain_model_dir() as plain:
+                return replace(self, model_dir=plain).load(dtype, merge, trust_remote_code=trust_remote_code,
+                                                          allow_pickle=allow_pickle)
         guard = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
         if self.adapter:
             assert self.model_dir is not None
@@ -213,8 +237,31 @@ class Run:
         model.eval()
         return model, self.load_tokenizer(trust_remote_code)
 
+    def add_adapter_to(self, model: nn.Module, adapter_name: str, allow_pickle: bool = False) -> None:
+        """Put this run's adapter on an already loaded PeftModel under `adapter_name` (several runs, one base)."""
+        assert self.model_dir is not None and self.adapter
+        if crypto.has_encrypted_files(self.model_dir):
+            with self._plain_model_dir() as plain:
+                load_adapter(model, plain, adapter_name=adapter_name, allow_pickle=allow_pickle)
+        else:
+            load_adapter(model, self.model_dir, adapter_name=adapter_name, allow_pickle=allow_pickle)
+
+    @property
+    def keys(self) -> crypto.KeySource:
+        """Where the key of this run's encrypted files comes from (its config's privacy section)."""
+        return keys_of(self.config)
+
+    @contextlib.contextmanager
+    def _plain_model_dir(self) -> Iterator[Path]:
+        assert self.model_dir is not None
+        with crypto.plain_staging() as tmp:
+            yield crypto.decrypt_tree(self.model_dir, tmp / "model", self.keys)
+
     def load_tokenizer(self, trust_remote_code: bool = False) -> Any:
         """The run's own tokenizer when its folder holds one, else its base model's."""
+        if self.model_dir is not None and crypto.has_encrypted_files(self.model_dir):
+            with self._plain_model_dir() as plain:
+                return replace(self, model_dir=plain).load_tokenizer(trust_remote_code)
         own = self.model_dir is not None and any(
             (self.model_dir / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))
         source = str(self.model_dir) if own else self.base_model

@@ -45,8 +45,36 @@ def train(cfg: RunConfig, progress: bool = True,
             val_loss and, when cfg.metric_for_best names a task metric, every val_<metric>. An exception it
             raises (e.g. optuna.TrialPruned) ends the run there and propagates.
     """
-    with crypto.use_keys(cfg.privacy.key_source()):
+    keys = cfg.privacy.key_source()
+    with crypto.use_keys(keys), crypto.seal_outputs(_output_key(cfg, keys)):
         return _train(cfg, progress, on_eval)
+
+
+def _output_key(cfg: RunConfig, keys: crypto.KeySource) -> crypto.Key | None:
+    """The key the run's outputs are sealed with, or None: `encrypt_outputs`, which when unset follows the data
+    (a model trained on encrypted data can recite it, so it is sealed too)."""
+    sealed = cfg.encrypt_outputs
+    if sealed is None:
+        sealed = any(crypto.is_encrypted(f) for p in (cfg.data.path, cfg.data.val_path, cfg.data.test_path)
+                     for f in _local_files(p))
+    if not sealed:
+        return None
+    if cfg.pretrain.cache:
+        raise ConfigError("pretrain.cache would write the tokenized data unencrypted, and this run encrypts its "
+                          "outputs", "set pretrain.cache=false (or encrypt_outputs=false to write outputs plain)")
+    return keys.load()
+
+
+def _local_files(path: str | None) -> list[Path]:
+    from lmtailor.data.sources import local_files
+    from lmtailor.errors import DataError
+
+    if not path or path.startswith("catalog:"):
+        return []
+    try:
+        return local_files(path) or []
+    except DataError:  # a missing file: reading the data says so, with its own hint
+        return []
 
 
 def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
@@ -133,13 +161,13 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
         load_trainable(model, result.best_weights)
     summary: dict[str, Any] = {}
     if main:
-        save_model(model, ctx.tokenizer, run_dir / "model")
+        _save_model(model, ctx.tokenizer, run_dir / "model")
         after = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
                                    desc="after") if (report_items or report_examples) else Evaluation()
         summary = _summary(cfg, objective, data, state, result.stopped_early, (trainable, total), base_name,
                            acc.num_processes, baselines, before, after)
         summary["evaluated_on"] = report_split
-        _write_outputs(run_dir, cfg, objective, state["history"], summary, before, after)
+        _write_sealed_outputs(run_dir, cfg, objective, state["history"], summary, before, after)
         say(f"\nrun folder: {run_dir} ({state['step']} steps in {state['elapsed']:.0f} s, "
             f"{summary['train_tokens_per_s']:.0f} tokens/s)")
         if before.metrics and after.metrics:
@@ -223,6 +251,31 @@ def _resolved(cfg: RunConfig, ctx: ObjectiveContext, total_steps: int) -> RunCon
     if cfg.budget:
         resolved.max_steps = total_steps
     return resolved
+
+
+def _save_model(model: Any, tokenizer: Any, out: Path) -> None:
+    """The final model folder; with encrypt_outputs, saved into RAM and sealed file by file into `out`."""
+    key = crypto.sealing_key()
+    if key is None:
+        save_model(model, tokenizer, out)
+        return
+    with crypto.plain_staging() as tmp:
+        save_model(model, tokenizer, tmp / "model")
+        crypto.encrypt_tree(tmp / "model", out, key)
+
+
+def _write_sealed_outputs(run_dir: Path, cfg: RunConfig, objective: Objective, history: list[dict[str, Any]],
+                          summary: dict[str, Any], before: Evaluation, after: Evaluation) -> None:
+    """`_write_outputs`; with encrypt_outputs, written into RAM and sealed as `NAME.enc` (metrics and reports
+    quote examples, so they are data too)."""
+    key = crypto.sealing_key()
+    if key is None:
+        _write_outputs(run_dir, cfg, objective, history, summary, before, after)
+        return
+    with crypto.plain_staging() as tmp:
+        _write_outputs(tmp, cfg, objective, history, summary, before, after)
+        for path in sorted(tmp.iterdir()):
+            crypto.encrypt_file(path, run_dir / f"{path.name}{crypto.SUFFIX}", key)
 
 
 def _write_outputs(run_dir: Path, cfg: RunConfig, objective: Objective, history: list[dict[str, Any]],

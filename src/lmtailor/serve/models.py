@@ -69,7 +69,6 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
     served only when named.
     """
     from lmtailor.generate import retrieval_for
-    from lmtailor.models import load_adapter
     from lmtailor.runs import Run
 
     if not targets:
@@ -94,8 +93,7 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
                                lock=base.lock, max_positions=base.max_positions, retrieval=retrieval_for(run.config))
         else:
             base = shared[key]
-            assert run.model_dir is not None  # an adapter run always has its folder
-            load_adapter(base.model, run.model_dir, adapter_name=name)
+            run.add_adapter_to(base.model, name)  # a sealed run's adapter is decrypted into RAM for it
             if speedup == "bf16":
                 base.model.to(torch.bfloat16)
             slots[name] = Slot(name, base.model, base.tok, run.system_prompt, adapter=name, parent=base.name,
