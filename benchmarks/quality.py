@@ -14,6 +14,10 @@ benchmarks/results/quality.json and quality.md.
     python benchmarks/quality.py --datasets sms-spam --budget 10m
     python benchmarks/quality.py --budget 20m            # every dataset of DATASETS (hours on 2 CPU cores)
 
+Budgets are wall-clock, so anything else running costs the run steps. Run on an idle machine, or give the run
+real-time priority: `chrt -f 10 python benchmarks/quality.py ...`. On 2 cores, other processes made torch's
+two-thread steps 5-10x slower at random, even at nice 19; under `chrt` the steps kept their idle-machine times.
+
 Targets (the project's issue): auto beats TF-IDF + logistic regression in macro-F1 on every classification set and
 the nearest-neighbour answer in chrF on every generation set, within 20 minutes each on 2 cores.
 """
