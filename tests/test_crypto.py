@@ -163,6 +163,15 @@ def test_readers_open_encrypted_files_by_their_inner_name(tmp_path: Path, key: c
     assert load_examples(str(tmp_path / f"{name}.enc"))
 
 
+def test_tokenizer_corpus_reads_encrypted_text(tmp_path: Path, key: crypto.Key) -> None:
+    from lmtailor.tokenizers import corpus_texts
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "a.txt").write_text(f"notes {MARKER}")
+    crypto.encrypt_file(tmp_path / "a.txt", tmp_path / "c" / "a.txt.enc", key)
+    assert list(corpus_texts(tmp_path / "c")) == [f"notes {MARKER}"]
+
+
 def test_validate_reads_with_the_key_the_recipe_names(tiny_model: Path, pairs_file: Path, key: crypto.Key,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lmtailor import crypto
 from lmtailor.models import CHATML_TEMPLATE
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
@@ -52,7 +53,8 @@ def corpus_files(root: str | Path, suffixes: tuple[str, ...] = (".txt", ".md", "
     root = Path(root)
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
+    # an encrypted `notes.txt.enc` counts by its inner name
+    return sorted(p for p in root.rglob("*") if p.is_file() and Path(crypto.inner_name(p)).suffix in suffixes)
 
 
 def train_unigram(texts: Iterable[str], vocab_size: int = 8000, special_tokens: list[str] | None = None,
@@ -81,7 +83,7 @@ def corpus_texts(corpus: str | Path) -> Iterator[str]:
     files = corpus_files(path) if path.exists() else []
     if files:
         for f in files:
-            yield f.read_text(encoding="utf-8", errors="replace")
+            yield crypto.read_bytes(f).decode("utf-8", errors="replace")  # decrypted in memory if encrypted
         return
     from lmtailor.data.validate import load_examples
 
