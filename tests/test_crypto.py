@@ -67,9 +67,12 @@ def test_passphrase_key_file_and_env_sources(tmp_path: Path, monkeypatch: pytest
     assert crypto.read_bytes(tmp_path / "f.enc", crypto.KeySource(key_env="HEXKEY")) == b"hello"
     with pytest.raises(EncryptionError, match="was encrypted with a 32-byte key"):
         crypto.read_bytes(tmp_path / "f.enc", by_pass)
-    monkeypatch.setenv("BAD", "too short")
-    with pytest.raises(EncryptionError, match=r"\$BAD is not a 32-byte key"):
-        crypto.KeySource(key_env="BAD").load()
+    for bad in ("too short", "0123456789abcdef0123456789abcdef", "a 32-character password, not key"):
+        monkeypatch.setenv("BAD", bad)  # the second is a 128-bit hex key: not silently 32 ASCII key bytes
+        with pytest.raises(EncryptionError, match=r"\$BAD is not a 32-byte key"):
+            crypto.KeySource(key_env="BAD").load()
+    (tmp_path / "raw.key").write_bytes(b"\xff" + os.urandom(31))
+    assert len(crypto.KeySource(key_env=None, key_file=str(tmp_path / "raw.key")).load().secret) == 32
     with pytest.raises(EncryptionError, match=r"no key: \$UNSET_VAR is not set"):
         crypto.KeySource(key_env="UNSET_VAR").load()
 

@@ -62,6 +62,7 @@ KIND_KEY, KIND_PASSPHRASE = 0, 1
 HEADER = struct.Struct(">6sBBBBBBI16s16s16s")  # 64 bytes, the table in the module docstring
 TAG = 16
 CHUNK = 1 << 16  # 64 KiB: a tag per 64 KiB costs 0.02% in size
+MIN_CHUNK, MAX_CHUNK = 1 << 10, 1 << 26  # what a reader accepts: a damaged size field cannot ask for GBs
 # scrypt n=2^15, r=8: 32 MiB and about 0.1 s per key derivation (RFC 7914's interactive setting is n=2^14).
 SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P = 15, 8, 1
 SUFFIX = ".enc"
@@ -88,8 +89,11 @@ class Key:
         return KIND_PASSPHRASE if self.passphrase else KIND_KEY
 
 
-def parse_key(text: bytes, origin: str) -> Key:
-    """32 bytes written as base64 or hex (surrounding whitespace ignored), or the 32 raw bytes themselves.
+def parse_key(text: bytes, origin: str, allow_raw: bool = False) -> Key:
+    """32 bytes written as base64 or hex (surrounding whitespace ignored), or (a key file) the 32 raw bytes.
+
+    Raw bytes that are all ASCII are refused: such a "key" is text (a 128-bit hex key, a password), and taking it
+    as 32 key bytes would silently use far fewer than 256 bits.
 
     Raises:
         EncryptionError: anything else (the message names `origin`, never the value).
@@ -99,7 +103,7 @@ def parse_key(text: bytes, origin: str) -> Key:
         raw = decode(stripped)
         if raw is not None and len(raw) == 32:
             return Key(raw, origin=origin)
-    if len(text) == 32:
+    if allow_raw and len(text) == 32 and not text.isascii():
         return Key(text, origin=origin)
     raise EncryptionError(f"{origin} is not a 32-byte key",
                           "write 32 bytes as base64 or hex (`lmtailor privacy keygen --out FILE` writes one), or use "
@@ -173,7 +177,7 @@ class KeySource:
             except OSError as e:
                 raise EncryptionError(f"key file {self.key_file} cannot be read ({e.strerror or e})",
                                       "check the path, or make one with `lmtailor privacy keygen --out FILE`") from None
-            return parse_key(raw, f"key file {self.key_file}")
+            return parse_key(raw, f"key file {self.key_file}", allow_raw=True)
         if self.passphrase_env and os.environ.get(self.passphrase_env):
             return Key(os.environ[self.passphrase_env].encode("utf-8"), passphrase=True,
                        origin=f"the passphrase in ${self.passphrase_env}")
@@ -232,6 +236,8 @@ class _Sealer(io.RawIOBase):
 
     def __init__(self, dst: IO[bytes], key: Key, chunk: int = CHUNK, scrypt_log_n: int = SCRYPT_LOG_N) -> None:
         super().__init__()
+        if not MIN_CHUNK <= chunk <= MAX_CHUNK:
+            raise ValueError(f"chunk size {chunk} outside [{MIN_CHUNK}, {MAX_CHUNK}]: readers would refuse the file")
         salt = os.urandom(16) if key.passphrase else bytes(16)
         log_n, r, p = (scrypt_log_n, SCRYPT_R, SCRYPT_P) if key.passphrase else (0, 0, 0)
         file_salt = os.urandom(16)
@@ -282,7 +288,7 @@ class _Opener(io.RawIOBase):
                                              else "--key-env / --key-file (privacy.key_env / privacy.key_file)"))
         if kind == KIND_PASSPHRASE and not (10 <= log_n <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
             raise EncryptionError(f"{name}: damaged header (scrypt parameters out of range)")
-        if not 1024 <= chunk <= 1 << 26:
+        if not MIN_CHUNK <= chunk <= MAX_CHUNK:
             raise EncryptionError(f"{name}: damaged header (chunk size {chunk})")
         self._aead, expected = _file_keys(_master(key, log_n, r, p, salt), file_salt)
         if not hmac.compare_digest(expected, check):
