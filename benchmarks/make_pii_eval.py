@@ -1,4 +1,5 @@
-"""Write the held-out PII evaluation set tests/data/pii_eval.jsonl from `faker` (same seed and faker version: same file).
+"""Write the held-out PII evaluation set tests/data/pii_eval.jsonl from `faker` (same seed and faker version,
+same file).
 
 The detectors were not written against this set: its values come from faker's locale providers (e-mails, phone
 numbers, IBANs, card numbers, national IDs, passwords, dates) in seven locales, and its sentences are templates
@@ -13,17 +14,20 @@ region of its locale: a user scrubbing German data sets `privacy.phone_region=DE
 
 Each line: {"id", "locale", "region", "kind", "text", "spans": [{"type", "start", "end", "value"}]}.
 
-    python benchmarks/make_pii_eval.py            # writes tests/data/pii_eval.jsonl
+    python benchmarks/make_pii_eval.py            # writes tests/data/pii_eval.jsonl (runs with PYTHONHASHSEED=0)
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import ipaddress
 import json
+import os
 import random
 import string
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +65,8 @@ TEMPLATES: dict[str, list[tuple[str, str]]] = {
         ("chat", "hey can you ping me on {phone}? my other mail is {obf_email} btw"),
         ("chat", "just paste this into the deploy job: {aws_id} / {aws_secret} and it should work"),
         ("config", "DATABASE_URL={url_userinfo}\nWORKERS=4\nVERSION={version}"),
-        ("email", "Dear support,\nthe reset link {url_token} expired. Release {version} is what I run.\nRegards, {name}"),
+        ("email", "Dear support,\nthe reset link {url_token} expired. Release {version} is what I run.\n"
+                  "Regards, {name}"),
         ("email", "Hi {first},\nour new GitHub bot uses {gh_token}; please don't share it. The ISBN is {isbn}."),
         ("note", "Her DOB is {dob}. She paid {price} with card {card} on {meeting}."),
         ("note", "Call {name} at {phone} about invoice {order} (due {isodate})."),
@@ -119,6 +124,10 @@ TEMPLATES: dict[str, list[tuple[str, str]]] = {
         ("config", "接続先 {url_userinfo} を使用（ビルド{version}）"),
     ],
 }
+
+# Fixed date ranges (faker's defaults are relative to today, which would change the file from day to day).
+FIRST_BIRTH, LAST_BIRTH = datetime.date(1935, 1, 1), datetime.date(2007, 12, 31)
+FIRST_DAY, LAST_DAY = datetime.date(1995, 1, 1), datetime.date(2026, 12, 31)
 
 PII_SLOTS = {"email": "EMAIL", "obf_email": "EMAIL", "phone": "PHONE", "card": "CREDIT_CARD", "iban": "IBAN",
              "ip": "IP_ADDRESS", "ipv6": "IP_ADDRESS", "url_userinfo": "URL_SECRET", "url_token": "URL_SECRET",
@@ -182,7 +191,7 @@ class Values:
         if slot == "stripe":
             return "sk_live_" + self.token(24)
         if slot == "dob":
-            return self.date(f.date_of_birth(minimum_age=18, maximum_age=90))
+            return self.date(f.date_between_dates(FIRST_BIRTH, LAST_BIRTH))
         if slot == "national_id":
             ids: dict[str, Callable[[], str]] = {"en_US": f.ssn, "fr_FR": f.ssn, "it_IT": f.ssn,
                                                   "es_ES": lambda: r.choice([f.nif, f.nie])()}
@@ -203,9 +212,9 @@ class Values:
         if slot == "order":
             return r.choice(["#", "", "A-", "ORD-"]) + str(r.randrange(10 ** 5, 10 ** 10))
         if slot == "isodate":
-            return f.date()
+            return f.date_between_dates(FIRST_DAY, LAST_DAY).isoformat()
         if slot == "meeting":
-            return self.date(f.date_between("-1y", "+1y"))
+            return self.date(f.date_between_dates(FIRST_DAY, LAST_DAY))
         if slot == "sha":
             return f.sha1()[:r.choice([7, 12, 40])]
         if slot == "uuid":
@@ -278,6 +287,9 @@ def build(per_locale: int = 90, seed: int = 16) -> list[dict[str, Any]]:
 def main() -> None:
     import faker
 
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        # Some faker providers draw from sets (it_IT cities), whose order follows the string hash seed.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "pii_eval.jsonl"))
     ap.add_argument("-n", type=int, default=90, help="rows per locale")

@@ -442,7 +442,8 @@ def build(n: int = 360, seed: int = 7) -> list[dict[str, object]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "data" / "pii_handwritten.jsonl"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "tests" / "data"
+                                         / "pii_handwritten.jsonl"))
     ap.add_argument("-n", type=int, default=360)
     ap.add_argument("--seed", type=int, default=7)
     a = ap.parse_args()

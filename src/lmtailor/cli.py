@@ -212,6 +212,13 @@ def _prompt_verbs(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--no-cache", action="store_true")
 
 
+def _scan_option_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--phone-region", default="US", help="region(s) whose national phone formats count, e.g. DE "
+                   "or DE,FR (numbers written with +country are found anyway)")
+    p.add_argument("--no-documentation-emails", dest="documentation_emails", action="store_false",
+                   help="do not count addresses at documentation domains (example.com, .test, ...) as PII")
+
+
 def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
     """privacy scan|scrub|plant|canary|encrypt|decrypt|keygen."""
     pv = sub.add_parser("privacy", help="find and scrub personal data; check a run for memorized canaries")
@@ -220,6 +227,7 @@ def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
     ps.add_argument("file")
     ps.add_argument("--json", action="store_true", help="print the full report as JSON")
     ps.add_argument("--ner", action="store_true", help="also find names and places (needs an NER backend)")
+    _scan_option_args(ps)
     pr = psub.add_parser("scrub", help="write a copy with PII replaced, and an audit JSON beside it")
     pr.add_argument("file")
     pr.add_argument("--out", required=True, help="output file; its suffix picks the format (.jsonl, .json, .csv)")
@@ -228,6 +236,7 @@ def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
                     help="environment variable holding the pseudonym key (unset: a random key, not stored)")
     pr.add_argument("--audit", default=None, help="audit JSON path (default OUT.audit.json)")
     pr.add_argument("--ner", action="store_true", help="also scrub names and places (needs an NER backend)")
+    _scan_option_args(pr)
     pp = psub.add_parser("plant", help="add canary records to a data file, for a memorization check")
     pp.add_argument("file")
     pp.add_argument("--out", required=True)
@@ -387,9 +396,11 @@ def _privacy(a: argparse.Namespace) -> None:
     elif a.action == "keygen":
         print(crypto.keygen(a.out))
     elif a.action == "scan":
-        print(scrub.cli_scan(a.file, as_json=a.json, ner=a.ner))
+        print(scrub.cli_scan(a.file, as_json=a.json, ner=a.ner, phone_region=a.phone_region,
+                             documentation_emails=a.documentation_emails))
     elif a.action == "scrub":
-        print(scrub.cli_scrub(a.file, a.out, a.mode, a.salt_env, a.ner, a.audit))
+        print(scrub.cli_scrub(a.file, a.out, a.mode, a.salt_env, a.ner, a.audit, a.phone_region,
+                              a.documentation_emails))
     elif a.action == "plant":
         print(canary.cli_plant(a.file, a.out, a.repeats, a.pattern, a.seed))
     else:

@@ -276,11 +276,13 @@ def _scrubber(privacy: PrivacySettings) -> tuple[Any, str]:
     """(a privacy Scrubber, or None; the part of the cache key that says how it scrubs)."""
     if not privacy.scrub:
         return None, ""
-    from lmtailor.privacy.scrub import Scrubber, salt_from_env
+    from lmtailor.privacy.scrub import SCRUBBER_VERSION, Scrubber, salt_from_env, scan_options
 
     salt, source = salt_from_env(privacy.salt_env, required=True) if privacy.mode == "pseudonym" else (None, "unused")
     salt_key = hashlib.sha256(salt).hexdigest() if salt else ""  # a changed salt changes the pseudonyms
-    return Scrubber(privacy.mode, salt, privacy.ner, source), f"scrub:{privacy.mode}:{privacy.ner}:{salt_key}"
+    options = scan_options(privacy)  # the detectors' version and options change what is scrubbed, so the key too
+    return Scrubber(privacy.mode, salt, privacy.ner, source, options), \
+        f"scrub:{SCRUBBER_VERSION}:{privacy.mode}:{privacy.ner}:{options}:{salt_key}"
 
 
 def _ranks(reader: ExampleReader, seed: int, counts: dict[str, int]) -> np.ndarray:

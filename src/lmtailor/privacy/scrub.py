@@ -4,13 +4,19 @@ Modes:
   placeholder  every finding becomes its type in angle brackets: `<EMAIL>`, `<PHONE>`, ...
   pseudonym    every finding becomes a fake value of the same shape, `HMAC-SHA256(salt, type + value)` deciding
                which: the same input gives the same fake value within a run (so "the customer with this email"
-               stays one customer), and without the salt the mapping cannot be reversed or recomputed. Fake
-               values use reserved ranges where they exist (example.com, 2001:db8::/32, 198.18.0.0/15, SSN area
-               9xx, IBAN check digits 00) so that they never belong to a real person and scanning the output
-               again finds nothing.
+               stays one customer), and without the salt the mapping cannot be reversed or recomputed. Fakes
+               keep at least 64 bits of the digest where the shape allows (e-mails, secrets, IPv6, IDs), so two
+               customers do not merge into one (at 32 bits, two of a million addresses already collide more
+               often than not). Fake values are chosen so that they never belong to a real person and scanning
+               the output again finds nothing: reserved ranges (198.18.0.0/15, 2001:2::/48, SSN area 9xx, IBAN
+               check digits 00), checksums made to fail, phone numbers phonenumbers calls invalid, dates that
+               are not in the calendar (30 February), and e-mails of the one shape the scanner knows as ours.
+               The salt must be at least 16 bytes: a short one can be found by trying them all against a
+               known value, and then every pseudonym is reversible by lookup.
 
 The audit (a JSON-able dict) holds counts per type and per field, a few sample redactions with the original
-masked (`j***@a***.io`), the mode and the scrubber's version; never an original value or the salt.
+masked (`j***@a***.io`; a secret shows no character at all), the mode and the scrubber's version; never an
+original value or the salt.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from typing import Any, Literal
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError, DataError
 from lmtailor.privacy import detectors as det
-from lmtailor.privacy.detectors import Finding, scan
+from lmtailor.privacy.detectors import Finding, ScanOptions, scan
 
-SCRUBBER_VERSION = "1.0.0"
+SCRUBBER_VERSION = "2.0.0"
+MIN_SALT_BYTES = 16
+PSEUDONYM_HEX = 16  # 64 bits of the digest in every fake that has room for them
 MODES = ("placeholder", "pseudonym")
 SALT_ENV = "LMTAILOR_PRIVACY_SALT"
 SAMPLES_PER_TYPE = 3
@@ -48,7 +56,7 @@ def mask(value: str, type_: str = "") -> str:
         name, _, tld = domain.rpartition(".")
         return f"{local[:1]}***@{name[:1]}***.{tld}"
     if type_ in (det.SECRET, det.URL_SECRET):
-        return value[:4] + "*" * 8 if len(value) > 12 else "*" * 8
+        return "*" * 8  # even a prefix narrows a secret (a key's first four characters name its issuer and kind)
     alnum = [i for i, c in enumerate(value) if c.isalnum()]
     show = set(alnum[:1] + (alnum[-2:] if len(alnum) >= 8 else []))
     return "".join(c if (i in show or not c.isalnum()) else "*" for i, c in enumerate(value))
@@ -69,30 +77,46 @@ def _reshape(value: str, digest: bytes, keep_prefix: int = 0) -> str:
     return value[:keep_prefix] + "".join(next(stream) if c.isdigit() else c for c in value[keep_prefix:])
 
 
+# Day-month pairs that no calendar has: a fake date of birth is shaped like one and is nobody's birthday.
+_IMPOSSIBLE_DAYS = [(30, 2), (31, 2), (31, 4), (31, 6), (31, 9), (31, 11)]
+_MONTH_NAMES = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+                "November", "December"]
+
+
 def _fake_date(value: str, digest: bytes) -> str:
-    year, month, day = 1950 + digest[0] % 50, 1 + digest[1] % 12, 1 + digest[2] % 28
-    if re.fullmatch(r"\d{4}-\d{1,2}-\d{1,2}", value):
-        return f"{year}-{month:02d}-{day:02d}"
-    if re.search(r"[A-Za-z]", value):
-        names = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-                 "November", "December"]
-        return f"{day} {names[month - 1]} {year}"
+    year = 1940 + digest[0] % 66
+    day, month = _IMPOSSIBLE_DAYS[digest[1] % len(_IMPOSSIBLE_DAYS)]
+    if re.fullmatch(r"\d{4}\D\d{1,2}\D\d{1,2}", value):
+        sep = value[4]
+        return f"{year}{sep}{month:02d}{sep}{day:02d}"
+    if "年" in value:
+        return f"{year}年{month}月{day}日"
+    if re.search(r"[^\W\d_]", value):
+        return f"{day} {_MONTH_NAMES[month - 1]} {year}"
     sep = (re.findall(r"[./\-]", value) or ["/"])[0]
-    return f"{day:02d}{sep}{month:02d}{sep}{year}"
+    return f"{day:02d}{sep}{month:02d}{sep}{year}"  # either reading (day or month first) is impossible
 
 
-def pseudonym(finding: Finding, key: bytes) -> str:
+def _fake_phone(value: str, digest: bytes, options: ScanOptions) -> str:
+    """`value`'s layout with digest digits, redrawn until phonenumbers calls it invalid (so a rescan skips it)."""
+    keep = re.match(r"(?:\+|00)\d{1,3}", value)  # the country code stays: it says little, and keeps the shape
+    for attempt in range(64):
+        fake = _reshape(value, hashlib.sha256(digest + bytes([attempt])).digest(), len(keep.group()) if keep else 0)
+        if not any(det.find_phones(f" {fake} ", options)):
+            return fake
+    return re.sub(r"\d", "0", value)  # all zeros is never a valid number
+
+
+def pseudonym(finding: Finding, key: bytes, options: ScanOptions | None = None) -> str:
     """The fake value for one finding: deterministic in (key, type, value), shaped like the original."""
     digest = hmac.new(key, f"{finding.type}\0{finding.value}".encode("utf-8", "surrogatepass"),
                       hashlib.sha256).digest()
-    h = digest.hex()
+    h = digest.hex()[:PSEUDONYM_HEX]
     value, t = finding.value, finding.type
     if t == det.EMAIL:
-        return f"user_{h[:8]}@example.com"
+        return f"user_{h}@example.com"  # the one shape detectors.PSEUDONYM_EMAIL skips
     if t == det.PHONE:
-        # Keep the country code of an international number; the rest is digest digits in the same layout.
-        cc = re.match(r"\+\d{1,3}", value) if finding.kind == "international" else None
-        return _reshape(value, digest, len(cc.group()) if cc else 0)
+        return _fake_phone(value, digest, options or det.DEFAULT_OPTIONS)
     if t == det.CREDIT_CARD:
         fake = _reshape(value, digest)
         digits = re.sub(r"\D", "", fake)
@@ -103,14 +127,14 @@ def pseudonym(finding: Finding, key: bytes) -> str:
     if t == det.IBAN:
         return value[:2] + "00" + _reshape(re.sub(r"[A-Z]", "0", value[4:]), digest)  # check digits 00 never valid
     if t == det.IP_ADDRESS:
-        if ":" in value:
-            return "2001:db8:" + ":".join(h[i:i + 4] for i in range(0, 24, 4))
+        if ":" in value:  # 2001:2::/48, the IPv6 benchmarking range: 80 bits to draw from
+            return "2001:2:0:" + ":".join(h[i:i + 4] for i in range(0, 16, 4)) + ":" + digest.hex()[16:20]
         return f"198.{18 + digest[0] % 2}.{digest[1]}.{digest[2]}"
     if t == det.DATE_OF_BIRTH:
         return _fake_date(value, digest)
     if t == det.NATIONAL_ID:
         # Same layout, made invalid on purpose: SSN area 9xx is never issued, NINO prefix ZZ is never used,
-        # an INSEE key 00 and a DNI letter off by one never pass their checksums.
+        # an INSEE key 00, a DNI letter or a codice fiscale check letter off by one never pass their checksums.
         fake = _reshape(value, digest)
         if finding.kind == "us_ssn":
             return "9" + fake[1:]
@@ -122,14 +146,20 @@ def pseudonym(finding: Finding, key: bytes) -> str:
             letters = "TRWAGMYFPDXBNJZSQVHLCKE"
             number = re.sub(r"\D", "", fake)
             return fake[:-1] + letters[(int(number) + 1) % 23]
-        return f"ID-{h[:10].upper()}"
+        if finding.kind == "it_codice_fiscale":  # its letters spell the name too: redraw them all
+            stream = iter(digest)
+            body = "".join(chr(65 + next(stream) % 26) if c.isalpha() else str(next(stream) % 10)
+                           for c in value[:15])
+            body = body[:8] + "ABCDEHLMPRST"[digest[20] % 12] + body[9:]
+            return body + chr(65 + (ord(det.codice_fiscale_check(body)) - 64) % 26)  # the check letter plus one
+        return f"ID-{h.upper()}"
     if t == det.URL_SECRET and finding.kind == "userinfo":
-        return f"user_{h[:6]}:redacted"
+        return f"user_{h}:redacted"
     if t in (det.SECRET, det.URL_SECRET):
-        return f"redacted_{h[:12]}"
+        return f"redacted_{h}"
     if t == det.PERSON:
-        return f"Person_{h[:6]}"
-    return f"{t.lower()}_{h[:8]}"
+        return f"Person_{h}"
+    return f"{t.lower()}_{h}"
 
 
 def placeholder(finding: Finding) -> str:
@@ -150,6 +180,7 @@ class Audit:
     records: int = 0
     records_with_pii: int = 0
     ner: bool = False
+    options: ScanOptions = det.DEFAULT_OPTIONS
 
     def add(self, where: str, fieldname: str, findings: list[Finding], replacements: list[str] | None) -> None:
         for i, f in enumerate(findings):
@@ -167,6 +198,8 @@ class Audit:
         return {
             "scrubber": "lmtailor.privacy", "version": SCRUBBER_VERSION, "mode": self.mode, "salt": self.salt,
             "ner": self.ner, "detector_types": list(det.REGEX_TYPES) + (list(det.NER_TYPES) if self.ner else []),
+            "phone_regions": list(self.options.phone_regions),
+            "documentation_emails": self.options.documentation_emails,
             "records": self.records, "records_with_pii": self.records_with_pii,
             "total": sum(self.counts.values()), "counts": dict(sorted(self.counts.items())),
             "by_field": {k: dict(sorted(v.items())) for k, v in sorted(self.by_field.items())},
@@ -187,25 +220,33 @@ class Scrubber:
     """
 
     def __init__(self, mode: str = "placeholder", salt: bytes | str | None = None, ner: bool = False,
-                 salt_source: str | None = None) -> None:
+                 salt_source: str | None = None, options: ScanOptions | None = None) -> None:
         if mode not in (*MODES, "scan"):
             raise ConfigError(f"unknown scrub mode '{mode}'", "allowed: " + ", ".join(MODES))
-        if ner:
-            det._ner_backend()  # fail now, with the install hint, not on the first record
-        self.mode = mode
-        self.ner = ner
         if isinstance(salt, str):
             salt = salt.encode("utf-8")
+        if mode == "pseudonym" and salt and len(salt) < MIN_SALT_BYTES:
+            raise ConfigError(f"the pseudonym salt{f' ({salt_source})' if salt_source else ''} is {len(salt)} "
+                              f"byte(s); at least {MIN_SALT_BYTES} are needed",
+                              "use a long random secret, e.g. from `openssl rand -hex 32`")
+        if ner:
+            from lmtailor.privacy.ner import ner_backend
+
+            ner_backend()  # fail now, with the install hint, not on the first record
+        self.mode = mode
+        self.ner = ner
+        self.options = options or det.DEFAULT_OPTIONS
         self.key = salt or secrets.token_bytes(32)
         described = salt_source or ("given" if salt else "random, not stored")
-        self.audit = Audit(mode=mode, salt=described if mode == "pseudonym" else "unused", ner=ner)
+        self.audit = Audit(mode=mode, salt=described if mode == "pseudonym" else "unused", ner=ner,
+                           options=self.options)
 
     def replacement(self, finding: Finding) -> str:
-        return pseudonym(finding, self.key) if self.mode == "pseudonym" else placeholder(finding)
+        return pseudonym(finding, self.key, self.options) if self.mode == "pseudonym" else placeholder(finding)
 
     def text(self, text: str, where: str = "", fieldname: str = "text") -> tuple[str, int]:
         """(`text` scrubbed, number of findings); in scan mode the text comes back unchanged."""
-        findings = scan(text, ner=self.ner)
+        findings = scan(text, ner=self.ner, options=self.options)
         if not findings:
             return text, 0
         if self.mode == "scan":
@@ -277,7 +318,7 @@ def salt_from_env(name: str | None = SALT_ENV, required: bool = False) -> tuple[
 
 
 def scrub_examples(examples: list[Example], mode: Mode = "placeholder", salt: bytes | str | None = None,
-                   ner: bool = False) -> tuple[list[Example], dict[str, Any]]:
+                   ner: bool = False, options: ScanOptions | None = None) -> tuple[list[Example], dict[str, Any]]:
     """The pipeline stage: scrub every message, text and meta string of `examples`.
 
     Args:
@@ -292,7 +333,7 @@ def scrub_examples(examples: list[Example], mode: Mode = "placeholder", salt: by
     Raises:
         ConfigError: unknown mode, or `ner` without a backend.
     """
-    s = Scrubber(mode, salt, ner)
+    s = Scrubber(mode, salt, ner, options=options)
     return [s.example(e) for e in examples], s.audit.to_dict()
 
 
@@ -311,7 +352,7 @@ def _records(path: str | Path) -> Iterator[tuple[dict[str, Any], str]]:
         yield r.data, r.source
 
 
-def scan_file(path: str | Path, ner: bool = False) -> dict[str, Any]:
+def scan_file(path: str | Path, ner: bool = False, options: ScanOptions | None = None) -> dict[str, Any]:
     """Count the PII in a data file by type and by field, changing nothing.
 
     Returns:
@@ -321,7 +362,7 @@ def scan_file(path: str | Path, ner: bool = False) -> dict[str, Any]:
     Raises:
         DataError: the file cannot be read or has unparseable records.
     """
-    s = Scrubber("scan", ner=ner)
+    s = Scrubber("scan", ner=ner, options=options)
     lines: dict[str, dict[str, int]] = {}
     for data, where in _records(path):
         before = Counter(s.audit.counts)
@@ -359,7 +400,7 @@ def _write_records(records: list[dict[str, Any]], out: Path) -> None:
 
 def scrub_file(path: str | Path, out: str | Path, mode: Mode = "placeholder", salt: bytes | str | None = None,
                ner: bool = False, audit_path: str | Path | None = None,
-               salt_source: str | None = None) -> dict[str, Any]:
+               salt_source: str | None = None, options: ScanOptions | None = None) -> dict[str, Any]:
     """Write a scrubbed copy of a data file and its audit, both atomically (nothing is written on error).
 
     Args:
@@ -381,7 +422,7 @@ def scrub_file(path: str | Path, out: str | Path, mode: Mode = "placeholder", sa
     out = Path(out)
     if out.resolve() == Path(path).resolve():
         raise ConfigError(f"--out {out} is the input file", "write the scrubbed copy to a new file")
-    s = Scrubber(mode, salt, ner, salt_source)
+    s = Scrubber(mode, salt, ner, salt_source, options)
     records = [s.record(data, where) for data, where in _records(path)]
     audit = {**s.audit.to_dict(), "input": str(path), "output": str(out)}
     _write_records(records, out)
@@ -402,9 +443,10 @@ def format_counts(audit: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def cli_scan(path: str, as_json: bool = False, ner: bool = False) -> str:
+def cli_scan(path: str, as_json: bool = False, ner: bool = False, phone_region: str = "US",
+             documentation_emails: bool = True) -> str:
     """`lmtailor privacy scan FILE`: the text to print."""
-    report = scan_file(path, ner=ner)
+    report = scan_file(path, ner=ner, options=ScanOptions.create(phone_region, documentation_emails))
     if as_json:
         return json.dumps(report, indent=2, ensure_ascii=False)
     where = "\n".join(f"  {src}: " + ", ".join(f"{t} {n}" for t, n in c.items())
@@ -414,10 +456,12 @@ def cli_scan(path: str, as_json: bool = False, ner: bool = False) -> str:
 
 
 def cli_scrub(path: str, out: str, mode: str = "placeholder", salt_env: str = SALT_ENV, ner: bool = False,
-              audit: str | None = None) -> str:
+              audit: str | None = None, phone_region: str = "US", documentation_emails: bool = True) -> str:
     """`lmtailor privacy scrub FILE --out OUT --mode M --salt-env VAR`: the text to print."""
     salt, source = salt_from_env(salt_env) if mode == "pseudonym" else (None, "unused")
-    report = scrub_file(path, out, mode, salt, ner, audit, salt_source=source)  # type: ignore[arg-type]
+    options = ScanOptions.create(phone_region, documentation_emails)
+    report = scrub_file(path, out, mode, salt, ner, audit, salt_source=source,  # type: ignore[arg-type]
+                        options=options)
     audit_path = audit or f"{out}.audit.json"
     return format_counts(report) + f"\nwrote {out} ({mode}) and the audit {audit_path}"
 
@@ -425,8 +469,17 @@ def cli_scrub(path: str, out: str, mode: str = "placeholder", salt_env: str = SA
 
 # ---- the training pipeline stage ------------------------------------------------------------------------------
 
+def scan_options(privacy: Any) -> ScanOptions:
+    """The scanner's options from a run's `privacy` settings (`phone_region`, `documentation_emails`).
+
+    Raises:
+        ConfigError: an unknown phone region.
+    """
+    return ScanOptions.create(getattr(privacy, "phone_region", "US"), getattr(privacy, "documentation_emails", True))
+
+
 def scrub_for_run(train: list[Example], val: list[Example], mode: Mode = "placeholder", salt_env: str = SALT_ENV,
-                  ner: bool = False, run_dir: str | Path | None = None
+                  ner: bool = False, run_dir: str | Path | None = None, options: ScanOptions | None = None
                   ) -> tuple[list[Example], list[Example], dict[str, Any]]:
     """Scrub a run's training and validation examples with one scrubber (one pseudonym mapping for both).
 
@@ -434,12 +487,13 @@ def scrub_for_run(train: list[Example], val: list[Example], mode: Mode = "placeh
     same fake one, which a per-process random key would not. The audit goes to `<run_dir>/privacy_audit.json`.
 
     Raises:
-        ConfigError: pseudonym mode without the salt variable set, or NER asked for but not installed.
+        ConfigError: pseudonym mode without the salt variable set or with a salt under 16 bytes, an unknown phone
+            region, or NER asked for but not installed.
     """
     from lmtailor.io import atomic_write_json
 
     salt, source = salt_from_env(salt_env, required=True) if mode == "pseudonym" else (None, "unused")
-    s = Scrubber(mode, salt, ner, source)
+    s = Scrubber(mode, salt, ner, source, options)
     train = [s.example(e) for e in train]
     val = [s.example(e) for e in val]
     audit = s.audit.to_dict()
