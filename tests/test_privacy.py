@@ -481,3 +481,21 @@ def test_scrub_for_run_needs_a_salt_for_pseudonyms(tmp_path: Path, monkeypatch: 
     assert t[0].text.split()[-1] == v[0].text.split()[-1] != "jane.doe@acme.io"
     assert json.loads((tmp_path / "privacy_audit.json").read_text())["counts"] == {"EMAIL": 2}
     assert "j***@a***.io" in audit_html(audit)
+
+
+def test_scan_options_reach_the_cli_and_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmtailor.cli import main
+    from lmtailor.config import load_config
+    from lmtailor.privacy.scrub import scan_options
+
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": "ring 07911 123456 or qa@example.com"}) + "\n")
+    assert main(["privacy", "scan", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["counts"] == {"EMAIL": 1}
+    assert main(["privacy", "scan", str(path), "--json", "--phone-region", "GB", "--no-documentation-emails"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {"PHONE": 1} and report["phone_regions"] == ["GB"]
+    cfg = load_config(None, ["privacy.phone_region=de,fr", "privacy.documentation_emails=false"])
+    assert scan_options(cfg.privacy) == det.ScanOptions(("DE", "FR"), False)
+    with pytest.raises(ConfigError, match="unknown phone region"):
+        scan_options(load_config(None, ["privacy.phone_region=XX"]).privacy)
