@@ -110,3 +110,27 @@ def test_auto_tailors_instruction_pairs_and_chooses_retrieval(tiny_model, tmp_pa
     assert json.loads((out / "data" / "train.jsonl").read_text().splitlines()[0])["messages"][0]["role"] == "user"
     final = json.loads((out / "final" / "metrics.json").read_text())
     assert final["evaluated_on"] == "test" and "nearest_answer" in final["baselines"] and "chrf" in final["after"]
+
+
+def test_auto_on_an_encrypted_file_writes_no_plaintext(tiny_model, tmp_path, monkeypatch):
+    """An encrypted input: the splits auto writes are encrypted with the same key, and no file under its output
+    folder holds a planted marker in plaintext."""
+    from lmtailor import crypto
+
+    monkeypatch.setenv(crypto.DEFAULT_KEY_ENV, crypto.new_key_text())
+    marker = "ZQXJ-MARKER-7731"
+    rows = [{"text": f"{marker} the {WORDS[lab][i % 4]} story number {i}", "label": lab}
+            for i in range(30) for lab in ("sport", "money")]
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "news.jsonl.enc"
+    crypto.encrypt_file(plain, data)
+    plain.unlink()
+    out = tmp_path / "auto"
+    assert main(["auto", str(data), "--budget", "40s", "--trials", "1", "--base-model", str(tiny_model),
+                 "--out", str(out)]) == 0
+    assert not (out / "data" / "train.jsonl").exists() and crypto.is_encrypted(out / "data" / "train.jsonl.enc")
+    assert crypto.is_encrypted(out / "data" / "test.jsonl.enc")
+    assert json.loads((out / "auto.json").read_text())["objective"] == "classify"
+    leaked = [p for p in out.rglob("*") if p.is_file() and marker.encode() in p.read_bytes()]
+    assert not leaked, f"plaintext marker in {leaked}"

@@ -41,8 +41,10 @@ def test_max_length_epochs_lr_and_cadence_follow_the_data(tiny_model, tmp_path):
     assert cfg.lr == 2e-4 and chosen["lr"].reason == "method lora"
     assert cfg.eval_every == 69 // 5 and cfg.early_stopping_patience == 3 and cfg.metric_for_best == "loss"
     assert not cfg.group_by_length and "group_by_length" not in chosen  # packed rows: nothing to group
-    _, unpacked = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", "packing=false"])
-    assert unpacked.group_by_length  # padded batches group by length
+    varied = _chats(tmp_path / "v.jsonl", 200, long_every=3)  # a third of the answers 30x longer
+    _, unpacked = _data([f"base_model={tiny_model}", f"data.path={varied}", "data.val_size=10", "packing=false",
+                         "max_length=512"])
+    assert unpacked.group_by_length  # padded batches of mixed lengths group by length
 
 
 def test_set_keys_are_never_changed(tiny_model, tmp_path):
@@ -62,8 +64,14 @@ def test_classification_picks_its_best_checkpoint_by_macro_f1_and_a_head_rate(ti
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, cfg = _data([f"base_model={tiny_model}", f"data.path={path}", "objective=classify", "data.val_size=20"])
     assert cfg.metric_for_best == "macro_f1" and cfg.lr == 1e-3 and cfg.max_length <= 32
-    assert cfg.group_by_length  # padded batches: similar lengths share one
-    _, ungrouped = _data([f"base_model={tiny_model}", f"data.path={path}", "objective=classify", "data.val_size=20",
+    assert not cfg.group_by_length  # texts of one length: random batches pad little, nothing to group
+    mixed = tmp_path / "mixed.jsonl"  # every 4th text 20x longer: random batches would be mostly padding
+    mixed.write_text("".join(json.dumps({"text": ("goal match " * (20 if i % 4 == 0 else 1)) + str(i),
+                                         "label": "sport" if i % 2 else "money"}) + "\n" for i in range(120)))
+    fitted, cfg = _data([f"base_model={tiny_model}", f"data.path={mixed}", "objective=classify", "data.val_size=20"])
+    chosen = {c.key: c for c in fitted.choices}
+    assert cfg.group_by_length and "padding" in chosen["group_by_length"].reason
+    _, ungrouped = _data([f"base_model={tiny_model}", f"data.path={mixed}", "objective=classify", "data.val_size=20",
                           "group_by_length=false"])
     assert not ungrouped.group_by_length  # a set value stays
 
@@ -81,3 +89,10 @@ def test_train_prints_the_choices_and_writes_them_to_the_resolved_config(tiny_mo
     assert saved["max_length"] < 512 and saved["lr"] == 2e-4
     assert main(["validate", f"base_model={tiny_model}", f"data.path={data}", "data.val_size=4"]) == 0
     assert "chosen from the data: max_length=" in capsys.readouterr().out
+
+
+def test_padding_share_counts_the_padded_positions():
+    from lmtailor.fitting import padding_share
+
+    assert padding_share([5] * 16, 8) == 0.0
+    assert abs(padding_share([1, 3], 2) - 1 / 3) < 1e-9  # one batch padded to 3: 6 positions, 4 real

@@ -5,6 +5,8 @@ the baselines on a held-out test split.
 Steps (each writes into the output folder):
 1. data/: the records read once (format detected), split into train.jsonl and test.jsonl (the recipe's split rule:
    a seeded hash of each example; 10% held out, at most 300 examples). The test split is never seen by the search.
+   An encrypted input gets encrypted splits (train.jsonl.enc, test.jsonl.enc, with the key it was read with), and
+   the runs on them seal their outputs (encrypt_outputs follows encrypted data).
 2. the plan: one recipe's step is timed on its own first batches (`measure_recipe`); a search runs only when the
    budget pays for at least MIN_TRIALS trials of MIN_TRIAL_STEPS steps each in its `search_share` (on 2 CPU cores
    a 20-minute budget does not: its few hundred steps all go to one run of the data-fitted defaults).
@@ -72,8 +74,24 @@ def written_format(detected: str) -> str:
     return detected if detected in ("labeled", "text") else "chat"
 
 
-def _write_jsonl(path: Path, examples: list[Example]) -> None:
-    atomic_write_text(path, "".join(json.dumps(_record(ex), ensure_ascii=False) + "\n" for ex in examples))
+def _write_jsonl(path: Path, examples: list[Example], sealed: bool = False) -> Path:
+    """The examples as JSON Lines at `path`, or, `sealed`, encrypted at `path`.enc with the key the input was read
+    with (an encrypted input never gets a plaintext copy of its splits)."""
+    text = "".join(json.dumps(_record(ex), ensure_ascii=False) + "\n" for ex in examples)
+    if not sealed:
+        atomic_write_text(path, text)
+        return path
+    from lmtailor.crypto import SUFFIX, write_bytes
+
+    return write_bytes(path.with_name(path.name + SUFFIX), text.encode("utf-8"))
+
+
+def _is_sealed(data: str) -> bool:
+    """Whether the input is an encrypted file, or a folder holding one."""
+    from lmtailor.crypto import has_encrypted_files, is_encrypted
+
+    path = Path(data)
+    return (path.is_file() and is_encrypted(path)) or (path.is_dir() and has_encrypted_files(path))
 
 
 def auto(data: str, budget: str | float, out: str | None = None, base_model: str = "smollm2-135m-instruct",
@@ -113,8 +131,9 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                           "give at least a few dozen records")
     folder = root / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(folder / "train.jsonl", train_ex)
-    _write_jsonl(folder / "test.jsonl", test_ex)
+    sealed = _is_sealed(data)
+    train_file = _write_jsonl(folder / "train.jsonl", train_ex, sealed)
+    test_file = _write_jsonl(folder / "test.jsonl", test_ex, sealed)
     print(f"auto: {len(train_ex)} training / {len(test_ex)} test examples ({detected} format) -> objective "
           f"{objective}; budget {total:.0f} s, {search_share:.0%} for the search")
 
@@ -123,9 +142,9 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                              "base_model": base_model, "objective": objective, "method": "lora", "seed": seed,
                              # validation (best checkpoint, early stopping) on a dev split of the training data;
                              # the report on the test split, which nothing is selected on
-                             "data": {"path": str(folder / "train.jsonl"), "format": written_format(detected),
+                             "data": {"path": str(train_file), "format": written_format(detected),
                                       "val_size": min(DEV_MAX, max(10, len(train_ex) // 10)),
-                                      "test_path": str(folder / "test.jsonl")}}
+                                      "test_path": str(test_file)}}
     retrieval: dict[str, Any] = {"k": 0, "reason": "not a generation objective"}
     if objective == "sft":
         retrieval = choose_retrieval(train_ex, seed)

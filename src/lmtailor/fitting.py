@@ -12,7 +12,7 @@ Only keys the recipe (or an override) does not set are chosen; a set key is neve
   classification picks its best checkpoint by validation macro-F1 (metric_for_best), which costs one forward pass
   over the validation texts; generation objectives keep the validation loss (their task metric needs decoding).
 - group_by_length: on where batches are padded rather than packed (classify, seq2seq on an encoder-decoder, or
-  packing off): similar lengths share a batch. On three short-text sets this made steps 1.45-1.74x faster at
+  packing off) and random batches would be at least 25% padding: similar lengths share a batch. On three short-text sets this made steps 1.45-1.74x faster at
   equal or better macro-F1 after the same steps (benchmarks/batching.py).
 """
 
@@ -23,6 +23,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from lmtailor.config import RunConfig
 from lmtailor.data.example import Example
@@ -38,6 +40,7 @@ HEAD_LR = 1e-3  # LoRA with a new classification head: the head starts from rand
 LENGTH_OBJECTIVES = ("sft", "classify", "seq2seq_causal", "seq2seq_encdec")
 PADDED_OBJECTIVES = ("classify", "seq2seq_encdec")  # batches padded to their longest example, never packed
 PACKING_OBJECTIVES = ("sft", "seq2seq_causal")  # these pad only with packing off
+GROUP_WASTE = 0.25  # group_by_length when random batches would spend this share of their positions on padding
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,24 @@ def choose_max_length(objective: Objective, ctx: ObjectiveContext, examples: Seq
     return Choice("max_length", value, why)
 
 
-def choose_schedule(cfg: RunConfig, objective: Objective, n_train: int, world: int) -> list[Choice]:
-    """epochs, lr, eval_every, early stopping and the best-checkpoint metric for keys the recipe left unset."""
+def padding_share(lengths: Sequence[int], batch_size: int, seed: int = 0) -> float:
+    """The share of computed positions that would be padding in randomly drawn batches of `batch_size` (one
+    seeded shuffle), each padded to its longest example."""
+    if not lengths:
+        return 0.0
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    real = padded = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start:start + batch_size]]
+        real += sum(batch)
+        padded += max(batch) * len(batch)
+    return 1 - real / max(1, padded)
+
+
+def choose_schedule(cfg: RunConfig, objective: Objective, n_train: int, world: int,
+                    lengths: Sequence[int] | None = None) -> list[Choice]:
+    """epochs, lr, eval_every, early stopping and the best-checkpoint metric for keys the recipe left unset; with the
+    training items' token `lengths`, group_by_length where padded batches would waste GROUP_WASTE of their work."""
     given = _set(cfg)
     out: list[Choice] = []
     per_epoch = max(1, n_train // max(cfg.batch_size, world))
@@ -105,9 +124,13 @@ def choose_schedule(cfg: RunConfig, objective: Objective, n_train: int, world: i
             out.append(Choice("metric_for_best", "macro_f1", "classification: the best checkpoint by validation "
                               "macro-F1 (one forward pass over the validation texts per validation)"))
     padded = objective.name in PADDED_OBJECTIVES or (objective.name in PACKING_OBJECTIVES and not cfg.packing)
-    if "group_by_length" not in given and padded and not cfg.group_by_length:
-        out.append(Choice("group_by_length", True, "batches are padded to their longest example: similar lengths "
-                          "share a batch and pad less"))
+    if "group_by_length" not in given and padded and not cfg.group_by_length and lengths:
+        # only where padding costs much: grouping also makes batches of similar texts, which a label that goes
+        # with length would make one-sided
+        waste = padding_share(lengths, cfg.batch_size, cfg.seed)
+        if waste >= GROUP_WASTE:
+            out.append(Choice("group_by_length", True, f"random batches would be {waste:.0%} padding: similar "
+                              "lengths share a batch and pad less"))
     return out
 
 

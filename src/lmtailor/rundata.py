@@ -112,7 +112,10 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
     if not data.train_items:
         raise ConfigError("no training example has anything to learn from",
                           "check data.format and that examples have assistant turns, text or labels")
-    schedule = choose_schedule(ctx.cfg, objective, len(data.train_items), world)
+    items = data.train_items
+    sample = range(0, len(items), max(1, len(items) // 20000))  # a pretraining cache may hold millions of items
+    lengths = [len(getattr(items[i], "input_ids", ())) for i in sample]
+    schedule = choose_schedule(ctx.cfg, objective, len(items), world, lengths)
     ctx.cfg = data.cfg = apply(ctx.cfg, schedule)
     data.choices += schedule
     return data
