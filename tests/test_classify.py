@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -243,3 +244,54 @@ def test_balanced_sampling_resumes_exactly(tiny_model, tmp_path):
     a, b, c = (load_file(r / "model" / "model.safetensors") for r in (full, part, plain))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the setting reaches the loop: another order than shuffle
+
+
+def test_fit_probe_separates_planted_features_and_folds_the_scaling():
+    from lmtailor.objectives.classify import fit_probe
+
+    rng = np.random.default_rng(0)
+    n, h = 60, 16
+    y = np.arange(n) % 3  # labels 0..2 of a 4-label head: label 3 never occurs
+    x = rng.normal(size=(n, h)) * 5 + 100  # far from standardized: the fold must undo it
+    x[np.arange(n), y] += 40  # label k raises feature k
+    w, b, facts = fit_probe(x, y, 4)
+    pred = (x @ w.T + b).argmax(1)
+    assert (pred == y).all() and facts["C"] in (0.01, 0.1, 1.0) and facts["folds"] == 3
+    assert ((x @ w.T + b)[:, 3] < (x @ w.T + b)[:, :3].min(1)).all()  # the absent label never wins
+    # two labels: sklearn's single row becomes two, and the larger logit is the predicted label
+    w2, b2, _ = fit_probe(x[y < 2], y[y < 2], 2)
+    assert ((x[y < 2] @ w2.T + b2).argmax(1) == y[y < 2]).all()
+
+
+def test_probe_head_with_mean_pooling_starts_trained_and_reloads(tiny_model, tmp_path):
+    # long texts whose label word comes first, then filler cut by max_length: the frozen model's mean-pooled
+    # features separate them, so the probe-initialised head is right before any step
+    filler = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
+    rows = [{"text": f"{'files' if i % 2 else 'animals'} {filler} {i}", "label": "files" if i % 2 else "animals"}
+            for i in range(40)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "probe"
+    m = _train(tiny_model, data, run, "method=lora", "max_length=24", "max_steps=4", "lr=1e-4",
+               "classify.pooling=mean", "classify.head_init=probe")
+    assert m["before"]["accuracy"] == 1.0, m["before"]  # the probe alone (adapter off, head fitted)
+    assert m["after"]["accuracy"] == 1.0
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["lmtailor_pooling"] == "mean" and len(config["lmtailor_head_bias"]) == 2
+
+    from lmtailor.objectives.classify import predict
+
+    texts = [r["text"] for r in rows[:6]]
+    out = predict(run, texts)
+    assert [label for label, _ in out] == [r["label"] for r in rows[:6]]
+    # the reloaded run computes the logits training computed: drop the bias and the answers change
+    config["lmtailor_head_bias"] = [0.0, 0.0]
+    (run / "model" / "config.json").write_text(json.dumps(config))
+    probs = [p for _, p in predict(run, texts)]
+    assert any(abs(p["files"] - q["files"]) > 1e-4 for p, (_, q) in zip(probs, out, strict=True))
+
+
+def test_probe_head_is_refused_for_multi_label(tiny_model, labeled, tmp_path, capsys):
+    code = main(["train", f"base_model={tiny_model}", f"data.path={labeled}", f"output_dir={tmp_path / 'r'}", *FAST,
+                 "classify.multi_label=true", "classify.head_init=probe"])
+    assert code != 0 and "classify.head_init" in capsys.readouterr().err

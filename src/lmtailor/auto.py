@@ -10,6 +10,9 @@ Steps (each writes into the output folder):
 2. the plan: one recipe's step is timed on its own first batches (`measure_recipe`); a search runs only when the
    budget pays for at least MIN_TRIALS trials of MIN_TRIAL_STEPS steps each in its `search_share` (on 2 CPU cores
    a 20-minute budget does not: its few hundred steps all go to one run of the data-fitted defaults).
+   Documents longer than the budget lets a step read (max_length cut, see `shorter_length`) get a head that reads
+   the mean over the text and starts as a linear probe on the frozen model's features (classify.pooling=mean,
+   classify.head_init=probe); the probe's forward pass over the training texts is charged to the budget.
 3. search/: an Optuna study (`lmtailor tune` machinery) over lr, LoRA rank and epochs; each trial trains on
    train.jsonl less a dev split (10%, at most 200 examples) it is judged on; successive halving stops weak trials
    early. Each trial's steps are fitted to its slice of the search time with `budget=`.
@@ -163,6 +166,14 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                  "length_reason": f"max_length {shorter}: at {probe['max_length']} the budget fits only "
                                   f"{plan['steps_fit']} of the {probe['per_epoch']} steps of one epoch"}
         plan = plan_search(total - (time.monotonic() - start), probe, trials, search_share)
+    head_s, head_reason = 0.0, ""
+    if shorter:  # and the head starts as a linear probe on mean-pooled features (see objectives/classify.py)
+        final["classify"] = {"pooling": "mean", "head_init": "probe"}
+        head_s = probe["eval_s"] * probe["train_items"] / max(1, probe["val_items"])  # one forward pass each
+        head_reason = (f"classify.pooling=mean, classify.head_init=probe (documents longer than max_length: the head "
+                       f"reads the mean over the text, fitted first as a linear probe on the frozen model's features,"
+                       f" about {head_s:.0f} s)")
+        print(f"auto: {head_reason}")
     print(f"auto: a step takes {probe['step_s']:.2f} s here ({probe['per_epoch']} steps per epoch); {plan['reason']}")
 
     study: dict[str, Any] = {"metric": SEARCH_METRIC[objective], "all": [], "best_params": {}}
@@ -186,7 +197,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     # kept back: loading, and the before/after evaluations on the test split (forward passes, measured per token)
     test_eval_s = probe["eval_s"] * len(test_ex) / max(1, probe["val_items"])
     generating = 2 * GENERATE_S if objective == "sft" else 0.0  # before and after answer the test requests
-    final["budget"] = max(10.0, left - max(RESERVE * total, 2 * test_eval_s + 30 + generating))
+    final["budget"] = max(10.0, left - max(RESERVE * total, 2 * test_eval_s + 30 + generating) - head_s)
     for key, value in study["best_params"].items():
         node: dict[str, Any] = final
         *parents, leaf = key.split(".")
@@ -198,7 +209,8 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     return _report(root, data, detected, objective, total, time.monotonic() - start, stats, study, summary,
                    {**plan, "step_s": round(probe["step_s"], 3), "per_epoch": probe["per_epoch"],
                     "chosen_from_data": probe["choices"] + ([probe["length_reason"]] if shorter else [])
-                    + ([f"data.retrieved_examples={retrieval['k']} ({retrieval['reason']})"] if retrieval["k"] else []),
+                    + ([f"data.retrieved_examples={retrieval['k']} ({retrieval['reason']})"] if retrieval["k"] else [])
+                    + ([head_reason] if head_reason else []),
                     "retrieval": retrieval})
 
 

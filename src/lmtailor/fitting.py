@@ -7,7 +7,8 @@ Only keys the recipe (or an override) does not set are chosen; a set key is neve
 - epochs (without max_steps): enough passes for about 150 optimizer steps, at most 3; one pass when the data gives
   that many steps already. A budget (`budget=`) then cuts the steps to the time available.
 - lr: by method (LoRA 2e-4, or 1e-3 with a new classification head; full 2e-5; freeze 5e-5; prompt tuning 3e-2;
-  prefix tuning 1e-2): full fine-tuning at LoRA's rate wrecks a pretrained model, a new head learns slowly at it.
+  prefix tuning 1e-2): full fine-tuning at LoRA's rate wrecks a pretrained model, a new head learns slowly at it
+  (a head fitted as a linear probe, classify.head_init=probe, is not new: LoRA's rate).
 - eval_every and early_stopping_patience: about 5 validations per run, stopping after 3 without improvement;
   classification picks its best checkpoint by validation macro-F1 (metric_for_best), which costs one forward pass
   over the validation texts; generation objectives keep the validation loss (their task metric needs decoding).
@@ -111,9 +112,11 @@ def choose_schedule(cfg: RunConfig, objective: Objective, n_train: int, world: i
                           f"batch_size {cfg.batch_size}; {epochs} epoch(s) for about {TARGET_STEPS} steps, at most "
                           f"{MAX_AUTO_EPOCHS}"))
     if "lr" not in given:
-        head = objective.name == "classify" and cfg.method == "lora"
+        probe = getattr(cfg.settings, "head_init", None) == "probe"
+        head = objective.name == "classify" and cfg.method == "lora" and not probe
         lr = HEAD_LR if head else METHOD_LR[cfg.method]
-        out.append(Choice("lr", lr, f"method {cfg.method}" + (" with a new classification head" if head else "")))
+        out.append(Choice("lr", lr, f"method {cfg.method}" + (" with a new classification head" if head else "")
+                          + (" from a head fitted as a linear probe" if probe else "")))
     steps = cfg.max_steps or math.ceil(
         (next((c.value for c in out if c.key == "epochs"), cfg.epochs)) * per_epoch)
     if "eval_every" not in given and steps >= 2 * EVALUATIONS:

@@ -100,6 +100,8 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
         if data.choices:
             say("chosen from the data: " + "; ".join(str(c) for c in data.choices))
         model: Any = objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype))
+    if objective.init is not None:  # every process fits the same (deterministic) weights; no adapter yet
+        objective.init(ctx, model, data.train_items)
     model = _apply_method(model, cfg)
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model

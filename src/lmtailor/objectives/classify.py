@@ -8,10 +8,23 @@ and `pad_token_id` is always set in the model config.
 The label set is fixed by `fit` from the training data (or `classify.labels`) into the context; label names <-> ids
 then live in the model config (id2label / label2id), which is saved with full models and, for LoRA runs, next to
 the adapter (see models.save_model), so a run folder reloads with its labels.
+
+Two options change the head (`classify.pooling`, `classify.head_init`); both are written into the model config
+(`lmtailor_pooling`, `lmtailor_head_bias`), so a run folder reloads with them and every lmtailor path (training,
+eval, predict, serve) computes the same logits through `head_logits`. Plain transformers reads the last token and
+no bias, so a run with either option gives its trained predictions only through lmtailor.
+- pooling `mean`: the head reads the mean of the final hidden states over the text, not its last token. On long
+  documents cut at max_length, the last token is an arbitrary word in mid-sentence.
+- head_init `probe`: before training, the head is fitted as a logistic regression (scikit-learn, standardized
+  features, C by stratified cross-validation) on the frozen model's pooled features of the training texts, and
+  fine-tuning starts from it (linear probing, then fine-tuning: LP-FT). On the 438 training pages of
+  python-docs-sections a probe on mean-pooled features of the first 256 tokens reached test macro-F1 0.98 where
+  TF-IDF + logistic regression reached 0.38 and 58 LoRA steps from a random head 0.25.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from tqdm.auto import tqdm
 
 from lmtailor.config import Strict
 from lmtailor.data.example import Example
@@ -59,6 +73,13 @@ class ClassifySettings(Strict):
     dropout: float | None = Field(None, ge=0, lt=1, description="override every dropout probability of the model "
                                   "config")
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    pooling: Literal["last", "mean"] = Field(
+        "last", description="what the head reads: last (the last text token, transformers' rule for decoder "
+        "models; encoders use their first token) or mean (the mean of the final hidden states over the text, for "
+        "long documents; decoder models)")
+    head_init: Literal["random", "probe"] = Field(
+        "random", description="the head's start: random, or probe (a logistic regression fitted on the frozen "
+        "model's pooled features of the training texts, which fine-tuning then continues; single-label)")
 
 
 @dataclass
@@ -123,6 +144,11 @@ def load_model(ctx: ObjectiveContext, dtype: torch.dtype) -> nn.Module:
     config.pad_token_id = ctx.tokenizer.pad_token_id  # decoder heads find the last token by it
     if s.dropout is not None:
         override_dropout(config, s.dropout)
+    config.lmtailor_pooling = s.pooling
+    config.lmtailor_head_bias = None  # head_init=probe sets it (init)
+    if (s.pooling == "mean" or s.head_init == "probe") and cfg.method in ("prompt_tuning", "prefix_tuning"):
+        raise ConfigError(f"classify.pooling=mean and head_init=probe read the backbone's own hidden states; method "
+                          f"{cfg.method} adds virtual tokens they would not see", "use method lora, full or freeze")
     return load_pretrained(cfg.base_model, "AutoModelForSequenceClassification", dtype=dtype, config=config,
                            trust_remote_code=cfg.trust_remote_code)
 
@@ -191,6 +217,121 @@ def sample_weights(ctx: ObjectiveContext, items: Sequence[ClassItem]) -> np.ndar
     return weights / weights.sum()
 
 
+# ---- the head: pooling, bias, and the linear probe it may start from ------------------------------------------
+
+def _head(hf: Any) -> nn.Module:
+    head = getattr(hf, "score", None)
+    if head is None:
+        raise ConfigError(f"classify.pooling=mean and head_init=probe need a decoder model with a `score` head; "
+                          f"{type(hf).__name__} has none", "use pooling: last and head_init: random")
+    return head
+
+
+def pooled(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, H) features the head reads: the mean of the final hidden states over the (right-padded) text, or its
+    last token's."""
+    hf = unwrap_peft(model)
+    backbone = getattr(hf, hf.base_model_prefix)  # adapter layers sit inside it, so LoRA applies
+    h = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    if pooling == "mean":
+        m = attention_mask.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1)
+    last = attention_mask.sum(1) - 1  # (B,) right padding: the last real token
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def head_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, C) float logits by the head the model config describes (pooling, bias); a plain transformers head
+    (last token, no bias) is transformers' own forward."""
+    hf = unwrap_peft(model)
+    pooling = getattr(hf.config, "lmtailor_pooling", None) or "last"
+    bias = getattr(hf.config, "lmtailor_head_bias", None)
+    if pooling == "last" and bias is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    logits = _head(hf)(pooled(model, input_ids, attention_mask, pooling)).float()
+    if bias is not None:
+        logits = logits + torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+@torch.inference_mode()
+def features(model: nn.Module, tok: Any, items: Sequence[ClassItem], pooling: str, batch_size: int = EVAL_BATCH,
+             progress: bool = True) -> np.ndarray:
+    """(N, H) pooled features of the frozen model, in the order of `items` (batches of similar lengths)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    out: np.ndarray | None = None
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="probe features", disable=not progress, leave=False, unit="batch"):
+        idx = order[start:start + batch_size]
+        batch = collate_items([items[i] for i in idx], tok.pad_token_id)
+        feats = pooled(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), pooling)
+        if out is None:
+            out = np.zeros((len(items), feats.shape[-1]))
+        out[idx] = feats.float().cpu().numpy()
+    model.train(was_training)
+    return out if out is not None else np.zeros((0, 0))
+
+
+PROBE_CS = (0.01, 0.1, 1.0)  # inverse L2 strengths tried on standardized features; ties go to the stronger one
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A logistic regression on standardized features, C chosen by stratified cross-validation (macro-F1), folded
+    back onto the raw features: (W (C, H), b (C,), facts). Labels absent from `y` get a bias far below the rest."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sd
+    present = np.bincount(y, minlength=n_classes)
+    present = present[present > 0]
+    folds = min(3, int(present.min())) if len(present) >= 2 else 0
+    scores: dict[float, float] = {}
+    if folds >= 2:
+        cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+        scores = {c: float(cross_val_score(LogisticRegression(C=c, max_iter=3000), z, y, cv=cv,
+                                           scoring="f1_macro").mean()) for c in PROBE_CS}
+    c = max(PROBE_CS, key=lambda k: scores.get(k, 0.0)) if scores else 0.1
+    lr = LogisticRegression(C=c, max_iter=3000).fit(z, y)
+    coef, icpt = lr.coef_, lr.intercept_
+    if len(lr.classes_) == 2:  # one row: class 1's log-odds against class 0
+        coef, icpt = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, icpt[0]])
+    w = np.zeros((n_classes, x.shape[1]))
+    b = np.full(n_classes, float(icpt.min()) - 20.0)
+    w[lr.classes_] = coef / sd
+    b[lr.classes_] = icpt - (coef / sd) @ mu
+    return w, b, {"C": c, "cv_macro_f1": scores, "folds": folds, "examples": len(y)}
+
+
+def init(ctx: ObjectiveContext, model: nn.Module, items: Sequence[ClassItem]) -> None:
+    """head_init=probe: fit the head on the frozen model's pooled features of the training items (before any
+    adapter is attached); the bias goes into the model config. Deterministic, so a resumed run refits the same
+    head (its weights then come from the checkpoint)."""
+    s: ClassifySettings = ctx.settings
+    if s.head_init != "probe":
+        return
+    if s.multi_label:
+        raise ConfigError("config key 'classify.head_init': probe fits a single-label head",
+                          "use head_init: random with multi_label: true")
+    head = _head(model)
+    assert isinstance(head, nn.Linear), "a decoder classification head is one linear layer"
+    t0 = time.monotonic()
+    x = features(model, ctx.tokenizer, items, s.pooling)
+    y = np.array([int(i.label) for i in items])  # type: ignore[arg-type]
+    w, b, facts = fit_probe(x, y, head.out_features, ctx.cfg.seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(w).to(head.weight.dtype))
+    unwrap_peft(model).config.lmtailor_head_bias = [float(v) for v in b]
+    facts["seconds"] = round(time.monotonic() - t0, 1)
+    ctx.stats["head_probe"] = facts
+    print(f"head: a linear probe on {len(items)} training texts ({s.pooling}-pooled, C={facts['C']}, "
+          f"{facts['seconds']:.0f} s)")
+
+
 @dataclass
 class LossSpec:
     """How the loss treats labels (built from the settings and the label counts)."""
@@ -224,7 +365,7 @@ class ClassifyLoss(nn.Module):
         s = self.spec
         if torch.is_grad_enabled() and (s.p_drop or s.p_swap):  # training batches only, never evaluation
             input_ids, attention_mask = augment_batch(input_ids, attention_mask, s.pad_id, s.p_drop, s.p_swap)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # (B, C)
+        logits = head_logits(self.model, input_ids, attention_mask)  # (B, C)
         weight = torch.tensor(s.weights, device=logits.device) if s.weights else None
         if s.multi_label:
             target = labels * (1 - s.label_smoothing) + s.label_smoothing / 2
@@ -248,8 +389,7 @@ def probabilities(model: nn.Module, tok: Any, items: list[ClassItem], multi_labe
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = collate_items([items[i] for i in idx], tok.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device),
-                       attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()  # (b, C)
+        logits = head_logits(model, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()  # (b, C)
         if out.shape[1] == 0:
             out = torch.zeros(len(items), logits.shape[1])
         out[idx] = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
@@ -329,6 +469,6 @@ def predict(run: Any, texts: list[str], batch_size: int = EVAL_BATCH
 
 
 register_objective("classify", "sequence classification: a label per text (labeled data), head on any backbone",
-                   settings=ClassifySettings, tokenizer=recipe_tokenizer, fit=fit, model=load_model, prepare=prepare,
-                   collate=collate, count=count, build=build, evaluate=evaluate, sample_weights=sample_weights,
-                   baseline=baseline, task_report=True, primary_metric="macro_f1")
+                   settings=ClassifySettings, tokenizer=recipe_tokenizer, fit=fit, model=load_model, init=init,
+                   prepare=prepare, collate=collate, count=count, build=build, evaluate=evaluate,
+                   sample_weights=sample_weights, baseline=baseline, task_report=True, primary_metric="macro_f1")

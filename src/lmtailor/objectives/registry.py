@@ -7,6 +7,8 @@ An objective is a set of hooks the pipeline calls in this order:
     sample_weights(ctx, train_items) -> array | None  optional: draw an epoch by these weights, not a shuffle
     prepare(ctx, examples) -> (items, stats)          examples -> model-ready items (tokenized, labelled)
     model(ctx, dtype) -> nn.Module                    the pretrained or new model with the right head
+    init(ctx, model, train_items) -> None             optional: fit new weights from the data before any adapter
+                                                      is attached (e.g. a classification head as a linear probe)
     build(ctx, model) -> nn.Module                    loss module: forward(**batch) -> (loss sum, loss terms)
     collate(ctx, items) -> batch                      items -> tensors
     count(batch) -> int                               loss terms in a batch (the step normalizes by their total)
@@ -87,6 +89,7 @@ class Objective:
     sample_weights: Callable[[ObjectiveContext, Any], Any] | None = None  # per-item draw weights of an epoch
     baseline: Callable[[ObjectiveContext, Any, Any], dict[str, dict[str, float]]] | None = None
     primary_metric: str | None = None  # the task metric a tuned model is judged by against the baselines
+    init: Callable[[ObjectiveContext, Any, Any], None] | None = None  # new weights fitted from the data
     select: Callable[[RunConfig], str] | None = None  # an alias that picks a concrete objective per recipe
 
     def context(self, cfg: RunConfig, run_dir: Path | None = None) -> ObjectiveContext:
@@ -96,7 +99,7 @@ class Objective:
 
 OBJECTIVES: dict[str, Objective] = {}
 _HOOKS = ("tokenizer", "model", "prepare", "build", "collate", "count", "evaluate", "fit", "sample_weights", "baseline",
-          "select")
+          "init", "select")
 
 
 def register_objective(name: str, description: str, *, settings: type[BaseModel] | None = None,
@@ -108,7 +111,7 @@ def register_objective(name: str, description: str, *, settings: type[BaseModel]
         description: one line for listings.
         settings: a pydantic model of the objective's own options.
         hooks: tokenizer, model, prepare, build, collate, count, evaluate (required unless `select` is given:
-            then the name is an alias resolved per recipe), fit, sample_weights, baseline and select (optional),
+            then the name is an alias resolved per recipe), fit, sample_weights, baseline, init and select (optional),
             and the flags train_on_prompt, task_report and primary_metric.
 
     Raises:
