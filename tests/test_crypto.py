@@ -265,10 +265,62 @@ def test_run_on_encrypted_data_writes_no_plaintext_and_reloads_with_the_key(
     assert "no key" in err and err.count("\n") == 1
 
 
-def test_sealed_run_refuses_a_plaintext_token_cache(tiny_model: Path, pairs_file: Path, key: crypto.Key,
-                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", f"base_model={tiny_model}", f"data.path={pairs_file}", "encrypt_outputs=true",
-                 "pretrain.cache=true", f"output_dir={tmp_path / 'r'}", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "pretrain.cache would write the tokenized data unencrypted" in err and err.count("\n") == 1
-    assert not (tmp_path / "r").exists()
+def _scan_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Cache and temporary files under `tmp_path` (where `_plaintext_hits` looks); the staging folders before."""
+    import tempfile
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("LMTAILOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return _staged()
+
+
+def test_sealed_pretraining_run_seals_its_token_cache_and_reuses_it(
+        tiny_model: Path, tmp_path: Path, key: crypto.Key, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pretrain.cache in a sealed run: the token cache (blocks, validation documents, stats) is built in RAM and
+    sealed; a second run decrypts it into memory instead of rebuilding; another key rebuilds it."""
+    from conftest import CORPUS
+
+    staged_before = _scan_setup(tmp_path, monkeypatch)
+    plain = tmp_path / "docs.jsonl"
+    plain.write_text("".join(json.dumps({"text": " ".join(CORPUS[i:i + 4]) + f" {MARKER} ({i})"}) + "\n"
+                             for i in range(30)))
+    enc = crypto.encrypt_file(plain, tmp_path / "docs.jsonl.enc", key)
+    plain.unlink()
+    args = ["train", f"base_model={tiny_model}", "objective=clm", f"data.path={enc}", "pretrain.cache=true",
+            "max_steps=2", "batch_size=4", "max_length=32", "data.val_size=4", "method=full", "eval_every=1",
+            "eval.generate_examples=0", "--no-progress"]
+    assert main([*args, f"output_dir={tmp_path / 'a'}"]) == 0
+    caches = [p for p in (tmp_path / "cache" / "tokens").rglob("*") if p.is_file()]
+    assert {p.name for p in caches} == {"train.arrow", "val.arrow", "val-docs.arrow", "stats.json"}
+    assert all(crypto.is_encrypted(p) for p in caches)
+    assert _plaintext_hits(tmp_path) == []
+    assert main([*args, f"output_dir={tmp_path / 'b'}"]) == 0
+    a, b = (json.loads(crypto.read_bytes(tmp_path / n / "metrics.json.enc"))["data"] for n in "ab")
+    assert a["train_cache_reused"] is False and b["train_cache_reused"] is True
+    assert a["train_blocks"] == b["train_blocks"] > 2
+    # eval on the sealed run reads the sealed model; the cache stays sealed
+    assert main(["eval", str(tmp_path / "a"), "--data", str(enc), "--metric", "perplexity", "--context", "16"]) == 0
+    assert _plaintext_hits(tmp_path) == []
+    assert _staged() == staged_before
+
+
+def test_sealed_token_cache_opens_with_its_key_and_is_rebuilt_under_another(
+        tiny_model: Path, tmp_path: Path, key: crypto.Key) -> None:
+    from transformers import AutoTokenizer
+
+    from lmtailor.pretrain.corpus import token_cache
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    docs = [f"list files {MARKER} {i}" for i in range(20)]
+    built = []
+    for k in (key, key, _other_key()):
+        with crypto.seal_outputs(k):
+            blocks = token_cache(lambda: docs, tok, 16, root=tmp_path)
+        built.append((blocks.reused, len(blocks), blocks[0].input_ids))
+    assert [b[0] for b in built] == [False, True, False] and built[0][1:] == built[1][1:] == built[2][1:]
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and crypto.is_encrypted(files[0]) and _plaintext_hits(tmp_path) == []
+    with crypto.seal_outputs(None):  # a plain run keeps its own, memory-mapped, cache
+        assert not token_cache(lambda: docs, tok, 16, root=tmp_path).reused
