@@ -324,3 +324,44 @@ def test_sealed_token_cache_opens_with_its_key_and_is_rebuilt_under_another(
     assert len(files) == 1 and crypto.is_encrypted(files[0]) and _plaintext_hits(tmp_path) == []
     with crypto.seal_outputs(None):  # a plain run keeps its own, memory-mapped, cache
         assert not token_cache(lambda: docs, tok, 16, root=tmp_path).reused
+
+
+def test_prompt_verbs_on_encrypted_data_seal_their_score_cache_and_outputs(
+        tiny_model: Path, tmp_path: Path, key: crypto.Key, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prompt run / optimize and compare on an encrypted data file: the score cache (generated answers) and the
+    predictions, metrics and reports are sealed; a second run reads the sealed cache (no model calls)."""
+    import yaml
+
+    from conftest import PAIRS
+
+    staged_before = _scan_setup(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    plain = tmp_path / "qa.jsonl"
+    plain.write_text("".join(json.dumps({"instruction": f"{q} {i} {MARKER}", "output": f"{a} {MARKER}"}) + "\n"
+                             for i in range(2) for q, a in PAIRS))
+    enc = crypto.encrypt_file(plain, tmp_path / "qa.jsonl.enc", key)
+    plain.unlink()
+    task = tmp_path / "qa-task.yaml"
+    task.write_text(yaml.safe_dump({
+        "name": "qa", "inputs": ["input"], "output": {"field": "output"}, "metric": "chrf", "max_new_tokens": 3,
+        "templates": ["Command for: {{ input }}"], "few_shot": {"k": 1, "strategy": "nearest"}, "dev_size": 4,
+        "data": {"path": str(enc), "val_size": 4},
+        "search": {"budget": 12, "paraphrases": 0, "shots": [0, 1], "strategies": ["nearest"], "min_examples": 2}}))
+    assert main(["prompt", "run", str(task), "--model", str(tiny_model), "--out", "pr"]) == 0
+    assert {p.name for p in (tmp_path / "pr").iterdir()} == {"metrics.json.enc", "predictions.jsonl.enc"}
+    assert MARKER in crypto.read_bytes(tmp_path / "pr" / "predictions.jsonl.enc").decode()  # references, sealed
+    first = json.loads(crypto.read_bytes(tmp_path / "pr" / "metrics.json.enc"))
+    cache = tmp_path / "cache" / "prompt-scores" / "scores.sqlite.enc"
+    assert first["calls"] > 0 and crypto.is_encrypted(cache)
+    assert not (tmp_path / "cache" / "prompt-scores" / "scores.sqlite").exists()
+    assert main(["prompt", "run", str(task), "--model", str(tiny_model), "--out", "pr2"]) == 0
+    assert json.loads(crypto.read_bytes(tmp_path / "pr2" / "metrics.json.enc"))["calls"] == 0  # all cached
+
+    assert main(["prompt", "optimize", str(task), "--model", str(tiny_model), "--out", "search"]) == 0
+    search = {p.name for p in (tmp_path / "search").iterdir()}
+    assert search == {"best_task.yaml", "candidates.json.enc", "search.png.enc", "report.html.enc"}
+    assert main(["compare", str(task), "zero-shot", "search", "--model", str(tiny_model), "--out", "cmp"]) == 0
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.json.enc", "compare.md.enc",
+                                                              "compare.png.enc", "report.html.enc"}
+    assert _plaintext_hits(tmp_path) == []
+    assert _staged() == staged_before
