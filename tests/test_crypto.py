@@ -202,6 +202,25 @@ def _staged() -> set[str]:
     return {p.name for p in shm.glob("lmtailor-plain-*")} if shm.is_dir() else set()
 
 
+def _server_answers(slots: dict, names: list[str]) -> None:
+    """A server started on sealed runs lists them and answers a chat request for each (real HTTP, uvicorn)."""
+    import httpx
+
+    from lmtailor.serve import create_app, running
+
+    with running(create_app(slots)) as url:
+        listed = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+        assert set(names) <= listed
+        for name in names:
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": name, "messages": [{"role": "user", "content": "list files"}], "max_tokens": 4,
+                "temperature": 0})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == name and isinstance(body["choices"][0]["message"]["content"], str)
+            assert body["usage"]["completion_tokens"] >= 1
+
+
 def test_run_on_encrypted_data_writes_no_plaintext_and_reloads_with_the_key(
         tiny_model: Path, tmp_path: Path, key: crypto.Key, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -248,11 +267,18 @@ def test_run_on_encrypted_data_writes_no_plaintext_and_reloads_with_the_key(
     from lmtailor.serve.models import load_models
 
     shutil.copytree(run, tmp_path / "run2")
-    assert {"run", "run2"} <= set(load_models([str(run), str(tmp_path / "run2")]))
+    slots = load_models([str(run), str(tmp_path / "run2")])
+    assert {"run", "run2"} <= set(slots)
+    _server_answers(slots, ["run", "run2"])
     assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
     assert _plaintext_hits(tmp_path) == []
     assert _staged() == staged_before  # nothing decrypted is left in RAM-backed staging either
 
+    # the sealed reports decrypt back to what a plain run writes
+    for name in ("metrics.json", "report.html"):
+        assert main(["privacy", "decrypt", str(run / f"{name}.enc"), "--out", str(tmp_path / name)]) == 0
+    assert "after" in json.loads((tmp_path / "metrics.json").read_text())
+    assert (tmp_path / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
     # the model folder decrypts back to an ordinary HF adapter folder
     assert main(["privacy", "decrypt", str(run / "model"), "--out", str(tmp_path / "plain-model")]) == 0
     assert json.loads((tmp_path / "plain-model" / "adapter_config.json").read_text())["peft_type"] == "LORA"

@@ -39,7 +39,7 @@ from lmtailor.errors import ConfigError, DataError
 from lmtailor.privacy import detectors as det
 from lmtailor.privacy.detectors import Finding, ScanOptions, scan
 
-SCRUBBER_VERSION = "2.0.0"
+SCRUBBER_VERSION = "2.1.0"
 MIN_SALT_BYTES = 16
 PSEUDONYM_HEX = 16  # 64 bits of the digest in every fake that has room for them
 MODES = ("placeholder", "pseudonym")
