@@ -206,10 +206,11 @@ def test_eval_set_is_reproducible(tmp_path: Path) -> None:
 def test_phone_numbers_follow_the_region(region: str, text: str, value: str) -> None:
     found = [f for f in scan(text, options=det.ScanOptions.create(region)) if f.type == det.PHONE]
     assert [f.value for f in found] == [value] and not found[0].kind.endswith("_unverified")
-    # Without a phone word, a number valid only in another region is not one; beside one it counts unverified.
+    # Without a phone word, a number valid only in another region is not one; beside one it may be (the word's
+    # language hints at its region, or the number has a length possible in the configured one).
     us = det.ScanOptions.create("US")
     assert value not in [f.value for f in scan(f"voir {value} ici", options=us)]
-    assert all(f.kind.endswith("_unverified") for f in scan(text, options=us))
+    assert all(f.value == value for f in scan(text, options=us))
     both = det.ScanOptions.create(f"US, {region.lower()}")
     assert [f.value for f in scan(text, options=both)] == [value]
 
@@ -229,6 +230,15 @@ def test_a_phone_word_makes_possible_numbers_count_and_not_look_alikes(word: str
             found = [f for f in scan(f"{word} {look_alike}", options=det.ScanOptions.create(region))
                      if f.type == det.PHONE]
             assert found == [], (region, look_alike, found)
+
+
+def test_a_phone_word_hints_at_the_region_of_its_language() -> None:
+    us = det.ScanOptions.create("US")
+    for text, value in [("Telefon: 030 12345678", "030 12345678"), ("電話番号：090-1234-5678", "090-1234-5678"),
+                        ("chiamami al 06 4567 8901", "06 4567 8901")]:
+        [f] = scan(text, options=us)
+        assert (f.value, f.kind) == (value, "national"), f  # valid in the hinted region, not merely possible
+    assert scan("see 030 12345678", options=us) == []
 
 
 def test_unknown_phone_region_is_a_config_error() -> None:

@@ -80,21 +80,28 @@ _NOT_A_PHONE = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}|\d{1,2}([./\-])\d{1,2}\1(?:\
                           r"\d{4}([./\-])\d{1,2}\2\d{1,2}")
 
 
-# Words that say the number beside them is someone's phone, in the languages the scanner knows. They let a number
-# phonenumbers only calls *possible* (the right length, an area code it does not know as assigned) count:
-# people mistype, invent, or use ranges newer than the library's metadata, and a number next to "Tel." is a
-# number to scrub whether or not it is in service.
+# Words that say the number beside them is someone's phone, in the languages the scanner knows, with the regions
+# each language hints at. Beside one, a number phonenumbers only calls *possible* (the right length, an area code
+# it does not know as assigned) counts: people mistype, invent, or use ranges newer than the library's metadata,
+# and a number next to "Tel." is a number to scrub whether or not it is in service. The hinted regions are tried
+# after the configured ones, so German text scanned with the default region still has its national numbers read.
+_PHONE_WORD_GROUPS: list[tuple[tuple[str, ...], str]] = [
+    ((), r"phone|telephone|tel|mob|mobile|cell|cellphone|call|calls|called|ring|dial|fax|sms|whatsapp|signal|ping|"
+         r"contact|reach|reached|reachable|hotline|my\s{1,3}number"),
+    (("DE", "AT", "CH"), r"telefon|telefonnummer|rufnummer|handy|mobil|mobilnummer|anrufen|ruf|rufen|erreichbar|"
+                         r"meine?\s{1,3}nummer"),
+    (("FR", "BE", "CH"), r"téléphone|tél|portable|appel|appelle[rz]?|joindre|joignable|mon\s{1,3}numéro"),
+    (("ES", "MX", "AR", "CO"), r"teléfono|tfno|móvil|llam[ae]r?|llámame|mi\s{1,3}número"),
+    (("IT",), r"telefono|cellulare|chiamare|chiama|chiamami|recapito|il\s{1,3}mio\s{1,3}numero"),
+    (("PT", "BR"), r"telemóvel|telefone|celular|contacto|ligar|liga|o\s{1,3}meu\s{1,3}número"),
+]
 _PHONE_WORDS = re.compile(
-    r"(?i)(?:(?<![^\W\d_])(?:phone|telephone|tel|mob|mobile|cell|cellphone|call|calls|called|ring|dial|fax|sms|"
-    r"whatsapp|signal|ping|contact|reach|reached|reachable|hotline|"
-    r"telefon|telefonnummer|rufnummer|handy|mobil|mobilnummer|anrufen|ruf|rufen|erreichbar|"
-    r"téléphone|tél|portable|appel|appelle[rz]?|joindre|joignable|"
-    r"teléfono|tfno|móvil|celular|llam[ae]r?|llámame|contacto|"
-    r"telefono|cellulare|chiamare|chiama|chiamami|recapito|"
-    r"telemóvel|telefone|ligar|liga)(?![^\W\d_])|"
-    r"\b(?:my|mein|meine|mon|mi|il\s{1,3}mio|o\s{1,3}meu)\s{1,3}(?:number|nummer|numéro|número|numero)\b|"
-    r"電話|携帯|連絡先|ＴＥＬ|TEL|☎|📞)"
+    "(?i)" + "|".join(rf"(?<![^\W\d_])(?P<g{i}>{words})(?![^\W\d_])" for i, (_, words) in
+                      enumerate(_PHONE_WORD_GROUPS))
+    + r"|(?P<ja>電話|携帯|連絡先)|(?P<sign>☎|📞|ＴＥＬ)"
 )
+_GROUP_REGIONS = {f"g{i}": regions for i, (regions, _) in enumerate(_PHONE_WORD_GROUPS)} | {"ja": ("JP",),
+                                                                                            "sign": ()}
 # scrub.py's fake numbers: invalid, and with digits whose value is PSEUDONYM_PHONE_RESIDUE modulo 97, so a rescan
 # of pseudonymized text next to "Tel." finds none (one real invalid number in 97 shares the residue and is missed).
 PSEUDONYM_PHONE_MOD, PSEUDONYM_PHONE_RESIDUE = 97, 53
@@ -116,13 +123,17 @@ def _isbn13_ok(value: str) -> bool:
     return len(d) == 13 and d[:3] in ("978", "979") and weighted % 10 == 0
 
 
-def _phone_context(text: str, start: int, end: int) -> bool:
-    """A phone word shortly before the number with no other digit between, or right after it ("unter … erreichbar")."""
+def _phone_context(text: str, start: int, end: int) -> tuple[str, ...] | None:
+    """The regions hinted by phone words shortly before the number (no other digit between) or right after it
+    ("unter … erreichbar"); None when there is no phone word."""
     before = text[max(0, start - 40):start]
     before = before[max((m.end() for m in re.finditer(r"\d", before)), default=0):]
     after = text[end:end + 24]
     after = after[:next((m.start() for m in re.finditer(r"\d", after)), len(after))]
-    return bool(_PHONE_WORDS.search(before) or _PHONE_WORDS.search(after))
+    words = [*_PHONE_WORDS.finditer(before), *_PHONE_WORDS.finditer(after)]
+    if not words:
+        return None
+    return tuple(dict.fromkeys(r for m in words for r in _GROUP_REGIONS[m.lastgroup or "sign"]))
 
 
 def _phone_spans(cand: str, regions: tuple[str, ...], leniency: int) -> list[tuple[int, int]]:
@@ -148,11 +159,18 @@ def find_phones(text: str, options: ScanOptions = DEFAULT_OPTIONS) -> Iterator[F
         if not 7 <= digits <= 17 or _NOT_A_PHONE.fullmatch(cand) or reference_before(text, c.start()):
             continue
         found = _phone_spans(cand, options.phone_regions, phonenumbers.Leniency.VALID)
-        loose = not found and _phone_context(text, c.start(), c.end()) and not _NOT_A_LOOSE_PHONE.fullmatch(cand) \
-            and not _isbn13_ok(cand)
-        if loose:
-            found = [(s, e) for s, e in _phone_spans(cand, options.phone_regions, phonenumbers.Leniency.POSSIBLE)
-                     if len(only_digits(cand[s:e])) >= 7 and not is_pseudonym_phone(cand[s:e])]
+        hints = None if found else _phone_context(text, c.start(), c.end())
+        loose = False
+        if hints is not None and not _NOT_A_LOOSE_PHONE.fullmatch(cand) and not _isbn13_ok(cand):
+            # Valid in a region the phone word hints at; else possible in any region tried. Never one of
+            # scrub.py's fakes (invalid in the configured regions, but possibly valid in a hinted one).
+            extra = tuple(r for r in hints if r not in options.phone_regions)
+            found = _phone_spans(cand, extra, phonenumbers.Leniency.VALID) if extra else []
+            if not found:
+                loose = True
+                found = _phone_spans(cand, options.phone_regions + extra, phonenumbers.Leniency.POSSIBLE)
+            found = [(s, e) for s, e in found if len(only_digits(cand[s:e])) >= 7
+                     and not is_pseudonym_phone(cand[s:e])]
         for start, end in sorted(set(found), key=lambda se: (se[0], -se[1])):
             if any(s <= start < e for s, e in found if (s, e) != (start, end) and e - s > end - start):
                 continue  # inside a longer number
