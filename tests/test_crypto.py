@@ -391,3 +391,18 @@ def test_prompt_verbs_on_encrypted_data_seal_their_score_cache_and_outputs(
                                                               "compare.png.enc", "report.html.enc"}
     assert _plaintext_hits(tmp_path) == []
     assert _staged() == staged_before
+
+
+def test_sealed_score_cache_persists_under_its_key_and_leaves_another_keys_copy_alone(
+        tmp_path: Path, key: crypto.Key) -> None:
+    from lmtailor.prompting.scoring import ScoreCache
+
+    path = tmp_path / "scores.sqlite.enc"
+    ScoreCache(path, key).put_many({"a": [1.5, -2.0], "b": f"answer {MARKER}"})
+    assert crypto.is_encrypted(path) and _plaintext_hits(tmp_path) == []
+    assert ScoreCache(path, key).get_many(["a", "b"]) == {"a": [1.5, -2.0], "b": f"answer {MARKER}"}
+    sealed = path.read_bytes()
+    other = ScoreCache(path, _other_key())  # another key: in memory only, the sealed copy is not overwritten
+    assert other.get_many(["a"]) == {}
+    other.put_many({"c": 1.0})
+    assert path.read_bytes() == sealed and len(other) == 1
