@@ -202,6 +202,25 @@ def _staged() -> set[str]:
     return {p.name for p in shm.glob("lmtailor-plain-*")} if shm.is_dir() else set()
 
 
+def _server_answers(slots: dict, names: list[str]) -> None:
+    """A server started on sealed runs lists them and answers a chat request for each (real HTTP, uvicorn)."""
+    import httpx
+
+    from lmtailor.serve import create_app, running
+
+    with running(create_app(slots)) as url:
+        listed = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+        assert set(names) <= listed
+        for name in names:
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": name, "messages": [{"role": "user", "content": "list files"}], "max_tokens": 4,
+                "temperature": 0})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == name and isinstance(body["choices"][0]["message"]["content"], str)
+            assert body["usage"]["completion_tokens"] >= 1
+
+
 def test_run_on_encrypted_data_writes_no_plaintext_and_reloads_with_the_key(
         tiny_model: Path, tmp_path: Path, key: crypto.Key, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -248,11 +267,18 @@ def test_run_on_encrypted_data_writes_no_plaintext_and_reloads_with_the_key(
     from lmtailor.serve.models import load_models
 
     shutil.copytree(run, tmp_path / "run2")
-    assert {"run", "run2"} <= set(load_models([str(run), str(tmp_path / "run2")]))
+    slots = load_models([str(run), str(tmp_path / "run2")])
+    assert {"run", "run2"} <= set(slots)
+    _server_answers(slots, ["run", "run2"])
     assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
     assert _plaintext_hits(tmp_path) == []
     assert _staged() == staged_before  # nothing decrypted is left in RAM-backed staging either
 
+    # the sealed reports decrypt back to what a plain run writes
+    for name in ("metrics.json", "report.html"):
+        assert main(["privacy", "decrypt", str(run / f"{name}.enc"), "--out", str(tmp_path / name)]) == 0
+    assert "after" in json.loads((tmp_path / "metrics.json").read_text())
+    assert (tmp_path / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
     # the model folder decrypts back to an ordinary HF adapter folder
     assert main(["privacy", "decrypt", str(run / "model"), "--out", str(tmp_path / "plain-model")]) == 0
     assert json.loads((tmp_path / "plain-model" / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -265,10 +291,118 @@ def test_run_on_encrypted_data_writes_no_plaintext_and_reloads_with_the_key(
     assert "no key" in err and err.count("\n") == 1
 
 
-def test_sealed_run_refuses_a_plaintext_token_cache(tiny_model: Path, pairs_file: Path, key: crypto.Key,
-                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", f"base_model={tiny_model}", f"data.path={pairs_file}", "encrypt_outputs=true",
-                 "pretrain.cache=true", f"output_dir={tmp_path / 'r'}", "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "pretrain.cache would write the tokenized data unencrypted" in err and err.count("\n") == 1
-    assert not (tmp_path / "r").exists()
+def _scan_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Cache and temporary files under `tmp_path` (where `_plaintext_hits` looks); the staging folders before."""
+    import tempfile
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("LMTAILOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    return _staged()
+
+
+def test_sealed_pretraining_run_seals_its_token_cache_and_reuses_it(
+        tiny_model: Path, tmp_path: Path, key: crypto.Key, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pretrain.cache in a sealed run: the token cache (blocks, validation documents, stats) is built in RAM and
+    sealed; a second run decrypts it into memory instead of rebuilding; another key rebuilds it."""
+    from conftest import CORPUS
+
+    staged_before = _scan_setup(tmp_path, monkeypatch)
+    plain = tmp_path / "docs.jsonl"
+    plain.write_text("".join(json.dumps({"text": " ".join(CORPUS[i:i + 4]) + f" {MARKER} ({i})"}) + "\n"
+                             for i in range(30)))
+    enc = crypto.encrypt_file(plain, tmp_path / "docs.jsonl.enc", key)
+    plain.unlink()
+    args = ["train", f"base_model={tiny_model}", "objective=clm", f"data.path={enc}", "pretrain.cache=true",
+            "max_steps=2", "batch_size=4", "max_length=32", "data.val_size=4", "method=full", "eval_every=1",
+            "eval.generate_examples=0", "--no-progress"]
+    assert main([*args, f"output_dir={tmp_path / 'a'}"]) == 0
+    caches = [p for p in (tmp_path / "cache" / "tokens").rglob("*") if p.is_file()]
+    assert {p.name for p in caches} == {"train.arrow", "val.arrow", "val-docs.arrow", "stats.json"}
+    assert all(crypto.is_encrypted(p) for p in caches)
+    assert _plaintext_hits(tmp_path) == []
+    assert main([*args, f"output_dir={tmp_path / 'b'}"]) == 0
+    a, b = (json.loads(crypto.read_bytes(tmp_path / n / "metrics.json.enc"))["data"] for n in "ab")
+    assert a["train_cache_reused"] is False and b["train_cache_reused"] is True
+    assert a["train_blocks"] == b["train_blocks"] > 2
+    # eval on the sealed run reads the sealed model; the cache stays sealed
+    assert main(["eval", str(tmp_path / "a"), "--data", str(enc), "--metric", "perplexity", "--context", "16"]) == 0
+    assert _plaintext_hits(tmp_path) == []
+    assert _staged() == staged_before
+
+
+def test_sealed_token_cache_opens_with_its_key_and_is_rebuilt_under_another(
+        tiny_model: Path, tmp_path: Path, key: crypto.Key) -> None:
+    from transformers import AutoTokenizer
+
+    from lmtailor.pretrain.corpus import token_cache
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    docs = [f"list files {MARKER} {i}" for i in range(20)]
+    built = []
+    for k in (key, key, _other_key()):
+        with crypto.seal_outputs(k):
+            blocks = token_cache(lambda: docs, tok, 16, root=tmp_path)
+        built.append((blocks.reused, len(blocks), blocks[0].input_ids))
+    assert [b[0] for b in built] == [False, True, False] and built[0][1:] == built[1][1:] == built[2][1:]
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and crypto.is_encrypted(files[0]) and _plaintext_hits(tmp_path) == []
+    with crypto.seal_outputs(None):  # a plain run keeps its own, memory-mapped, cache
+        assert not token_cache(lambda: docs, tok, 16, root=tmp_path).reused
+
+
+def test_prompt_verbs_on_encrypted_data_seal_their_score_cache_and_outputs(
+        tiny_model: Path, tmp_path: Path, key: crypto.Key, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prompt run / optimize and compare on an encrypted data file: the score cache (generated answers) and the
+    predictions, metrics and reports are sealed; a second run reads the sealed cache (no model calls)."""
+    import yaml
+
+    from conftest import PAIRS
+
+    staged_before = _scan_setup(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    plain = tmp_path / "qa.jsonl"
+    plain.write_text("".join(json.dumps({"instruction": f"{q} {i} {MARKER}", "output": f"{a} {MARKER}"}) + "\n"
+                             for i in range(2) for q, a in PAIRS))
+    enc = crypto.encrypt_file(plain, tmp_path / "qa.jsonl.enc", key)
+    plain.unlink()
+    task = tmp_path / "qa-task.yaml"
+    task.write_text(yaml.safe_dump({
+        "name": "qa", "inputs": ["input"], "output": {"field": "output"}, "metric": "chrf", "max_new_tokens": 3,
+        "templates": ["Command for: {{ input }}"], "few_shot": {"k": 1, "strategy": "nearest"}, "dev_size": 4,
+        "data": {"path": str(enc), "val_size": 4},
+        "search": {"budget": 12, "paraphrases": 0, "shots": [0, 1], "strategies": ["nearest"], "min_examples": 2}}))
+    assert main(["prompt", "run", str(task), "--model", str(tiny_model), "--out", "pr"]) == 0
+    assert {p.name for p in (tmp_path / "pr").iterdir()} == {"metrics.json.enc", "predictions.jsonl.enc"}
+    assert MARKER in crypto.read_bytes(tmp_path / "pr" / "predictions.jsonl.enc").decode()  # references, sealed
+    first = json.loads(crypto.read_bytes(tmp_path / "pr" / "metrics.json.enc"))
+    cache = tmp_path / "cache" / "prompt-scores" / "scores.sqlite.enc"
+    assert first["calls"] > 0 and crypto.is_encrypted(cache)
+    assert not (tmp_path / "cache" / "prompt-scores" / "scores.sqlite").exists()
+    assert main(["prompt", "run", str(task), "--model", str(tiny_model), "--out", "pr2"]) == 0
+    assert json.loads(crypto.read_bytes(tmp_path / "pr2" / "metrics.json.enc"))["calls"] == 0  # all cached
+
+    assert main(["prompt", "optimize", str(task), "--model", str(tiny_model), "--out", "search"]) == 0
+    search = {p.name for p in (tmp_path / "search").iterdir()}
+    assert search == {"best_task.yaml", "candidates.json.enc", "search.png.enc", "report.html.enc"}
+    assert main(["compare", str(task), "zero-shot", "search", "--model", str(tiny_model), "--out", "cmp"]) == 0
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare.json.enc", "compare.md.enc",
+                                                              "compare.png.enc", "report.html.enc"}
+    assert _plaintext_hits(tmp_path) == []
+    assert _staged() == staged_before
+
+
+def test_sealed_score_cache_persists_under_its_key_and_leaves_another_keys_copy_alone(
+        tmp_path: Path, key: crypto.Key) -> None:
+    from lmtailor.prompting.scoring import ScoreCache
+
+    path = tmp_path / "scores.sqlite.enc"
+    ScoreCache(path, key).put_many({"a": [1.5, -2.0], "b": f"answer {MARKER}"})
+    assert crypto.is_encrypted(path) and _plaintext_hits(tmp_path) == []
+    assert ScoreCache(path, key).get_many(["a", "b"]) == {"a": [1.5, -2.0], "b": f"answer {MARKER}"}
+    sealed = path.read_bytes()
+    other = ScoreCache(path, _other_key())  # another key: in memory only, the sealed copy is not overwritten
+    assert other.get_many(["a"]) == {}
+    other.put_many({"c": 1.0})
+    assert path.read_bytes() == sealed and len(other) == 1

@@ -157,8 +157,8 @@ def _bench(name: str):  # noqa: ANN202
 
 def test_faker_eval_set_meets_targets() -> None:
     """The held-out faker set (7 locales): every regex type planted, labels point at what they say; recall >= 0.95
-    and precision >= 0.90 for every type but PHONE recall, where faker makes up numbers phonenumbers calls invalid
-    (unassigned area codes): there the valid numbers must be found, and the rest is the figure the README reports."""
+    and precision >= 0.90 for every type, PHONE included (faker makes up numbers phonenumbers calls invalid, in
+    unassigned area codes: those count next to a phone word); every valid number found."""
     rows = [json.loads(line) for line in EVAL_SET.read_text(encoding="utf-8").splitlines()]
     assert len(rows) >= 600 and len({r["locale"] for r in rows}) >= 6
     assert {s["type"] for r in rows for s in r["spans"]} == set(det.REGEX_TYPES)
@@ -168,17 +168,16 @@ def test_faker_eval_set_meets_targets() -> None:
     result = _bench("pii_eval").evaluate(rows)
     for t, s in result["per_type"].items():
         assert s["precision"] >= 0.90, (t, s, result["false_alarms"])
+        assert s["recall"] >= 0.95, (t, s, result["misses"])
         if t == det.PHONE:
-            assert s["recall_of_valid_numbers"] >= 0.95 and s["recall"] >= 0.80, (s, result["misses"])
-        else:
-            assert s["recall"] >= 0.95, (t, s, result["misses"])
+            assert s["recall_of_valid_numbers"] == 1.0, (s, result["misses"])
 
 
 def test_handwritten_set_still_passes() -> None:
     mod = _bench("pii_eval")
     result = mod.evaluate(mod.load(HANDWRITTEN), region=mod.HANDWRITTEN_REGIONS)
     for t, s in result["per_type"].items():
-        assert s["precision"] >= 0.90 and (s["recall"] >= 0.95 or t == det.PHONE), (t, s, result["misses"])
+        assert s["precision"] >= 0.90 and s["recall"] >= 0.95, (t, s, result["misses"])
 
 
 def test_eval_set_is_reproducible(tmp_path: Path) -> None:
@@ -205,11 +204,41 @@ def test_eval_set_is_reproducible(tmp_path: Path) -> None:
     ("DE", "Tel. 030 12345678", "030 12345678"),
 ])
 def test_phone_numbers_follow_the_region(region: str, text: str, value: str) -> None:
-    found = [f.value for f in scan(text, options=det.ScanOptions.create(region)) if f.type == det.PHONE]
-    assert found == [value]
-    assert value not in [f.value for f in scan(text, options=det.ScanOptions.create("US"))]
+    found = [f for f in scan(text, options=det.ScanOptions.create(region)) if f.type == det.PHONE]
+    assert [f.value for f in found] == [value] and not found[0].kind.endswith("_unverified")
+    # Without a phone word, a number valid only in another region is not one; beside one it may be (the word's
+    # language hints at its region, or the number has a length possible in the configured one).
+    us = det.ScanOptions.create("US")
+    assert value not in [f.value for f in scan(f"voir {value} ici", options=us)]
+    assert all(f.value == value for f in scan(text, options=us))
     both = det.ScanOptions.create(f"US, {region.lower()}")
     assert [f.value for f in scan(text, options=both)] == [value]
+
+
+@pytest.mark.parametrize("word", ["Tel.", "call me re", "contact:", "電話", "ruf an:"])
+def test_a_phone_word_makes_possible_numbers_count_and_not_look_alikes(word: str) -> None:
+    """Beside a phone word, a number of a possible length counts (unverified: its area code may be unassigned);
+    versions, prices, grouped thousands, decimals, dates, ISBNs, hashes, ids and ports still do not."""
+    us = det.ScanOptions.create("US")
+    [f] = scan(f"{word} 460-444-3400", options=us)
+    assert (f.value, f.kind) == ("460-444-3400", "national_unverified")
+    assert scan("see 460-444-3400", options=us) == []  # not a valid US number, and nothing says it is a phone
+    for look_alike in ["v2.14.1", "10.4.2.1 update", "$1,299.99", "1.234.567", "3.14159265", "2024-05-17",
+                       "17.05.2024", "978-3-16-148410-0", "9783161484100", "a94a8fe5ccb19ba61c4c0873d391e987982fbbd3",
+                       "123e4567-e89b-12d3-a456-426614174000", "port 8080", "order 55512345"]:
+        for region in ("US", "DE", "JP"):
+            found = [f for f in scan(f"{word} {look_alike}", options=det.ScanOptions.create(region))
+                     if f.type == det.PHONE]
+            assert found == [], (region, look_alike, found)
+
+
+def test_a_phone_word_hints_at_the_region_of_its_language() -> None:
+    us = det.ScanOptions.create("US")
+    for text, value in [("Telefon: 030 12345678", "030 12345678"), ("電話番号：090-1234-5678", "090-1234-5678"),
+                        ("chiamami al 06 4567 8901", "06 4567 8901")]:
+        [f] = scan(text, options=us)
+        assert (f.value, f.kind) == (value, "national"), f  # valid in the hinted region, not merely possible
+    assert scan("see 030 12345678", options=us) == []
 
 
 def test_unknown_phone_region_is_a_config_error() -> None:

@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from lmtailor.errors import EncryptionError
-from lmtailor.io import atomic_dir, atomic_file
+from lmtailor.io import atomic_dir, atomic_file, atomic_write_bytes
 
 MAGIC = b"LMTENC"
 VERSION = 1
@@ -548,6 +548,19 @@ def seal_outputs(key: Key | None) -> Iterator[None]:
         yield
     finally:
         _seal_key = previous
+
+
+def write_output(path: str | Path, data: bytes | str) -> Path:
+    """Write an output file atomically: sealed as `NAME.enc` while outputs are sealed (`seal_outputs`), else plain.
+
+    Returns:
+        The path written.
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    if _seal_key is None:
+        atomic_write_bytes(path, raw)
+        return Path(path)
+    return write_bytes(Path(f"{path}{SUFFIX}"), raw, _seal_key)
 
 
 def encrypt_path(src: str | Path, out: str | Path, key: Key | KeySource | None = None) -> str:

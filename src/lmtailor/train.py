@@ -59,9 +59,6 @@ def _output_key(cfg: RunConfig, keys: crypto.KeySource) -> crypto.Key | None:
                      for f in _local_files(p))
     if not sealed:
         return None
-    if cfg.pretrain.cache:
-        raise ConfigError("pretrain.cache would write the tokenized data unencrypted, and this run encrypts its "
-                          "outputs", "set pretrain.cache=false (or encrypt_outputs=false to write outputs plain)")
     return keys.load()
 
 

@@ -7,12 +7,19 @@ the existing file (no tokenizing), and a changed tokenizer or corpus writes a ne
 `cached_corpus` is what a run with `pretrain.cache` uses: it reads the documents of `data.path` one at a time,
 splits them as `load_datasets` would, and writes the training and validation blocks as it goes, so memory holds
 one tokenizer batch and 8 bytes per document, never the corpus.
+
+In a run that seals its outputs (`encrypt_outputs`), the cache is sealed too: it is built in RAM (/dev/shm, via
+`crypto.plain_staging`), every file is encrypted into the cache folder, and a run reads it back by decrypting it
+into memory with the run's key. Token ids are the text in another alphabet, and the validation documents are the
+text itself, so neither may rest on disk in plaintext. The price: a sealed cache is held in memory while a run
+uses it, instead of being memory-mapped from disk. A cache sealed with another key is rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,14 +29,16 @@ from typing import Any, overload
 
 import numpy as np
 
+from lmtailor import crypto
 from lmtailor.config import PrivacySettings, RunConfig
 from lmtailor.data.example import Example
 from lmtailor.data.sources import local_files
 from lmtailor.data.validate import ExampleReader, no_training_left, split_rank, strip_example, val_count
-from lmtailor.errors import DataError
+from lmtailor.errors import DataError, EncryptionError
 from lmtailor.io import atomic_dir, cache_dir
 from lmtailor.render import Tokenized
 
+_log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # part of every cache key: a change in what a cache holds must not reuse an older one
 TRAIN, VAL = 1, 2  # document roles; 0: not used (empty, a duplicate, in the validation file, or past a cap)
 
@@ -104,6 +113,21 @@ def _write_blocks(path: Path, blocks: Iterable[list[int]]) -> None:
         writer.finalize()
 
 
+def _open_arrow(path: Path, key: crypto.Key | None) -> Any:
+    """An Arrow file as a Dataset: memory-mapped when plain; a sealed one decrypted into memory (`key`).
+
+    Raises:
+        EncryptionError: the wrong key, or a damaged file.
+    """
+    from datasets import Dataset
+
+    if key is None or not crypto.is_encrypted(path):
+        return Dataset.from_file(str(path))
+    with crypto.plain_staging() as stage:
+        plain = crypto.decrypt_file(path, stage / path.name, key)
+        return Dataset.from_file(str(plain), in_memory=True)
+
+
 class TokenBlocks(Sequence[Tokenized]):
     """The blocks of a cache file, read on demand from the memory map (the corpus is never all in memory)."""
 
@@ -147,19 +171,26 @@ def token_cache(texts: Callable[[], Iterable[str]], tok: Any, block: int, root: 
         root: cache folder (default `$LMTAILOR_CACHE/tokens`).
         digest: a precomputed corpus hash (e.g. of file names, sizes and mtimes) to skip hashing the text.
     """
-    from datasets import Dataset
-
     corpus = digest or text_digest(texts())
-    key = hashlib.sha256(f"{tokenizer_digest(tok)}:{corpus}:{block}".encode()).hexdigest()[:24]
+    key = crypto.sealing_key()
+    name = hashlib.sha256(f"{tokenizer_digest(tok)}:{corpus}:{block}".encode()).hexdigest()[:24]
     folder = Path(root) if root else cache_dir("tokens")
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"blocks-{key}.arrow"
-    reused = path.is_file()
-    if not reused:
-        tmp = folder / f".blocks-{key}.{os.getpid()}.tmp"
+    path = folder / (f"blocks-{name}.arrow" if key is None else f"blocks-{name}.sealed.arrow")
+    if path.is_file():
+        try:
+            return TokenBlocks(_open_arrow(path, key), path, True)
+        except EncryptionError:
+            _log.warning("%s was sealed with another key (or is damaged): rebuilding it", path.name)
+    if key is None:
+        tmp = folder / f".blocks-{name}.{os.getpid()}.tmp"
         _write_blocks(tmp, _blocks(texts(), tok, block))
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache that a later run would trust
-    return TokenBlocks(Dataset.from_file(str(path)), path, reused)
+    else:  # tokenized in RAM, sealed onto the disk
+        with crypto.plain_staging() as stage:
+            _write_blocks(stage / path.name, _blocks(texts(), tok, block))
+            crypto.encrypt_file(stage / path.name, path, key)
+    return TokenBlocks(_open_arrow(path, key), path, False)
 
 
 def file_digest(files: Sequence[Path]) -> str:
@@ -237,7 +268,6 @@ def cached_corpus(cfg: RunConfig, tok: Any, root: str | Path | None = None) -> C
         DataError: as `load_datasets` (no path, bad records, nothing left to train on).
         ConfigError: privacy.scrub in pseudonym mode without its salt.
     """
-    from datasets import Dataset
 
     data = cfg.data
     if not data.path:
@@ -251,19 +281,41 @@ def cached_corpus(cfg: RunConfig, tok: Any, root: str | Path | None = None) -> C
     for r in (reader, val_reader):
         if r is not None:
             h.update(_source_digest(r).encode())
-    folder = (Path(root) if root else cache_dir("tokens")) / f"corpus-{h.hexdigest()[:24]}"
+    key = crypto.sealing_key()
+    sealed = "" if key is None else "-sealed"  # a sealed run never maps a plain cache, nor a plain one a sealed one
+    folder = (Path(root) if root else cache_dir("tokens")) / f"corpus-{h.hexdigest()[:24]}{sealed}"
     reused = (folder / "stats.json").is_file()
-    if not reused:
-        with atomic_dir(folder) as tmp:  # a crash never leaves a half-written cache that a later run would trust
-            meta = _build(tmp, cfg, tok, reader, val_reader, scrubber)
-            (tmp / "stats.json").write_text(json.dumps(meta, indent=2) + "\n")
-    meta = json.loads((folder / "stats.json").read_text())
-    train, val = (TokenBlocks(Dataset.from_file(str(folder / f"{n}.arrow")), folder / f"{n}.arrow", reused)
-                  for n in ("train", "val"))
+    loaded = None
+    if reused:
+        try:
+            loaded = _load(folder, key)
+        except EncryptionError:
+            _log.warning("%s was sealed with another key (or is damaged): rebuilding it", folder.name)
+            reused = False
+    if loaded is None:
+        if key is None:
+            with atomic_dir(folder) as tmp:  # a crash never leaves a half-written cache that a later run would trust
+                meta = _build(tmp, cfg, tok, reader, val_reader, scrubber)
+                (tmp / "stats.json").write_text(json.dumps(meta, indent=2) + "\n")
+        else:  # built in RAM, every file sealed into the cache folder (which appears whole or not at all)
+            with crypto.plain_staging() as stage:
+                meta = _build(stage, cfg, tok, reader, val_reader, scrubber)
+                (stage / "stats.json").write_text(json.dumps(meta, indent=2) + "\n")
+                crypto.encrypt_tree(stage, folder, key)
+        loaded = _load(folder, key)
+    train_ds, val_ds, docs_ds, meta = loaded
+    train, val = (TokenBlocks(ds, folder / f"{n}.arrow", reused) for ds, n in ((train_ds, "train"), (val_ds, "val")))
     stats = {**meta["stats"], "train_blocks": len(train), "train_tokens": train.n_tokens,
              "train_cache": str(train.path), "train_cache_reused": reused, "val_items": len(val)}
-    return CachedCorpus(train, val, CachedDocuments(Dataset.from_file(str(folder / "val-docs.arrow"))), stats,
-                        meta["audit"])
+    return CachedCorpus(train, val, CachedDocuments(docs_ds), stats, meta["audit"])
+
+
+def _load(folder: Path, key: crypto.Key | None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(train blocks, val blocks, val documents, stats and audit) of a cache folder, sealed or plain."""
+    stats = folder / "stats.json"
+    meta = json.loads(crypto.read_bytes(stats, key) if key is not None and crypto.is_encrypted(stats)
+                      else stats.read_bytes())
+    return (*(_open_arrow(folder / f"{n}.arrow", key) for n in ("train", "val", "val-docs")), meta)
 
 
 def _source_digest(reader: ExampleReader) -> str:

@@ -9,7 +9,8 @@ Modes:
                customers do not merge into one (at 32 bits, two of a million addresses already collide more
                often than not). Fake values are chosen so that they never belong to a real person and scanning
                the output again finds nothing: reserved ranges (198.18.0.0/15, 2001:2::/48, SSN area 9xx, IBAN
-               check digits 00), checksums made to fail, phone numbers phonenumbers calls invalid, dates that
+               check digits 00), checksums made to fail, phone numbers phonenumbers calls invalid whose digits
+               carry a residue mod 97 the scanner knows as ours (so "Tel. <fake>" stays clean too), dates that
                are not in the calendar (30 February), and e-mails of the one shape the scanner knows as ours.
                The salt must be at least 16 bytes: a short one can be found by trying them all against a
                known value, and then every pseudonym is reversible by lookup.
@@ -38,7 +39,7 @@ from lmtailor.errors import ConfigError, DataError
 from lmtailor.privacy import detectors as det
 from lmtailor.privacy.detectors import Finding, ScanOptions, scan
 
-SCRUBBER_VERSION = "2.0.0"
+SCRUBBER_VERSION = "2.1.0"
 MIN_SALT_BYTES = 16
 PSEUDONYM_HEX = 16  # 64 bits of the digest in every fake that has room for them
 MODES = ("placeholder", "pseudonym")
@@ -98,13 +99,26 @@ def _fake_date(value: str, digest: bytes) -> str:
 
 
 def _fake_phone(value: str, digest: bytes, options: ScanOptions) -> str:
-    """`value`'s layout with digest digits, redrawn until phonenumbers calls it invalid (so a rescan skips it)."""
+    """`value`'s layout with digest digits, redrawn until phonenumbers calls it invalid, its last two digits set so
+    that its digits carry the residue detectors.is_pseudonym_phone knows (so a rescan skips it even next to "Tel.")."""
     keep = re.match(r"(?:\+|00)\d{1,3}", value)  # the country code stays: it says little, and keeps the shape
     for attempt in range(64):
-        fake = _reshape(value, hashlib.sha256(digest + bytes([attempt])).digest(), len(keep.group()) if keep else 0)
-        if not any(det.find_phones(f" {fake} ", options)):
+        fake = _with_pseudonym_residue(
+            _reshape(value, hashlib.sha256(digest + bytes([attempt])).digest(), len(keep.group()) if keep else 0))
+        if not any(det.find_phones(f"Tel. {fake} ", options)):
             return fake
-    return re.sub(r"\d", "0", value)  # all zeros is never a valid number
+    return _with_pseudonym_residue(re.sub(r"\d", "0", value))  # all zeros is never a valid number
+
+
+def _with_pseudonym_residue(fake: str) -> str:
+    digits = re.sub(r"\D", "", fake)
+    head = int(digits[:-2] or "0") * 100
+    last = f"{(det.PSEUDONYM_PHONE_RESIDUE - head) % det.PSEUDONYM_PHONE_MOD:02d}"
+    positions = [i for i, c in enumerate(fake) if c.isdigit()][-2:]
+    chars = list(fake)
+    for i, d in zip(positions, last, strict=True):
+        chars[i] = d
+    return "".join(chars)
 
 
 def pseudonym(finding: Finding, key: bytes, options: ScanOptions | None = None) -> str:

@@ -14,16 +14,17 @@ Systems are named on the command line:
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmtailor import crypto
 from lmtailor.errors import ConfigError
-from lmtailor.io import atomic_write_json
 from lmtailor.prompting.predict import PromptRunner, PromptSpec, metrics, task_spec
 from lmtailor.prompting.task import Item, PromptTask, load_task
-from lmtailor.prompting.workflows import load_scorer, resolve_items
+from lmtailor.prompting.workflows import load_scorer, outputs_key, resolve_items
 
 
 @dataclass
@@ -109,8 +110,20 @@ def compare(task: PromptTask, systems: list[str], model: str = "smollm2-135m-ins
 
     Returns:
         {"rows": [{"system", "kind", "metrics", "calls", "seconds", "detail"}], ...}; also written to
-        `out` (default runs/<task>-compare) as compare.json, compare.md, compare.png and report.html.
+        `out` (default runs/<task>-compare) as compare.json, compare.md, compare.png and report.html (sealed as
+        `NAME.enc`, with the score cache, when the test data, the pool or a compared run is encrypted, or
+        `task.encrypt_outputs`).
     """
+    runs = [s.rpartition("=")[2] for s in systems]
+    key = outputs_key(task, model, test, pool)
+    for run in runs:
+        key = key or outputs_key(task, run)
+    with crypto.seal_outputs(key):
+        return _compare(task, systems, model, test, pool, limit, out, cache, say)
+
+
+def _compare(task: PromptTask, systems: list[str], model: str, test: str | None, pool: str | None,
+             limit: int | None, out: str | None, cache: bool, say: Any) -> dict[str, Any]:
     if not systems:
         raise ConfigError("name at least one system to compare", "e.g. zero-shot few-shot optimized runs/my-run")
     resolved = [resolve_system(s, task, model) for s in systems]
@@ -151,7 +164,7 @@ def compare(task: PromptTask, systems: list[str], model: str = "smollm2-135m-ins
                "examples": len(items), "metric": task.metric, "metrics": shown, "rows": rows}
     folder = Path(out or f"runs/{task.name}-compare")
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "compare.json", summary)
+    crypto.write_output(folder / "compare.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     from lmtailor.prompting.report import compare_report
 
     compare_report(folder, summary)

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmtailor.io import atomic_write_bytes, atomic_write_text
+from lmtailor import crypto
 
 _STYLE = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}td,th{border:1px solid #ccc;padding:4px;"
           "vertical-align:top}table{border-collapse:collapse}pre{white-space:pre-wrap;margin:0}")
@@ -55,7 +55,7 @@ def search_plot(summary: dict[str, Any]) -> bytes:
 
 def search_report(folder: Path, summary: dict[str, Any]) -> None:
     png = search_plot(summary)
-    atomic_write_bytes(folder / "search.png", png)
+    crypto.write_output(folder / "search.png", png)
     rows = "".join(
         f"<tr><td>{r['id']}</td><td>{_fmt(r['origin'])}</td><td>{r['k']}</td><td>{_fmt(r['strategy'])}</td>"
         f"<td>{_fmt(r['order'])}</td><td>{r['examples']}</td><td>{_fmt(r['score'])}</td>"
@@ -72,7 +72,7 @@ order {_fmt(b['order'])}): dev {html.escape(summary['metric'])} {_fmt(b['score']
 <h2>Every candidate</h2><table><tr><th>id</th><th>instruction</th><th>shots</th><th>selection</th><th>order</th>
 <th>dev examples</th><th>{html.escape(summary['metric'])}</th><th>dropped in round</th><th>template</th></tr>{rows}
 </table></body></html>"""
-    atomic_write_text(folder / "report.html", page)
+    crypto.write_output(folder / "report.html", page)
 
 
 def compare_plot(rows: list[dict[str, Any]], metrics: list[str], title: str) -> bytes:
@@ -106,8 +106,8 @@ def compare_plot(rows: list[dict[str, Any]], metrics: list[str], title: str) -> 
 def compare_report(folder: Path, summary: dict[str, Any]) -> None:
     rows = summary["rows"]
     png = compare_plot(rows, summary["metrics"], f"{summary['task']}: {summary['examples']} held-out examples")
-    atomic_write_bytes(folder / "compare.png", png)
-    atomic_write_text(folder / "compare.md", compare_markdown(summary))
+    crypto.write_output(folder / "compare.png", png)
+    crypto.write_output(folder / "compare.md", compare_markdown(summary))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in summary["metrics"])
     body = "".join(
         f"<tr><td>{html.escape(r['system'])}</td><td>{html.escape(r['kind'])}</td>"
@@ -119,7 +119,7 @@ def compare_report(folder: Path, summary: dict[str, Any]) -> None:
 <p>{summary['examples']} held-out examples from {html.escape(summary['test'])}; model {html.escape(summary['model'])}.
 </p><table><tr><th>system</th><th>kind</th>{head}<th>model calls</th><th>seconds</th><th>detail</th></tr>{body}
 </table>{_img(png, 'comparison')}</body></html>"""
-    atomic_write_text(folder / "report.html", page)
+    crypto.write_output(folder / "report.html", page)
 
 
 def compare_markdown(summary: dict[str, Any]) -> str:

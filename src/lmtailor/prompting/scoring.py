@@ -4,13 +4,16 @@ Label scoring runs each prompt once and reads the first answer token from its la
 tokens of each verbalizer word run as short continuations on the prompt's KV cache. Prompts that share a prefix
 (the system turn, the instruction, fixed few-shot examples) have that prefix computed once and reused for the
 whole batch. Results are cached by (model, prompt token ids, answers), on disk in SQLite, so a repeated search
-or comparison does not recompute them; `calls` counts the prompts the model really ran.
+or comparison does not recompute them; `calls` counts the prompts the model really ran. While outputs are sealed
+(`crypto.seal_outputs`: a prompt verb on encrypted data or a sealed run), the cache is a separate SQLite database
+held in memory and written sealed (`scores.sqlite.enc`) after each update: generated answers may recite the data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -21,20 +24,38 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lmtailor.errors import ModelError
+from lmtailor import crypto
+from lmtailor.errors import EncryptionError, ModelError
 from lmtailor.io import cache_dir
 from lmtailor.models import unwrap_peft
 from lmtailor.render import IGNORE, tokenize_example
 
+_log = logging.getLogger(__name__)
+
 
 class ScoreCache:
-    """(key -> JSON value) in SQLite; `path=None` keeps it in memory for this process only."""
+    """(key -> JSON value) in SQLite; `path=None` keeps it in memory for this process only.
 
-    def __init__(self, path: str | Path | None = None) -> None:
+    With `key`, the database lives in memory and `path` is its sealed copy: read at the start, rewritten (sealed,
+    atomically) after each `put_many`. A copy sealed with another key is left alone and this cache stays in memory.
+    """
+
+    def __init__(self, path: str | Path | None = None, key: crypto.Key | None = None) -> None:
         self.path = str(path) if path else ":memory:"
+        self.key = key
+        self.sealed: Path | None = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._db = sqlite3.connect(self.path if key is None else ":memory:", check_same_thread=False)
+        if path and key is not None:
+            self.sealed = Path(path)
+            if self.sealed.is_file():
+                try:
+                    self._db.deserialize(crypto.read_bytes(self.sealed, key))
+                except EncryptionError:
+                    _log.warning("%s is sealed with another key (or damaged): scores are kept in memory only",
+                                 self.sealed)
+                    self.sealed = None
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -55,6 +76,8 @@ class ScoreCache:
             self._db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?)",
                                  [(k, json.dumps(v)) for k, v in values.items()])
             self._db.commit()
+            if self.sealed is not None:
+                crypto.write_bytes(self.sealed, self._db.serialize(), self.key)
 
     def __len__(self) -> int:
         with self._lock:
@@ -62,7 +85,11 @@ class ScoreCache:
 
 
 def default_cache() -> ScoreCache:
-    return ScoreCache(cache_dir("prompt-scores") / "scores.sqlite")
+    """The on-disk cache: plain, or while outputs are sealed, its sealed counterpart."""
+    key = crypto.sealing_key()
+    if key is None:
+        return ScoreCache(cache_dir("prompt-scores") / "scores.sqlite")
+    return ScoreCache(cache_dir("prompt-scores") / "scores.sqlite.enc", key)
 
 
 def model_key(target: str, info: dict[str, Any] | None = None) -> str:

@@ -104,6 +104,9 @@ class PromptTask(Strict):
                                                         "the test set")
     dev_size: int = Field(200, ge=1, description="optimize without --dev: dev examples taken from the training "
                                                  "split (the rest stays the few-shot pool)")
+    encrypt_outputs: bool | None = Field(None, description="seal the score cache, predictions, metrics and reports "
+                                         "with the data key ($LMTAILOR_DATA_KEY); unset: on when a data file or "
+                                         "the model's run is encrypted")
 
     @model_validator(mode="after")
     def _check(self) -> PromptTask:

@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from lmtailor.errors import ConfigError
-from lmtailor.io import atomic_write_json, atomic_write_text
+from lmtailor import crypto
+from lmtailor.errors import ConfigError, DataError
+from lmtailor.io import atomic_write_text
 from lmtailor.prompting.predict import PromptRunner, PromptSpec, task_spec
 from lmtailor.prompting.scoring import ScoreCache, Scorer, default_cache, model_key
 from lmtailor.prompting.search import make_candidates, paraphrase_templates, successive_halving
@@ -26,6 +27,29 @@ def load_scorer(target: str, cache: bool = True, batch_size: int = 16, progress:
     model, tok = run.load()
     return Scorer(model, tok, model_key(target, run.info), default_cache() if cache else ScoreCache(), batch_size,
                   progress)
+
+
+def outputs_key(task: PromptTask, model: str, *paths: str | None) -> crypto.Key | None:
+    """The key a prompt verb seals its score cache entries and outputs with, or None: `task.encrypt_outputs`, which
+    when unset follows the inputs (any data file encrypted, or the model a run with sealed weights: what a model
+    trained on secret data answers may recite it)."""
+    sealed = task.encrypt_outputs
+    if sealed is None:
+        data = [task.data.path, task.data.val_path, task.data.test_path] if task.data else []
+        sealed = any(crypto.is_encrypted(f) for p in (*paths, *data) for f in _local_files(p)) or \
+            crypto.has_encrypted_files(Path(model) / "model") or crypto.has_encrypted_files(Path(model))
+    return crypto.active_keys().load() if sealed else None
+
+
+def _local_files(path: str | None) -> list[Path]:
+    from lmtailor.data.sources import local_files
+
+    if not path or path.startswith("catalog:"):
+        return []
+    try:
+        return local_files(path) or []
+    except DataError:
+        return []  # a hub id, or a path the reader will report itself
 
 
 def resolve_items(task: PromptTask, data: str | None, pool: str | None, limit: int | None = None
@@ -54,9 +78,17 @@ def run_prompt(task: PromptTask, model: str, data: str | None = None, pool: str 
                cache: bool = True, say: Any = print) -> dict[str, Any]:
     """Score the task's prompt (template `template`, its few_shot settings unless `shots` is False) on `data`.
 
+    With sealed outputs (`outputs_key`), the score cache and `out`'s files are encrypted (`NAME.enc`).
+
     Returns:
         {"metrics": ..., "examples": n, "calls": model calls, "prompt": spec, "seconds": ...}.
     """
+    with crypto.seal_outputs(outputs_key(task, model, data, pool)):
+        return _run_prompt(task, model, data, pool, template, shots, limit, out, cache, say)
+
+
+def _run_prompt(task: PromptTask, model: str, data: str | None, pool: str | None, template: int, shots: bool,
+                limit: int | None, out: str | None, cache: bool, say: Any) -> dict[str, Any]:
     if not 0 <= template < len(task.templates):
         raise ConfigError(f"--template {template}: task '{task.name}' has {len(task.templates)} template(s)",
                           f"allowed values are 0..{len(task.templates) - 1}")
@@ -73,11 +105,11 @@ def run_prompt(task: PromptTask, model: str, data: str | None = None, pool: str 
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "metrics.json", result)
+        crypto.write_output(folder / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
         rows = [{"source": it.source, "reference": r, "prediction": p}
                 for it, r, p in zip(items, preds.references, preds.predictions, strict=True)]
-        atomic_write_text(folder / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                                for r in rows))
+        crypto.write_output(folder / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                  for r in rows))
     say(f"{task.name}: {task.metric} {scores[task.metric]:.4f} on {len(items)} examples "
         f"({spec.k}-shot{' ' + spec.strategy if spec.k else ''}, {scorer.calls} model calls, "
         f"{result['seconds']} s)")
@@ -90,8 +122,16 @@ def optimize_prompt(task: PromptTask, model: str, dev: str | None = None, pool: 
     """Search instruction wording, example selection, shots and order on a dev set within a budget of model calls.
 
     Writes to `out` (default runs/<task>-prompt-search): best_task.yaml (a ready-to-run task file with the winning
-    prompt), candidates.json (every candidate and its scores), search.png and report.html.
+    prompt), candidates.json (every candidate and its scores), search.png and report.html. With sealed outputs
+    (`outputs_key`) the score cache and all but best_task.yaml (a task file other verbs read: instructions and
+    settings, no data) are encrypted (`NAME.enc`).
     """
+    with crypto.seal_outputs(outputs_key(task, model, dev, pool)):
+        return _optimize_prompt(task, model, dev, pool, budget, out, cache, say)
+
+
+def _optimize_prompt(task: PromptTask, model: str, dev: str | None, pool: str | None, budget: int | None,
+                     out: str | None, cache: bool, say: Any) -> dict[str, Any]:
     s = task.search
     budget = budget or s.budget
     # Subsets of the search are prefixes of the dev set, so it is put in one seeded random order.
@@ -151,7 +191,7 @@ def optimize_prompt(task: PromptTask, model: str, dev: str | None = None, pool: 
                "stopped_by_budget": result.stopped_by_budget, "dev_examples": len(dev_items),
                "pool_examples": len(pool_items), "candidates": len(candidates),
                "rounds": result.rounds, "seconds": seconds, "best": best.row(), "table": result.table()}
-    atomic_write_json(folder / "candidates.json", summary)
+    crypto.write_output(folder / "candidates.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     from lmtailor.prompting.report import search_report
 
     search_report(folder, summary)
