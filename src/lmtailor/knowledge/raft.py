@@ -64,17 +64,26 @@ def training_hits(retrieval: KBRetrieval, request: str, answer: str, rng: random
     gold = gold_index(kb, answer)
     if gold is None:
         return within_budget(found[:s.k], s.token_budget), None
+    gold_id = kb.chunks[gold].id
     if rng.random() < s.gold_absent:
-        hits = [h for h in found if h.chunk.id != kb.chunks[gold].id][:s.k]
+        hits = _fill([h for h in found if h.chunk.id != gold_id][:s.k], s.k, kb, rng, gold_id)
     else:
-        hits = found[:s.k]
-        if s.gold_forced and all(h.chunk.id != kb.chunks[gold].id for h in hits):
+        hits = _fill(found[:s.k], s.k, kb, rng, gold_id)
+        if s.gold_forced and all(h.chunk.id != gold_id for h in hits):
             hits = hits[:s.k - 1]
             hits.insert(rng.randrange(len(hits) + 1), Hit(kb.chunks[gold], 0.0, 0))
     # the gold passage must survive the budget when it is meant to be there: it goes in first
-    chosen = within_budget(sorted(hits, key=lambda h: h.chunk.id != kb.chunks[gold].id), s.token_budget)
+    chosen = within_budget(sorted(hits, key=lambda h: h.chunk.id != gold_id), s.token_budget)
     hits = [h for h in hits if any(h is c for c in chosen)]
-    return hits, any(h.chunk.id == kb.chunks[gold].id for h in hits)
+    return hits, any(h.chunk.id == gold_id for h in hits)
+
+
+def _fill(hits: list[Hit], k: int, kb: KnowledgeBase, rng: random.Random, gold_id: str) -> list[Hit]:
+    """Up to k passages: when retrieval found fewer, random chunks join as distractors (as in RAFT)."""
+    taken = {h.chunk.id for h in hits} | {gold_id}
+    pool = [c for c in kb.chunks if c.id not in taken]
+    extra = rng.sample(pool, min(len(pool), k - len(hits))) if len(hits) < k else []
+    return hits + [Hit(c, 0.0, 0) for c in extra]
 
 
 def with_kb_passages(train: Sequence[Example], held: Sequence[Sequence[Example]], settings: RetrievalSettings,
