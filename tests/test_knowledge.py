@@ -114,7 +114,8 @@ def test_paragraphs_under_one_heading_pack_and_identical_chunks_are_kept_once(do
 
 def test_bm25_ranks_a_planted_passage_first(tmp_path: Path) -> None:
     rng = random.Random(0)
-    vocab = ["file", "folder", "disk", "copy", "move", "list", "show", "print", "count", "search", "text", "line", "word", "user", "group"]
+    vocab = ["file", "folder", "disk", "copy", "move", "list", "show", "print", "count", "search", "text", "line",
+             "word", "user", "group"]
     folder = tmp_path / "docs"
     folder.mkdir()
     for i in range(30):
