@@ -13,7 +13,7 @@ import pytest
 
 from lmtailor.config import RetrievalSettings
 from lmtailor.errors import ConfigError
-from lmtailor.knowledge.base import KnowledgeBase, add_to_kb, build_kb
+from lmtailor.knowledge.base import KnowledgeBase, add_to_kb, build_kb, index_text
 from lmtailor.knowledge.chunk import Document, chunk_document, word_offsets
 from lmtailor.knowledge.fusion import rrf
 
@@ -98,6 +98,9 @@ def test_chunks_follow_headings_and_paragraphs_with_line_spans() -> None:
 
     rst = chunk_document(Document(DOC_RST, "net.rst"), word_offsets, max_tokens=50, overlap=5)
     assert [(c.heading, c.start_line) for c in rst] == [("Networking", 4), ("Networking > Firewall", 9)]
+    # outside Markdown a `#` line is text (a shell comment in a cheat sheet), not a heading
+    (sheet,) = chunk_document(Document("# extract an archive\ntar -xzvf a.tgz\n", "tar"), word_offsets, 50, 5)
+    assert sheet.heading == "" and sheet.text.startswith("# extract") and (sheet.start_line, sheet.end_line) == (1, 2)
 
 
 def test_paragraphs_under_one_heading_pack_and_identical_chunks_are_kept_once(docs: Path, tmp_path: Path) -> None:
@@ -134,8 +137,8 @@ def test_dense_retrieval_with_a_tiny_embedder(docs: Path, embedder: Path, tmp_pa
     kb = KnowledgeBase.open(tmp_path / "kb")
     assert kb.vectors is not None and kb.vectors.shape == (len(kb.chunks), 32)
     assert np.allclose(np.linalg.norm(kb.vectors, axis=1), 1.0, atol=1e-5)
-    for chunk in kb.chunks:  # a passage's own text is its nearest neighbour (cosine 1)
-        top = kb.search(chunk.text, k=1, mode="dense")[0]
+    for chunk in kb.chunks:  # a passage's own (indexed) text is its nearest neighbour (cosine 1)
+        top = kb.search(index_text(chunk), k=1, mode="dense")[0]
         assert top.chunk == chunk and top.score == pytest.approx(1.0, abs=1e-4)
     manifest = json.loads((tmp_path / "kb" / "manifest.json").read_text())
     assert manifest["embedder"]["name"] == str(embedder.resolve()) and manifest["chunking"]["max_tokens"] == 60

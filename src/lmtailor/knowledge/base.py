@@ -36,6 +36,12 @@ MODES = ("hybrid", "bm25", "dense")
 _CANDIDATES = 50  # each ranking's depth before fusion
 
 
+def index_text(chunk: Chunk) -> str:
+    """What BM25 and the embedder see of a chunk: its heading path, then its text (a short section's words are
+    often in its title only)."""
+    return f"{chunk.heading}\n{chunk.text}" if chunk.heading else chunk.text
+
+
 def bm25_tokens(text: str) -> list[str]:
     """Lowercased word tokens: what BM25 indexes and queries."""
     from lmtailor.baselines import words
@@ -121,7 +127,7 @@ class KnowledgeBase:
         if embedder is not None and want is None:
             raise ConfigError(f"{folder} was built without an embedder (BM25 only); cannot search it with {embedder}",
                               "drop --embedder, or rebuild the base with one")
-        kb = cls(folder, manifest, chunks, vectors, _BM25.load(folder, [c.text for c in chunks],
+        kb = cls(folder, manifest, chunks, vectors, _BM25.load(folder, [index_text(c) for c in chunks],
                                                                manifest["bm25"]["library"]))
         if embedder is not None:
             kb._embedder = _matching(embedder, manifest, folder)
@@ -288,11 +294,12 @@ def _update(folder: Path, manifest: dict[str, Any], old: list[Chunk], old_vector
     vectors = None
     if emb is not None:
         with tqdm(total=len(new), desc="embedding chunks", unit="chunk", disable=not progress) as bar:
-            fresh = emb.encode([c.text for c in new], progress=bar) if new else np.zeros((0, emb.dim), np.float32)
+            fresh = (emb.encode([index_text(c) for c in new], progress=bar) if new
+                     else np.zeros((0, emb.dim), np.float32))
         vectors = fresh if old_vectors is None else np.concatenate([old_vectors, fresh])
     t_embed = time.perf_counter() - t0 - t_chunk
     chunks = old + new
-    bm25 = _BM25.build([c.text for c in chunks])
+    bm25 = _BM25.build([index_text(c) for c in chunks])
     manifest = {**manifest, "bm25": {**manifest["bm25"], "library": bm25.library},
                 "sources": list(dict.fromkeys([*manifest["sources"], *map(str, sources)])),
                 "chunks": len(chunks), "duplicates_dropped": manifest["duplicates_dropped"] + dropped,

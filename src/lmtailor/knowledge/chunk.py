@@ -115,8 +115,10 @@ class _Block:
 
 
 def _blocks(doc: Document) -> list[_Block]:
-    """Paragraphs under their heading path. Headings: Markdown `#`, and reST titles (a line underlined, optionally
-    overlined, by a row of one punctuation character; levels in the order the styles first appear)."""
+    """Paragraphs under their heading path. Headings: Markdown `#` lines in .md files, and reST titles elsewhere (a
+    line underlined, optionally overlined, by a row of one punctuation character; levels in the order the styles
+    first appear). A `#` line outside Markdown is text: a comment in a shell snippet, a cheat sheet or a config."""
+    markdown = Path(re.sub(r":\d+$", "", doc.source)).suffix.lower() in (".md", ".markdown")  # path or file:line
     lines = doc.text.splitlines()
     path: list[str] = []
     rst_styles: list[str] = []
@@ -139,9 +141,9 @@ def _blocks(doc: Document) -> list[_Block]:
     while i < len(lines):
         line = lines[i]
         number = doc.first_line + i
-        if line.lstrip().startswith(("```", "~~~")):
+        if markdown and line.lstrip().startswith(("```", "~~~")):
             in_fence = not in_fence
-        md = None if in_fence else _MD_HEADING.match(line)
+        md = _MD_HEADING.match(line) if markdown and not in_fence else None
         nxt = lines[i + 1] if i + 1 < len(lines) else ""
         over = _RST_ADORNMENT.match(line) and i + 2 < len(lines) and lines[i + 1].strip() \
             and _RST_ADORNMENT.match(lines[i + 2]) and lines[i + 2].strip()[0] == line.strip()[0]
