@@ -114,6 +114,7 @@ def _train_verbs(sub: argparse._SubParsersAction) -> None:
                    help="perplexity: sliding-window perplexity of raw text (pseudo-perplexity for masked LMs)")
     e.add_argument("--context", type=int, default=None, help="perplexity window in tokens (default --max-length)")
     e.add_argument("--stride", type=int, default=None, help="tokens the window advances (default context / 2)")
+    e.add_argument("--kb", default=None, help="open book: passages of this knowledge base in every prompt")
 
 
 def _generate_verbs(sub: argparse._SubParsersAction) -> None:
@@ -352,7 +353,7 @@ def _eval(a: argparse.Namespace) -> None:
     from lmtailor.evaluate import evaluate_run
 
     metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
-                           out=a.out, metric=a.metric, context=a.context, stride=a.stride)
+                           out=a.out, metric=a.metric, context=a.context, stride=a.stride, kb=a.kb)
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
 
 

@@ -184,7 +184,7 @@ def read_cheat_sheets(tar_path: Path) -> list[Record]:
 
 @register_dataset(
     "cheat-sheets",
-    description="the ~170 cheat sheets of cheat 2.5.1 as text, one per record (a knowledge base for the "
+    description="the 194 cheat sheets of cheat 2.5.1 as text, one per record (a knowledge base for the "
                 "shell-commands questions: it holds their answers)",
     format="text", license="MIT OR GPL-3.0 (cheat, dual-licensed)",
     source="PyPI sdist cheat==2.5.1, cheat/cheatsheets/*")
