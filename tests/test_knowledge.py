@@ -281,3 +281,33 @@ def test_training_and_serving_prompts_are_byte_identical_and_the_server_cites_so
             served, cited = app.state.slots[name].retrieval.with_sources([{"role": "user", "content": request}])
             assert prompt_ids(tok, served) == trained
             assert body["sources"] == cited and cited[0]["source"].endswith(".md") and "lines" in cited[0]
+
+
+def test_compare_puts_closed_and_open_book_side_by_side(tiny_model: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from lmtailor.prompting.compare import compare, resolve_system
+    from lmtailor.prompting.predict import PromptRunner
+    from lmtailor.prompting.scoring import ScoreCache, Scorer
+    from lmtailor.prompting.task import load_task
+    from lmtailor.runs import Run
+
+    kb = _sheet_kb(tmp_path)
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "shell", "inputs": ["input"], "output": {"field": "output"}, "metric": "exact_match",
+        "templates": ["{{ input }}"], "max_new_tokens": 4, "few_shot": {"k": 0},
+        "data": {"path": str(_chat_data(tmp_path / "d.jsonl")), "val_size": 3}, "retrieval": {"kb": str(kb), "k": 1}}))
+    task = load_task(path)
+    closed, opened = resolve_system("zero-shot", task, str(tiny_model)), resolve_system("zero-shot+kb", task,
+                                                                                        str(tiny_model))
+    assert opened.name == "zero-shot+kb" and opened.spec.retrieval and not closed.spec.retrieval
+    model, tok = Run.open(str(tiny_model)).load()
+    runner = PromptRunner(task, Scorer(model, tok, "tiny", ScoreCache()), [])
+    (msg,) = runner.open_book(opened.spec, [{"role": "user", "content": "how do I count lines"}])
+    assert msg["content"].startswith("Passages from the documentation:\n\n[1] ") and "wc -l f.txt" in msg["content"]
+    assert msg["content"].endswith("Question: how do I count lines")
+    summary = compare(task, ["zero-shot", "zero-shot+kb"], str(tiny_model), limit=2, out=str(tmp_path / "cmp"),
+                      cache=False, say=lambda *a: None)
+    assert [r["system"] for r in summary["rows"]] == ["zero-shot", "zero-shot+kb"]
+    assert "open book: 1 passages" in summary["rows"][1]["detail"]

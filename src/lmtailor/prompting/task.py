@@ -30,7 +30,7 @@ import jinja2
 import jinja2.meta
 from pydantic import Field, ValidationError, model_validator
 
-from lmtailor.config import DataSettings, Strict, explain, read_yaml
+from lmtailor.config import DataSettings, RetrievalSettings, Strict, explain, read_yaml
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError, DataError
 
@@ -104,6 +104,8 @@ class PromptTask(Strict):
                                                         "the test set")
     dev_size: int = Field(200, ge=1, description="optimize without --dev: dev examples taken from the training "
                                                  "split (the rest stays the few-shot pool)")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings, description="open-book systems of "
+                                         "`compare` (SYSTEM+kb): knowledge-base passages in each query's user turn")
 
     @model_validator(mode="after")
     def _check(self) -> PromptTask:
