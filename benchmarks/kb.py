@@ -4,6 +4,7 @@ for this benchmark, and bm25s against rank-bm25 on the same chunks in the same r
 
     python benchmarks/kb.py                     # every page (dense embedding dominates: ~15k chunks)
     python benchmarks/kb.py --pages 60          # the labeled pages plus others up to 60 pages
+    python benchmarks/kb.py --embedder none     # BM25 only (seconds): latency, recall, bm25s vs rank-bm25
 
 Labels are page-level: a query's passage is relevant when it comes from the page that answers it. Timings are
 wall-clock on whatever else the machine runs; compare ratios within one run.
@@ -148,7 +149,7 @@ def bm25_libraries(kb: Any, labels: list[dict[str, Any]], queries: list[str]) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pages", type=int, default=None, help="at most this many pages (default: all 497)")
-    ap.add_argument("--embedder", default="all-minilm-l6-v2")
+    ap.add_argument("--embedder", default="all-minilm-l6-v2", help="or none: BM25 only")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     from lmtailor.knowledge.base import KnowledgeBase, build_kb
@@ -169,13 +170,16 @@ def main() -> None:
             report = build_kb([str(docs)], work / "kb-bm25", embedder=None, progress=False)
             result["build_bm25_only"] = {"seconds": round(time.perf_counter() - t0, 1), "rss_growth_mb": mem.grew_mb}
         print(report)
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            report = build_kb([str(docs)], work / "kb", embedder=a.embedder, progress=True)
-            result["build_hybrid"] = {"seconds": round(time.perf_counter() - t0, 1), "report": report}
-        result["build_hybrid"]["rss_growth_mb"] = mem.grew_mb
-        print(report)
-        kb = KnowledgeBase.open(work / "kb")
+        dense = a.embedder != "none"
+        if dense:
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                report = build_kb([str(docs)], work / "kb", embedder=a.embedder, progress=True)
+                result["build_hybrid"] = {"seconds": round(time.perf_counter() - t0, 1), "report": report}
+            result["build_hybrid"]["rss_growth_mb"] = mem.grew_mb
+            print(report)
+        kb = KnowledgeBase.open(work / ("kb" if dense else "kb-bm25"))
+        modes = ("bm25", "dense", "hybrid") if dense else ("bm25",)
         result["chunks"] = len(kb.chunks)
         result["disk_mb"] = round(sum(f.stat().st_size for f in (work / "kb").rglob("*") if f.is_file()) / 1e6, 2)
         have = {str(f.relative_to(docs)) for f in files}
@@ -183,8 +187,8 @@ def main() -> None:
         queries = [lab["query"] for lab in labels]
         result["queries"] = len(labels)
         result["latency_k5"] = {mode: latency(lambda q, mode=mode: kb.search(q, 5, mode), queries)
-                                for mode in ("bm25", "dense", "hybrid")}
-        result["quality"] = retrieval_metrics(kb, labels, k=5)
+                                for mode in modes}
+        result["quality"] = retrieval_metrics(kb, labels, k=5, modes=modes)
         result["bm25_libraries"] = bm25_libraries(kb, labels, queries)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -50,3 +50,32 @@ def test_lora_trains_new_rows_only_and_merge_keeps_them(extended: tuple[Path, li
     assert not torch.allclose(after[new], before[new])  # new rows trained, and the merge carried them
     out = merged.get_output_embeddings().weight.detach()
     assert torch.equal(out[new], after[new])  # tied output rows follow
+
+
+def test_a_trained_run_saves_the_new_rows_and_export_keeps_them(extended: tuple[Path, list[int]], tmp_path: Path,
+                                                                  pairs_file: Path) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lmtailor.cli import main
+    from lmtailor.export import export_run
+    from lmtailor.runs import Run
+
+    folder, new = extended
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    data = tmp_path / "d.jsonl"  # answers that use the new terms
+    data.write_text("".join(json.dumps({"instruction": r["instruction"], "output": f"kubectl {r['output']}"}) + "\n"
+                            for r in rows))
+    run = tmp_path / "run"
+    assert main(["train", f"base_model={folder}", f"data.path={data}", "data.val_size=2", "max_steps=3",
+                 "batch_size=4", "lr=1e-2", "eval.generate_examples=0", "eval.before_after=false",
+                 f"output_dir={run}", "--no-progress"]) == 0
+    base = AutoModelForCausalLM.from_pretrained(folder).get_input_embeddings().weight.detach()
+    merged, _ = Run.open(str(run)).load(merge=True)
+    rows_after = merged.get_input_embeddings().weight.detach()
+    old = [i for i in range(base.shape[0]) if i not in new]
+    assert torch.equal(rows_after[old], base[old]) and not torch.allclose(rows_after[new], base[new])
+    export_run(str(run), "merged", tmp_path / "merged")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").get_input_embeddings().weight.detach()
+    assert torch.equal(exported, rows_after)
