@@ -178,10 +178,11 @@ def main() -> None:
                 result["build_hybrid"] = {"seconds": round(time.perf_counter() - t0, 1), "report": report}
             result["build_hybrid"]["rss_growth_mb"] = mem.grew_mb
             print(report)
-        kb = KnowledgeBase.open(work / ("kb" if dense else "kb-bm25"))
+        kb_dir = work / ("kb" if dense else "kb-bm25")
+        kb = KnowledgeBase.open(kb_dir)
         modes = ("bm25", "dense", "hybrid") if dense else ("bm25",)
         result["chunks"] = len(kb.chunks)
-        result["disk_mb"] = round(sum(f.stat().st_size for f in (work / "kb").rglob("*") if f.is_file()) / 1e6, 2)
+        result["disk_mb"] = round(sum(f.stat().st_size for f in kb_dir.rglob("*") if f.is_file()) / 1e6, 2)
         have = {str(f.relative_to(docs)) for f in files}
         labels = [{"query": q, "source": p} for q, p in QUERIES if p in have]
         queries = [lab["query"] for lab in labels]
@@ -190,6 +191,10 @@ def main() -> None:
                                 for mode in modes}
         result["quality"] = retrieval_metrics(kb, labels, k=5, modes=modes)
         result["bm25_libraries"] = bm25_libraries(kb, labels, queries)
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["process_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)  # steadier than wall time on a shared host
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "build_hybrid"}, indent=2))
