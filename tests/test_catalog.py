@@ -200,6 +200,14 @@ def test_parse_cheat_sdist_reads_sheets_in_place_and_dedups(tmp_path: Path) -> N
     assert not (tmp_path / "cheat-2.5.1").exists()  # nothing extracted
 
 
+def test_cheat_sheets_are_read_whole_for_a_knowledge_base(tmp_path: Path) -> None:
+    from lmtailor.data.catalog.cheat import read_cheat_sheets
+
+    records = read_cheat_sheets(_cheat_sdist(tmp_path))
+    assert [r["file"] for r in records] == ["cheatsheets/git", "cheatsheets/tar"]
+    assert records[1]["text"] == SHEET_TAR
+
+
 def test_parse_cheat_sdist_without_sheets(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cheatsheets"):
         catalog.parse_cheat_sdist(_tar(tmp_path / "x.tar.gz", {"x/README": b"hi"}))
@@ -265,8 +273,9 @@ def test_parse_python_docs(tmp_path: Path) -> None:
 
 def test_list_datasets() -> None:
     infos = catalog.list_datasets()
-    assert [i.name for i in infos] == ["human-eval", "man-summaries", "python-docs", "python-docs-sections",
-                                       "shell-commands", "sms-spam", "trec-questions", "tweet-sentiment"]
+    assert [i.name for i in infos] == ["cheat-sheets", "human-eval", "man-summaries", "python-docs",
+                                       "python-docs-sections", "shell-commands", "sms-spam", "trec-questions",
+                                       "tweet-sentiment"]
     assert {i.format for i in infos} == {"prompt_completion", "text", "alpaca", "labeled", "paired"}
     assert all(i.description and i.license and i.source for i in infos)
 

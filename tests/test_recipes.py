@@ -71,6 +71,14 @@ def test_shipped_recipe_validates_through_the_training_data_assembly(recipe: Pat
         tok_dir = tmp_path / "tok"
         train_bpe(CORPUS, vocab_size=300, min_frequency=1).save_pretrained(tok_dir)
         overrides.append(f"pretrain.scratch.tokenizer={tok_dir}")
+    if (cfg.get("retrieval") or {}).get("kb"):  # the recipe's knowledge base is built by a documented first step
+        from lmtailor.knowledge.base import build_kb
+
+        sheets = tmp_path / "sheets"
+        sheets.mkdir()
+        (sheets / "sheet.txt").write_text("\n\n".join(f"# {q}\n{a}" for q, a in PAIRS))
+        build_kb([str(sheets)], tmp_path / "kb", embedder=None, progress=False)
+        overrides += [f"retrieval.kb={tmp_path / 'kb'}", "retrieval.mode=bm25"]
     assert main(["validate", str(recipe), *overrides]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert out.startswith(f"recipe OK: objective {cfg.get('objective', 'sft')}"), out

@@ -23,6 +23,7 @@ examples:
   lmtailor datasets list
   lmtailor serve runs/quickstart --port 8000          # OpenAI-compatible API + playground at /
   lmtailor export runs/quickstart --format gguf --out m.gguf
+  lmtailor kb build docs/ --out kb/ && lmtailor kb search kb/ "extract a tar.gz archive"
 """
 
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _deploy_verbs(sub)
     _prompt_verbs(sub)
     _privacy_verbs(sub)
+    _knowledge_verbs(sub)
     return p
 
 
@@ -112,6 +114,7 @@ def _train_verbs(sub: argparse._SubParsersAction) -> None:
                    help="perplexity: sliding-window perplexity of raw text (pseudo-perplexity for masked LMs)")
     e.add_argument("--context", type=int, default=None, help="perplexity window in tokens (default --max-length)")
     e.add_argument("--stride", type=int, default=None, help="tokens the window advances (default context / 2)")
+    e.add_argument("--kb", default=None, help="open book: passages of this knowledge base in every prompt")
 
 
 def _generate_verbs(sub: argparse._SubParsersAction) -> None:
@@ -121,10 +124,12 @@ def _generate_verbs(sub: argparse._SubParsersAction) -> None:
     g.add_argument("prompts", nargs="+")
     g.add_argument("--compare", action="store_true", help="also answer with the base model, side by side")
     g.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
+    g.add_argument("--kb", default=None, help="knowledge base whose passages go into each prompt (sources cited)")
     _gen_args(g)
 
     c = sub.add_parser("chat", help="interactive chat with a run or model")
     c.add_argument("run")
+    c.add_argument("--kb", default=None, help="knowledge base whose passages go into each prompt (sources cited)")
     _gen_args(c)
 
 
@@ -167,6 +172,8 @@ def _deploy_verbs(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
+    s.add_argument("--kb", default=None, help="knowledge base every model retrieves passages from; chat responses "
+                   "carry them in an extra `sources` field")
 
     x = sub.add_parser("export", help="merge a LoRA run into a plain HF folder, or write one GGUF file")
     x.add_argument("run", help="run folder, model folder or model name")
@@ -266,6 +273,42 @@ def _key_args(p: argparse.ArgumentParser) -> None:
                       help="environment variable holding a passphrase (stretched with scrypt)")
 
 
+def _knowledge_verbs(sub: argparse._SubParsersAction) -> None:
+    """kb build|add|search|eval, terms mine."""
+    kb = sub.add_parser("kb", help="knowledge base: chunk and index documents (BM25 + embeddings), search them")
+    ksub = kb.add_subparsers(dest="action", required=True)
+    kbb = ksub.add_parser("build", help="chunk, deduplicate and index documents into a knowledge base folder")
+    kbb.add_argument("sources", nargs="+", help="files, folders (.md/.rst/.txt and data files) or catalog:NAME")
+    kbb.add_argument("--out", required=True, help="knowledge base folder to write")
+    kbb.add_argument("--embedder", default="all-minilm-l6-v2", help="bundled all-minilm-l6-v2, a "
+                     "sentence-transformers folder, or none (BM25 only)")
+    kbb.add_argument("--max-tokens", type=int, default=200, help="chunk size in the embedder's tokens")
+    kbb.add_argument("--overlap", type=int, default=40, help="tokens shared by the windows of a long paragraph")
+    kba = ksub.add_parser("add", help="add documents to a knowledge base (only the new chunks are embedded)")
+    kba.add_argument("kb")
+    kba.add_argument("sources", nargs="+")
+    kbs = ksub.add_parser("search", help="the best passages for a query, with scores, source files and lines")
+    kbs.add_argument("kb")
+    kbs.add_argument("query")
+    kbs.add_argument("-k", type=int, default=5)
+    kbs.add_argument("--mode", choices=["hybrid", "bm25", "dense"], default="hybrid")
+    kbs.add_argument("--embedder", default=None, help="refuse to search unless the base was built with this one")
+    kbe = ksub.add_parser("eval", help="recall@k and MRR of BM25, dense and hybrid ranking on labeled queries")
+    kbe.add_argument("kb")
+    kbe.add_argument("queries", help="JSONL: {\"query\", and \"source\" / \"line\" / \"contains\"}")
+    kbe.add_argument("-k", type=int, default=5)
+
+    tm = sub.add_parser("terms", help="domain terms: frequent words the tokenizer splits into many tokens")
+    tmsub = tm.add_subparsers(dest="action", required=True)
+    tmm = tmsub.add_parser("mine", help="rank terms by count x (tokens - 1); feed the list to `tokenizer extend`")
+    tmm.add_argument("corpus", help="file, folder or catalog:NAME")
+    tmm.add_argument("--out", required=True, help="text file, one term per line")
+    tmm.add_argument("--top", type=int, default=200)
+    tmm.add_argument("--min-count", type=int, default=3)
+    tmm.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model name or folder whose tokenizer "
+                     "judges the splits")
+
+
 def _run(a: argparse.Namespace) -> int:
     _VERBS[a.verb](a)
     return 0
@@ -310,24 +353,25 @@ def _eval(a: argparse.Namespace) -> None:
     from lmtailor.evaluate import evaluate_run
 
     metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
-                           out=a.out, metric=a.metric, context=a.context, stride=a.stride)
+                           out=a.out, metric=a.metric, context=a.context, stride=a.stride, kb=a.kb)
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
 
 
 def _generate(a: argparse.Namespace) -> None:
     from lmtailor.generate import answer
 
-    answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare, raw=a.raw, speedup=a.speedup)
+    answers_all = answer(a.run, a.prompts, _gen_settings(a), a.system, a.compare, raw=a.raw, speedup=a.speedup,
+                         kb=a.kb)
     for prompt, answers in zip(a.prompts, answers_all, strict=True):
         print(f"> {prompt}")
         for who, text in answers.items():
-            print(f"[{who}] {text}" if a.compare else text)
+            print(f"[{who}] {text}" if a.compare or who == "sources" else text)
 
 
 def _chat(a: argparse.Namespace) -> None:
     from lmtailor.generate import chat_loop
 
-    chat_loop(a.run, _gen_settings(a), a.system, speedup=a.speedup)
+    chat_loop(a.run, _gen_settings(a), a.system, speedup=a.speedup, kb=a.kb)
 
 
 def _tokenizer(a: argparse.Namespace) -> None:
@@ -354,7 +398,7 @@ def _serve(a: argparse.Namespace) -> None:
 
     serve(a.runs, host=a.host, port=a.port, api_key_env=a.api_key_env, speedup=a.speedup,
           limits=Limits(max_batch_size=a.max_batch_size, max_queue=a.max_queue, timeout_s=a.timeout,
-                        torch_threads=a.threads))
+                        torch_threads=a.threads), kb=a.kb)
 
 
 def _export(a: argparse.Namespace) -> None:
@@ -407,11 +451,30 @@ def _privacy(a: argparse.Namespace) -> None:
         print(canary.cli_canary(a.run, a.canaries, a.candidates))
 
 
+def _kb(a: argparse.Namespace) -> None:
+    from lmtailor.knowledge import base, metrics
+
+    if a.action == "build":
+        print(base.build_kb(a.sources, a.out, None if a.embedder == "none" else a.embedder, a.max_tokens, a.overlap))
+    elif a.action == "add":
+        print(base.add_to_kb(a.kb, a.sources))
+    elif a.action == "search":
+        print(base.search_kb(a.kb, a.query, a.k, a.mode, a.embedder))
+    else:
+        print(json.dumps(metrics.evaluate_kb(a.kb, a.queries, a.k), indent=2))
+
+
+def _terms(a: argparse.Namespace) -> None:
+    from lmtailor.knowledge.terms import mine_terms
+
+    print(mine_terms(a.corpus, a.out, a.tokenizer, a.top, a.min_count))
+
+
 # One handler per verb: each calls one library function and prints its result.
 _VERBS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": _train, "tune": _tune, "auto": _auto, "validate": _validate, "eval": _eval, "generate": _generate,
     "chat": _chat, "tokenizer": _tokenizer, "datasets": _datasets, "serve": _serve, "export": _export,
-    "prompt": _prompt, "compare": _compare, "privacy": _privacy,
+    "prompt": _prompt, "compare": _compare, "privacy": _privacy, "kb": _kb, "terms": _terms,
 }
 
 

@@ -32,6 +32,9 @@ class LoraSettings(Strict):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="module names to adapt, or 'all-linear'",
     )
+    train_new_tokens: bool = Field(True, description="also train the embedding rows (and untied output rows) of "
+                                   "tokens added by `tokenizer extend` (PEFT trainable tokens); the old rows stay "
+                                   "frozen, and merge/export keep the trained rows")
 
 
 class DataSettings(Strict):
@@ -56,6 +59,29 @@ class DataSettings(Strict):
     retrieved_examples: int = Field(0, ge=0, le=16, description="show each request the k most similar training "
                                     "examples (BM25) as solved request/answer pairs, in training (never itself), "
                                     "evaluation and generation alike; chat-shaped data only")
+
+
+class RetrievalSettings(Strict):
+    """Passages of a knowledge base (`lmtailor kb build`) in every prompt: training, evaluation, generate, chat and
+    serve put them into the conversation the same way (lmtailor.knowledge.prompt), so the prompts are identical."""
+
+    kb: str | None = Field(None, description="knowledge base folder; unset: no retrieval")
+    k: int = Field(3, ge=1, le=20, description="passages retrieved per prompt (before the token budget)")
+    mode: Literal["hybrid", "bm25", "dense"] = Field("hybrid", description="ranking: BM25, embeddings, or both "
+                                                     "fused by reciprocal rank")
+    token_budget: int = Field(400, ge=8, description="most passage tokens per prompt (as the base counted them "
+                                                     "when chunking); passages that do not fit are left out whole")
+    template: str = Field("[{n}] {source}:{lines}\n{text}", description="one passage; fields {n} {source} {lines} "
+                          "{heading} {text}")
+    intro: str = Field("Passages from the documentation:", description="the line before the passages")
+    question: str = Field("Question: ", description="put before the request when the passages precede or follow it")
+    position: Literal["before", "after", "system"] = Field("before", description="passages before or after the "
+                                                           "request in its user turn, or in the system message")
+    gold_absent: float = Field(0.2, ge=0, le=1, description="training only (RAFT): share of training examples "
+                               "whose gold passage (the one that best matches the answer) is taken out, leaving "
+                               "only distractors, so the model also learns to answer without it")
+    gold_forced: bool = Field(True, description="training only (RAFT): in the other examples the gold passage is "
+                              "put among the passages when retrieval missed it (at a random position)")
 
 
 class PrivacySettings(Strict):
@@ -206,6 +232,7 @@ class RunConfig(Strict):
     data: DataSettings = Field(default_factory=DataSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     pretrain: PretrainSettings = Field(default_factory=PretrainSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
 
     train_on_prompt: bool = Field(False, description="compute the loss on every token, not only assistant turns")
     max_length: int = Field(512, ge=8, description="examples longer than this many tokens are truncated")
@@ -264,6 +291,8 @@ class RunConfig(Strict):
     def _check(self) -> RunConfig:
         if self.micro_batch_size and self.micro_batch_size > self.batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) exceeds batch_size ({self.batch_size})")
+        if self.retrieval.kb and self.data.retrieved_examples:
+            raise ValueError("retrieval.kb and data.retrieved_examples both rewrite the request; use one of them")
         if self.packing and self.pack_length < self.max_length:
             raise ValueError(f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length})")
         extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}

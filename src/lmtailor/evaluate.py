@@ -36,7 +36,7 @@ def run_recipe(run: Run) -> RunConfig:
 
 def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40, max_length: int | None = None,
                  out: str | None = None, gen: GenerationSettings | None = None, metric: str = "default",
-                 context: int | None = None, stride: int | None = None) -> dict[str, Any]:
+                 context: int | None = None, stride: int | None = None, kb: str | None = None) -> dict[str, Any]:
     """Evaluate a run or model on a data file with its objective's evaluation (what train reports as "after").
 
     Args:
@@ -49,6 +49,8 @@ def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40
         gen: decoding settings (default: the run's).
         metric: "perplexity" scores raw text with a sliding window of `context` tokens advancing by `stride`
             (pseudo-perplexity for masked LMs) instead.
+        kb: a knowledge base whose passages go into every prompt (open book; a run trained with `retrieval.kb`
+            uses its own base unless another is given here).
     """
     from lmtailor.data.validate import load_examples
 
@@ -72,6 +74,11 @@ def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40
     with crypto.use_keys(run.keys):
         examples = load_examples(data, "labeled" if fmt == "auto" and run.kind == "seq-cls" else fmt,
                                  system_prompt=run.system_prompt)
+    if kb or cfg.retrieval.kb:  # open book: passages placed exactly as training, generate and serve place them
+        from lmtailor.knowledge.raft import with_kb_passages
+
+        settings = cfg.retrieval.model_copy(update={"kb": kb}) if kb else cfg.retrieval
+        _, (examples,), _ = with_kb_passages([], [examples], settings)
     items, _ = objective.prepare(ctx, examples)
     result = objective.evaluate(ctx, model, items, examples, progress=False, desc="eval")
     metrics = {**result.metrics, "model": target, "data": data, "examples": result.metrics.get("examples",

@@ -249,9 +249,28 @@ def stream(model: Any, tok: Any, messages: list[dict[str, str]], settings: Gener
         yield text[len(sent):]
 
 
-def retrieval_for(config: dict[str, Any]) -> RunRetrieval | None:
-    """The retrieval a run trained with (data.retrieved_examples in its resolved config), or None: the pool is its
-    training split, read (and scrubbed, with privacy.scrub) the way training read it."""
+def retrieval_for(config: dict[str, Any], kb: str | None = None) -> Any:
+    """The retrieval a run trained with, or None: knowledge-base passages (its `retrieval:` section, or `kb` given
+    here with that section's other settings), or retrieved training examples (data.retrieved_examples: the pool
+    is its training split, read and scrubbed the way training read it). Both have `with_sources(prompt)`.
+
+    Raises:
+        ConfigError: a bad retrieval section, or a knowledge base that cannot be opened.
+    """
+    section = dict(config.get("retrieval") or {})
+    if kb:
+        section["kb"] = kb
+    if section.get("kb"):
+        from pydantic import ValidationError
+
+        from lmtailor.config import RetrievalSettings, explain
+        from lmtailor.knowledge.prompt import KBRetrieval
+
+        try:
+            settings = RetrievalSettings.model_validate(section)
+        except ValidationError as e:
+            raise explain(e, "the run's config.yaml", RetrievalSettings, prefix="retrieval") from None
+        return KBRetrieval(settings)
     if not (config.get("data") or {}).get("retrieved_examples"):
         return None
     from lmtailor.config import build_config
@@ -271,11 +290,14 @@ def retrieval_for(config: dict[str, Any]) -> RunRetrieval | None:
 
 
 def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, system: str | None = None,
-           compare: bool = False, raw: bool = False, speedup: str = "none") -> list[dict[str, str]]:
+           compare: bool = False, raw: bool = False, speedup: str = "none", kb: str | None = None
+           ) -> list[dict[str, str]]:
     """Answer prompts with a run or model; with `compare`, also with its base model (adapter off).
 
     `speedup` is a CPU decoding speed-up (see `lmtailor.fastdecode.speed_up`), applied to both models.
-    Returns one {label: answer} dict per prompt; labels are "tuned" and "base" when comparing.
+    `kb` is a knowledge base whose passages go into each prompt (the run's `retrieval:` settings, else defaults).
+    Returns one {label: answer} dict per prompt; labels are "tuned" and "base" when comparing, and "sources"
+    lists the passages shown when a knowledge base was searched.
     """
     from lmtailor.fastdecode import speed_up
     from lmtailor.models import load_pretrained
@@ -284,23 +306,32 @@ def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, sy
     run = Run.open(target)
     model, tok = run.load()
     system = system or run.system_prompt
-    rag = retrieval_for(run.config)
-    if rag is not None and not raw:  # the run trained with retrieved examples in its prompts: show them here too
-        prompts = [str(rag(p)) for p in prompts]
+    rag = retrieval_for(run.config, kb)
+    cited: list[Any] = [None] * len(prompts)
+    shown: list[Prompt] = list(prompts)
+    if rag is not None and not raw:  # the run trained with retrieved examples or passages in its prompts
+        shown = []
+        for i, p in enumerate(prompts):
+            augmented, cited[i] = rag.with_sources(as_messages(p, system))
+            shown.append(augmented)
     if compare and run.adapter and speedup == "none":
         with model.disable_adapter():  # type: ignore[operator]  # the base for free: same weights, adapter off
-            base = generate(model, tok, prompts, settings, system=system, raw=raw)
+            base = generate(model, tok, shown, settings, system=system, raw=raw)
     elif compare:
         base_model = speed_up(load_pretrained(run.base_model, run.auto_class).eval(), speedup)
-        base = generate(base_model, tok, prompts, settings, system=system, raw=raw)
+        base = generate(base_model, tok, shown, settings, system=system, raw=raw)
         del base_model
-    tuned = generate(speed_up(model, speedup), tok, prompts, settings, system=system, raw=raw)
-    if not compare:
-        return [{"answer": t} for t in tuned]
-    return [{"base": b, "tuned": t} for b, t in zip(base, tuned, strict=False)]
+    tuned = generate(speed_up(model, speedup), tok, shown, settings, system=system, raw=raw)
+    out = [{"answer": t} for t in tuned] if not compare else [
+        {"base": b, "tuned": t} for b, t in zip(base, tuned, strict=False)]
+    for row, found in zip(out, cited, strict=True):
+        if found is not None:
+            row["sources"] = "; ".join(f"[{c['n']}] {c['source']}:{c['lines']}" for c in found) or "(no passage)"
+    return out
 
 
-def chat_loop(target: str, settings: GenerationSettings, system: str | None = None, speedup: str = "none") -> None:
+def chat_loop(target: str, settings: GenerationSettings, system: str | None = None, speedup: str = "none",
+              kb: str | None = None) -> None:
     """Interactive chat on stdin/stdout; the whole conversation goes through the chat template each turn."""
     from lmtailor.fastdecode import speed_up
     from lmtailor.runs import Run
@@ -309,7 +340,7 @@ def chat_loop(target: str, settings: GenerationSettings, system: str | None = No
     model, tok = run.load()
     model = speed_up(model, speedup)
     system = system or run.system_prompt
-    rag = retrieval_for(run.config)
+    rag = retrieval_for(run.config, kb)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     print(f"chatting with {run.name} (empty line or Ctrl-D to quit, /reset to start over)")
     while True:
@@ -326,9 +357,11 @@ def chat_loop(target: str, settings: GenerationSettings, system: str | None = No
         messages.append({"role": "user", "content": line})
         print("bot> ", end="", flush=True)
         reply = ""
-        shown = messages if rag is None else rag(messages)  # the history keeps the user's own words
+        shown, cited = (messages, None) if rag is None else rag.with_sources(messages)  # history: the user's words
         for piece in stream(model, tok, shown if isinstance(shown, list) else messages, settings):
             reply += piece
             print(piece, end="", flush=True)
         print()
+        if cited:
+            print("sources: " + "; ".join(f"[{c['n']}] {c['source']}:{c['lines']}" for c in cited))
         messages.append({"role": "assistant", "content": reply.strip()})

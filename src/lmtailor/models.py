@@ -279,11 +279,28 @@ def freeze_all_but_last(model: Any, n: int) -> None:
                 p.requires_grad_(True)
 
 
+def added_token_ids(tok: Any) -> list[int]:
+    """Ids of plain (non-special) tokens added to a tokenizer, e.g. the domain terms of `tokenizer extend`."""
+    return sorted(int(i) for i, t in tok.added_tokens_decoder.items() if not t.special)
+
+
+def _token_rows(model: nn.Module, ids: list[int]) -> dict[str, list[int]]:
+    """PEFT trainable_token_indices for the input embedding and, when it is not tied to it, the output layer."""
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
+    names = {m: n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is emb or m is out}
+    rows = {names[emb]: list(ids)}
+    if out is not None and out in names and out.weight.data_ptr() != emb.weight.data_ptr():
+        rows[names[out]] = list(ids)
+    return rows
+
+
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: Iterable[str] | str,
-             task_type: str | None = None) -> nn.Module:
+             task_type: str | None = None, new_tokens: list[int] | None = None) -> nn.Module:
     """Wrap `model` with LoRA adapters; task_type (PEFT's) defaults to the one the model's head implies.
 
     SEQ_CLS makes PEFT train and save the new classification head (`score`/`classifier`) with the adapter.
+    `new_tokens`: vocabulary rows that train too (PEFT trainable tokens: only these rows of the input embedding,
+    and of an untied output layer, get a trainable copy; every other row stays frozen); merge writes them back.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -292,8 +309,9 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modu
         task_type = ("SEQ_CLS" if kind.endswith("ForSequenceClassification") else
                      "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) else "CAUSAL_LM")
     targets: list[str] | str = target_modules if isinstance(target_modules, str) else list(target_modules)
+    extra: dict[str, Any] = {"trainable_token_indices": _token_rows(model, new_tokens)} if new_tokens else {}
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]  # float alpha works
-                     target_modules=targets, task_type=task_type)
+                     target_modules=targets, task_type=task_type, **extra)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:

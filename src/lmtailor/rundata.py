@@ -1,7 +1,8 @@
 """The one data assembly of a run: what `train`, `validate` and `tune` (through train) feed the model.
 
 Read or stream the data -> render it through a prompt task (data.prompt_task) -> scrub PII (privacy.scrub) ->
-show each request its most similar training examples (data.retrieved_examples) -> let the objective fit what
+show each request its most similar training examples (data.retrieved_examples) or knowledge-base passages
+(retrieval.kb) -> let the objective fit what
 the data fixes (the label set) -> the objective's items for every split.
 """
 
@@ -94,6 +95,11 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
             from lmtailor.data.retrieve import with_retrieved
 
             train_ex, (val_ex, test_ex) = with_retrieved(train_ex, [val_ex, test_ex], cfg.data.retrieved_examples)
+        if cfg.retrieval.kb:  # knowledge-base passages: RAFT-style in training, as served in validation and test
+            from lmtailor.knowledge.raft import with_kb_passages
+
+            train_ex, (val_ex, test_ex), raft = with_kb_passages(train_ex, [val_ex, test_ex], cfg.retrieval, cfg.seed)
+            stats.update(raft)
         if ctx.tokenizer is None:
             ctx.tokenizer = objective.tokenizer(ctx)
         objective.fit(ctx, train_ex)

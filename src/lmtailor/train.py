@@ -99,7 +99,7 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
         model: Any = objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype))
     if objective.init is not None:  # every process fits the same (deterministic) weights; no adapter yet
         objective.init(ctx, model, data.train_items)
-    model = _apply_method(model, cfg)
+    model = _apply_method(model, cfg, ctx.tokenizer)
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
     say(f"model {base_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
@@ -210,11 +210,16 @@ def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
     return run_dir
 
 
-def _apply_method(model: Any, cfg: RunConfig) -> Any:
+def _apply_method(model: Any, cfg: RunConfig, tok: Any = None) -> Any:
     """What trains: LoRA adapters, the last layers, every weight, or a soft prompt."""
     if cfg.method == "lora":
+        from lmtailor.models import added_token_ids
+
+        # tokens added by `tokenizer extend` would keep their initial rows under LoRA alone: they train too
+        new = added_token_ids(tok) if tok is not None and cfg.lora.train_new_tokens else []
         # PEFT's task type follows the head the objective loaded (causal LM, classification, seq2seq, ...)
-        return add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+        return add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                        new_tokens=new or None)
     if cfg.method == "freeze":
         freeze_all_but_last(model, cfg.unfreeze_last_n)
     elif cfg.method in ("prompt_tuning", "prefix_tuning"):
@@ -313,7 +318,7 @@ def _measure_recipe(cfg: RunConfig, probe_steps: int, max_seconds: float | None)
     data = build_run_data(objective, ctx, write_audit=False)
     cfg = ctx.cfg
     model = _apply_method(objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)),
-                          cfg).to(acc.device)
+                          cfg, ctx.tokenizer).to(acc.device)
     per_epoch, planned = plan_steps(cfg, len(data.train_items), 1)
     optimizer = make_optimizer(model, cfg)
     loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)

@@ -107,6 +107,10 @@ class RunRetrieval:
     def __init__(self, retriever: Retriever, k: int) -> None:
         self.retriever, self.k = retriever, k
 
+    def with_sources(self, prompt: str | list[dict[str, str]]) -> tuple[str | list[dict[str, str]], None]:
+        """The prompt with its retrieved examples, and None: examples cite no documents (see KBRetrieval)."""
+        return self(prompt), None
+
     def __call__(self, prompt: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
         if isinstance(prompt, str):
             return retrieval_prompt(prompt, self.retriever.nearest(prompt, self.k))

@@ -8,6 +8,9 @@ Systems are named on the command line:
                          task's first input field); any other
                          (LoRA or soft prompt on the task's prompts) is scored zero-shot with the template it was
                          trained on (data.prompt_template)
+  SYSTEM+kb              any prompt or fine-tuned system above, open book: each query's turn gets passages of a
+                         knowledge base (the run's own `retrieval:` section when it trained with one, else the
+                         task file's), placed as training and serving place them
   NAME=SYSTEM            any of the above, shown as NAME
 """
 
@@ -47,6 +50,8 @@ def resolve_system(text: str, task: PromptTask, base_model: str) -> System:
     Raises:
         ConfigError: an unknown name or path, or a task file whose labels differ from the task's.
     """
+    if text.endswith("+kb"):
+        return _open_book(resolve_system(text[:-len("+kb")], task, base_model), text, task)
     name, _, what = text.rpartition("=") if "=" in text else ("", "", text)
     if what == "zero-shot":
         spec = task_spec(task, 0, shots=False)
@@ -88,6 +93,32 @@ def resolve_system(text: str, task: PromptTask, base_model: str) -> System:
                           f"run `lmtailor prompt optimize` on task '{task.name}' first, or give the path")
     raise ConfigError(f"unknown system {text!r}",
                       "use zero-shot, few-shot, optimized, a task .yaml, a prompt-search folder or a run folder")
+
+
+def _open_book(closed: System, text: str, task: PromptTask) -> System:
+    """The same system with knowledge-base passages in each query's turn."""
+    import dataclasses
+
+    from lmtailor.config import RetrievalSettings
+
+    if closed.spec is None:
+        raise ConfigError(f"system {text!r}: a classification head reads no prompt, so it cannot be open book",
+                          "add +kb to prompt systems and generation runs only")
+    settings = task.retrieval
+    if closed.kind == "fine-tuned":
+        from lmtailor.runs import Run
+
+        own = Run.open(closed.model).config.get("retrieval") or {}
+        if own.get("kb"):  # the passages exactly as the run trained with them
+            settings = RetrievalSettings.model_validate(own)
+    if not settings.kb:
+        raise ConfigError(f"system {text!r}: no knowledge base", f"set retrieval.kb in task '{task.name}' "
+                          "(or on the command line: retrieval.kb=kb/)")
+    spec = dataclasses.replace(closed.spec, retrieval=settings.model_dump_json())
+    name = closed.name if closed.name != text[:-len("+kb")] else text
+    return dataclasses.replace(closed, name=name, spec=spec,
+                               detail=f"{closed.detail}; open book: {settings.k} passages of {settings.kb} "
+                                      f"({settings.mode})")
 
 
 def _classifier_predictions(system: System, items: list[Item], task: PromptTask) -> list[str]:

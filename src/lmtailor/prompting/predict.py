@@ -42,6 +42,7 @@ class PromptSpec:
     order: str = "selected"
     calibrate: bool = False
     name: str = ""
+    retrieval: str = ""  # open book: the RetrievalSettings JSON whose passages go into the query's turn; "": closed
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +69,7 @@ class PromptRunner:
     def __init__(self, task: PromptTask, scorer: Scorer, pool: list[Item]) -> None:
         self.task, self.scorer, self.pool = task, scorer, pool
         self._selectors: dict[tuple[str, int], Selector] = {}
+        self._books: dict[str, Any] = {}
 
     def selector(self, strategy: str) -> Selector:
         key = (strategy, self.task.few_shot.seed)
@@ -83,13 +85,31 @@ class PromptRunner:
         return fit_demos(self.task, spec.template, demos, query, self.scorer.tok, self.task.few_shot.max_tokens,
                          spec.order)
 
+    def open_book(self, spec: PromptSpec, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The conversation with the passages of spec.retrieval in its last user turn, placed as training and
+        serving place them (lmtailor.knowledge.prompt)."""
+        from lmtailor.config import RetrievalSettings
+        from lmtailor.knowledge.prompt import KBRetrieval
+
+        if spec.retrieval not in self._books:
+            self._books[spec.retrieval] = KBRetrieval(RetrievalSettings.model_validate_json(spec.retrieval))
+        out, _ = self._books[spec.retrieval].with_sources(messages)
+        assert isinstance(out, list)
+        return out
+
     def predict(self, spec: PromptSpec, items: list[Item]) -> Predictions:
         built = [self.build(spec, item) for item in items]
+        if spec.retrieval:  # the few-shot examples stay as chosen; the query's turn gets its passages
+            built = [(demos, prompt_ids(self.scorer.tok, self.open_book(
+                spec, build_messages(self.task, spec.template, demos, item)))) for (demos, _), item in
+                zip(built, items, strict=True)]
         refs = [item.reference(self.task) for item in items]
         mean_len = sum(len(ids) for _, ids in built) / max(len(built), 1)
         if self.task.output.labels is None:
             msgs = [build_messages(self.task, spec.template, demos, item) for (demos, _), item in
                     zip(built, items, strict=True)]
+            if spec.retrieval:
+                msgs = [self.open_book(spec, m) for m in msgs]
             texts = self.scorer.generate(msgs, self.task.max_new_tokens)
             return Predictions([parse_answer(t) for t in texts], refs, prompt_tokens=mean_len)
         names = self.task.label_names

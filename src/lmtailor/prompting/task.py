@@ -30,7 +30,7 @@ import jinja2
 import jinja2.meta
 from pydantic import Field, ValidationError, model_validator
 
-from lmtailor.config import DataSettings, Strict, explain, read_yaml
+from lmtailor.config import DataSettings, RetrievalSettings, Strict, explain, read_yaml
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError, DataError
 
@@ -107,6 +107,8 @@ class PromptTask(Strict):
     encrypt_outputs: bool | None = Field(None, description="seal the score cache, predictions, metrics and reports "
                                          "with the data key ($LMTAILOR_DATA_KEY); unset: on when a data file or "
                                          "the model's run is encrypted")
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings, description="open-book systems of "
+                                         "`compare` (SYSTEM+kb): knowledge-base passages in each query's user turn")
 
     @model_validator(mode="after")
     def _check(self) -> PromptTask:

@@ -38,7 +38,7 @@ class Prepared:
 
 
 def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None, limits: Limits | None = None,
-               speedup: str = "none") -> FastAPI:
+               speedup: str = "none", kb: str | None = None) -> FastAPI:
     """Build the server app.
 
     Args:
@@ -46,11 +46,12 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         api_key: when set, every /v1 request must carry `Authorization: Bearer <api_key>`.
         limits: caps on prompt length, max_tokens, batching, queue and time (defaults: `Limits()`).
         speedup: "none", "fp16", "int8" or "bf16" (see `lmtailor.fastdecode.speed_up`).
+        kb: a knowledge base every model retrieves passages from; chat responses then carry `sources`.
 
     Returns:
         The FastAPI app; its engine starts and stops with the app's lifespan.
     """
-    slots = targets if isinstance(targets, dict) else load_models(list(targets), speedup)
+    slots = targets if isinstance(targets, dict) else load_models(list(targets), speedup, kb)
     server = _Server(slots, limits or Limits(), created=int(time.time()))
     app = FastAPI(title="lmtailor", lifespan=_lifespan(server.lim), docs_url=None, redoc_url=None)
     app.state.slots = server.slots
@@ -183,22 +184,23 @@ class _Server:
         return texts, [r or "stop" for r in reasons], used
 
     def stream(self, bridge: AsyncJob, job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int,
-               with_usage: bool) -> StreamingResponse:
-        """The job's rows as server-sent events, OpenAI chunk format, ending with `data: [DONE]`."""
-        events = _events(bridge, job, head, chat, prompt_tokens, with_usage, self.lim.timeout_s)
+               with_usage: bool, extra: dict[str, Any] | None = None) -> StreamingResponse:
+        """The job's rows as server-sent events, OpenAI chunk format, ending with `data: [DONE]`; `extra` fields
+        (the sources of retrieved passages) ride on the first chunk."""
+        events = _events(bridge, job, head, chat, prompt_tokens, with_usage, self.lim.timeout_s, extra or {})
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _events(bridge: AsyncJob, job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int,
-                  with_usage: bool, timeout_s: float) -> AsyncIterator[str]:
+                  with_usage: bool, timeout_s: float, extra: dict[str, Any]) -> AsyncIterator[str]:
     open_rows = set(range(len(job.prompts)))
     used = 0
     try:
         if chat:
             for i in open_rows:
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "finish_reason": None}]})
+                                                 "finish_reason": None}], **extra})
         while open_rows:
             ev = await bridge.events.get()
             if ev[0] == "error":
@@ -260,10 +262,13 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
             raise APIError(400, "tools are not supported", "unsupported_parameter", "tools")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        if slot.retrieval is not None:  # the run trained with retrieved examples in its prompts
-            messages = slot.retrieval(messages)
+        messages = as_messages(messages, slot.system_prompt)
+        cited = None
+        if slot.retrieval is not None:  # retrieved examples or knowledge-base passages, as in training
+            messages, cited = slot.retrieval.with_sources(messages)
+        extra = {} if cited is None else {"sources": cited}  # an extra field: OpenAI clients ignore it
         try:
-            ids = prompt_ids(slot.tok, as_messages(messages, slot.system_prompt))
+            ids = prompt_ids(slot.tok, messages)
         except LmtailorError as e:
             raise APIError(400, str(e), "invalid_messages", "messages") from None
         prep = server.prepare(body, slot, [ids])
@@ -271,12 +276,12 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": slot.name}
-            return server.stream(bridge, job, head, True, len(ids), body.include_usage())
+            return server.stream(bridge, job, head, True, len(ids), body.include_usage(), extra)
         texts, reasons, used = await server.collect(request, bridge, job)
         return {"id": rid, "object": "chat.completion", "created": now, "model": slot.name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": _r(r)}
                             for i, (t, r) in enumerate(zip(texts, reasons, strict=False))],
-                "usage": _usage(len(ids), used)}
+                "usage": _usage(len(ids), used), **extra}
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: CompletionRequest) -> Any:

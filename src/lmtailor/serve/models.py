@@ -38,7 +38,7 @@ class Slot:
     parent: str | None = None  # the base model's id when this is an adapter
     lock: threading.Lock = field(default_factory=threading.Lock)  # shared by slots on the same module
     max_positions: int = 2048
-    retrieval: Any = None  # the run's data.retrieved_examples (lmtailor.generate.retrieval_for), or None
+    retrieval: Any = None  # retrieved examples or passages (lmtailor.generate.retrieval_for), or None
 
     @contextlib.contextmanager
     def active(self) -> Iterator[nn.Module]:
@@ -61,12 +61,13 @@ def _unique(name: str, taken: dict[str, Slot]) -> str:
     return out
 
 
-def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
+def load_models(targets: list[str], speedup: str = "none", kb: str | None = None) -> dict[str, Slot]:
     """Load every target (run folder, model folder or model name) into named slots.
 
     Adapter runs on the same base share one model; the base gets its own slot named after it. With a fast
     speed-up (fp16, int8) each adapter run is merged into its own copy of the base instead, and the base is
-    served only when named.
+    served only when named. `kb` gives every run a knowledge base to retrieve passages from (lmtailor.knowledge),
+    with the run's own `retrieval:` settings where it has them.
     """
     from lmtailor.generate import retrieval_for
     from lmtailor.runs import Run
@@ -90,14 +91,16 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
             base = Slot(_unique(Path(run.base_model).name, slots), model, tok, max_positions=_max_positions(model))
             shared[key] = base
             slots[name] = Slot(name, model, tok, run.system_prompt, adapter="default", parent=base.name,
-                               lock=base.lock, max_positions=base.max_positions, retrieval=retrieval_for(run.config))
+                               lock=base.lock, max_positions=base.max_positions,
+                               retrieval=retrieval_for(run.config, kb))
         else:
             base = shared[key]
             run.add_adapter_to(base.model, name)  # a sealed run's adapter is decrypted into RAM for it
             if speedup == "bf16":
                 base.model.to(torch.bfloat16)
             slots[name] = Slot(name, base.model, base.tok, run.system_prompt, adapter=name, parent=base.name,
-                               lock=base.lock, max_positions=base.max_positions, retrieval=retrieval_for(run.config))
+                               lock=base.lock, max_positions=base.max_positions,
+                               retrieval=retrieval_for(run.config, kb))
     for base in shared.values():
         slots.setdefault(base.name, base)
     for run in plain:
@@ -111,7 +114,7 @@ def load_models(targets: list[str], speedup: str = "none") -> dict[str, Slot]:
         model = speed_up(model, speedup)
         name = _unique(run.name, slots)
         slots[name] = Slot(name, model, tok, run.system_prompt, max_positions=_max_positions(model),
-                           retrieval=retrieval_for(run.config))
+                           retrieval=retrieval_for(run.config, kb))
     for slot in slots.values():
         slot.model.eval()
     log.info("serving: %s", ", ".join(slots))

@@ -158,3 +158,35 @@ def _shell_commands(workdir: Path) -> list[Record]:
     # as `cheat TOOL` does: without it many answers are guesses between tools.
     return [{**r, "instruction": f"{r['instruction']} (using {r['tool']})"}
             for r in parse_cheat_sdist(download.pip_download("cheat==2.5.1", workdir, sdist=True))]
+
+
+def read_cheat_sheets(tar_path: Path) -> list[Record]:
+    """Every command sheet of a cheat sdist as one text record {"text", "file"} (file: `cheatsheets/TOOL`), for a
+    knowledge base (`lmtailor kb build catalog:cheat-sheets`); the same sheets `shell-commands` is made from."""
+    try:
+        with tarfile.open(tar_path) as tf:
+            sheets = sorted((m for m in tf.getmembers()
+                             if m.isfile() and re.fullmatch(r"[^/]+/cheat/cheatsheets/[^/]+", m.name)),
+                            key=lambda m: m.name)
+            records = []
+            for member in sheets:
+                f = tf.extractfile(member)
+                assert f is not None
+                text = f.read().decode("utf-8", errors="replace")
+                if text.strip():
+                    records.append({"text": text, "file": "cheatsheets/" + member.name.rsplit("/", 1)[1]})
+    except tarfile.TarError as e:
+        raise DataError(f"{tar_path.name}: not a readable tar archive ({e})") from None
+    if not records:
+        raise DataError(f"{tar_path.name}: no files under cheat/cheatsheets/", "is this the cheat sdist?")
+    return records
+
+
+@register_dataset(
+    "cheat-sheets",
+    description="the 194 cheat sheets of cheat 2.5.1 as text, one per record (a knowledge base for the "
+                "shell-commands questions: it holds their answers)",
+    format="text", license="MIT OR GPL-3.0 (cheat, dual-licensed)",
+    source="PyPI sdist cheat==2.5.1, cheat/cheatsheets/*")
+def _cheat_sheets(workdir: Path) -> list[Record]:
+    return read_cheat_sheets(download.pip_download("cheat==2.5.1", workdir, sdist=True))
