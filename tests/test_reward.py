@@ -80,3 +80,22 @@ def test_preference_objectives_refuse_chat_data(tiny_model, tmp_path, capsys, ob
     data = _write(tmp_path / "sft.jsonl", [{"instruction": q, "output": a} for q, a in PAIRS])
     assert main(["validate", f"base_model={tiny_model}", f"data.path={data}", f"objective={objective}"]) == 2
     assert "use data.format: preference" in capsys.readouterr().err
+
+
+def test_pairs_make_skips_the_answering_runs_held_out_questions(tiny_model, tmp_path):
+    from conftest import PAIRS
+
+    rows = [{"instruction": f"{q} {i}", "output": a} for i in range(3) for q, a in PAIRS]
+    data = _write(tmp_path / "sft.jsonl", rows)
+    run = tmp_path / "sft"
+    assert main(["train", f"base_model={tiny_model}", f"data.path={data}", f"output_dir={run}", "max_steps=1",
+                 "data.val_size=5", "eval.before_after=false", "eval.generate_examples=0", "--no-progress"]) == 0
+    out = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "make", str(run), "--data", str(data), "--out", str(out), "--max-new-tokens", "4",
+                 "--temperature", "1.5", "--stop-repeats", "0", "--no-progress"]) == 0
+    prompts = {json.loads(x)["prompt"] for x in out.read_text().splitlines()}
+    from lmtailor.config import load_config
+    from lmtailor.data.validate import load_datasets
+
+    _, val, _ = load_datasets(load_config(run / "config.yaml").data)
+    assert len(prompts) <= 25 and not prompts & {ex.messages[0]["content"] for ex in val}

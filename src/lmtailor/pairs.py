@@ -3,7 +3,9 @@
 
 `make_pairs` answers the prompts of SFT-style data with a run (batched, through generate's decoding and the
 run's retrieval, if it trained with one) and writes preference records: the data's reference answer chosen and the
-model's answer rejected (or the reverse). Answers equal to the reference teach nothing and are skipped.
+model's answer rejected (or the reverse). Answers equal to the reference teach nothing and are skipped, and so are
+the examples the answering run held out (its validation and test splits), so that a run tuned on the pairs is
+judged on questions neither run trained on.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from lmtailor.config import GenerationSettings
 from lmtailor.data.example import Example
+from lmtailor.data.validate import content_key
 from lmtailor.errors import DataError
 from lmtailor.io import atomic_write_text
 from lmtailor.render import prompt_messages
@@ -27,7 +30,7 @@ def _record(history: list[dict[str, str]], chosen: str, rejected: str) -> dict[s
 def _chats(data: str, fmt: str, limit: int | None) -> list[Example]:
     from lmtailor.data.validate import clean_examples, load_examples
 
-    examples, _ = clean_examples(load_examples(data, fmt))
+    examples, _ = clean_examples(load_examples(data, fmt))  # stripped, as a run's splits are
     chats = [ex for ex in examples if ex.messages is not None]
     if not chats:
         raise DataError(f"{data}: no conversations to answer", "give chat-shaped data (alpaca, chat, prompt/"
@@ -61,8 +64,11 @@ def make_pairs(run: str, data: str, out: str, fmt: str = "auto", settings: Gener
     from lmtailor.generate import generate, retrieval_for
     from lmtailor.runs import Run
 
-    chats = _chats(data, fmt, limit)
     opened = Run.open(run)
+    chats = _chats(data, fmt, None)
+    held = _held_out(opened.config)
+    kept = [ex for ex in chats if content_key(ex) not in held]
+    skipped_held, chats = len(chats) - len(kept), kept[:limit] if limit else kept
     model, tok = opened.load()
     splits = [prompt_messages(ex) for ex in chats]
     prompts: list[Any] = [history for history, _ in splits]
@@ -83,7 +89,24 @@ def make_pairs(run: str, data: str, out: str, fmt: str = "auto", settings: Gener
         chosen, rejected = (answer, reference) if reverse else (reference, answer)
         lines.append(json.dumps(_record(history, chosen, rejected), ensure_ascii=False) + "\n")
     atomic_write_text(Path(out), "".join(lines))
-    return {"pairs": len(lines), "skipped_equal": equal, "skipped_empty": empty, "out": out}
+    return {"pairs": len(lines), "skipped_equal": equal, "skipped_empty": empty, "skipped_held_out": skipped_held,
+            "out": out}
+
+
+def _held_out(config: dict[str, Any]) -> set[str]:
+    """Content keys of the validation and test examples of the run that answers (empty for a plain model): pairs
+    never hold the questions that run is judged on, so a run tuned on them can be compared with it fairly."""
+    if not config:
+        return set()
+    from lmtailor.config import build_config
+    from lmtailor.crypto import use_keys
+    from lmtailor.data.validate import load_datasets, load_test_examples
+
+    cfg = build_config(dict(config), "the run's config.yaml")
+    with use_keys(cfg.privacy.key_source()):
+        _, val, _ = load_datasets(cfg.data)
+        test = load_test_examples(cfg.data)
+    return {content_key(ex) for ex in [*val, *test]}
 
 
 def score_data(run: str, data: str, fmt: str = "auto", out: str | None = None) -> dict[str, Any]:
