@@ -45,7 +45,7 @@ def _local_data(catalog: str, folder: Path) -> tuple[Path, int]:
 def test_every_shipped_recipe_is_covered():
     assert {p.stem for p in RECIPES} >= {"quickstart", "classify-spam", "seq2seq-shell", "dapt",
                                          "pretrain-from-scratch", "spam-sft", "spam-soft-prompt", "dpo-shell",
-                                         "reward-shell"}
+                                         "reward-shell", "grpo-shell"}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,8 @@ def test_shipped_recipe_validates_through_the_training_data_assembly(recipe: Pat
     overrides = []
     if cfg.get("data", {}).get("format") == "preference":  # pairs a documented first step makes from a run
         source = "catalog:pairs"
-        if str(cfg.get("base_model", "")).startswith("runs/"):  # a model that step exports: the bundled one here
-            overrides.append("base_model=smollm2-135m-instruct")
+    if str(cfg.get("base_model", "")).startswith("runs/"):  # a model a documented first step exports: the bundled
+        overrides.append("base_model=smollm2-135m-instruct")  # one here
     assert source.startswith("catalog:"), "shipped recipes use the built-in catalog"
     path, n = _local_data(source.removeprefix("catalog:"), tmp_path)
     overrides.append(f"data.path={path}")
@@ -84,8 +84,8 @@ def test_shipped_recipe_validates_through_the_training_data_assembly(recipe: Pat
     assert out.startswith(f"recipe OK: objective {cfg.get('objective', 'sft')}"), out
     # what the objective made of the records: rendered chats, labeled examples or corpus blocks
     expected = {"classify": "examples", "clm": "blocks" if (cfg.get("pretrain") or {}).get("cache") else
-                "sequences", **dict.fromkeys(["dpo", "ipo", "orpo", "simpo", "reward"], "pairs")
-                }.get(cfg.get("objective", "sft"), "sequences")
+                "sequences", **dict.fromkeys(["dpo", "ipo", "orpo", "simpo", "reward"], "pairs"),
+                "grpo": "prompts"}.get(cfg.get("objective", "sft"), "sequences")
     assert f"items: {expected} " in out, out
     if (cfg.get("data") or {}).get("prompt_task"):
         # rendered through the prompt task into yes/no chats: answers are supervised, so chat stats appear

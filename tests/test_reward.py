@@ -46,6 +46,12 @@ def test_reward_run_learns_pairs_and_scores_text(tiny_model, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["pairs"] == 40 and summary["accuracy"] >= 0.9
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 40
+    # the reward run as grpo's reward
+    from lmtailor.objectives.grpo import GrpoRewards, Rewarder
+
+    rewarder = Rewarder(GrpoRewards(model=str(run)))
+    good, bad = rewarder.batch(["what to do with zulu 7"] * 2, ["ls -la zulu", "rm -rf zulu"], ["", ""], [True, True])
+    assert good > bad
 
 
 def test_score_without_input_is_one_line_error(tiny_model, capsys):

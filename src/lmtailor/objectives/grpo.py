@@ -46,11 +46,14 @@ class GrpoRewards(Strict):
     function: str | None = Field(None, description="FILE.py:NAME, a function (prompt, answer, reference) -> float "
                                  "in a Python file of your own; imported only because this key names it")
     function_weight: float = Field(1.0, description="weight of the function's reward")
+    model: str | None = Field(None, description="a reward run (objective: reward) whose score of the prompt and "
+                              "answer is the reward")
+    model_weight: float = Field(1.0, description="weight of the reward run's score")
 
     @model_validator(mode="after")
     def _some(self) -> GrpoRewards:
-        if not (self.exact_match or self.regex or self.length or self.stop or self.function):
-            raise ValueError("set at least one reward: exact_match, regex, length, stop or function")
+        if not (self.exact_match or self.regex or self.length or self.stop or self.function or self.model):
+            raise ValueError("set at least one reward: exact_match, regex, length, stop, function or model")
         if self.function is not None and not re.fullmatch(r".+\.py:[A-Za-z_]\w*", self.function):
             raise ValueError(f"function must be FILE.py:NAME; got {self.function!r}")
         if self.regex is not None:
@@ -112,6 +115,25 @@ class Rewarder:
         self.spec = spec
         self.pattern = re.compile(spec.regex) if spec.regex else None
         self.fn = load_function(spec.function) if spec.function else None
+        self.scorer: tuple[Any, Any] | None = None  # (model, tokenizer) of the reward run, loaded on first use
+
+    def batch(self, prompts: list[str], answers: list[str], references: list[str], stopped: list[bool]
+              ) -> list[float]:
+        """Rewards of many answers; the reward run (if any) scores them in batches."""
+        out = [self(p, a, r, s) for p, a, r, s in zip(prompts, answers, references, stopped, strict=True)]
+        if self.spec.model:
+            if self.scorer is None:
+                from lmtailor.runs import Run
+
+                self.scorer = Run.open(self.spec.model).load()
+            from lmtailor.objectives.reward import conversation_ids, rewards
+
+            model, tok = self.scorer
+            seqs = [conversation_ids(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": a}], 512)
+                    for p, a in zip(prompts, answers, strict=True)]
+            scores = rewards(model, tok.pad_token_id, seqs).tolist()
+            out = [x + self.spec.model_weight * y for x, y in zip(out, scores, strict=True)]
+        return out
 
     def __call__(self, prompt: str, answer: str, reference: str, stopped: bool) -> float:
         s, total = self.spec, 0.0
@@ -202,8 +224,8 @@ class GrpoLoss(nn.Module):
                                                                                             strict=True)]
         by_key = {v: k for k, v in self.ctx.stats["grpo_texts"].items()}
         texts = [by_key[int(k)] for k in text_key.repeat_interleave(group).tolist()]
-        rewards = torch.tensor([self.rewarder(p, a, r, bool(stop)) for (p, r), a, stop in
-                                zip(texts, answers, eos.any(1).tolist(), strict=True)], device=completions.device)
+        rewards = torch.tensor(self.rewarder.batch([p for p, _ in texts], answers, [r for _, r in texts],
+                                                   eos.any(1).tolist()), device=completions.device)
         return Rollout(completions, cmask, answers, rewards)
 
     def token_logps(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, r: Rollout) -> torch.Tensor:
