@@ -248,6 +248,10 @@ def test_dpo_resume_equals_an_uninterrupted_run(tiny_model, prefs, tmp_path, met
     a, b = load_file(full / "model" / name), load_file(part / "model" / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in _history(full)] == [h["loss"] for h in _history(part)]
+    # `lmtailor eval` of the run: the reference is the base model (adapter off, or loaded for a full model)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(full), "--data", str(prefs), "--generate", "0", "--out", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["reward_margin"]) > 1e-4
 
 
 def test_soft_prompts_are_refused(tiny_model, prefs, tmp_path):

@@ -440,7 +440,8 @@ def build(ctx: ObjectiveContext, model: nn.Module) -> nn.Module:
 
 
 @torch.inference_mode()
-def store_reference(ctx: ObjectiveContext, model: nn.Module, batch_size: int = 8) -> dict[str, float]:
+def store_reference(ctx: ObjectiveContext, model: nn.Module, batch_size: int = 8, write: bool = True
+                    ) -> dict[str, float]:
     """Reference log-probs of every prepared sequence from the untrained model, written to the run folder once
     (a resumed run reads them back, so its reference is the first start's)."""
     from safetensors.torch import load, save
@@ -449,11 +450,11 @@ def store_reference(ctx: ObjectiveContext, model: nn.Module, batch_size: int = 8
     from lmtailor.io import atomic_write_bytes
 
     seqs: dict[str, Tokenized] = ctx.stats.get("reference_seqs", {})
-    path = Path(ctx.run_dir) / REFERENCE_FILE if ctx.run_dir is not None else None
-    table: dict[str, float] = {}
+    path = Path(ctx.run_dir) / REFERENCE_FILE if ctx.run_dir is not None and write else None
+    table: dict[str, float] = dict(ctx.stats.get("reference_logps") or {})  # from the same base, if computed
     if path is not None and ctx.cfg.resume and (path.exists() or path.with_name(path.name + crypto.SUFFIX).exists()):
         stored = load(crypto.read_bytes(path))
-        table = dict(zip(_keys(stored["keys"]), stored["logps"].tolist(), strict=True))
+        table.update(zip(_keys(stored["keys"]), stored["logps"].tolist(), strict=True))
     missing = [k for k in seqs if k not in table]
     if missing:
         was = model.training
@@ -466,15 +467,15 @@ def store_reference(ctx: ObjectiveContext, model: nn.Module, batch_size: int = 8
             logps, _ = sequence_logps(model, {k: v.to(device) for k, v in batch.items()})
             table.update(zip(keys, logps.double().tolist(), strict=True))
         model.train(was)
-        if path is not None:
-            keys = sorted(table)
-            data = save({"keys": torch.tensor([[int(k[j:j + 8], 16) for j in range(0, 24, 8)] for k in keys]),
-                         "logps": torch.tensor([table[k] for k in keys], dtype=torch.float64)})
-            key = crypto.sealing_key()
-            if key is None:
-                atomic_write_bytes(path, data)
-            else:
-                crypto.write_bytes(path.with_name(path.name + crypto.SUFFIX), data, key)
+    if path is not None and (missing or not ctx.cfg.resume):  # a fresh start replaces any earlier run's file
+        keys = sorted(table)
+        data = save({"keys": torch.tensor([[int(k[j:j + 8], 16) for j in range(0, 24, 8)] for k in keys]),
+                     "logps": torch.tensor([table[k] for k in keys], dtype=torch.float64)})
+        key = crypto.sealing_key()
+        if key is None:
+            atomic_write_bytes(path, data)
+        else:
+            crypto.write_bytes(path.with_name(path.name + crypto.SUFFIX), data, key)
     return table
 
 
@@ -487,6 +488,12 @@ def _all_scores(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any], c
                 ) -> tuple[Scores, list[dict[str, torch.Tensor]], float, int]:
     """Scores of every item, concatenated pair by pair, and the summed loss."""
     loss_module = PreferenceLoss(model, ctx.settings, _needs_reference(ctx))
+    if _needs_reference(ctx) and not hasattr(model, "disable_adapter") and "reference_logps" not in ctx.stats:
+        # A model without an adapter, evaluated outside its training run: the reference is the base model, loaded
+        # for this once (within a run, the log-probs stored before training are used).
+        base = load_model(ctx, next(model.parameters()).dtype).to(next(model.parameters()).device)
+        ctx.stats["reference_logps"] = store_reference(ctx, base, write=False)
+        del base
     device = next(model.parameters()).device
     logps, counts, refs, batches = [], [], [], []
     total, n = 0.0, 0
