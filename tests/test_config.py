@@ -126,5 +126,6 @@ def test_a_registered_objective_brings_its_own_settings():
 def test_unknown_objective_lists_the_registered_ones():
     from lmtailor.objectives import get_objective
 
-    with pytest.raises(ConfigError, match="allowed values are classify, clm, mlm, seq2seq"):
-        get_objective(load_config(None, ["objective=dpo"]))
+    with pytest.raises(ConfigError, match="allowed values are classify, clm, dpo, grpo, ipo, kto, mlm, orpo, "
+                       "reward, seq2seq"):
+        get_objective(load_config(None, ["objective=ppo"]))

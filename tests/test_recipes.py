@@ -33,6 +33,8 @@ def _local_data(catalog: str, folder: Path) -> tuple[Path, int]:
         for i in range(12):
             (docs / f"page{i}.rst").write_text("\n".join(CORPUS[i:i + 12]) + f"\npage {i}\n")
         return docs, 12
+    elif catalog == "pairs":  # preference: what `lmtailor pairs make` writes
+        rows = [{"prompt": f"To {q} ({i})", "chosen": a, "rejected": f"{a} {a}"} for i in range(12) for q, a in PAIRS]
     else:
         raise AssertionError(f"no local stand-in for catalog:{catalog}; add one to this test")
     path = folder / f"{catalog}.jsonl"
@@ -42,7 +44,8 @@ def _local_data(catalog: str, folder: Path) -> tuple[Path, int]:
 
 def test_every_shipped_recipe_is_covered():
     assert {p.stem for p in RECIPES} >= {"quickstart", "classify-spam", "seq2seq-shell", "dapt",
-                                         "pretrain-from-scratch", "spam-sft", "spam-soft-prompt"}
+                                         "pretrain-from-scratch", "spam-sft", "spam-soft-prompt", "dpo-shell",
+                                         "reward-shell", "grpo-shell"}
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +64,14 @@ def test_shipped_recipe_validates_through_the_training_data_assembly(recipe: Pat
     monkeypatch.setenv("LMTAILOR_CACHE", str(cache))
     cfg = yaml.safe_load(recipe.read_text())
     source = cfg["data"]["path"]
+    overrides = []
+    if cfg.get("data", {}).get("format") == "preference":  # pairs a documented first step makes from a run
+        source = "catalog:pairs"
+    if str(cfg.get("base_model", "")).startswith("runs/"):  # a model a documented first step exports: the bundled
+        overrides.append("base_model=smollm2-135m-instruct")  # one here
     assert source.startswith("catalog:"), "shipped recipes use the built-in catalog"
     path, n = _local_data(source.removeprefix("catalog:"), tmp_path)
-    overrides = [f"data.path={path}"]
+    overrides.append(f"data.path={path}")
     if cfg.get("data", {}).get("max_examples"):
         overrides.append(f"data.max_examples={min(cfg['data']['max_examples'], 60)}")
     scratch = (cfg.get("pretrain") or {}).get("scratch")
@@ -84,7 +92,8 @@ def test_shipped_recipe_validates_through_the_training_data_assembly(recipe: Pat
     assert out.startswith(f"recipe OK: objective {cfg.get('objective', 'sft')}"), out
     # what the objective made of the records: rendered chats, labeled examples or corpus blocks
     expected = {"classify": "examples", "clm": "blocks" if (cfg.get("pretrain") or {}).get("cache") else
-                "sequences"}.get(cfg.get("objective", "sft"), "sequences")
+                "sequences", **dict.fromkeys(["dpo", "ipo", "orpo", "simpo", "reward"], "pairs"),
+                "grpo": "prompts"}.get(cfg.get("objective", "sft"), "sequences")
     assert f"items: {expected} " in out, out
     if (cfg.get("data") or {}).get("prompt_task"):
         # rendered through the prompt task into yes/no chats: answers are supervised, so chat stats appear

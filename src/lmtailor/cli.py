@@ -24,6 +24,8 @@ examples:
   lmtailor serve runs/quickstart --port 8000          # OpenAI-compatible API + playground at /
   lmtailor export runs/quickstart --format gguf --out m.gguf
   lmtailor kb build docs/ --out kb/ && lmtailor kb search kb/ "extract a tar.gz archive"
+  lmtailor pairs make runs/quickstart --data catalog:shell-commands --out pairs.jsonl
+  lmtailor score runs/reward-shell --data pairs.jsonl
 """
 
 
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prompt_verbs(sub)
     _privacy_verbs(sub)
     _knowledge_verbs(sub)
+    _preference_verbs(sub)
     return p
 
 
@@ -180,6 +183,55 @@ def _deploy_verbs(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--format", choices=["merged", "gguf"], required=True)
     x.add_argument("--out", required=True, help="folder (merged) or .gguf file")
     x.add_argument("--gguf-type", choices=["f16", "q8_0"], default="f16")
+
+
+def _preference_verbs(sub: argparse._SubParsersAction) -> None:
+    """pairs make, score."""
+    pr = sub.add_parser("pairs", help="preference data from a model's own answers")
+    prsub = pr.add_subparsers(dest="action", required=True)
+    pm = prsub.add_parser("make", help="reference answer chosen, the model's own answer rejected (JSONL)")
+    pm.add_argument("run", help="run folder, model folder or model name that answers")
+    pm.add_argument("--data", required=True, help="SFT-style data file/folder/catalog:NAME")
+    pm.add_argument("--out", required=True, help="JSONL file of preference records to write")
+    pm.add_argument("--format", default="auto")
+    pm.add_argument("--reverse", action="store_true", help="the model's answer chosen, the reference rejected")
+    pm.add_argument("--limit", type=int, default=None, help="answer at most this many examples")
+    pm.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    pm.add_argument("--seed", type=int, default=0, help="seed of sampling (with --temperature above 0)")
+    pm.add_argument("--no-progress", action="store_true")
+    _gen_args(pm)
+
+    sc = sub.add_parser("score", help="score answers or a data file with a reward run")
+    sc.add_argument("run", help="reward run folder (objective: reward)")
+    sc.add_argument("--answer", action="append", default=[], dest="answers", help="an answer to --prompt "
+                    "(repeatable)")
+    sc.add_argument("--prompt", default=None, help="the request the answers reply to")
+    sc.add_argument("--system", default=None, help="system message")
+    sc.add_argument("--data", default=None, help="score every record of this data file instead")
+    sc.add_argument("--format", default="auto")
+    sc.add_argument("--out", default=None, help="with --data: write each record's scores here (JSONL)")
+
+
+def _pairs(a: argparse.Namespace) -> None:
+    from lmtailor.pairs import make_pairs
+
+    settings = _gen_settings(a).model_copy(update={"batch_size": a.batch_size})
+    print(json.dumps(make_pairs(a.run, a.data, a.out, a.format, settings, a.reverse, a.limit, a.speedup,
+                                progress=not a.no_progress, seed=a.seed), indent=2))
+
+
+def _score(a: argparse.Namespace) -> None:
+    from lmtailor.errors import ConfigError
+    from lmtailor.pairs import score_answers, score_data
+
+    if a.data:
+        print(json.dumps(score_data(a.run, a.data, a.format, a.out), indent=2))
+    elif a.prompt is not None and a.answers:
+        for text, value in zip(a.answers, score_answers(a.run, a.prompt, a.answers, a.system), strict=True):
+            print(f"{value:.4f}\t{text}")
+    else:
+        raise ConfigError("score needs --data FILE, or --prompt TEXT and --answer TEXT",
+                          "e.g. lmtailor score runs/reward --prompt 'list files' --answer 'ls -la' --answer 'rm -rf /'")
 
 
 def _prompt_verbs(sub: argparse._SubParsersAction) -> None:
@@ -474,7 +526,8 @@ def _terms(a: argparse.Namespace) -> None:
 _VERBS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": _train, "tune": _tune, "auto": _auto, "validate": _validate, "eval": _eval, "generate": _generate,
     "chat": _chat, "tokenizer": _tokenizer, "datasets": _datasets, "serve": _serve, "export": _export,
-    "prompt": _prompt, "compare": _compare, "privacy": _privacy, "kb": _kb, "terms": _terms,
+    "prompt": _prompt, "compare": _compare, "privacy": _privacy, "kb": _kb, "terms": _terms, "pairs": _pairs,
+    "score": _score,
 }
 
 

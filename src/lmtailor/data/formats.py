@@ -178,7 +178,8 @@ def _content(value: Any, field: str) -> str:
     raise FieldError(field, f"must be a string; got {kind(value)}")
 
 
-def _turns(record: dict[str, Any], key: str, role_key: str, text_key: str) -> list[dict[str, str]]:
+def _turns(record: dict[str, Any], key: str, role_key: str, text_key: str, need_assistant: bool = True
+           ) -> list[dict[str, str]]:
     """Validate a list of turns (`messages` or ShareGPT `conversations`) into chat messages."""
     if key not in record:
         raise FieldError(key, "is missing")
@@ -212,7 +213,7 @@ def _turns(record: dict[str, Any], key: str, role_key: str, text_key: str) -> li
         if text_key not in turn:
             raise FieldError(f"{where}.{text_key}", "is missing")
         messages.append({"role": role, "content": _content(turn[text_key], f"{where}.{text_key}")})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise FieldError(key, "must contain at least one assistant turn")
     return messages
 
@@ -273,7 +274,67 @@ def _text(record: dict[str, Any], source: str) -> Example:
     return Example(text=require_str(record, "text"), source=source, meta=extra_fields(record, ["text"]))
 
 
+# --- preference formats: a prompt (or a `messages` history), then answers -----------------------------------
+# The Example holds the prompt plus the chosen (or only) answer as `messages`, so the one renderer renders it and
+# sft can train on it too; the rejected answer's turns sit in meta["rejected"], the KTO label in meta["desirable"].
+
+def _prompt(record: dict[str, Any]) -> list[dict[str, str]]:
+    """The conversation before the answer: `prompt` (a string, or a list of turns) or `messages`; it ends with a
+    user turn."""
+    if "messages" in record:
+        history = _turns(record, "messages", "role", "content", need_assistant=False)
+        key = "messages"
+    elif isinstance(record.get("prompt"), list):
+        history = _turns(record, "prompt", "role", "content", need_assistant=False)
+        key = "prompt"
+    else:
+        return [{"role": "user", "content": require_str(record, "prompt")}]
+    if history[-1]["role"] != "user":
+        raise FieldError(f"{key}[{len(history) - 1}].role", "the last turn before the answer must be user")
+    return history
+
+
+def _answer(record: dict[str, Any], key: str) -> list[dict[str, str]]:
+    """An answer: a string (one assistant turn) or a list of assistant turns."""
+    if key not in record:
+        raise FieldError(key, "is missing")
+    if isinstance(record[key], str) and not record[key].lstrip().startswith("["):
+        text = record[key].strip()
+        if not text:
+            raise FieldError(key, "is empty")
+        return [{"role": "assistant", "content": text}]
+    turns = _turns(record, key, "role", "content", need_assistant=False)
+    for i, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            raise FieldError(f"{key}[{i}].role", f"an answer holds assistant turns only; got {turn['role']!r}")
+    if not turns[-1]["content"].strip():
+        raise FieldError(f"{key}[{len(turns) - 1}].content", "is empty")
+    return [{**t, "content": t["content"].strip()} for t in turns]
+
+
+def _preference(record: dict[str, Any], source: str) -> Example:
+    history = _prompt(record)
+    chosen, rejected = _answer(record, "chosen"), _answer(record, "rejected")
+    return Example(messages=history + chosen, source=source,
+                   meta={**extra_fields(record, ["prompt", "messages", "chosen", "rejected"]), "rejected": rejected})
+
+
+def _unpaired(record: dict[str, Any], source: str) -> Example:
+    history = _prompt(record)
+    answer = _answer(record, "completion")
+    if "label" not in record:
+        raise FieldError("label", "is missing")
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise FieldError("label", f"must be true (a desirable completion) or false; got {kind(label)} {label!r}")
+    return Example(messages=history + answer, source=source,
+                   meta={**extra_fields(record, ["prompt", "messages", "completion", "label"]), "desirable": label})
+
+
 _registering_builtins = True
+# preference formats first: their records also carry the fields of chat / prompt_completion / labeled
+register_format("preference", {"chosen", "rejected"}, _preference)
+register_format("unpaired", {"completion", "label"}, _unpaired)
 register_format("chat", {"messages"}, _chat)
 register_format("sharegpt", {"conversations"}, _sharegpt)
 register_format("alpaca", {"instruction", "output"}, _alpaca)

@@ -136,7 +136,13 @@ def load_examples(path: str, fmt: str = "auto", split: str = "train", system_pro
 def content_key(example: Example) -> str:
     """A canonical string of an example's content (messages or text), ignoring source and meta."""
     if example.messages is not None:
-        return json.dumps([[m["role"], m["content"]] for m in example.messages], ensure_ascii=False)
+        turns: list[list[Any]] = [[m["role"], m["content"]] for m in example.messages]
+        # preference records: two pairs with one prompt and chosen answer but other rejected ones are different
+        if "rejected" in example.meta:
+            turns.append(["rejected", [[m["role"], m["content"]] for m in example.meta["rejected"]]])
+        if "desirable" in example.meta:
+            turns.append(["desirable", bool(example.meta["desirable"])])
+        return json.dumps(turns, ensure_ascii=False)
     return json.dumps(example.text, ensure_ascii=False)
 
 

@@ -57,27 +57,8 @@ class CausalLMLoss(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if is_prompt_learning(self.model):
             return self._through_peft(input_ids, targets, attention_mask, segment_ids)
-        hf: Any = unwrap_peft(self.model)
-        backbone = hf.base_model  # the decoder stack without the LM head (e.g. LlamaModel)
-        head = hf.get_output_embeddings()
-        kwargs: dict[str, Any] = {}
-        ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-        if segment_ids is not None:
-            plain = hf.config._attn_implementation in (None, "sdpa", "eager")
-            if input_ids.device.type == "cpu" and plain and not getattr(hf.config, "sliding_window", None):
-                kwargs["packed_segments"] = segment_bounds(segment_ids)
-                ctx = attention_implementation(hf.config, SEGMENT_ATTENTION)
-            elif bool((segment_ids == 0).any()):
-                attention_mask = segment_mask(segment_ids)
-            # else: position ids restarting at 0 give transformers' own block-diagonal mask
-        with ctx:
-            hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                              use_cache=False, **kwargs).last_hidden_state  # (R, L, H)
         keep = targets != IGNORE  # (R, L)
-        logits = head(hidden[keep])  # (N, V): only supervised positions
-        cap = getattr(hf.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        logits = target_logits(self.model, input_ids, position_ids, keep, attention_mask, segment_ids)
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, keep.sum()
 
@@ -119,6 +100,33 @@ class CausalLMLoss(nn.Module):
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, -width:][keep]  # after virtual tokens
         loss = F.cross_entropy(logits.float(), tgt[keep], reduction="sum")
         return loss, keep.sum()
+
+
+def target_logits(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """(N, V) logits of the positions where `keep` (R, L) is true, for padded or packed rows (see CausalLMLoss)."""
+    hf: Any = unwrap_peft(model)
+    backbone = hf.base_model  # the decoder stack without the LM head (e.g. LlamaModel)
+    head = hf.get_output_embeddings()
+    kwargs: dict[str, Any] = {}
+    ctx: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if segment_ids is not None:
+        plain = hf.config._attn_implementation in (None, "sdpa", "eager")
+        if input_ids.device.type == "cpu" and plain and not getattr(hf.config, "sliding_window", None):
+            kwargs["packed_segments"] = segment_bounds(segment_ids)
+            ctx = attention_implementation(hf.config, SEGMENT_ATTENTION)
+        elif bool((segment_ids == 0).any()):
+            attention_mask = segment_mask(segment_ids)
+        # else: position ids restarting at 0 give transformers' own block-diagonal mask
+    with ctx:
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          use_cache=False, **kwargs).last_hidden_state  # (R, L, H)
+    logits = head(hidden[keep])  # (N, V): only supervised positions
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 # ---- hooks ----------------------------------------------------------------------------------------------------

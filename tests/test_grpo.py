@@ -1,0 +1,74 @@
+"""grpo: sampled groups scored by the recipe's rewards; a planted reward raises the mean reward; exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmtailor.cli import main
+from lmtailor.config import build_config
+from lmtailor.errors import ConfigError
+from lmtailor.objectives.grpo import GrpoRewards, Rewarder
+
+FAST = ["objective=grpo", "batch_size=4", "data.val_size=4", "grpo.group=4", "grpo.max_new_tokens=6",
+        "lora.target_modules=all-linear", "early_stopping_patience=0", "--no-progress"]
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    from conftest import PAIRS
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"{q} {i}", "output": a}) + "\n" for i in range(2)
+                            for q, a in PAIRS))
+    return path
+
+
+def test_builtin_rewards_and_an_explicit_function(tmp_path):
+    (tmp_path / "rewards.py").write_text("def score(prompt, answer, reference):\n    return len(answer) / 10\n")
+    spec = GrpoRewards(exact_match=1.0, regex=r"^ls\b", regex_weight=0.5, length=4, length_weight=0.1, stop=0.2,
+                       function=f"{tmp_path / 'rewards.py'}:score")
+    r = Rewarder(spec)
+    assert r("p", "ls -la", "ls -la", True) == pytest.approx(1.0 + 0.5 - 0.1 * 2 / 4 + 0.2 + 0.6)
+    assert r("p", "cd", "ls -la", False) == pytest.approx(-0.1 * 2 / 4 + 0.2)
+
+
+def test_reward_settings_are_checked():
+    with pytest.raises(ConfigError, match="set at least one reward"):
+        build_config({"objective": "grpo", "grpo": {"reward": {"stop": 0}}})
+    with pytest.raises(ConfigError, match="FILE.py:NAME"):
+        build_config({"objective": "grpo", "grpo": {"reward": {"function": "os.system"}}})
+
+
+def test_planted_reward_raises_the_mean_reward(tiny_model, prompts, tmp_path):
+    """The planted reward prefers short answers (a function of the answer's length, from a file of the test's own):
+    the policy learns to end its answers sooner."""
+    (tmp_path / "rewards.py").write_text("def score(prompt, answer, reference):\n"
+                                         "    return -len(answer) / 10\n")
+    run = tmp_path / "grpo"
+    assert main(["train", f"base_model={tiny_model}", f"data.path={prompts}", f"output_dir={run}", *FAST,
+                 "max_steps=30", "lr=1e-1", "grpo.beta=0.0", f"grpo.reward.function={tmp_path / 'rewards.py'}:score",
+                 "grpo.reward.stop=0"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    assert after["reward_mean"] > before["reward_mean"] + 0.08, (before, after)
+    assert after["answer_length"] < before["answer_length"]
+
+
+def test_grpo_resume_equals_an_uninterrupted_run(tiny_model, prompts, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = [*FAST, "max_steps=6", "save_every=3", "keep_checkpoints=5", "eval.before_after=false", "lr=1e-2"]
+    assert main(["train", f"base_model={tiny_model}", f"data.path={prompts}", f"output_dir={full}", *extra]) == 0
+    assert main(["train", f"base_model={tiny_model}", f"data.path={prompts}", f"output_dir={part}", *extra]) == 0
+    shutil.rmtree(part / "model")
+    hist = (part / "history.jsonl").read_text().splitlines()[:3]
+    (part / "history.jsonl").write_text("".join(h + "\n" for h in hist))
+    assert main(["train", f"base_model={tiny_model}", f"data.path={prompts}", f"output_dir={part}", *extra,
+                 "resume=true"]) == 0
+    a = load_file(full / "model" / "adapter_model.safetensors")
+    b = load_file(part / "model" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
