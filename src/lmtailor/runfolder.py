@@ -292,6 +292,6 @@ def _check_previous(cfg: RunConfig, path: Path) -> dict[str, int]:
     if (finished or checkpoints) and not cfg.overwrite:
         what = "a finished run" if finished else f"checkpoints of an unfinished run (newest {checkpoints[-1].name})"
         raise ConfigError(f"run folder {path} already holds {what}",
-                          "resume=true continues it, overwrite=true replaces it (kept until the new run finishes), "
-                          "or give another name/output_dir")
+                          "resume=true continues it; overwrite=true replaces it, keeping it until the new run "
+                          "finishes; or give another name or output_dir")
     return {name: (path / name).lstat().st_ino for name in names}

@@ -293,7 +293,7 @@ def _check_resume_settings(ckpt: Path, manifest: dict[str, Any], identity: dict[
     if refused:
         raise ConfigError(f"resume=true: changed since {ckpt.name}, and a resumed run cannot change them: "
                           + "; ".join(refused),
-                          "put them back to resume, or start a new run (another output_dir, or overwrite=true)")
+                          "put them back to resume, or start a new run: another output_dir, or overwrite=true")
     if applied:
         print(f"resume: changed since {ckpt.name}, applied from step {ckpt.name.removeprefix('step-').lstrip('0')} "
               "on: " + "; ".join(applied))
