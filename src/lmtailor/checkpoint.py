@@ -28,7 +28,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from lmtailor import crypto
-from lmtailor.errors import CheckpointError
+from lmtailor.errors import CheckpointError, EncryptionError
 from lmtailor.io import atomic_dir
 
 PREFIX = "step-"
@@ -129,13 +129,19 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: Path, extra: dict[str, Any]) -> None:
     """manifest.json: the sha256 of every other file in `folder` (as stored, sealed or not) plus `extra`."""
     files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({**extra, "files": files}, indent=1))
+    data = json.dumps({**extra, "files": files}, indent=1).encode()
+    key = crypto.sealing_key()  # the manifest holds the run's config: sealed like the rest in an encrypted run
+    (folder / MANIFEST).write_bytes(data if key is None else crypto.seal_bytes(data, key))
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """A checkpoint's manifest, or None when it has none (written before manifests) or it cannot be read."""
+    """A checkpoint's manifest, or None when it has none (written before manifests) or it cannot be read.
+
+    Raises:
+        EncryptionError: it is sealed and the key is not at hand (lmtailor.crypto.use_keys).
+    """
     try:
-        loaded = json.loads((folder / MANIFEST).read_text())
+        loaded = json.loads(crypto.read_bytes(folder / MANIFEST))
     except (OSError, ValueError):
         return None
     return loaded if isinstance(loaded, dict) and isinstance(loaded.get("files"), dict) else None
@@ -148,7 +154,10 @@ def verify_checkpoint(folder: Path) -> str | None:
     """
     if not (folder / MANIFEST).exists():
         return None
-    manifest = read_manifest(folder)
+    try:
+        manifest = read_manifest(folder)
+    except EncryptionError as e:  # a damaged byte, or no key: either way this checkpoint cannot be trusted here
+        return f"{MANIFEST} cannot be opened: {e.message}"
     if manifest is None:
         return f"{MANIFEST} is damaged"
     for name, digest in manifest["files"].items():
