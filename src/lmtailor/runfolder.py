@@ -112,15 +112,30 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _lookup(config: dict[str, Any], path: list[str]) -> Any:
+    for part in path:
+        config = config.get(part) if isinstance(config, dict) else None  # type: ignore[assignment]
+    return config
+
+
 def compare_configs(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(changes a resumed run applies, changes it refuses), each as 'key old -> new'."""
     before, after = _flatten(old), _flatten(new)
     applied: list[str] = []
     refused: list[str] = []
-    for key in sorted(set(before) | set(after)):
-        if key.split(".")[0] in IGNORED or before.get(key) == after.get(key):
+    common = set(before) & set(after)  # a key only one side has is another lmtailor version's ...
+    for key in set(before) ^ set(after):  # ... unless a section was unset on one side (pretrain.scratch: null)
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            prefix = ".".join(parts[:i])
+            if prefix in before or prefix in after:
+                before.setdefault(prefix, _lookup(old, parts[:i]))
+                after.setdefault(prefix, _lookup(new, parts[:i]))
+                common.add(prefix)
+    for key in sorted(common):
+        if key.split(".")[0] in IGNORED or before[key] == after[key]:
             continue
-        text = f"{key} {before.get(key, '(unset)')} -> {after.get(key, '(unset)')}"
+        text = f"{key} {before[key]} -> {after[key]}"
         (applied if key in CAN_CHANGE or key.split(".")[0] in CAN_CHANGE else refused).append(text)
     return applied, refused
 

@@ -261,8 +261,10 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
             f"it belongs to run {owner}, not to this folder's run {run_id}" if owner and run_id and owner != run_id
             else None)
         if problem is None:
-            if manifest:
-                _check_resume_settings(ckpt, manifest, identity, resolved)
+            # a checkpoint written before manifests is compared with the config.yaml its run wrote
+            old_config = manifest.get("config") if manifest else read_config(run_dir)
+            if old_config:
+                _check_resume_settings(ckpt, old_config, manifest.get("run") or {}, identity, resolved)
             try:
                 state = load_checkpoint(ckpt, model, optimizer, scheduler, rank)
             except CheckpointError as e:
@@ -273,7 +275,7 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
     else:
         raise CheckpointError(f"resume=true but no checkpoint in {run_dir}/checkpoints is intact: "
                               + "; ".join(skipped), "run again without resume (overwrite=true)")
-    old_lr = (manifest.get("config") or {}).get("lr")
+    old_lr = (old_config or {}).get("lr")
     if old_lr is not None and old_lr != cfg.lr:
         _rebase_lr(optimizer, scheduler, cfg.lr)
     if main:
@@ -284,10 +286,10 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
     return state
 
 
-def _check_resume_settings(ckpt: Path, manifest: dict[str, Any], identity: dict[str, Any],
-                           resolved: RunConfig) -> None:
-    applied, refused = compare_configs(manifest.get("config") or {}, resolved.model_dump(mode="json"))
-    old_data = (manifest.get("run") or {}).get("data_fingerprint")
+def _check_resume_settings(ckpt: Path, old_config: dict[str, Any], old_run: dict[str, Any],
+                           identity: dict[str, Any], resolved: RunConfig) -> None:
+    applied, refused = compare_configs(old_config, resolved.model_dump(mode="json"))
+    old_data = old_run.get("data_fingerprint")
     if old_data and old_data != identity["data_fingerprint"]:
         refused.insert(0, f"the data files' content (sha256 {old_data[:12]}… -> {identity['data_fingerprint'][:12]}…)")
     if refused:
