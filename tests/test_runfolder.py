@@ -206,3 +206,15 @@ def test_a_damaged_run_folder_gives_one_line_errors(run, finished, tmp_path, cap
                      ["export", str(run), "--format", "merged", "--out", str(tmp_path / "x")]):
             assert main(verb) == 2, (damage, verb[0])
             _one_line_error(capsys)
+
+
+def test_compare_configs_sorts_changes_into_applied_and_refused():
+    from lmtailor.runfolder import compare_configs
+
+    old = {"lr": 0.001, "seed": 1, "resume": False, "lora": {"r": 8}, "pretrain": {"scratch": None},
+           "eval": {"samples": 3}, "only_old": 1}
+    new = {"lr": 0.002, "seed": 1, "resume": True, "lora": {"r": 4}, "pretrain": {"scratch": {"arch": "llama"}},
+           "eval": {"samples": 5}, "only_new": 2}
+    applied, refused = compare_configs(old, new)
+    assert applied == ["eval {'samples': 3} -> {'samples': 5}", "lr 0.001 -> 0.002"]
+    assert refused == ["lora.r 8 -> 4", "pretrain.scratch None -> {'arch': 'llama'}"]
