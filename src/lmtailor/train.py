@@ -264,7 +264,7 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
             # a checkpoint written before manifests is compared with the config.yaml its run wrote
             old_config = manifest.get("config") if manifest else read_config(run_dir)
             if old_config:
-                _check_resume_settings(ckpt, old_config, manifest.get("run") or {}, identity, resolved)
+                _check_resume_settings(ckpt, old_config, manifest.get("run") or {}, identity, resolved, main)
             try:
                 state = load_checkpoint(ckpt, model, optimizer, scheduler, rank)
             except CheckpointError as e:
@@ -287,7 +287,7 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
 
 
 def _check_resume_settings(ckpt: Path, old_config: dict[str, Any], old_run: dict[str, Any],
-                           identity: dict[str, Any], resolved: RunConfig) -> None:
+                           identity: dict[str, Any], resolved: RunConfig, main: bool) -> None:
     applied, refused = compare_configs(old_config, resolved.model_dump(mode="json"))
     old_data = old_run.get("data_fingerprint")
     if old_data and old_data != identity["data_fingerprint"]:
@@ -296,7 +296,7 @@ def _check_resume_settings(ckpt: Path, old_config: dict[str, Any], old_run: dict
         raise ConfigError(f"resume=true: changed since {ckpt.name}, and a resumed run cannot change them: "
                           + "; ".join(refused),
                           "put them back to resume, or start a new run: another output_dir, or overwrite=true")
-    if applied:
+    if applied and main:
         print(f"resume: changed since {ckpt.name}, applied from step {ckpt.name.removeprefix('step-').lstrip('0')} "
               "on: " + "; ".join(applied))
 
