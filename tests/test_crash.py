@@ -21,7 +21,7 @@ from pathlib import Path
 STEPS = 30
 SAVE_EVERY = 2
 KILLS = 10
-CKPT_FILES = {"trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+CKPT_FILES = {"trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json", "manifest.json",
               "rng.safetensors", "rng.json", "trainer.json"}
 
 

@@ -6,12 +6,15 @@ A checkpoint folder `checkpoints/step-000120/` holds:
   scheduler.json           LR scheduler state
   rng.safetensors          torch RNG state of each process; rng.json Python and NumPy RNG states
   trainer.json             step, best metric, patience counter, log history
-The folder appears by one rename, so a crash leaves either a complete checkpoint or none. In a run with
+  manifest.json            the sha256 of every file above, the run's identity and the config it trained with
+The folder appears by one rename, so a crash leaves either a complete checkpoint or none; the manifest catches a
+file damaged after that (`verify_checkpoint`), so resume can fall back to an older intact checkpoint. In a run with
 `encrypt_outputs` each file is encrypted (lmtailor.crypto) under the same name; loading reads either kind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,10 +28,11 @@ from safetensors.torch import load, save
 from torch import nn
 
 from lmtailor import crypto
-from lmtailor.errors import CheckpointError
+from lmtailor.errors import CheckpointError, EncryptionError
 from lmtailor.io import atomic_dir
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,8 +92,12 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    rng_states: list[dict[str, Any]], trainer: dict[str, Any]) -> None:
-    """Write one checkpoint folder atomically (call on the main process)."""
+                    rng_states: list[dict[str, Any]], trainer: dict[str, Any],
+                    manifest: dict[str, Any] | None = None) -> None:
+    """Write one checkpoint folder atomically (call on the main process).
+
+    `manifest` (the run's identity and config) goes into manifest.json with the sha256 of every file written.
+    """
     opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
     key = crypto.sealing_key()
 
@@ -107,6 +115,58 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         put("rng.json", json.dumps([{k: _jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
                                     for s in rng_states]).encode())
         put("trainer.json", json.dumps(trainer, indent=1).encode())
+        write_manifest(tmp, manifest or {})
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, extra: dict[str, Any]) -> None:
+    """manifest.json: the sha256 of every other file in `folder` (as stored, sealed or not) plus `extra`."""
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    data = json.dumps({**extra, "files": files}, indent=1).encode()
+    key = crypto.sealing_key()  # the manifest holds the run's config: sealed like the rest in an encrypted run
+    (folder / MANIFEST).write_bytes(data if key is None else crypto.seal_bytes(data, key))
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint's manifest, or None when it has none (written before manifests) or it cannot be read.
+
+    Raises:
+        EncryptionError: it is sealed and the key is not at hand (lmtailor.crypto.use_keys).
+    """
+    try:
+        loaded = json.loads(crypto.read_bytes(folder / MANIFEST))
+    except (OSError, ValueError):
+        return None
+    return loaded if isinstance(loaded, dict) and isinstance(loaded.get("files"), dict) else None
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a file missing, truncated or changed since it was written), or None.
+
+    A checkpoint without manifest.json (written before manifests) is checked by loading it instead.
+    """
+    if not (folder / MANIFEST).exists():
+        return None
+    try:
+        manifest = read_manifest(folder)
+    except EncryptionError as e:  # a damaged byte, or no key: either way this checkpoint cannot be trusted here
+        return f"{MANIFEST} cannot be opened: {e.message}"
+    if manifest is None:
+        return f"{MANIFEST} is damaged"
+    for name, digest in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _jsonable(v: Any) -> Any:
@@ -138,15 +198,15 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         rng_t = load(get("rng.safetensors"))
         rng_j = json.loads(get("rng.json"))
         trainer = json.loads(get("trainer.json"))
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {folder} cannot be read: {e}",
+        if rank < len(rng_j):
+            state = dict(rng_j[rank])
+            state.update({k.split(".", 1)[1]: v for k, v in rng_t.items() if k.startswith(f"{rank}.")})
+            npst = state["numpy"]
+            npst["state"] = {**npst["state"], "key": np.asarray(npst["state"]["key"], dtype=np.uint32)}
+            set_rng_state(state)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {folder} cannot be read: {type(e).__name__}: {e}",
                               "delete it to resume from the one before") from e
-    if rank < len(rng_j):
-        state = dict(rng_j[rank])
-        state.update({k.split(".", 1)[1]: v for k, v in rng_t.items() if k.startswith(f"{rank}.")})
-        npst = state["numpy"]
-        npst["state"] = {**npst["state"], "key": np.asarray(npst["state"]["key"], dtype=np.uint32)}
-        set_rng_state(state)
     return trainer
 
 
@@ -158,8 +218,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in list_checkpoints(run_dir)[:-keep]:
+def prune_checkpoints(run_dir: Path, keep: int, run_id: str | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints; with `run_id`, only among those this run wrote (its manifest
+    names it): a checkpoint of another run is never pruned in favour of this one's."""
+    mine = [p for p in list_checkpoints(run_dir)
+            if run_id is None or (read_manifest(p) or {}).get("run", {}).get("id") == run_id]
+    for old in mine[:-keep]:
         # Hide the folder with one rename before deleting it: a crash inside rmtree then leaves a hidden
         # remnant, never a visible checkpoint with files missing.
         trash = old.with_name(f".{old.name}.del")

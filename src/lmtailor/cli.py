@@ -113,6 +113,7 @@ def _train_verbs(sub: argparse._SubParsersAction) -> None:
                    "(exact match, chrF; BLEU and ROUGE for seq2seq; 0: loss only)")
     e.add_argument("--max-length", type=int, default=None, help="truncation (default: the run's, else 512)")
     e.add_argument("--out", default=None, help="write the metrics JSON here")
+    _force_arg(e)
     e.add_argument("--metric", choices=["default", "perplexity"], default="default",
                    help="perplexity: sliding-window perplexity of raw text (pseudo-perplexity for masked LMs)")
     e.add_argument("--context", type=int, default=None, help="perplexity window in tokens (default --max-length)")
@@ -145,11 +146,13 @@ def _data_verbs(sub: argparse._SubParsersAction) -> None:
     tt.add_argument("--vocab-size", type=int, default=8000)
     tt.add_argument("--out", required=True, help="tokenizer folder to write")
     tt.add_argument("--type", choices=["bpe", "unigram"], default="bpe")
+    _force_arg(tt)
     te = tsub.add_parser("extend", help="add terms to a model's tokenizer; new embeddings = mean of sub-tokens")
     te.add_argument("base", help="model name or folder")
     te.add_argument("--terms", required=True, help="text file, one term per line")
     te.add_argument("--out", required=True, help="model folder to write (model + tokenizer)")
     te.add_argument("--corpus", default=None, help="report this corpus's token count before and after")
+    _force_arg(te)
 
     d = sub.add_parser("datasets", help="the built-in dataset catalog")
     dsub = d.add_subparsers(dest="action", required=True)
@@ -183,6 +186,7 @@ def _deploy_verbs(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--format", choices=["merged", "gguf"], required=True)
     x.add_argument("--out", required=True, help="folder (merged) or .gguf file")
     x.add_argument("--gguf-type", choices=["f16", "q8_0"], default="f16")
+    _force_arg(x)
 
 
 def _preference_verbs(sub: argparse._SubParsersAction) -> None:
@@ -295,6 +299,7 @@ def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
                     help="environment variable holding the pseudonym key (unset: a random key, not stored)")
     pr.add_argument("--audit", default=None, help="audit JSON path (default OUT.audit.json)")
     pr.add_argument("--ner", action="store_true", help="also scrub names and places (needs an NER backend)")
+    _force_arg(pr)
     _scan_option_args(pr)
     pp = psub.add_parser("plant", help="add canary records to a data file, for a memorization check")
     pp.add_argument("file")
@@ -302,6 +307,7 @@ def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--repeats", default="0,1,10,100", help="copies of each canary, comma-separated (0: control)")
     pp.add_argument("--pattern", default="dddddd", help="secret shape: d digit, x hex, a/A letter")
     pp.add_argument("--seed", type=int, default=0)
+    _force_arg(pp)
     pc = psub.add_parser("canary", help="measure how exposed planted canaries are in a trained run")
     pc.add_argument("run")
     pc.add_argument("--canaries", required=True, help="the .canaries.yaml file `privacy plant` wrote")
@@ -311,9 +317,14 @@ def _privacy_verbs(sub: argparse._SubParsersAction) -> None:
         pe = psub.add_parser(verb, help=what)
         pe.add_argument("path")
         pe.add_argument("--out", required=True, help="output path; on a wrong key or a damaged byte nothing is written")
+        _force_arg(pe)
         _key_args(pe)
     pk = psub.add_parser("keygen", help="write a fresh random 256-bit key file, readable by its owner only")
     pk.add_argument("--out", required=True, help="key file to create (an existing file is never replaced)")
+
+
+def _force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace an existing output (it is kept as NAME.bak-<time>)")
 
 
 def _key_args(p: argparse.ArgumentParser) -> None:
@@ -405,7 +416,8 @@ def _eval(a: argparse.Namespace) -> None:
     from lmtailor.evaluate import evaluate_run
 
     metrics = evaluate_run(a.run, a.data, fmt=a.format, n_generate=a.generate, max_length=a.max_length,
-                           out=a.out, metric=a.metric, context=a.context, stride=a.stride, kb=a.kb)
+                           out=a.out, metric=a.metric, context=a.context, stride=a.stride, kb=a.kb,
+                           force=a.force)
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
 
 
@@ -430,9 +442,9 @@ def _tokenizer(a: argparse.Namespace) -> None:
     from lmtailor import tokenizers
 
     if a.action == "train":
-        print(tokenizers.train_tokenizer(a.corpus, a.vocab_size, a.out, a.type))
+        print(tokenizers.train_tokenizer(a.corpus, a.vocab_size, a.out, a.type, force=a.force))
     else:
-        print(tokenizers.extend_tokenizer(a.base, a.terms, a.out, a.corpus))
+        print(tokenizers.extend_tokenizer(a.base, a.terms, a.out, a.corpus, force=a.force))
 
 
 def _datasets(a: argparse.Namespace) -> None:
@@ -456,7 +468,7 @@ def _serve(a: argparse.Namespace) -> None:
 def _export(a: argparse.Namespace) -> None:
     from lmtailor.export import export_run
 
-    print(json.dumps(export_run(a.run, a.format, a.out, gguf_type=a.gguf_type), indent=2))
+    print(json.dumps(export_run(a.run, a.format, a.out, gguf_type=a.gguf_type, force=a.force), indent=2))
 
 
 def _prompt(a: argparse.Namespace) -> None:
@@ -488,7 +500,7 @@ def _privacy(a: argparse.Namespace) -> None:
     if a.action in ("encrypt", "decrypt"):
         keys = crypto.KeySource(key_env=None if a.key_file or a.passphrase_env else a.key_env or crypto.DEFAULT_KEY_ENV,
                                 key_file=a.key_file, passphrase_env=a.passphrase_env)
-        print((crypto.encrypt_path if a.action == "encrypt" else crypto.decrypt_path)(a.path, a.out, keys))
+        print((crypto.encrypt_path if a.action == "encrypt" else crypto.decrypt_path)(a.path, a.out, keys, a.force))
     elif a.action == "keygen":
         print(crypto.keygen(a.out))
     elif a.action == "scan":
@@ -496,9 +508,9 @@ def _privacy(a: argparse.Namespace) -> None:
                              documentation_emails=a.documentation_emails))
     elif a.action == "scrub":
         print(scrub.cli_scrub(a.file, a.out, a.mode, a.salt_env, a.ner, a.audit, a.phone_region,
-                              a.documentation_emails))
+                              a.documentation_emails, force=a.force))
     elif a.action == "plant":
-        print(canary.cli_plant(a.file, a.out, a.repeats, a.pattern, a.seed))
+        print(canary.cli_plant(a.file, a.out, a.repeats, a.pattern, a.seed, force=a.force))
     else:
         print(canary.cli_canary(a.run, a.canaries, a.candidates))
 

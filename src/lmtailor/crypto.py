@@ -54,6 +54,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from lmtailor.errors import EncryptionError
 from lmtailor.io import atomic_dir, atomic_file, atomic_write_bytes
+from lmtailor.outputs import check_output, replacing
 
 MAGIC = b"LMTENC"
 VERSION = 1
@@ -563,23 +564,29 @@ def write_output(path: str | Path, data: bytes | str) -> Path:
     return write_bytes(Path(f"{path}{SUFFIX}"), raw, _seal_key)
 
 
-def encrypt_path(src: str | Path, out: str | Path, key: Key | KeySource | None = None) -> str:
-    """`privacy encrypt`: a file into one encrypted file, or a folder into a folder of them; a line for the user."""
+def encrypt_path(src: str | Path, out: str | Path, key: Key | KeySource | None = None, force: bool = False) -> str:
+    """`privacy encrypt`: a file into one encrypted file, or a folder into a folder of them; a line for the user.
+    An existing `out` is an error unless `force`, which keeps it as `NAME.bak-<time>`."""
     src = Path(src)
     if not src.exists():
         raise EncryptionError(f"{src}: no such file or folder")
-    if src.is_dir():
-        encrypt_tree(src, out, key)
-        return f"encrypted every file of {src} -> {out}"
-    encrypt_file(src, out, key)
+    target = check_output(out, force, folder=src.is_dir(), inputs=(src,))
+    with replacing(target, force):
+        if src.is_dir():
+            encrypt_tree(src, out, key)
+            return f"encrypted every file of {src} -> {out}"
+        encrypt_file(src, out, key)
     return f"encrypted {src} -> {out}"
 
 
-def decrypt_path(src: str | Path, out: str | Path, key: Key | KeySource | None = None) -> str:
-    """`privacy decrypt`: an encrypted file back to a file, or a folder of them (a run's model/) to a folder."""
+def decrypt_path(src: str | Path, out: str | Path, key: Key | KeySource | None = None, force: bool = False) -> str:
+    """`privacy decrypt`: an encrypted file back to a file, or a folder of them (a run's model/) to a folder.
+    An existing `out` is an error unless `force`, which keeps it as `NAME.bak-<time>`."""
     src = Path(src)
-    if src.is_dir():
-        decrypt_tree(src, out, key)
-        return f"decrypted every file of {src} -> {out}"
-    decrypt_file(src, out, key)
+    target = check_output(out, force, folder=src.is_dir(), inputs=(src,) if src.exists() else ())
+    with replacing(target, force):
+        if src.is_dir():
+            decrypt_tree(src, out, key)
+            return f"decrypted every file of {src} -> {out}"
+        decrypt_file(src, out, key)
     return f"decrypted {src} -> {out}"

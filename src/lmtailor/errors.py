@@ -44,5 +44,9 @@ class CheckpointError(LmtailorError):
     """A run folder or checkpoint is missing, incomplete or unsafe to load."""
 
 
+class TrainingError(LmtailorError):
+    """Training cannot go on: a non-finite loss, gradient or weight (the step is named)."""
+
+
 class EncryptionError(LmtailorError):
     """An encrypted file cannot be opened or written: no key, the wrong key, a damaged or tampered byte."""

@@ -13,6 +13,7 @@ from lmtailor.errors import CheckpointError, ConfigError
 from lmtailor.io import atomic_write_bytes, atomic_write_json
 from lmtailor.models import unwrap_peft
 from lmtailor.objectives import get_objective
+from lmtailor.outputs import check_output, replacing
 from lmtailor.runs import Run
 
 # The objective that evaluates a plain model folder (one without a run's config.yaml), by its kind.
@@ -36,7 +37,8 @@ def run_recipe(run: Run) -> RunConfig:
 
 def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40, max_length: int | None = None,
                  out: str | None = None, gen: GenerationSettings | None = None, metric: str = "default",
-                 context: int | None = None, stride: int | None = None, kb: str | None = None) -> dict[str, Any]:
+                 context: int | None = None, stride: int | None = None, kb: str | None = None,
+                 force: bool = False) -> dict[str, Any]:
     """Evaluate a run or model on a data file with its objective's evaluation (what train reports as "after").
 
     Args:
@@ -51,12 +53,15 @@ def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40
             (pseudo-perplexity for masked LMs) instead.
         kb: a knowledge base whose passages go into every prompt (open book; a run trained with `retrieval.kb`
             uses its own base unless another is given here).
+        force: replace an existing `out`, keeping it as `NAME.bak-<time>` (lmtailor.outputs).
     """
     from lmtailor.data.validate import load_examples
 
+    if out:
+        check_output(out, force, folder=False, inputs=(data,) if Path(data).exists() else ())
     run = Run.open(target)
     if metric == "perplexity":
-        return evaluate_perplexity(run, data, context or max_length or 512, stride, fmt, out)
+        return evaluate_perplexity(run, data, context or max_length or 512, stride, fmt, out, force)
     cfg = run_recipe(run)
     updates: dict[str, Any] = {"eval": cfg.eval.model_copy(update={"generate_examples": n_generate})}
     if max_length is not None:
@@ -87,7 +92,8 @@ def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40
     for name, png in result.artifacts.items():
         atomic_write_bytes(folder / f"{name}_eval.png", png)
     if out:
-        _write_metrics(out, metrics, run, data)
+        with replacing(Path(out), force):
+            _write_metrics(out, metrics, run, data)
     return metrics
 
 
@@ -104,7 +110,7 @@ def _write_metrics(out: str, metrics: dict[str, Any], run: Run, data: str) -> No
 
 
 def evaluate_perplexity(run: Run, data: str, context: int = 512, stride: int | None = None, fmt: str = "auto",
-                        out: str | None = None) -> dict[str, Any]:
+                        out: str | None = None, force: bool = False) -> dict[str, Any]:
     """Sliding-window perplexity (causal LMs) or pseudo-perplexity (masked LMs) of held-out texts.
 
     Args:
@@ -134,5 +140,6 @@ def evaluate_perplexity(run: Run, data: str, context: int = 512, stride: int | N
         raise CheckpointError(f"{run.target} is a {run.kind} model: perplexity needs a causal or masked LM",
                               "evaluate it without --metric perplexity")
     if out:
-        atomic_write_json(out, metrics)
+        with replacing(check_output(out, force, folder=False), force):
+            atomic_write_json(out, metrics)
     return metrics

@@ -21,6 +21,7 @@ from torch import nn
 
 from lmtailor.errors import ConfigError, ModelError
 from lmtailor.io import atomic_file
+from lmtailor.outputs import check_output, replacing
 
 log = logging.getLogger(__name__)
 
@@ -34,39 +35,45 @@ CHECK_TEXT = ("To list the files in a folder, run ls -la. To count the lines of 
 
 
 def export_run(run: str | Path, fmt: Literal["merged", "gguf"], out: str | Path, gguf_type: str = "f16",
-               verify: bool = True) -> dict[str, Any]:
+               verify: bool = True, force: bool = False) -> dict[str, Any]:
     """Export a run folder (adapter or full model), a model folder or a model name.
 
     Args:
         run: what to export; an adapter is merged into its base first.
         fmt: "merged" (HF folder: config.json, model.safetensors, tokenizer files) or "gguf" (one file).
-        out: the folder (merged) or file (gguf) to write; replaced atomically if it exists.
+        out: the folder (merged) or file (gguf) to write; an existing one is an error unless `force`.
         gguf_type: "f16" or "q8_0" (GGUF only; 1-D tensors stay f32, as llama.cpp expects).
         verify: GGUF only: reload the file and compare logits with the source (raises if off tolerance).
+        force: replace an existing output, keeping it as `NAME.bak-<time>` (lmtailor.outputs).
 
     Returns:
         A summary: path, format, size in bytes and, for GGUF, the logit check.
 
     Raises:
-        ConfigError: unknown format or GGUF type. ModelError: the architecture cannot be written as GGUF,
+        ConfigError: unknown format or GGUF type, an output that exists (without force) or cannot be written.
+        ModelError: the architecture cannot be written as GGUF,
         or the GGUF file read back does not match the source.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}'", f"choose one of: {', '.join(FORMATS)}")
     if gguf_type not in GGUF_TYPES:
         raise ConfigError(f"unknown GGUF type '{gguf_type}'", f"choose one of: {', '.join(GGUF_TYPES)}")
-    model, tok, info = load_merged(run)
     out = Path(out)
+    if fmt == "gguf" and out.suffix != ".gguf":
+        out = out / f"{Path(run).name}-{gguf_type}.gguf" if out.is_dir() else out.with_suffix(".gguf")
+    inputs = (run,) if Path(run).expanduser().exists() else ()
+    check_output(out, force, folder=fmt == "merged", inputs=inputs)  # before the minutes of loading and merging
+    model, tok, info = load_merged(run)
     if fmt == "merged":
         from lmtailor.models import save_model
 
-        save_model(model, tok, out)
+        with replacing(out, force):
+            save_model(model, tok, out)
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         return {"format": "merged", "path": str(out), "bytes": size, "base_model": info["base_model"],
                 "merged_adapter": info.get("adapter")}
-    if out.suffix != ".gguf":
-        out = out / f"{Path(run).name}-{gguf_type}.gguf" if out.is_dir() else out.with_suffix(".gguf")
-    write_gguf(model, tok, out, gguf_type, name=Path(run).name)
+    with replacing(out, force):
+        write_gguf(model, tok, out, gguf_type, name=Path(run).name)
     summary: dict[str, Any] = {"format": "gguf", "gguf_type": gguf_type, "path": str(out),
                                "bytes": out.stat().st_size, "base_model": info["base_model"]}
     if verify:

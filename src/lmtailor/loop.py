@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lmtailor.checkpoint import prune_checkpoints, rng_state, save_checkpoint, trainable_state
 from lmtailor.config import RunConfig
-from lmtailor.errors import ConfigError
+from lmtailor.errors import ConfigError, TrainingError
 from lmtailor.metrics import higher_is_better, perplexity
 from lmtailor.objectives import Objective, ObjectiveContext
 from lmtailor.rundata import RunData
@@ -113,6 +113,7 @@ class Loop:
     state: dict[str, Any]
     run_dir: Path
     writer: Any = None  # TensorBoard SummaryWriter on the main process
+    identity: dict[str, Any] = field(default_factory=dict)  # {"run": ..., "config": ...} for checkpoint manifests
 
 
 @dataclass
@@ -199,10 +200,35 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
     grad_norm = float("nan")
     if cfg.max_grad_norm > 0:
         grad_norm = float(acc.clip_grad_norm_(loop.loss_module.parameters(), cfg.max_grad_norm))
+    loss = float(acc.reduce(loss_sum, "sum")) / n_global
+    if not math.isfinite(loss) or not (math.isfinite(grad_norm) if cfg.max_grad_norm > 0 else _finite_grads(loop)):
+        # Stop before the update: the weights (and any checkpoint written so far) stay those of the last good step.
+        loop.optimizer.zero_grad(set_to_none=True)
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        raise TrainingError(f"training diverged at step {loop.state['step'] + 1}: {what} (lr={cfg.lr:g})",
+                            "lower lr or keep max_grad_norm on; resume=true continues from the last checkpoint, "
+                            "written before this step")
     loop.optimizer.step()
     loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
-    return float(acc.reduce(loss_sum, "sum")) / n_global, grad_norm
+    return loss, grad_norm
+
+
+def _finite_grads(loop: Loop) -> bool:
+    """Every gradient finite (checked on every process: a NaN on one spreads to all with the next update)."""
+    acc = loop.acc
+    bad = torch.zeros((), device=acc.device)
+    for p in loop.loss_module.parameters():
+        if p.grad is not None:
+            bad += (~torch.isfinite(p.grad)).any()
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, "sum")
+    return not bool(bad)
+
+
+def finite_weights(model: torch.nn.Module) -> bool:
+    """Every trainable parameter finite (an infinite lr turns finite gradients into infinite weights)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
 def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: float | None = None
@@ -311,10 +337,15 @@ def _checkpoint(loop: Loop, step: int) -> None:
 
     acc = loop.acc
     rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+    model = acc.unwrap_model(loop.loss_module).model
+    if not finite_weights(model):
+        raise TrainingError(f"training diverged at step {step}: its update made weights non-finite "
+                            f"(lr={loop.cfg.lr:g})",
+                            "lower lr; resume=true continues from the last checkpoint, written before this step")
     if acc.is_main_process:
-        save_checkpoint(loop.run_dir / "checkpoints" / f"step-{step:06d}", acc.unwrap_model(loop.loss_module).model,
-                        loop.optimizer, loop.scheduler, rngs, loop.state)
-        prune_checkpoints(loop.run_dir, loop.cfg.keep_checkpoints)
+        save_checkpoint(loop.run_dir / "checkpoints" / f"step-{step:06d}", model, loop.optimizer, loop.scheduler,
+                        rngs, loop.state, manifest=loop.identity)
+        prune_checkpoints(loop.run_dir, loop.cfg.keep_checkpoints, (loop.identity.get("run") or {}).get("id"))
     acc.wait_for_everyone()
 
 

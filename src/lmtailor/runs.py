@@ -47,6 +47,10 @@ OPEN_HINT = ("give a run folder written by `lmtailor train` (model/ and config.y
              f"or adapter_config.json), a .gguf file, a hub id, or a bundled name: {', '.join(BUNDLED)}")
 
 
+SECTIONS = ("data", "privacy", "lora", "soft_prompt", "pretrain", "eval", "generation", "classify", "seq2seq", "mlm",
+            "span", "clm")
+
+
 def read_config(folder: Path) -> dict[str, Any]:
     """The resolved config.yaml a run wrote in `folder`, or {} when there is none."""
     path = Path(folder) / "config.yaml"
@@ -59,7 +63,18 @@ def read_config(folder: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML: {str(e).splitlines()[0]}",
                               "restore the config.yaml `lmtailor train` wrote") from e
-    return loaded if isinstance(loaded, dict) else {}
+    if loaded is None:
+        return {}
+    fix = "restore the config.yaml `lmtailor train` wrote"
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} is not a recipe: a {type(loaded).__name__}, not a mapping of keys", fix)
+    for key, value in loaded.items():  # a section (data:, privacy:, lora: ...) that is not a mapping
+        if key in SECTIONS and value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"{path}: key '{key}' is a {type(value).__name__}, not a section of keys", fix)
+    for key in ("base_model", "objective"):
+        if loaded.get(key) is not None and not isinstance(loaded[key], str):
+            raise CheckpointError(f"{path}: key '{key}' is a {type(loaded[key]).__name__}, not a name", fix)
+    return loaded
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from lmtailor import crypto
 from lmtailor.models import CHATML_TEMPLATE
+from lmtailor.outputs import check_output, replacing
 
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 # Pretraining objectives' markers: <mask> for mlm, <cls>/<sep> for sentence pairs, sentinels for span corruption.
@@ -95,17 +96,18 @@ def corpus_texts(corpus: str | Path) -> Iterator[str]:
 
 
 def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path, kind: str = "bpe",
-                    min_frequency: int = 2) -> str:
+                    min_frequency: int = 2, force: bool = False) -> str:
     """Train a BPE or Unigram tokenizer on a corpus with the pretraining special tokens; save it to `out`.
 
     Returns:
         A one-line summary (vocabulary size, special tokens, folder).
 
     Raises:
-        ConfigError: unknown kind or an empty corpus.
+        ConfigError: unknown kind or an empty corpus; `out` exists (without `force`, which keeps it as a backup).
     """
     from lmtailor.errors import ConfigError
 
+    out = check_output(out, force, folder=True, inputs=(corpus,) if Path(corpus).exists() else ())
     texts = list(corpus_texts(corpus))
     if not any(texts):
         raise ConfigError(f"corpus {corpus} holds no text", "give a folder of .txt/.md/.rst files or a data file")
@@ -116,7 +118,8 @@ def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path, kind: 
     else:
         raise ConfigError(f"unknown tokenizer type {kind!r}", "use bpe or unigram")
     tok.add_special_tokens({"mask_token": "<mask>", "cls_token": "<cls>", "sep_token": "<sep>", "unk_token": "<unk>"})
-    tok.save_pretrained(out)
+    with replacing(out, force):
+        tok.save_pretrained(out)
     n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     return (f"{kind} tokenizer: {len(tok)} tokens ({len(PRETRAIN_SPECIALS)} special) from {len(texts)} documents "
             f"({sum(map(len, texts))} characters -> {n_tokens} tokens, {sum(map(len, texts)) / max(n_tokens, 1):.2f} "
@@ -170,7 +173,8 @@ def extend_vocabulary(model: Any, tok: Any, terms: list[str]) -> dict[str, list[
     return pieces
 
 
-def extend_tokenizer(base: str, terms_file: str | Path, out: str | Path, corpus: str | Path | None = None) -> str:
+def extend_tokenizer(base: str, terms_file: str | Path, out: str | Path, corpus: str | Path | None = None,
+                     force: bool = False) -> str:
     """`lmtailor tokenizer extend`: add the terms of a file (one per line) to a model's tokenizer and embeddings.
 
     Returns:
@@ -179,6 +183,8 @@ def extend_tokenizer(base: str, terms_file: str | Path, out: str | Path, corpus:
     from lmtailor.errors import ConfigError
     from lmtailor.models import load_pretrained, load_tokenizer, save_model
 
+    inputs = tuple(p for p in (base, terms_file, corpus) if p and Path(p).exists())
+    checked = check_output(out, force, folder=True, inputs=inputs)  # `out` exists: an error unless force
     path = Path(terms_file)
     if not path.is_file():
         raise ConfigError(f"terms file not found: {path}", "give a text file with one term per line")
@@ -189,7 +195,8 @@ def extend_tokenizer(base: str, terms_file: str | Path, out: str | Path, corpus:
     before = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
     old = len(tok)
     added = extend_vocabulary(model, tok, terms)
-    save_model(model, tok, Path(out))
+    with replacing(checked, force):  # an existing `out` is kept as NAME.bak-<time>
+        save_model(model, tok, checked)
     n_terms = len({form.strip() for form in added})
     lines = [f"added {n_terms} of {len(terms)} terms ({len(added)} tokens, with and without a leading space); "
              f"vocabulary {old} -> {len(tok)}; saved to {out}"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,26 @@ from typing import Any
 import torch
 
 from lmtailor import crypto
-from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainable
+from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainable, read_manifest, verify_checkpoint
 from lmtailor.config import RunConfig, dump_config
-from lmtailor.errors import CheckpointError, ConfigError
+from lmtailor.errors import CheckpointError, ConfigError, TrainingError
 from lmtailor.fitting import EVALUATIONS
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lmtailor.loop import Loop, fit_steps_to_budget, item_tokens, make_optimizer, measure_step, plan_steps, run_steps
+from lmtailor.loop import (
+    Loop,
+    finite_weights,
+    fit_steps_to_budget,
+    item_tokens,
+    make_optimizer,
+    measure_step,
+    plan_steps,
+    run_steps,
+)
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
 from lmtailor.report import comparison_table, likely_reasons, verdict, write_report, write_task_report
 from lmtailor.rundata import RunData, build_run_data
+from lmtailor.runfolder import RunFolder, compare_configs, new_identity, open_run_folder
 from lmtailor.runs import read_config
 
 ADAPTER_METHODS = ("lora", "prompt_tuning", "prefix_tuning")  # PEFT wrappers: the base model is their "before"
@@ -77,16 +86,24 @@ def _local_files(path: str | None) -> list[Path]:
 def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     # ---- setup ----------------------------------------------------------------------------------------------------
     cuda = torch.cuda.is_available()
     bf16 = cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()
     acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
     main = acc.is_main_process
-    say = print if main else (lambda *a, **k: None)
     set_seed(cfg.seed)
-    run_dir = _prepare_run_dir(cfg, main)
+    with open_run_folder(cfg, main) as folder:  # checked, locked; the previous run stays until folder.start
+        return _train_in(folder, acc, cfg, progress, on_eval)
+
+
+def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
+              on_eval: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+    from transformers import get_scheduler
+
+    main = acc.is_main_process
+    say = print if main else (lambda *a, **k: None)
+    run_dir = folder.path
     objective = get_objective(cfg)
     ctx = objective.context(cfg, run_dir)
 
@@ -140,13 +157,19 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
             loop.cfg = ctx.cfg = cfg
     loop.scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                                    num_training_steps=total_steps)
+    resolved = _resolved(cfg, ctx, total_steps)
+    identity = new_identity(cfg, resolved.model_dump(mode="json"))
     if cfg.resume:
-        loop.state = state = _resume(cfg, run_dir, model, optimizer, loop.scheduler, acc.process_index, main)
+        loop.state = state = _resume(cfg, folder, identity, resolved, model, optimizer, loop.scheduler,
+                                     acc.process_index)
+    folder.start(identity, cfg.resume)  # the run really starts: a replaced run's files move aside now
+    loop.identity = {"run": {k: folder.identity.get(k, v) for k, v in identity.items()},
+                     "config": resolved.model_dump(mode="json")}
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
         loop.writer = SummaryWriter(str(run_dir / "tb"))
-        atomic_write_text(run_dir / "config.yaml", dump_config(_resolved(cfg, ctx, total_steps)))
+        atomic_write_text(run_dir / "config.yaml", dump_config(resolved))
 
     # ---- steps ----------------------------------------------------------------------------------------------------
     result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
@@ -159,6 +182,9 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
     if result.best_weights is not None and (cfg.early_stopping_patience or cfg.metric_for_best != "loss"):
         load_trainable(model, result.best_weights)
     summary: dict[str, Any] = {}
+    if not finite_weights(model):
+        raise TrainingError(f"training diverged by step {state['step']}: the final weights are not finite "
+                            f"(lr={cfg.lr:g})", "lower lr; no model was written")
     if main:
         _save_model(model, ctx.tokenizer, run_dir / "model")
         after = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
@@ -174,6 +200,7 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
                                         summary["verdict"]))
         elif summary["verdict"]:
             say(summary["verdict"])
+        folder.finish()
     acc.wait_for_everyone()
     return summary
 
@@ -197,19 +224,6 @@ def _summary(cfg: RunConfig, objective: Objective, data: RunData, state: dict[st
     }
 
 
-def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
-    run_dir = cfg.run_dir
-    if is_main and not cfg.resume and (run_dir / "model").exists() and not cfg.overwrite:
-        raise ConfigError(f"run folder {run_dir} already holds a finished run",
-                          "pick another name/output_dir, pass overwrite=true, or resume=true")
-    if is_main and not cfg.resume and cfg.overwrite:
-        for sub in ("checkpoints", "tb"):
-            shutil.rmtree(run_dir / sub, ignore_errors=True)
-        (run_dir / "history.jsonl").unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def _apply_method(model: Any, cfg: RunConfig, tok: Any = None) -> Any:
     """What trains: LoRA adapters, the last layers, every weight, or a soft prompt."""
     if cfg.method == "lora":
@@ -230,20 +244,74 @@ def _apply_method(model: Any, cfg: RunConfig, tok: Any = None) -> Any:
     return model
 
 
-def _resume(cfg: RunConfig, run_dir: Path, model: Any, optimizer: Any, scheduler: Any, rank: int, main: bool
-            ) -> dict[str, Any]:
-    """Restore the newest complete checkpoint; the main process trims the log to it and drops half-written ones."""
+def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolved: RunConfig, model: Any,
+            optimizer: Any, scheduler: Any, rank: int) -> dict[str, Any]:
+    """Restore the newest intact checkpoint of the folder's run; the main process trims the log to it.
+
+    A checkpoint whose files do not match its manifest's checksums (or that cannot be read) is skipped for the one
+    before, and said so. Settings that differ from the checkpoint's are named: refused when the checkpoint cannot
+    hold them (runfolder.compare_configs), applied from here on otherwise (a new lr re-bases the schedule).
+    """
+    run_dir, main = folder.path, folder.main
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise CheckpointError(f"resume=true but {run_dir}/checkpoints holds no complete checkpoint",
                               "run without resume, or set save_every so checkpoints are written")
-    state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, rank)
+    run_id, skipped = folder.run_id, []
+    for ckpt in reversed(ckpts):
+        manifest = read_manifest(ckpt) or {}
+        owner = (manifest.get("run") or {}).get("id")
+        problem = verify_checkpoint(ckpt) or (
+            f"it belongs to run {owner}, not to this folder's run {run_id}" if owner and run_id and owner != run_id
+            else None)
+        if problem is None:
+            # a checkpoint written before manifests is compared with the config.yaml its run wrote
+            old_config = manifest.get("config") if manifest else read_config(run_dir)
+            if old_config:
+                _check_resume_settings(ckpt, old_config, manifest.get("run") or {}, identity, resolved, main)
+            try:
+                state = load_checkpoint(ckpt, model, optimizer, scheduler, rank)
+            except CheckpointError as e:
+                problem = e.message
+        if problem is None:
+            break
+        skipped.append(f"{ckpt.name} ({problem})")
+    else:
+        raise CheckpointError(f"resume=true but no checkpoint in {run_dir}/checkpoints is intact: "
+                              + "; ".join(skipped), "run again without resume (overwrite=true)")
+    old_lr = (old_config or {}).get("lr")
+    if old_lr is not None and old_lr != cfg.lr:
+        _rebase_lr(optimizer, scheduler, cfg.lr)
     if main:
         atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
-        for stale in (run_dir / "checkpoints").glob(".step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        print(f"resumed from {ckpts[-1]} at step {state['step']}")
+        if skipped:
+            print(f"checkpoint {', '.join(skipped)} is damaged: resumed from the newest intact one, {ckpt.name}")
+        print(f"resumed from {ckpt} at step {state['step']}")
     return state
+
+
+def _check_resume_settings(ckpt: Path, old_config: dict[str, Any], old_run: dict[str, Any],
+                           identity: dict[str, Any], resolved: RunConfig, main: bool) -> None:
+    applied, refused = compare_configs(old_config, resolved.model_dump(mode="json"))
+    old_data = old_run.get("data_fingerprint")
+    if old_data and old_data != identity["data_fingerprint"]:
+        refused.insert(0, f"the data files' content (sha256 {old_data[:12]}… -> {identity['data_fingerprint'][:12]}…)")
+    if refused:
+        raise ConfigError(f"resume=true: changed since {ckpt.name}, and a resumed run cannot change them: "
+                          + "; ".join(refused),
+                          "put them back to resume, or start a new run: another output_dir, or overwrite=true")
+    if applied and main:
+        print(f"resume: changed since {ckpt.name}, applied from step {ckpt.name.removeprefix('step-').lstrip('0')} "
+              "on: " + "; ".join(applied))
+
+
+def _rebase_lr(optimizer: Any, scheduler: Any, lr: float) -> None:
+    """A resumed run with a new lr: the schedule (restored with the checkpoint's base lr) continues from the new one."""
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, lam in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = lr
+        group["lr"] = lr * lam(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _resolved(cfg: RunConfig, ctx: ObjectiveContext, total_steps: int) -> RunConfig:

@@ -277,13 +277,25 @@ def cli_canary(run: str, canaries: str, n_candidates: int = 1000, seed: int = 0)
     return "\n".join(lines)
 
 
-def cli_plant(path: str, out: str, repeats: str = "0,1,10,100", pattern: str = "dddddd", seed: int = 0) -> str:
-    """`lmtailor privacy plant FILE --out OUT --repeats 0,1,10,100`: the text to print."""
+def cli_plant(path: str, out: str, repeats: str = "0,1,10,100", pattern: str = "dddddd", seed: int = 0,
+              force: bool = False) -> str:
+    """`lmtailor privacy plant FILE --out OUT --repeats 0,1,10,100`: the text to print (`force`: replace existing
+    outputs, keeping them as backups)."""
+    import contextlib
+
+    from lmtailor.outputs import check_output, replacing
+
+    target = check_output(out, force, folder=False, inputs=(path,))
+    targets = [target, check_output(target.with_name(f"{target.stem}.canaries.yaml"), force, folder=False,
+                                    inputs=(path,))]
     try:
         counts = [int(r) for r in repeats.split(",")]
     except ValueError:
         counts = [-1]
     if not counts or min(counts) < 0:
         raise ConfigError(f"--repeats must be comma-separated counts, got {repeats!r}", "example: --repeats 0,1,10,100")
-    listing = plant_canaries(path, out, make_canaries(counts, pattern, seed), seed)
+    with contextlib.ExitStack() as stack:
+        for t in targets:
+            stack.enter_context(replacing(t, force))
+        listing = plant_canaries(path, out, make_canaries(counts, pattern, seed), seed)
     return f"wrote {out} with {sum(counts)} canary record(s); keep {listing} for `lmtailor privacy canary`"

@@ -470,12 +470,23 @@ def cli_scan(path: str, as_json: bool = False, ner: bool = False, phone_region: 
 
 
 def cli_scrub(path: str, out: str, mode: str = "placeholder", salt_env: str = SALT_ENV, ner: bool = False,
-              audit: str | None = None, phone_region: str = "US", documentation_emails: bool = True) -> str:
-    """`lmtailor privacy scrub FILE --out OUT --mode M --salt-env VAR`: the text to print."""
+              audit: str | None = None, phone_region: str = "US", documentation_emails: bool = True,
+              force: bool = False) -> str:
+    """`lmtailor privacy scrub FILE --out OUT --mode M --salt-env VAR`: the text to print (`force`: replace
+    existing outputs, keeping them as backups)."""
+    import contextlib
+
+    from lmtailor.outputs import check_output, replacing
+
+    targets = [check_output(out, force, folder=False, inputs=(path,)),
+               check_output(audit or f"{out}.audit.json", force, folder=False, flag="--audit", inputs=(path,))]
     salt, source = salt_from_env(salt_env) if mode == "pseudonym" else (None, "unused")
     options = ScanOptions.create(phone_region, documentation_emails)
-    report = scrub_file(path, out, mode, salt, ner, audit, salt_source=source,  # type: ignore[arg-type]
-                        options=options)
+    with contextlib.ExitStack() as stack:
+        for target in targets:
+            stack.enter_context(replacing(target, force))
+        report = scrub_file(path, out, mode, salt, ner, audit, salt_source=source,  # type: ignore[arg-type]
+                            options=options)
     audit_path = audit or f"{out}.audit.json"
     return format_counts(report) + f"\nwrote {out} ({mode}) and the audit {audit_path}"
 
