@@ -54,8 +54,10 @@ def read_config(folder: Path) -> dict[str, Any]:
         return {}
     import yaml
 
+    from lmtailor.config import load_yaml
+
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML: {str(e).splitlines()[0]}",
                               "restore the config.yaml `lmtailor train` wrote") from e

@@ -58,6 +58,8 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
     """
     import uvicorn
 
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be 1 to 65535", "8000 is the default; ports below 1024 need root")
     key = api_key_from_env(api_key_env)
     if host not in LOOPBACK and key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the models", host)
