@@ -84,6 +84,9 @@ def _pieces(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
+        if i == 0:
+            raise DataError("the conversation starts with an assistant message",
+                            "put a user (or system) message before the first assistant message")
         before = render_prompt(tok, messages[:i])
         through = _template(tok, messages[: i + 1], gen=False)
         if not before.startswith(done) or not through.startswith(before):

@@ -47,13 +47,15 @@ class Limits:
     timeout_s: float = 300.0  # per request, queueing included
     static_cache: bool = False  # preallocated KV cache; measured no faster on CPU without torch.compile
     torch_threads: int = 0  # intra-op threads for decoding; 0 keeps torch's default (one per core)
+    max_body_bytes: int = 4 * 2**20  # a larger request body is answered 413 (serve/guard.py)
+    read_timeout_s: float = 30.0  # a request must arrive whole this long after its connection opens (slowloris)
 
     def __post_init__(self) -> None:
         """A limit out of range is a ConfigError naming its `serve` flag (or field) and the allowed range."""
         ranges = {"max_prompt_tokens": (1, None), "max_tokens": (1, None), "default_max_tokens": (1, None),
                   "max_n": (1, None), "max_batch_size": (1, 4096), "batch_window_ms": (0, 60_000),
                   "max_queue": (1, 1_000_000), "workers": (1, 64), "timeout_s": (0.001, 7 * 86400),
-                  "torch_threads": (0, 4096)}
+                  "torch_threads": (0, 4096), "max_body_bytes": (1024, None), "read_timeout_s": (0.01, 3600)}
         for name, (low, high) in ranges.items():
             value = getattr(self, name)
             if not (low <= value and (high is None or value <= high)):  # also refuses NaN
