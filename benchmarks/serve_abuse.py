@@ -177,10 +177,9 @@ def abuse_cases(url: str, model: str, app: Any, read_timeout: float) -> list[dic
     # A non-streaming client that leaves: its decoding is cancelled.
     engine = app.state.engine
     before = engine.stats["cancelled"]
-    with httpx.Client(base_url=url, timeout=0.5) as quick:
-        with contextlib.suppress(httpx.ReadTimeout):
-            quick.post(chat, json={"model": model, "messages": [{"role": "user", "content": "go"}],
-                                   "max_tokens": 400, "ignore_eos": True})
+    with httpx.Client(base_url=url, timeout=0.5) as quick, contextlib.suppress(httpx.ReadTimeout):
+        quick.post(chat, json={"model": model, "messages": [{"role": "user", "content": "go"}],
+                               "max_tokens": 400, "ignore_eos": True})
     deadline = time.monotonic() + 20
     while engine.stats["cancelled"] == before and time.monotonic() < deadline:
         time.sleep(0.05)
