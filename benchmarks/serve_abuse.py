@@ -188,11 +188,12 @@ def abuse_cases(url: str, model: str, app: Any, read_timeout: float) -> list[dic
 
     # /health while a 4 MB body (under the default limit of the big-body server) uploads and is refused.
     with Health(url) as h:
-        post(body("y" * 4_000_000))
-        time.sleep(0.3)
+        for _ in range(5):
+            post(body("y" * 4_000_000))
+        time.sleep(1.0)
     s = h.summary()
-    results.append({"case": "/health during a 4 MB body", "want": "< 1000 ms", "got": s["max_ms"],
-                    "ok": s["max_ms"] < 1000 and not s["failed"], "seconds": 0})
+    results.append({"case": "/health during 5 bodies of 4 MB", "want": "< 1000 ms", "got": s["max_ms"],
+                    "ok": s["polls"] > 0 and s["max_ms"] < 1000 and not s["failed"], "seconds": 0})
     c.close()
     return results
 
