@@ -243,15 +243,16 @@ def test_run_folders(tiny_run: Path, tmp_path: Path) -> None:  # noqa: F811
             shutil.rmtree(run, ignore_errors=True)
             shutil.copytree(tiny_run, run)
             (run / rel).write_bytes(content)
-            for verb, call in _verbs(run, data, tmp_path / "out").items():
-                shutil.rmtree(tmp_path / "out", ignore_errors=True)
+            for verb in _verbs(run, data, tmp_path):
+                out = tmp_path / f"out-{COUNTS['run folders']}"  # a fresh output path per case
+                call = _verbs(run, data, out)[verb]
                 with case("run folders"):
                     try:
                         code, err = call()
                     except Exception as e:  # noqa: BLE001 - collected, reported together below
                         failures.append(f"{rel} {damage} {verb}: traceback {type(e).__name__}: {e}"[:300])
                         continue
-                    if code != 0 and (tmp_path / "out").exists():
+                    if code != 0 and out.exists():
                         failures.append(f"{rel} {damage} {verb}: partial output left at --out")
                     if code != 0 and str(run) not in err and "run" not in err.lower():
                         failures.append(f"{rel} {damage} {verb}: error names no place: {err.strip()[:200]}")

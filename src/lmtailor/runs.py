@@ -58,6 +58,8 @@ def read_config(folder: Path) -> dict[str, Any]:
 
     try:
         loaded = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text", "restore the config.yaml `lmtailor train` wrote") from None
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML: {str(e).splitlines()[0]}",
                               "restore the config.yaml `lmtailor train` wrote") from e
