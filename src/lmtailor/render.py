@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmtailor.data.example import IGNORE, Example, Tokenized
-from lmtailor.errors import DataError
+from lmtailor.errors import DataError, ModelError
 
 # Work per example is bounded by max_length, not by the record's size: before rendering and tokenizing, a text
 # is cut to (max_length + CLIP_MARGIN_TOKENS) x (the vocabulary's longest token, in characters) characters. Its
@@ -44,7 +44,14 @@ def clip_text(tok: Any, text: str, max_tokens: int) -> str:
 
 
 def _template(tok: Any, messages: list[dict[str, str]], gen: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    except TemplateError as e:  # a damaged chat_template.jinja, or one that refuses this conversation
+        where = getattr(tok, "name_or_path", "") or "the tokenizer"
+        raise ModelError(f"{where}: its chat template fails on this conversation ({type(e).__name__}: {e})",
+                         "restore the model folder's chat_template.jinja, or fix the conversation") from None
 
 
 def render_prompt(tok: Any, messages: list[dict[str, str]]) -> str:
