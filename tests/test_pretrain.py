@@ -41,7 +41,7 @@ def test_tokenizer_cli_trains_a_standard_folder_with_objective_specials(corpus_d
 
     from lmtailor.cli import main
 
-    assert main(["tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "300", "--out",
+    assert main(["tokenizer", "train", "--corpus", str(corpus_dir), "--vocab-size", "400", "--out",
                  str(tmp_path / "t"), "--type", kind]) == 0
     assert f"{kind} tokenizer" in capsys.readouterr().out
     tok = AutoTokenizer.from_pretrained(tmp_path / "t")

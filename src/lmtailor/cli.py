@@ -47,14 +47,14 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 def _gen_settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pydantic import ValidationError
 
-    from lmtailor.config import GenerationSettings, explain
+    from lmtailor.config import GenerationSettings, explain_flags
 
     try:
         return GenerationSettings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
                                   stop_repeats=a.stop_repeats)
     except ValidationError as e:  # e.g. --temperature -1: one line naming the option's setting
-        raise explain(e, "options", GenerationSettings) from None
+        raise explain_flags(e) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Seeds seed numpy too, which takes 0 .. 2**32 - 1.
+SEED_MAX = 2**32 - 1
+# Validation metrics an objective may report (metric_for_best); loss is always there.
+BEST_METRICS = ("loss", "perplexity", "accuracy", "macro_f1", "weighted_f1", "micro_f1", "masked_accuracy", "bleu",
+                "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "looping")
+
+
 class LoraSettings(Strict):
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
@@ -51,7 +58,7 @@ class DataSettings(Strict):
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of examples held out for validation")
     val_size: int | None = Field(None, ge=0, description="held-out example count (overrides val_fraction)")
     max_examples: int | None = Field(None, ge=1, description="use at most this many training examples")
-    split_seed: int = Field(0, description="seed of the deterministic train/validation split")
+    split_seed: int = Field(0, ge=0, le=SEED_MAX, description="seed of the deterministic train/validation split")
     system_prompt: str | None = Field(None, description="system message added to every conversation without one")
     prompt_task: str | None = Field(None, description="a prompt task file (see `lmtailor prompt`): records are "
                                     "rendered through its template into zero-shot chats answered by the label word "
@@ -141,6 +148,34 @@ class GenerationSettings(Strict):
         if self.stop_repeats == 1:
             raise ValueError("stop_repeats must be 0 (off) or at least 2 (one copy is not a repetition)")
         return self
+
+
+class EvalOptions(Strict):
+    """The flags of `lmtailor eval` (checked before anything is loaded)."""
+
+    generate: int = Field(40, ge=0, description="examples answered by generation and scored; 0: loss only")
+    max_length: int | None = Field(None, ge=2, description="truncation in tokens")
+    context: int | None = Field(None, ge=2, description="perplexity window in tokens")
+    stride: int | None = Field(None, ge=1, description="tokens the perplexity window advances")
+
+    @model_validator(mode="after")
+    def _check_stride(self) -> EvalOptions:
+        window = self.context or self.max_length or 512  # evaluate_perplexity's default window
+        if self.stride is not None and self.stride > window:
+            raise ValueError(f"--stride ({self.stride}) must not exceed the window --context ({window})")
+        return self
+
+
+def explain_flags(err: ValidationError, model: type[BaseModel] | None = None) -> ConfigError:
+    """One-line ConfigError for command-line options validated by a pydantic model: `--flag-name: what; got X`."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    msg = first["msg"].removeprefix("Value error, ")
+    if not loc:
+        return ConfigError(msg)
+    flag = "--" + loc[0].replace("_", "-")
+    msg = msg.replace("Input should be", "must be")
+    return ConfigError(f"{flag}: {msg}; got {first.get('input')!r}")
 
 
 class EvalSettings(Strict):
@@ -262,7 +297,7 @@ class RunConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="training dtype; auto is float32 on CPU and bfloat16 on a GPU that supports it"
     )
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX, description=f"random seed, 0 to {SEED_MAX} (numpy's range)")
 
     eval_every: int = Field(0, ge=0, description="validation every N steps (0: only at the end)")
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: none)")
@@ -280,6 +315,17 @@ class RunConfig(Strict):
     metric_for_best: str = Field("loss", description="validation metric that picks the best checkpoint and drives "
                                  "early stopping: loss, or one the objective reports (accuracy, macro_f1, rougeL, "
                                  "bleu, chrf, exact_match); others than loss are computed at every eval_every")
+
+    @field_validator("metric_for_best")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        # Checked here, before any folder exists; whether the chosen objective reports it is checked at the
+        # first validation (loop._task_metrics), as that depends on the objective's evaluation.
+        if value not in BEST_METRICS:
+            close = difflib.get_close_matches(value, BEST_METRICS, n=1)
+            raise ValueError(f"unknown metric {value!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                             + f"; allowed values are {', '.join(BEST_METRICS)}")
+        return value
     tune: dict[str, list[Any]] = Field(default_factory=dict, description="`lmtailor tune` search space: "
                                        "{key: [low, high, log|uniform|int]} or {key: [choice, ...]}")
 
@@ -420,7 +466,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' is not key=value", "example: lr=1e-4 lora.r=16")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw) if raw != "" else None
     except yaml.YAMLError:
         value = raw
     # YAML reads 1e-4 as a string; numbers written that way are meant as floats.
@@ -458,16 +504,74 @@ def _fix_float_strings(data: Any) -> Any:
     return data
 
 
+# A YAML document whose aliases would expand past this many nodes is refused (a 600-byte "billion laughs" file
+# expands to gigabytes once walked); documents without aliases are bounded by their own size and never refused.
+MAX_YAML_NODES = 100_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses recursive aliases and aliases expanding past MAX_YAML_NODES nodes."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the nodes `root` expands to, each alias counted in full (post-order, iterative, shared nodes once)."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > MAX_YAML_NODES and sizes[key] > len(sizes):  # more than the distinct nodes: aliases
+                raise yaml.composer.ComposerError(None, None, f"its aliases expand to more than {MAX_YAML_NODES} "
+                                                  "values (an alias bomb?); write the values out", node.start_mark)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to the node that holds it (recursive "
+                                              "alias)", node.start_mark)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, bounded: recursive aliases and alias bombs raise a yaml.MarkedYAMLError with a line.
+
+    Raises:
+        yaml.YAMLError: not valid YAML, or refused aliases.
+    """
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe file not found: {p}", "give the path of a YAML recipe, e.g. configs/quickstart.yaml")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loaded = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(problem).split())}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
     if loaded is None:

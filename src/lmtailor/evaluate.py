@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from lmtailor import crypto
-from lmtailor.config import GenerationSettings, RunConfig, build_config
+from lmtailor.config import EvalOptions, GenerationSettings, RunConfig, build_config, explain_flags
 from lmtailor.errors import CheckpointError, ConfigError
 from lmtailor.io import atomic_write_bytes, atomic_write_json
 from lmtailor.models import unwrap_peft
@@ -57,6 +59,10 @@ def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40
     """
     from lmtailor.data.validate import load_examples
 
+    try:  # the flags, before anything is loaded
+        EvalOptions(generate=n_generate, max_length=max_length, context=context, stride=stride)
+    except ValidationError as e:
+        raise explain_flags(e) from None
     if out:
         check_output(out, force, folder=False, inputs=(data,) if Path(data).exists() else ())
     run = Run.open(target)

@@ -15,7 +15,9 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -101,19 +103,72 @@ def _library() -> ctypes.CDLL:
         raise ConfigError("speedup=int8 compiles a small C kernel on first use, and no C compiler was found",
                           f"install gcc (or set $CC), or {hint}")
     key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    lib = cache_dir("kernels") / f"q8_{key}.so"
-    if not lib.is_file():
-        src = cache_dir("kernels") / f"q8_{key}.c"
+    folder = cache_dir("kernels")
+    _check_private(folder.parent, "the lmtailor cache folder", parent=True)
+    _check_private(folder, "the kernel folder")
+    lib = folder / f"q8_{key}.so"
+    digest = folder / f"q8_{key}.so.sha256"
+    if lib.exists() or lib.is_symlink():
+        _check_private(lib, "the cached int8 kernel")
+    if not (lib.is_file() and digest.is_file() and _sha256(lib) == digest.read_text().strip()):
+        # Missing, or not the library this process compiled (damaged, or from before hashes were kept): rebuild it.
+        src = folder / f"q8_{key}.c"
         atomic_write_text(src, SOURCE)
         with atomic_file(lib) as tmp:
             done = subprocess.run([compiler, *FLAGS, str(src), "-o", str(tmp)], capture_output=True, text=True)
             if done.returncode != 0:
                 raise ConfigError(f"compiling the int8 kernel with {compiler} failed: {done.stderr.strip()[-500:]}",
                                   hint)
-    dll = ctypes.CDLL(str(lib))
+        atomic_write_text(digest, _sha256(lib) + "\n")
+    dll = _load_verified(lib, digest.read_text().strip())
     dll.q8_matmul.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
     dll.q8_matmul.restype = None
     return dll
+
+
+def _check_private(path: Path, what: str, parent: bool = False) -> None:
+    """Refuse code from a place another user could have written: `path` (not followed if a link) must be owned
+    by this user or root and not writable by group or others; a `parent` folder may instead be sticky (/tmp).
+
+    Raises:
+        ConfigError: naming the path, its owner or mode, and the fix.
+    """
+    if not hasattr(os, "getuid"):  # no POSIX owners (Windows): nothing to compare
+        return
+    st = os.lstat(path)
+    fix = f"set $LMTAILOR_CACHE to a folder only you can write, or fix {path} (chown, chmod go-w)"
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"{what} {path} is a symbolic link; refusing to load code through it", fix)
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"{what} {path} is owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing "
+                          "to load code from it", fix)
+    if st.st_mode & 0o022 and not (parent and st.st_mode & stat.S_ISVTX):
+        raise ConfigError(f"{what} {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                          "refusing to load code from it", fix)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_verified(lib: Path, digest: str) -> ctypes.CDLL:
+    """Open the library once, check its owner, mode and hash on that open file, and load that same file (through
+    /proc/self/fd where there is one), so nothing can swap it between the check and the load."""
+    fd = os.open(lib, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+        st = os.fstat(fd)
+        if hasattr(os, "getuid") and (st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o022):
+            raise ConfigError(f"the cached int8 kernel {lib} changed owner or mode while loading",
+                              "set $LMTAILOR_CACHE to a folder only you can write")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ConfigError(f"the cached int8 kernel {lib} does not match the hash recorded when it was built",
+                              f"delete {lib.parent} and try again")
+        proc = Path(f"/proc/self/fd/{fd}")
+        return ctypes.CDLL(str(proc) if proc.exists() else str(lib))
+    finally:
+        os.close(fd)
 
 
 def check() -> None:

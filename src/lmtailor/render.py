@@ -14,11 +14,44 @@ from __future__ import annotations
 from typing import Any
 
 from lmtailor.data.example import IGNORE, Example, Tokenized
-from lmtailor.errors import DataError
+from lmtailor.errors import DataError, ModelError
+
+# Work per example is bounded by max_length, not by the record's size: before rendering and tokenizing, a text
+# is cut to (max_length + CLIP_MARGIN_TOKENS) x (the vocabulary's longest token, in characters) characters. Its
+# first max_length tokens all lie inside that prefix, since no token covers more characters than its own length,
+# and CLIP_MARGIN_TOKENS keeps the cut's neighbourhood (a merge that might form differently there) far past them;
+# so truncated results equal those of tokenizing the whole text. A text within the bound is not touched.
+CLIP_MARGIN_TOKENS = 64
+_LONGEST: dict[int, tuple[Any, int]] = {}  # id(tokenizer) -> (tokenizer, longest token in characters)
+
+
+def longest_token(tok: Any) -> int:
+    """Characters of the vocabulary's longest token string (byte-level tokens count one per byte), cached."""
+    hit = _LONGEST.get(id(tok))
+    if hit is None or hit[0] is not tok:
+        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        hit = (tok, max((len(t) for t in vocab), default=64))
+        if len(_LONGEST) > 32:
+            _LONGEST.clear()
+        _LONGEST[id(tok)] = hit
+    return max(hit[1], 1)
+
+
+def clip_text(tok: Any, text: str, max_tokens: int) -> str:
+    """`text` cut to the characters that can hold its first `max_tokens` tokens (see CLIP_MARGIN_TOKENS)."""
+    budget = (max_tokens + CLIP_MARGIN_TOKENS) * longest_token(tok)
+    return text if len(text) <= budget else text[:budget]
 
 
 def _template(tok: Any, messages: list[dict[str, str]], gen: bool) -> str:
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    except TemplateError as e:  # a damaged chat_template.jinja, or one that refuses this conversation
+        where = getattr(tok, "name_or_path", "") or "the tokenizer"
+        raise ModelError(f"{where}: its chat template fails on this conversation ({type(e).__name__}: {e})",
+                         "restore the model folder's chat_template.jinja, or fix the conversation") from None
 
 
 def render_prompt(tok: Any, messages: list[dict[str, str]]) -> str:
@@ -58,6 +91,9 @@ def _pieces(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
+        if i == 0:
+            raise DataError("the conversation starts with an assistant message",
+                            "put a user (or system) message before the first assistant message")
         before = render_prompt(tok, messages[:i])
         through = _template(tok, messages[: i + 1], gen=False)
         if not before.startswith(done) or not through.startswith(before):
@@ -93,9 +129,13 @@ def tokenize_example(tok: Any, ex: Example, max_length: int, train_on_prompt: bo
         return [Tokenized(ids[i:i + step], ids[i:i + step], ex.source) for i in range(0, len(ids), step)
                 if len(ids[i:i + step]) > 1]
     assert ex.messages is not None
+    messages = ex.messages
+    # A message longer than the clip bound alone fills max_length: what follows it is cut off anyway.
+    if any(len(m["content"]) > max_length for m in messages):
+        messages = [{**m, "content": clip_text(tok, m["content"], max_length)} for m in messages]
     input_ids: list[int] = []
     labels: list[int] = []
-    for piece, is_output in _pieces(tok, ex.messages):
+    for piece, is_output in _pieces(tok, messages):
         ids = encode(tok, piece)
         if is_output and tok.eos_token and not piece.endswith(tok.eos_token):
             ids.append(tok.eos_token_id)  # templates that do not end turns with EOS still teach the model to stop

@@ -58,8 +58,12 @@ def read_config(folder: Path) -> dict[str, Any]:
         return {}
     import yaml
 
+    from lmtailor.config import load_yaml
+
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text", "restore the config.yaml `lmtailor train` wrote") from None
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path} is not valid YAML: {str(e).splitlines()[0]}",
                               "restore the config.yaml `lmtailor train` wrote") from e

@@ -17,6 +17,9 @@ CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 # Pretraining objectives' markers: <mask> for mlm, <cls>/<sep> for sentence pairs, sentinels for span corruption.
 SENTINELS = [f"<extra_id_{i}>" for i in range(64)]
 PRETRAIN_SPECIALS = [*CHAT_SPECIALS, "<unk>", "<mask>", "<cls>", "<sep>", *SENTINELS]
+# `tokenizer train --vocab-size` range: room for the special tokens (and BPE's 256 byte tokens) plus a few merges.
+MIN_VOCAB = {"bpe": 256 + len(PRETRAIN_SPECIALS) + 16, "unigram": len(PRETRAIN_SPECIALS) + 16}
+MAX_VOCAB = 1_000_000
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2,
@@ -107,6 +110,11 @@ def train_tokenizer(corpus: str | Path, vocab_size: int, out: str | Path, kind: 
     """
     from lmtailor.errors import ConfigError
 
+    low = MIN_VOCAB.get(kind, 1)
+    if not low <= vocab_size <= MAX_VOCAB:
+        raise ConfigError(f"--vocab-size {vocab_size}: must be {low} to {MAX_VOCAB} for a {kind} tokenizer",
+                          f"the {len(PRETRAIN_SPECIALS)} special tokens"
+                          + (" and the 256 byte tokens" if kind == "bpe" else "") + " count; 8000 is a common size")
     out = check_output(out, force, folder=True, inputs=(corpus,) if Path(corpus).exists() else ())
     texts = list(corpus_texts(corpus))
     if not any(texts):

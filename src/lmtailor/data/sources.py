@@ -40,6 +40,13 @@ _FILE_LIKE_SUFFIXES = SUPPORTED_SUFFIXES | {".gz", ".zip", ".bz2", ".xz", ".zst"
 _WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _BOM = b"\xef\xbb\xbf"
+# The largest JSON Lines record read (characters of its line). Work on a record is bounded by max_length (see
+# render.clip_text), so a record of this size costs about its own size in memory; past it, it is a problem record.
+MAX_RECORD_CHARS = 32 * 2**20
+# A JSON escape of a UTF-16 surrogate: a lone one ("\ud800") decodes to a str that is not Unicode text and
+# fails much later (tokenizing, writing); pairs decode to one character and are fine.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _HINT_LOCAL = "point data.path at a local file (.jsonl, .json, .csv, .tsv, .parquet, .txt) or a folder of them"
 _CONTAINER_KEYS = ("data", "train", "examples", "records", "rows", "items")
 # A top-level object whose only list is one of these is a single chat record, not a container.
@@ -202,6 +209,10 @@ def _read_jsonl_file(file: Path) -> Iterator[Record]:
             except (ValueError, RecursionError):
                 pass
         seen = True
+        if len(line) > MAX_RECORD_CHARS:
+            yield Record({}, str(file), number, f"the record is {len(line) / 2**20:.0f} Mi characters; the maximum "
+                         f"record size is {MAX_RECORD_CHARS // 2**20} Mi characters (split it into several records)")
+            continue
         yield from _jsonl_record(file, number, line)
     if not seen:
         raise DataError(f"{file}: file is empty", hint="add records or remove the file")
@@ -255,9 +266,38 @@ def _jsonl_record(file: Path, number: int, line: str) -> Iterator[Record]:
         yield Record({}, str(file), number, problem)
         return
     if isinstance(value, dict):
-        yield Record(value, str(file), number)
+        yield _checked(value, str(file), number, _SURROGATE_ESCAPE.search(line) is not None)
     else:
         yield Record({}, str(file), number, f"not a JSON object (got {json_kind(value)})")
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The dotted field path of the first string holding a lone surrogate in `value`, or None."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path or "(value)"
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                name = f"{path}.{k}" if path else str(k)
+                if _SURROGATE.search(str(k)):
+                    return name
+                stack.append((v, name))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
+
+
+def _checked(value: dict[str, Any], file: str, line: int, escapes: bool) -> Record:
+    """A record, or a problem record when a string of it holds a lone surrogate (only looked for where the
+    text holds a surrogate escape, so ordinary records cost nothing)."""
+    field = _lone_surrogate(value) if escapes else None
+    if field is None:
+        return Record(value, file, line)
+    return Record({}, file, line, f"{field}: holds a lone UTF-16 surrogate escape (like \\ud800), which is not "
+                  "text; remove it or write the character whole")
 
 
 def _read_json(file: Path, text: str) -> Iterator[Record]:
@@ -286,7 +326,8 @@ def _read_json(file: Path, text: str) -> Iterator[Record]:
         if isinstance(doc, dict):
             key = _container_key(doc, file)
             if key is None:
-                yield Record(doc, str(file), text.count("\n", 0, start) + 1)
+                yield _checked(doc, str(file), text.count("\n", 0, start) + 1,
+                               _SURROGATE_ESCAPE.search(text) is not None)
                 return
             start = _find_key_value(text, key)
         elif not isinstance(doc, list):
@@ -296,11 +337,12 @@ def _read_json(file: Path, text: str) -> Iterator[Record]:
     if not items:
         raise DataError(f"{file}: file is empty (the list holds no records)", hint="add records or remove the file")
     line, last = 1, 0
+    escapes = _SURROGATE_ESCAPE.search(text) is not None
     for index, (offset, value) in enumerate(items):
         line += text.count("\n", last, offset)  # offsets only grow: count the newlines since the last item
         last = offset
         if isinstance(value, dict):
-            yield Record(value, str(file), line)
+            yield _checked(value, str(file), line, escapes)
         else:
             yield Record({}, str(file), line, f"item {index + 1} is not a JSON object (got {json_kind(value)})")
 
@@ -423,8 +465,18 @@ def _read_parquet(file: Path) -> Iterator[Record]:
     if pf.metadata.num_rows == 0:
         raise DataError(f"{file}: file is empty", hint="add records or remove the file")
     line = 0
-    for batch in pf.iter_batches():
-        for row in batch.to_pylist():
+    batches = pf.iter_batches()
+    while True:
+        try:  # a page is decoded only here: a valid footer says nothing about the pages
+            batch = next(batches)
+            rows = batch.to_pylist()
+        except StopIteration:
+            return
+        except Exception as e:  # pyarrow raises OSError, ArrowInvalid, ... for a damaged page
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{file}: damaged Parquet data after row {line} ({detail[:200]})",
+                            hint="re-export the file; its footer is intact but a data page is not") from None
+        for row in rows:
             line += 1
             yield Record(row, str(file), line)
 

@@ -45,6 +45,7 @@ from lmtailor.models import unwrap_peft
 from lmtailor.objectives.augment import augment_batch
 from lmtailor.objectives.common import override_dropout, recipe_tokenizer
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
+from lmtailor.render import clip_text
 
 EVAL_BATCH = 32
 
@@ -169,7 +170,7 @@ def prepare(ctx: ObjectiveContext, examples: list[Example]) -> tuple[list[ClassI
         if unknown:
             raise DataError(f"{ex.source}: label {unknown[0]!r} is not one of the labels {ctx.labels}",
                             "list every label in classify.labels, or fix the record")
-        ids = tok(ex.text, add_special_tokens=True)["input_ids"]
+        ids = tok(clip_text(tok, ex.text or "", max_length), add_special_tokens=True)["input_ids"]
         if len(ids) > max_length:
             truncated += 1
             # keep a closing special token (BERT's [SEP]) where the tokenizer adds one

@@ -30,7 +30,7 @@ from lmtailor.models import unwrap_peft
 from lmtailor.objectives import causal
 from lmtailor.objectives.common import loss_over, override_dropout, recipe_tokenizer
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
-from lmtailor.render import IGNORE
+from lmtailor.render import IGNORE, clip_text
 
 
 class Seq2SeqSettings(Strict):
@@ -115,8 +115,8 @@ def prepare(ctx: ObjectiveContext, examples: list[Example]) -> tuple[list[Seq2Se
     cut = 0
     for ex in examples:
         src, tgt = source_target(ex)
-        ids = tok(src, add_special_tokens=True)["input_ids"]
-        labels = tok(tgt, add_special_tokens=True)["input_ids"]
+        ids = tok(clip_text(tok, src, ctx.cfg.max_length), add_special_tokens=True)["input_ids"]
+        labels = tok(clip_text(tok, tgt, max_target), add_special_tokens=True)["input_ids"]
         if not labels or labels[-1] != tok.eos_token_id:  # the decoder must learn where to stop
             labels = [*labels, tok.eos_token_id]
         cut += len(ids) > ctx.cfg.max_length or len(labels) > max_target

@@ -117,11 +117,13 @@ def load_canaries(path: str | Path) -> tuple[list[Canary], str]:
     """(canaries, data format) from a list written by `plant_canaries`."""
     import yaml
 
+    from lmtailor.config import load_yaml
+
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        doc = load_yaml(p.read_text(encoding="utf-8"))
         return [Canary(**c) for c in doc["canaries"]], doc.get("format", "chat")
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{p}: not a canary list written by plant_canaries ({e})",
                           "pass the .canaries.yaml file written when the canaries were planted") from None
 

@@ -19,6 +19,7 @@ from typing import Any
 from lmtailor.errors import ConfigError
 from lmtailor.serve.app import create_app
 from lmtailor.serve.engine import Limits
+from lmtailor.serve.guard import install_log_redaction, timed_protocol
 from lmtailor.serve.models import SPEEDUPS, Slot, load_models
 
 __all__ = ["SPEEDUPS", "Limits", "Slot", "create_app", "load_models", "running", "serve"]
@@ -59,13 +60,17 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
     """
     import uvicorn
 
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: must be 1 to 65535", "8000 is the default; ports below 1024 need root")
     key = api_key_from_env(api_key_env)
     if host not in LOOPBACK and key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the models", host)
-    app = create_app(targets, api_key=key, limits=limits, speedup=speedup, kb=kb)
+    app = create_app(targets, api_key=key, limits=limits, speedup=speedup, kb=kb, hosts=[host])
     print(f"models: {', '.join(app.state.slots)}")
     print(f"playground: http://{host}:{port}/   API: http://{host}:{port}/v1")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    install_log_redaction(key)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                http=timed_protocol(app.state.limits.read_timeout_s))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,8 +85,11 @@ def running(app: Any, host: str = "127.0.0.1", port: int | None = None) -> Itera
     import uvicorn
 
     port = port or free_port(host)
+    limits = getattr(getattr(app, "state", None), "limits", None)
+    read_timeout = limits.read_timeout_s if isinstance(limits, Limits) else Limits().read_timeout_s
+    install_log_redaction(None)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=2))
+                                           timeout_graceful_shutdown=2, http=timed_protocol(read_timeout)))
     thread = threading.Thread(target=server.run, name="lmtailor-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -17,11 +17,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmtailor.errors import LmtailorError
 from lmtailor.generate import as_messages
-from lmtailor.render import prompt_ids
+from lmtailor.render import longest_token, prompt_ids
 from lmtailor.serve.engine import AsyncJob, Engine, Job, Limits, QueueFull, Sampling
+from lmtailor.serve.guard import Guard, check_prompt_chars
 from lmtailor.serve.models import Slot, load_models
 from lmtailor.serve.schemas import APIError, ChatRequest, CompletionRequest, _Sampling
 
@@ -38,7 +40,7 @@ class Prepared:
 
 
 def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None, limits: Limits | None = None,
-               speedup: str = "none", kb: str | None = None) -> FastAPI:
+               speedup: str = "none", kb: str | None = None, hosts: list[str] | None = None) -> FastAPI:
     """Build the server app.
 
     Args:
@@ -47,6 +49,8 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         limits: caps on prompt length, max_tokens, batching, queue and time (defaults: `Limits()`).
         speedup: "none", "fp16", "int8" or "bf16" (see `lmtailor.fastdecode.speed_up`).
         kb: a knowledge base every model retrieves passages from; chat responses then carry `sources`.
+        hosts: host names requests may be addressed to besides IP addresses and localhost, checked only without
+            an API key (DNS rebinding; see serve/guard.py).
 
     Returns:
         The FastAPI app; its engine starts and stops with the app's lifespan.
@@ -59,6 +63,9 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
     _add_error_handlers(app)
     if api_key is not None:
         app.add_middleware(_BearerKey, key=api_key)
+    # outermost: Host check, body limit and lone surrogates come before the key check and the routes
+    app.add_middleware(Guard, max_body_bytes=server.lim.max_body_bytes, check_host=api_key is None,
+                       allowed_hosts=set(hosts or []))
     _add_info_routes(app, server)
     _add_openai_routes(app, server)
     _add_playground_routes(app)
@@ -86,9 +93,22 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # unknown routes, wrong methods: the OpenAI shape, as for every other error
+        code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        message = "the request body is not valid JSON (or not UTF-8)" if code == "invalid_json" else str(e.detail)
+        return JSONResponse(APIError(e.status_code, message, code).body(), status_code=e.status_code,
+                            headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         err = e.errors()[0] if e.errors() else {}
+        if err.get("type") == "json_invalid":  # loc is ("body", offset)
+            where = err.get("loc", ("body", "?"))[-1]
+            why = (err.get("ctx") or {}).get("error", "JSON decode error")
+            return JSONResponse(APIError(400, f"the request body is not valid JSON ({why} at position {where})",
+                                         "invalid_json").body(), status_code=400)
         param = ".".join(str(x) for x in err.get("loc", ())[1:]) or None
         return JSONResponse(APIError(400, f"{param or 'body'}: {err.get('msg', 'invalid request')}",
                                      "invalid_request", param).body(), status_code=400)
@@ -159,14 +179,20 @@ class _Server:
         texts = [""] * len(job.prompts)
         reasons: list[str | None] = [None] * len(job.prompts)
         used = 0
+        checked = time.monotonic()
         try:
             while any(r is None for r in reasons):
                 try:
                     ev = await asyncio.wait_for(bridge.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    ev = None
+                # Check for a departed client at least every 0.5 s, also while deltas keep arriving.
+                if time.monotonic() - checked >= 0.5 or ev is None:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancelled.set()
                         raise APIError(499, "client closed the request", "client_closed") from None
+                if ev is None:
                     continue
                 if ev[0] == "delta":
                     texts[ev[1]] += ev[2]
@@ -267,8 +293,10 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
         if slot.retrieval is not None:  # retrieved examples or knowledge-base passages, as in training
             messages, cited = slot.retrieval.with_sources(messages)
         extra = {} if cited is None else {"sources": cited}  # an extra field: OpenAI clients ignore it
-        try:
-            ids = prompt_ids(slot.tok, messages)
+        check_prompt_chars([str(m.get("content") or "") for m in messages], longest_token(slot.tok),
+                           server.lim.max_prompt_tokens)
+        try:  # off the event loop: /health and other requests stay responsive
+            ids = await asyncio.to_thread(prompt_ids, slot.tok, messages)
         except LmtailorError as e:
             raise APIError(400, str(e), "invalid_messages", "messages") from None
         prep = server.prepare(body, slot, [ids])
@@ -292,7 +320,10 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
         if not texts_in:
             raise APIError(400, "prompt is empty", "invalid_value", "prompt")
         # Raw text is tokenized the way training tokenizes raw text: with the tokenizer's own special tokens.
-        prompts = [list(slot.tok(t, add_special_tokens=True)["input_ids"]) for t in texts_in]
+        for text in texts_in:
+            check_prompt_chars([text], longest_token(slot.tok), server.lim.max_prompt_tokens)
+        prompts = await asyncio.to_thread(lambda: [list(slot.tok(t, add_special_tokens=True)["input_ids"])
+                                                   for t in texts_in])
         if any(not p for p in prompts):
             raise APIError(400, "prompt is empty", "invalid_value", "prompt")
         prep = server.prepare(body, slot, prompts)

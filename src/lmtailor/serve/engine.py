@@ -25,6 +25,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lmtailor.config import GenerationSettings
+from lmtailor.errors import ConfigError
 from lmtailor.generate import ends_in_loop, loop_cut, loop_safe
 from lmtailor.serve.models import Slot
 
@@ -46,6 +47,26 @@ class Limits:
     timeout_s: float = 300.0  # per request, queueing included
     static_cache: bool = False  # preallocated KV cache; measured no faster on CPU without torch.compile
     torch_threads: int = 0  # intra-op threads for decoding; 0 keeps torch's default (one per core)
+    max_body_bytes: int = 4 * 2**20  # a larger request body is answered 413 (serve/guard.py)
+    read_timeout_s: float = 30.0  # a request must arrive whole this long after its connection opens (slowloris)
+
+    def __post_init__(self) -> None:
+        """A limit out of range is a ConfigError naming its `serve` flag (or field) and the allowed range."""
+        ranges = {"max_prompt_tokens": (1, None), "max_tokens": (1, None), "default_max_tokens": (1, None),
+                  "max_n": (1, None), "max_batch_size": (1, 4096), "batch_window_ms": (0, 60_000),
+                  "max_queue": (1, 1_000_000), "workers": (1, 64), "timeout_s": (0.001, 7 * 86400),
+                  "torch_threads": (0, 4096), "max_body_bytes": (1024, None), "read_timeout_s": (0.01, 3600)}
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if not (low <= value and (high is None or value <= high)):  # also refuses NaN
+                flag = LIMIT_FLAGS.get(name, name)
+                raise ConfigError(f"{flag}: must be at least {low:g}" + (f" and at most {high:g}" if high else "")
+                                  + f"; got {value!r}")
+
+
+# The `lmtailor serve` flag of each limit it sets.
+LIMIT_FLAGS = {"max_batch_size": "--max-batch-size", "max_queue": "--max-queue", "timeout_s": "--timeout",
+               "torch_threads": "--threads"}
 
 
 class QueueFull(Exception):

@@ -34,7 +34,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="torch's seed range")
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = Field(False, description="extension: decode exactly max_tokens tokens (benchmarks)")
