@@ -256,6 +256,11 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (the longest ModuleList)."""
+    return _decoder_layers(model)
+
+
 def freeze_all_but_last(model: Any, n: int) -> None:
     """Train only the last `n` transformer blocks, the final norm and the output head."""
     for p in model.parameters():
@@ -280,7 +285,7 @@ def freeze_all_but_last(model: Any, n: int) -> None:
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: Iterable[str] | str,
-             task_type: str | None = None) -> nn.Module:
+             task_type: str | None = None, use_dora: bool = False, use_rslora: bool = False) -> nn.Module:
     """Wrap `model` with LoRA adapters; task_type (PEFT's) defaults to the one the model's head implies.
 
     SEQ_CLS makes PEFT train and save the new classification head (`score`/`classifier`) with the adapter.
@@ -293,7 +298,7 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modu
                      "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) else "CAUSAL_LM")
     targets: list[str] | str = target_modules if isinstance(target_modules, str) else list(target_modules)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]  # float alpha works
-                     target_modules=targets, task_type=task_type)
+                     target_modules=targets, task_type=task_type, use_dora=use_dora, use_rslora=use_rslora)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:

@@ -19,17 +19,28 @@ import torch
 from lmtailor import crypto
 from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainable
 from lmtailor.config import RunConfig, dump_config
+from lmtailor.distributed import (
+    SHARDED,
+    DistributedError,
+    check_strategy,
+    gather_full_state,
+    load_sharded,
+    lost_process,
+    shard,
+)
 from lmtailor.errors import CheckpointError, ConfigError
 from lmtailor.fitting import EVALUATIONS
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmtailor.loop import Loop, fit_steps_to_budget, item_tokens, make_optimizer, measure_step, plan_steps, run_steps
+from lmtailor.memory import choose_precision, enable_gradient_checkpointing, quantize_4bit
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
 from lmtailor.report import comparison_table, likely_reasons, verdict, write_report, write_task_report
 from lmtailor.rundata import RunData, build_run_data
 from lmtailor.runs import read_config
+from lmtailor.tracking import make_trackers, start_trackers
 
-ADAPTER_METHODS = ("lora", "prompt_tuning", "prefix_tuning")  # PEFT wrappers: the base model is their "before"
+ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "prefix_tuning")  # PEFT wrappers: the base model is their "before"
 
 
 def train(cfg: RunConfig, progress: bool = True,
@@ -78,14 +89,21 @@ def _local_files(path: str | None) -> list[Path]:
 
 
 def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from transformers import get_scheduler
 
     # ---- setup ----------------------------------------------------------------------------------------------------
     cuda = torch.cuda.is_available()
-    bf16 = cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    mixed, weight_dtype = choose_precision(cfg, cuda)
+    trackers = make_trackers(cfg)
+    # a process that waits longer than distributed.timeout for the others (a lost node) fails instead of hanging
+    acc = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=trackers or None,
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.timeout))])
+    strategy = check_strategy(cfg, acc.distributed_type.name, cuda)
+    sharded = strategy in SHARDED and acc.num_processes > 1
     main = acc.is_main_process
     say = print if main else (lambda *a, **k: None)
     set_seed(cfg.seed)
@@ -99,8 +117,8 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
         cfg = ctx.cfg  # with the values chosen from the data (data.choices) filled in
         if data.choices:
             say("chosen from the data: " + "; ".join(str(c) for c in data.choices))
-        model: Any = objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype))
-    model = _apply_method(model, cfg)
+        model: Any = objective.model(ctx, weight_dtype)
+    model = _apply_method(model, cfg, acc.device)
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
     say(f"model {base_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
@@ -122,10 +140,14 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
 
     # ---- optimizer, schedule (fitted to the budget), resume --------------------------------------------------------
     per_epoch, total_steps = plan_steps(cfg, len(data.train_items), acc.num_processes)
-    optimizer = make_optimizer(model, cfg)
-    loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)
+    if sharded:  # FSDP2 replaces the parameters by shards: the optimizer is built on them, Accelerate wraps only it
+        loss_module = objective.build(ctx, model)
+        shard(loss_module, model, strategy, acc.device, torch.bfloat16 if mixed == "bf16" else None)
+        optimizer = acc.prepare(make_optimizer(model, cfg))
+    else:
+        loss_module, optimizer = acc.prepare(objective.build(ctx, model), make_optimizer(model, cfg))
     state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
-    loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, run_dir)
+    loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, run_dir, sharded=sharded)
     if cfg.budget:  # a resumed run keeps the schedule its first start fitted (written to its config.yaml)
         first = read_config(run_dir) if cfg.resume else {}
         chosen_eval = "eval_every" not in cfg.model_fields_set and cfg.eval_every > 0
@@ -142,23 +164,45 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
     loop.scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                                    num_training_steps=total_steps)
     if cfg.resume:
-        loop.state = state = _resume(cfg, run_dir, model, optimizer, loop.scheduler, acc.process_index, main)
+        loop.state = state = _resume(cfg, run_dir, loop, acc.process_index, main)
     if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        loop.writer = SummaryWriter(str(run_dir / "tb"))
         atomic_write_text(run_dir / "config.yaml", dump_config(_resolved(cfg, ctx, total_steps)))
+        if trackers:
+            start_trackers(acc, cfg, run_dir, {"method": cfg.method, "objective": cfg.objective, "lr": cfg.lr,
+                                               "batch_size": cfg.batch_size, "steps": total_steps,
+                                               "base_model": cfg.base_model, "strategy": strategy,
+                                               "mixed_precision": mixed, "world_size": acc.num_processes})
+            loop.tracking = True
 
     # ---- steps ----------------------------------------------------------------------------------------------------
-    result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
-    if loop.writer is not None:
-        loop.writer.close()
+    try:
+        result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
+    except Exception as e:
+        if acc.num_processes > 1 and lost_process(e):
+            newest = list_checkpoints(run_dir)
+            raise DistributedError(
+                f"lost contact with another process of the run at step {loop.state['step']} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                f"restart every node with resume=true (newest checkpoint: {newest[-1] if newest else 'none'}; "
+                f"distributed.timeout={cfg.distributed.timeout:g}s)") from e
+        raise
+    finally:
+        if loop.tracking:  # not acc.end_training(): that also ends the process group the final gather needs
+            for tracker in acc.trackers:
+                tracker.finish()
 
     # ---- final model, after, report -----------------------------------------------------------------------------
     acc.wait_for_everyone()
     model = acc.unwrap_model(loss_module).model
     if result.best_weights is not None and (cfg.early_stopping_patience or cfg.metric_for_best != "loss"):
         load_trainable(model, result.best_weights)
+    if sharded:  # gather the shards (every process) into a plain model on the main process
+        full = gather_full_state(loss_module)
+        if main:
+            plain = _apply_method(objective.model(ctx, weight_dtype), cfg, acc.device)
+            objective.build(ctx, plain).load_state_dict(full)
+            model = plain
+        del full
     summary: dict[str, Any] = {}
     if main:
         _save_model(model, ctx.tokenizer, run_dir / "model")
@@ -211,29 +255,37 @@ def _prepare_run_dir(cfg: RunConfig, is_main: bool) -> Path:
     return run_dir
 
 
-def _apply_method(model: Any, cfg: RunConfig) -> Any:
-    """What trains: LoRA adapters, the last layers, every weight, or a soft prompt."""
-    if cfg.method == "lora":
+def _apply_method(model: Any, cfg: RunConfig, device: torch.device | None = None) -> Any:
+    """What trains: LoRA adapters (on a 4-bit base for qlora), the last layers, every weight, or a soft prompt;
+    with gradient_checkpointing, activations are recomputed in backward."""
+    if cfg.method == "qlora":
+        model = quantize_4bit(model, device or torch.device("cpu"))
+    if cfg.method in ("lora", "qlora"):
         # PEFT's task type follows the head the objective loaded (causal LM, classification, seq2seq, ...)
-        return add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
-    if cfg.method == "freeze":
+        model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                         use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
+    elif cfg.method == "freeze":
         freeze_all_but_last(model, cfg.unfreeze_last_n)
     elif cfg.method in ("prompt_tuning", "prefix_tuning"):
         from lmtailor.models import add_soft_prompt, resolve_model
 
-        return add_soft_prompt(model, cfg.method, cfg.soft_prompt.virtual_tokens, cfg.soft_prompt.init_text,
-                               resolve_model(cfg.base_model))
+        model = add_soft_prompt(model, cfg.method, cfg.soft_prompt.virtual_tokens, cfg.soft_prompt.init_text,
+                                resolve_model(cfg.base_model))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
 
 
-def _resume(cfg: RunConfig, run_dir: Path, model: Any, optimizer: Any, scheduler: Any, rank: int, main: bool
-            ) -> dict[str, Any]:
+def _resume(cfg: RunConfig, run_dir: Path, loop: Loop, rank: int, main: bool) -> dict[str, Any]:
     """Restore the newest complete checkpoint; the main process trims the log to it and drops half-written ones."""
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise CheckpointError(f"resume=true but {run_dir}/checkpoints holds no complete checkpoint",
                               "run without resume, or set save_every so checkpoints are written")
-    state = load_checkpoint(ckpts[-1], model, optimizer, scheduler, rank)
+    if loop.sharded:
+        state = load_sharded(ckpts[-1], loop.loss_module, loop.optimizer, loop.scheduler, rank)
+    else:
+        state = load_checkpoint(ckpts[-1], loop.model, loop.optimizer, loop.scheduler, rank)
     if main:
         atomic_write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"]))
         for stale in (run_dir / "checkpoints").glob(".step-*"):
@@ -306,15 +358,14 @@ def _measure_recipe(cfg: RunConfig, probe_steps: int, max_seconds: float | None)
     from accelerate.utils import set_seed
 
     cuda = torch.cuda.is_available()
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.dtype == "auto" and cuda
-                      and torch.cuda.is_bf16_supported() else "no")
+    mixed, weight_dtype = choose_precision(cfg, cuda)
+    acc = Accelerator(cpu=not cuda, mixed_precision=mixed)
     set_seed(cfg.seed)
     objective = get_objective(cfg)
     ctx = objective.context(cfg)
     data = build_run_data(objective, ctx, write_audit=False)
     cfg = ctx.cfg
-    model = _apply_method(objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)),
-                          cfg).to(acc.device)
+    model = _apply_method(objective.model(ctx, weight_dtype), cfg, acc.device).to(acc.device)
     per_epoch, planned = plan_steps(cfg, len(data.train_items), 1)
     optimizer = make_optimizer(model, cfg)
     loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)
