@@ -166,20 +166,27 @@ class Estimate:
         return self.fixed + micro_batch * self.activations_per_seq
 
 
-def activation_bytes(s: Shape, seq_len: int, act_bytes: int, checkpointing: bool, supervised: float = 1.0) -> float:
-    """Memory the backward pass keeps per sequence: per block and token the inputs of its norms, projections,
-    attention and MLP (about 10 x hidden + 4 x kv_dim + 4 x intermediate values); with checkpointing only each
-    block's input plus one block recomputed. The output head's logits (float32, with their softmax and gradient) on
-    the supervised share of positions come on top."""
-    per_token_layer = (10 * s.hidden + 4 * s.kv_dim + 4 * s.intermediate) * act_bytes
+def activation_bytes(s: Shape, seq_len: int, act_bytes: int, checkpointing: bool, supervised: float = 1.0,
+                     attention_matrix: bool = False) -> float:
+    """Memory the backward pass keeps per sequence of seq_len tokens.
+
+    Per block and token: about 18 x hidden + 6 x kv_dim + 5 x intermediate values (the norms' float32
+    intermediates, q/k/v before and after the rotary embedding, the attention output, the MLP's gate, up, their
+    activation and product), plus heads x seq_len attention probabilities where attention is not fused
+    (`attention_matrix`, e.g. on CPU). With checkpointing only each block's input is kept, plus one block
+    recomputed. The output head's logits on the supervised positions come on top in float32, four copies of
+    vocabulary width (logits, log-softmax and their gradients). Coefficients measured on the 21M model of
+    benchmarks/scaling.py; its other sizes check them."""
+    per_token_layer = (18 * s.hidden + 6 * s.kv_dim + 5 * s.intermediate
+                       + (s.heads * seq_len if attention_matrix else 0)) * act_bytes
     layers = (s.layers * s.hidden * act_bytes + per_token_layer) if checkpointing else s.layers * per_token_layer
-    logits = 3 * 4 * s.vocab * supervised
+    logits = 4 * 4 * s.vocab * supervised
     return seq_len * (layers + logits + 4 * s.hidden)
 
 
 def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: int = 1, master_bytes: int = 4,
              act_bytes: int = 2, lora_r: int = 16, optimizer_bytes: int = 8, unfreeze_last_n: int = 2,
-             autocast_copy: bool = True, supervised: float = 1.0) -> Estimate:
+             autocast_copy: bool = True, supervised: float = 1.0, attention_matrix: bool = False) -> Estimate:
     """Memory of `method` per GPU; weights, gradients and optimizer state are split over `gpus` (FSDP)."""
     total = s.params()
     if method == "full":
@@ -200,7 +207,7 @@ def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: 
     opt = trainable * optimizer_bytes
     copies = trainable * 2 if autocast_copy and act_bytes == 2 else 0  # bf16 copies autocast caches
     fixed = (weights + grads + opt + copies) / gpus
-    act = activation_bytes(s, seq_len, act_bytes, checkpointing, supervised)
+    act = activation_bytes(s, seq_len, act_bytes, checkpointing, supervised, attention_matrix)
     return Estimate(method, checkpointing, total, trainable, weights / gpus, grads / gpus, opt / gpus, act, fixed)
 
 
