@@ -22,7 +22,7 @@ def test_overrides_set_nested_keys_and_parse_numbers():
 @pytest.mark.parametrize("override, expect", [
     ("epoch=2", "did you mean epochs?"),
     ("lora.rank=4", "allowed keys: lora.r, lora.alpha"),
-    ("method=adapter", "allowed values are 'lora', 'full', 'freeze', 'prompt_tuning' or 'prefix_tuning'"),
+    ("method=adapter", "allowed values are 'lora', 'qlora', 'full', 'freeze', 'prompt_tuning' or 'prefix_tuning'"),
     ("lr=-1", "greater than 0"),
     ("batch_size=two", "config key 'batch_size'"),
     ("nokey", "is not key=value"),

@@ -105,6 +105,15 @@ def _train_verbs(sub: argparse._SubParsersAction) -> None:
     v.add_argument("recipe", nargs="?", help="YAML recipe (defaults if omitted)")
     v.add_argument("overrides", nargs="*", help="key=value overrides")
 
+    pl = sub.add_parser("plan", help="memory and speed of fine-tuning a model on given GPUs, per method")
+    pl.add_argument("model", help="hub id (a few families are built in, offline), model folder or bundled name")
+    pl.add_argument("--gpus", default="1x24GB", help="COUNTxGPU: 1x24GB, 8xH100, 2xA100-80GB (default 1x24GB)")
+    pl.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (packed row)")
+    pl.add_argument("--utilisation", type=float, default=0.4, help="share of the GPU's peak FLOP/s assumed")
+    pl.add_argument("--lora-r", type=int, default=16)
+    pl.add_argument("--optimizer", choices=("adamw", "adamw_8bit"), default="adamw")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+
     e = sub.add_parser("eval", help="evaluate a run or model on a data file")
     e.add_argument("run", help="run folder, model folder or model name")
     e.add_argument("--data", required=True, help="data file/folder/catalog:NAME")
@@ -398,6 +407,13 @@ def _tune(a: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "all"}, indent=2))
 
 
+def _plan(a: argparse.Namespace) -> None:
+    from lmtailor.plan import plan, render_plan
+
+    result = plan(a.model, a.gpus, a.seq_len, a.utilisation, a.lora_r, a.optimizer)
+    print(json.dumps(result, indent=2) if a.json else render_plan(result))
+
+
 def _validate(a: argparse.Namespace) -> None:
     from lmtailor.config import load_config
     from lmtailor.train import check_recipe
@@ -541,6 +557,7 @@ _VERBS: dict[str, Callable[[argparse.Namespace], None]] = {
     "prompt": _prompt, "compare": _compare, "privacy": _privacy, "kb": _kb, "terms": _terms, "pairs": _pairs,
     "score": _score,
 }
+_VERBS["plan"] = _plan
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,6 +42,8 @@ class LoraSettings(Strict):
     train_new_tokens: bool = Field(True, description="also train the embedding rows (and untied output rows) of "
                                    "tokens added by `tokenizer extend` (PEFT trainable tokens); the old rows stay "
                                    "frozen, and merge/export keep the trained rows")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (a learned magnitude per output row)")
+    use_rslora: bool = Field(False, description="rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r")
 
 
 class DataSettings(Strict):
@@ -248,6 +250,28 @@ def register_settings(objective: str, model: type[BaseModel]) -> None:
     OBJECTIVE_SETTINGS[objective] = model
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb", "trackio"]
+
+
+def _default_trackers() -> list[Tracker]:
+    return ["tensorboard"]
+
+
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp_grad_op", "deepspeed_zero2", "deepspeed_zero3")
+
+
+class DistributedSettings(Strict):
+    """How several processes (`accelerate launch --num_processes N`, one or many machines) share the work."""
+
+    strategy: Literal["auto", "ddp", "fsdp", "fsdp_grad_op", "deepspeed_zero2", "deepspeed_zero3"] = Field(
+        "auto", description="auto/ddp: every process holds the whole model, gradients averaged; fsdp: parameters, "
+        "gradients and optimizer state sharded over the processes (torch FSDP2, one unit per decoder layer, "
+        "ZeRO-3 like); fsdp_grad_op: the same but parameters stay gathered between forward and backward "
+        "(ZeRO-2 like); deepspeed_*: refused (not supported by this build)")
+    timeout: float = Field(600, gt=0, description="seconds a process waits for the others in one collective "
+                           "before the run ends with an error (a lost node); checkpoints let it resume")
+
+
 class RunConfig(Strict):
     """A recipe. Besides these keys, the chosen objective's own settings sit under its name (see OBJECTIVE_SETTINGS):
     `classify:`, `seq2seq:`, `mlm:`, `span:`, `clm:`; a section of another objective is an error."""
@@ -259,8 +283,9 @@ class RunConfig(Strict):
     trust_remote_code: bool = False
     objective: str = Field("sft", description="registered objective: sft, clm, mlm (encoders), span "
                            "(encoder-decoders), classify, seq2seq; its settings go under its own name")
-    method: Literal["lora", "full", "freeze", "prompt_tuning", "prefix_tuning"] = Field(
-        "lora", description="what is trained: LoRA adapters, every weight, the last layers, or a soft prompt "
+    method: Literal["lora", "qlora", "full", "freeze", "prompt_tuning", "prefix_tuning"] = Field(
+        "lora", description="what is trained: LoRA adapters, LoRA on a 4-bit NF4 base (qlora, bitsandbytes), every "
+                            "weight, the last layers, or a soft prompt "
                             "(virtual token embeddings / per-layer prefixes, the model frozen)")
     unfreeze_last_n: int = Field(2, ge=0, description="method=freeze: layers left trainable (plus the head)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -297,6 +322,18 @@ class RunConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="training dtype; auto is float32 on CPU and bfloat16 on a GPU that supports it"
     )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="compute precision over float32 weights: auto = bf16 on a GPU that has it, fp16 with loss "
+        "scaling on one that does not, bf16 on a CPU with bf16 matrix units (AMX or AVX512-BF16), else none; fp16 "
+        "needs a GPU; used when dtype is auto")
+    gradient_checkpointing: bool = Field(False, description="recompute each layer's activations in the backward "
+                                         "pass instead of keeping them: less memory, about a third more compute")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit keeps the Adam moments in "
+                                                      "8 bits (bitsandbytes): a quarter of the optimizer memory")
+    report_to: list[Tracker] = Field(
+        default_factory=_default_trackers, description="experiment trackers (through Accelerate): mlflow logs "
+        "to MLFLOW_TRACKING_URI (default: <run>/mlruns), wandb runs offline unless WANDB_MODE is set")
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     seed: int = Field(42, ge=0, le=SEED_MAX, description=f"random seed, 0 to {SEED_MAX} (numpy's range)")
 
     eval_every: int = Field(0, ge=0, description="validation every N steps (0: only at the end)")
@@ -328,6 +365,16 @@ class RunConfig(Strict):
         return value
     tune: dict[str, list[Any]] = Field(default_factory=dict, description="`lmtailor tune` search space: "
                                        "{key: [low, high, log|uniform|int]} or {key: [choice, ...]}")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_false(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("budget", mode="before")
     @classmethod

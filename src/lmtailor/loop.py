@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lmtailor.checkpoint import prune_checkpoints, rng_state, save_checkpoint, trainable_state
 from lmtailor.config import RunConfig
+from lmtailor.distributed import clip_grad_norm, gradient_sync, max_over_processes, save_sharded
 from lmtailor.errors import ConfigError, TrainingError
 from lmtailor.metrics import higher_is_better, perplexity
 from lmtailor.objectives import Objective, ObjectiveContext
@@ -94,6 +95,10 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
             # Norm weights and biases are not decayed (standard practice; decaying them hurts).
             (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw_8bit":
+        from lmtailor.memory import adamw_8bit
+
+        return adamw_8bit([g for g in groups if g["params"]], cfg.lr)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -112,8 +117,9 @@ class Loop:
     scheduler: Any  # set once the step count is known (after fitting a budget)
     state: dict[str, Any]
     run_dir: Path
-    writer: Any = None  # TensorBoard SummaryWriter on the main process
     identity: dict[str, Any] = field(default_factory=dict)  # {"run": ..., "config": ...} for checkpoint manifests
+    tracking: bool = False  # log scalars to the trackers Accelerate started (main process)
+    sharded: bool = False  # FSDP2: every process runs the same number of forward passes, checkpoints are sharded
 
 
 @dataclass
@@ -182,15 +188,27 @@ def _backward(loop: Loop, step_items: list[Any]) -> tuple[torch.Tensor, int]:
     if world > 1:
         n_global = int(acc.reduce(torch.tensor(n_global, device=acc.device), "sum"))
     n_global = max(n_global, 1)
+    # A sharded model gathers its weights in every forward, on every process together: a process with fewer
+    # micro-batches than another repeats its first one with weight 0 so that all run the same number of passes.
+    weights = [1.0] * len(micro)
+    if loop.sharded:
+        extra = max_over_processes(len(micro), acc.device) - len(micro)
+        micro, weights = [micro[0]] * extra + micro, [0.0] * extra + weights
     loss_sum = torch.zeros((), device=acc.device)
-    for j, batch in enumerate(micro):
+    for j, (batch, weight) in enumerate(zip(micro, weights, strict=True)):
         sync = j == len(micro) - 1
-        with contextlib.nullcontext() if sync else acc.no_sync(loop.loss_module):
+        with _no_sync(loop, sync):
             loss, _ = loop.loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
-            # DDP averages gradients over processes; scale so the result is the global token mean.
-            acc.backward(loss * world / n_global)
-        loss_sum += loss.detach()
+            # DDP and FSDP average gradients over processes; scale so the result is the global token mean.
+            acc.backward(loss * (weight * world / n_global))
+        loss_sum += loss.detach() * weight
     return loss_sum, n_global
+
+
+def _no_sync(loop: Loop, sync: bool) -> contextlib.AbstractContextManager[Any]:
+    if loop.sharded:
+        return gradient_sync(loop.loss_module, sync)
+    return contextlib.nullcontext() if sync else loop.acc.no_sync(loop.loss_module)
 
 
 def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
@@ -199,7 +217,8 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
     loss_sum, n_global = _backward(loop, step_items)
     grad_norm = float("nan")
     if cfg.max_grad_norm > 0:
-        grad_norm = float(acc.clip_grad_norm_(loop.loss_module.parameters(), cfg.max_grad_norm))
+        grad_norm = (clip_grad_norm(loop.loss_module.parameters(), cfg.max_grad_norm) if loop.sharded else
+                     float(acc.clip_grad_norm_(loop.loss_module.parameters(), cfg.max_grad_norm)))
     loss = float(acc.reduce(loss_sum, "sum")) / n_global
     if not math.isfinite(loss) or not (math.isfinite(grad_norm) if cfg.max_grad_norm > 0 else _finite_grads(loop)):
         # Stop before the update: the weights (and any checkpoint written so far) stay those of the last good step.
@@ -323,11 +342,10 @@ def _track_best(cfg: RunConfig, state: dict[str, Any], score: float, step: int) 
 def _log(loop: Loop, record: dict[str, Any], bar: Any) -> None:
     with open(loop.run_dir / "history.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    if loop.writer is not None:
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s", *(k for k in record if k.startswith("val_"))):
-            if key in record and not math.isnan(record[key]):
-                loop.writer.add_scalar(f"train/{key}" if "val" not in key else f"eval/{key}", record[key],
-                                       record["step"])
+    if loop.tracking:
+        keys = ("loss", "lr", "grad_norm", "tokens_per_s", *(k for k in record if k.startswith("val_")))
+        loop.acc.log({f"train/{key}" if "val" not in key else f"eval/{key}": record[key] for key in keys
+                      if key in record and not math.isnan(record[key])}, step=record["step"])
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                     **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
 
@@ -342,6 +360,13 @@ def _checkpoint(loop: Loop, step: int) -> None:
         raise TrainingError(f"training diverged at step {step}: its update made weights non-finite "
                             f"(lr={loop.cfg.lr:g})",
                             "lower lr; resume=true continues from the last checkpoint, written before this step")
+    if loop.sharded:  # every process writes its shards
+        save_sharded(loop.run_dir / "checkpoints" / f"step-{step:06d}", loop.loss_module, loop.optimizer,
+                     loop.scheduler, rngs, loop.state, acc.is_main_process)
+        if acc.is_main_process:
+            prune_checkpoints(loop.run_dir, loop.cfg.keep_checkpoints, (loop.identity.get("run") or {}).get("id"))
+        acc.wait_for_everyone()
+        return
     if acc.is_main_process:
         save_checkpoint(loop.run_dir / "checkpoints" / f"step-{step:06d}", model, loop.optimizer, loop.scheduler,
                         rngs, loop.state, manifest=loop.identity)
@@ -383,9 +408,16 @@ def distributed_val_loss(loop: Loop) -> float:
     mine: Sequence[Any] = [items[i] for i in range(acc.process_index, len(items), acc.num_processes)]
     size = loop.cfg.micro_batch_size or loop.cfg.batch_size
     total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-    for i in range(0, len(mine), size):
+    starts = list(range(0, len(mine), size))
+    counted = [True] * len(starts)
+    if loop.sharded:  # same number of forward passes on every process (see _backward); extra ones not counted
+        extra = max_over_processes(len(starts), acc.device) - len(starts)
+        starts, counted = starts + [0] * extra, counted + [False] * extra
+        mine = mine or [items[0]]
+    for i, count in zip(starts, counted, strict=True):
         batch = loop.objective.collate(loop.ctx, list(mine[i:i + size]))
         loss, n = loop.loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
-        total += torch.stack([loss.double(), n.double()])
+        if count:
+            total += torch.stack([loss.double(), n.double()])
     total = acc.reduce(total, "sum")
     return float(total[0] / total[1].clamp(min=1.0))

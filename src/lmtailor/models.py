@@ -256,6 +256,11 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (the longest ModuleList)."""
+    return _decoder_layers(model)
+
+
 def freeze_all_but_last(model: Any, n: int) -> None:
     """Train only the last `n` transformer blocks, the final norm and the output head."""
     for p in model.parameters():
@@ -295,7 +300,8 @@ def _token_rows(model: nn.Module, ids: list[int]) -> dict[str, list[int]]:
 
 
 def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: Iterable[str] | str,
-             task_type: str | None = None, new_tokens: list[int] | None = None) -> nn.Module:
+             task_type: str | None = None, new_tokens: list[int] | None = None, use_dora: bool = False,
+             use_rslora: bool = False) -> nn.Module:
     """Wrap `model` with LoRA adapters; task_type (PEFT's) defaults to the one the model's head implies.
 
     SEQ_CLS makes PEFT train and save the new classification head (`score`/`classifier`) with the adapter.
@@ -311,7 +317,7 @@ def add_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modu
     targets: list[str] | str = target_modules if isinstance(target_modules, str) else list(target_modules)
     extra: dict[str, Any] = {"trainable_token_indices": _token_rows(model, new_tokens)} if new_tokens else {}
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]  # float alpha works
-                     target_modules=targets, task_type=task_type, **extra)
+                     target_modules=targets, task_type=task_type, use_dora=use_dora, use_rslora=use_rslora, **extra)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ import torch
 from lmtailor import crypto
 from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainable, read_manifest, verify_checkpoint
 from lmtailor.config import RunConfig, dump_config
+from lmtailor.distributed import (
+    SHARDED,
+    DistributedError,
+    check_strategy,
+    gather_full_state,
+    load_sharded,
+    lost_process,
+    shard,
+)
 from lmtailor.errors import CheckpointError, ConfigError, TrainingError
 from lmtailor.fitting import EVALUATIONS
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -31,14 +41,16 @@ from lmtailor.loop import (
     plan_steps,
     run_steps,
 )
-from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model
+from lmtailor.memory import choose_precision, enable_gradient_checkpointing, quantize_4bit
+from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model, unwrap_peft
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
 from lmtailor.report import comparison_table, likely_reasons, verdict, write_report, write_task_report
 from lmtailor.rundata import RunData, build_run_data
 from lmtailor.runfolder import RunFolder, compare_configs, new_identity, open_run_folder
 from lmtailor.runs import read_config
+from lmtailor.tracking import make_trackers, start_trackers
 
-ADAPTER_METHODS = ("lora", "prompt_tuning", "prefix_tuning")  # PEFT wrappers: the base model is their "before"
+ADAPTER_METHODS = ("lora", "qlora", "prompt_tuning", "prefix_tuning")  # PEFT wrappers: the base model is their "before"
 
 
 def train(cfg: RunConfig, progress: bool = True,
@@ -84,23 +96,43 @@ def _local_files(path: str | None) -> list[Path]:
 
 
 def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     # ---- setup ----------------------------------------------------------------------------------------------------
     cuda = torch.cuda.is_available()
-    bf16 = cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    mixed, weight_dtype = choose_precision(cfg, cuda)
+    trackers = make_trackers(cfg)
+    # a process that waits longer than distributed.timeout for the others (a lost node) fails instead of hanging
+    acc = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=trackers or None,
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed.timeout))])
+    strategy = check_strategy(cfg, acc.distributed_type.name, cuda)
     main = acc.is_main_process
     set_seed(cfg.seed)
+    setup = _Setup(mixed, weight_dtype, strategy, strategy in SHARDED and acc.num_processes > 1, trackers)
     with open_run_folder(cfg, main) as folder:  # checked, locked; the previous run stays until folder.start
-        return _train_in(folder, acc, cfg, progress, on_eval)
+        return _train_in(folder, acc, cfg, progress, on_eval, setup)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What the process setup chose: precision, sharding strategy, trackers."""
+
+    mixed: str
+    weight_dtype: torch.dtype
+    strategy: str
+    sharded: bool
+    trackers: list[Any]
 
 
 def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
-              on_eval: Callable[[int, dict[str, Any]], None] | None) -> dict[str, Any]:
+              on_eval: Callable[[int, dict[str, Any]], None] | None, setup: _Setup) -> dict[str, Any]:
     from transformers import get_scheduler
 
+    mixed, weight_dtype, strategy, sharded, trackers = (setup.mixed, setup.weight_dtype, setup.strategy,
+                                                        setup.sharded, setup.trackers)
     main = acc.is_main_process
     say = print if main else (lambda *a, **k: None)
     run_dir = folder.path
@@ -113,10 +145,10 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         cfg = ctx.cfg  # with the values chosen from the data (data.choices) filled in
         if data.choices:
             say("chosen from the data: " + "; ".join(str(c) for c in data.choices))
-        model: Any = objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype))
+        model: Any = objective.model(ctx, weight_dtype)
     if objective.init is not None:  # every process fits the same (deterministic) weights; no adapter yet
         objective.init(ctx, model, data.train_items)
-    model = _apply_method(model, cfg, ctx.tokenizer)
+    model = _apply_method(model, cfg, ctx.tokenizer, acc.device)
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
     say(f"model {base_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
@@ -138,10 +170,14 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
 
     # ---- optimizer, schedule (fitted to the budget), resume --------------------------------------------------------
     per_epoch, total_steps = plan_steps(cfg, len(data.train_items), acc.num_processes)
-    optimizer = make_optimizer(model, cfg)
-    loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)
+    if sharded:  # FSDP2 replaces the parameters by shards: the optimizer is built on them, Accelerate wraps only it
+        loss_module = objective.build(ctx, model)
+        shard(loss_module, model, strategy, acc.device, torch.bfloat16 if mixed == "bf16" else None)
+        optimizer = acc.prepare(make_optimizer(model, cfg))
+    else:
+        loss_module, optimizer = acc.prepare(objective.build(ctx, model), make_optimizer(model, cfg))
     state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
-    loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, run_dir)
+    loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, run_dir, sharded=sharded)
     if cfg.budget:  # a resumed run keeps the schedule its first start fitted (written to its config.yaml)
         first = read_config(run_dir) if cfg.resume else {}
         chosen_eval = "eval_every" not in cfg.model_fields_set and cfg.eval_every > 0
@@ -160,27 +196,52 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     resolved = _resolved(cfg, ctx, total_steps)
     identity = new_identity(cfg, resolved.model_dump(mode="json"))
     if cfg.resume:
-        loop.state = state = _resume(cfg, folder, identity, resolved, model, optimizer, loop.scheduler,
-                                     acc.process_index)
+        loop.state = state = _resume(cfg, folder, identity, resolved, loop, acc.process_index)
     folder.start(identity, cfg.resume)  # the run really starts: a replaced run's files move aside now
     loop.identity = {"run": {k: folder.identity.get(k, v) for k, v in identity.items()},
                      "config": resolved.model_dump(mode="json")}
     if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        loop.writer = SummaryWriter(str(run_dir / "tb"))
         atomic_write_text(run_dir / "config.yaml", dump_config(resolved))
+        if trackers:
+            start_trackers(acc, cfg, run_dir, {"method": cfg.method, "objective": cfg.objective, "lr": cfg.lr,
+                                               "batch_size": cfg.batch_size, "steps": total_steps,
+                                               "base_model": cfg.base_model, "strategy": strategy,
+                                               "mixed_precision": mixed, "world_size": acc.num_processes})
+            loop.tracking = True
 
     # ---- steps ----------------------------------------------------------------------------------------------------
-    result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
-    if loop.writer is not None:
-        loop.writer.close()
+    try:
+        result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
+    except Exception as e:
+        if acc.num_processes > 1 and lost_process(e):
+            newest = list_checkpoints(run_dir)
+            raise DistributedError(
+                f"lost contact with another process of the run at step {loop.state['step']} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                f"restart every node with resume=true (newest checkpoint: {newest[-1] if newest else 'none'}; "
+                f"distributed.timeout={cfg.distributed.timeout:g}s)") from e
+        raise
+    finally:
+        if loop.tracking:  # not acc.end_training(): that also ends the process group the final gather needs
+            for tracker in acc.trackers:
+                tracker.finish()
 
     # ---- final model, after, report -----------------------------------------------------------------------------
     acc.wait_for_everyone()
     model = acc.unwrap_model(loss_module).model
     if result.best_weights is not None and (cfg.early_stopping_patience or cfg.metric_for_best != "loss"):
         load_trainable(model, result.best_weights)
+    if sharded:  # gather the shards (every process) into a plain model on the main process
+        full = gather_full_state(loss_module)
+        if main:
+            plain = _apply_method(objective.model(ctx, weight_dtype), cfg, ctx.tokenizer, acc.device)
+            # what init hooks fitted into the config (e.g. a probe head's bias) goes with the weights
+            for key, value in vars(unwrap_peft(model).config).items():
+                if key.startswith("lmtailor_"):
+                    setattr(unwrap_peft(plain).config, key, value)
+            objective.build(ctx, plain).load_state_dict(full)
+            model = plain
+        del full
     summary: dict[str, Any] = {}
     if not finite_weights(model):
         raise TrainingError(f"training diverged by step {state['step']}: the final weights are not finite "
@@ -224,28 +285,33 @@ def _summary(cfg: RunConfig, objective: Objective, data: RunData, state: dict[st
     }
 
 
-def _apply_method(model: Any, cfg: RunConfig, tok: Any = None) -> Any:
-    """What trains: LoRA adapters, the last layers, every weight, or a soft prompt."""
-    if cfg.method == "lora":
+def _apply_method(model: Any, cfg: RunConfig, tok: Any = None, device: torch.device | None = None) -> Any:
+    """What trains: LoRA adapters (on a 4-bit base for qlora), the last layers, every weight, or a soft prompt;
+    with gradient_checkpointing, activations are recomputed in backward."""
+    if cfg.method == "qlora":
+        model = quantize_4bit(model, device or torch.device("cpu"))
+    if cfg.method in ("lora", "qlora"):
+        # PEFT's task type follows the head the objective loaded (causal LM, classification, seq2seq, ...)
         from lmtailor.models import added_token_ids
 
         # tokens added by `tokenizer extend` would keep their initial rows under LoRA alone: they train too
         new = added_token_ids(tok) if tok is not None and cfg.lora.train_new_tokens else []
-        # PEFT's task type follows the head the objective loaded (causal LM, classification, seq2seq, ...)
-        return add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
-                        new_tokens=new or None)
-    if cfg.method == "freeze":
+        model = add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                         new_tokens=new or None, use_dora=cfg.lora.use_dora, use_rslora=cfg.lora.use_rslora)
+    elif cfg.method == "freeze":
         freeze_all_but_last(model, cfg.unfreeze_last_n)
     elif cfg.method in ("prompt_tuning", "prefix_tuning"):
         from lmtailor.models import add_soft_prompt, resolve_model
 
-        return add_soft_prompt(model, cfg.method, cfg.soft_prompt.virtual_tokens, cfg.soft_prompt.init_text,
-                               resolve_model(cfg.base_model))
+        model = add_soft_prompt(model, cfg.method, cfg.soft_prompt.virtual_tokens, cfg.soft_prompt.init_text,
+                                resolve_model(cfg.base_model))
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     return model
 
 
-def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolved: RunConfig, model: Any,
-            optimizer: Any, scheduler: Any, rank: int) -> dict[str, Any]:
+def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolved: RunConfig, loop: Loop,
+            rank: int) -> dict[str, Any]:
     """Restore the newest intact checkpoint of the folder's run; the main process trims the log to it.
 
     A checkpoint whose files do not match its manifest's checksums (or that cannot be read) is skipped for the one
@@ -253,6 +319,7 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
     hold them (runfolder.compare_configs), applied from here on otherwise (a new lr re-bases the schedule).
     """
     run_dir, main = folder.path, folder.main
+    optimizer, scheduler = loop.optimizer, loop.scheduler
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise CheckpointError(f"resume=true but {run_dir}/checkpoints holds no complete checkpoint",
@@ -270,7 +337,8 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
             if old_config:
                 _check_resume_settings(ckpt, old_config, manifest.get("run") or {}, identity, resolved, main)
             try:
-                state = load_checkpoint(ckpt, model, optimizer, scheduler, rank)
+                state = (load_sharded(ckpt, loop.loss_module, optimizer, scheduler, rank) if loop.sharded
+                         else load_checkpoint(ckpt, loop.model, optimizer, scheduler, rank))
             except CheckpointError as e:
                 problem = e.message
         if problem is None:
@@ -378,15 +446,14 @@ def _measure_recipe(cfg: RunConfig, probe_steps: int, max_seconds: float | None)
     from accelerate.utils import set_seed
 
     cuda = torch.cuda.is_available()
-    acc = Accelerator(cpu=not cuda, mixed_precision="bf16" if cfg.dtype == "auto" and cuda
-                      and torch.cuda.is_bf16_supported() else "no")
+    mixed, weight_dtype = choose_precision(cfg, cuda)
+    acc = Accelerator(cpu=not cuda, mixed_precision=mixed)
     set_seed(cfg.seed)
     objective = get_objective(cfg)
     ctx = objective.context(cfg)
     data = build_run_data(objective, ctx, write_audit=False)
     cfg = ctx.cfg
-    model = _apply_method(objective.model(ctx, torch.float32 if cfg.dtype == "auto" else getattr(torch, cfg.dtype)),
-                          cfg, ctx.tokenizer).to(acc.device)
+    model = _apply_method(objective.model(ctx, weight_dtype), cfg, ctx.tokenizer, acc.device).to(acc.device)
     per_epoch, planned = plan_steps(cfg, len(data.train_items), 1)
     optimizer = make_optimizer(model, cfg)
     loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)

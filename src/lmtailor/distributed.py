@@ -1,0 +1,225 @@
+"""Several processes, one run: the strategy check, FSDP2 sharding, sharded checkpoints and the final gather.
+
+`distributed.strategy: fsdp` (or `fsdp_grad_op`) shards the model with torch's own FSDP2 (`fully_shard`), one
+unit per decoder layer plus the loss module as the root, over whatever process group the launcher made (gloo on
+CPU, NCCL on GPUs): the same code runs in the CPU tests and on GPUs. Accelerate still launches the processes and
+prepares the optimizer; it does not wrap the model (its own FSDP path refuses CPU).
+
+A sharded checkpoint is a torch.distributed.checkpoint folder (every process writes its shards of the trainable
+weights and optimizer state) plus the scheduler, RNG and trainer state as JSON/safetensors from the main process.
+Every process writes into one hidden folder; after all have finished, the main process renames it to
+`step-NNNNNN`, so a checkpoint is complete or absent, as with one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load, save
+from torch import nn
+
+from lmtailor.checkpoint import set_rng_state
+from lmtailor.config import RunConfig
+from lmtailor.errors import CheckpointError, ConfigError, LmtailorError
+from lmtailor.models import decoder_layers
+
+SHARDED = ("fsdp", "fsdp_grad_op")
+DCP_MARKER = ".metadata"  # torch.distributed.checkpoint's index file
+
+
+class DistributedError(LmtailorError):
+    """A process of a multi-process run was lost or stopped answering."""
+
+
+def check_strategy(cfg: RunConfig, launcher_type: str, cuda: bool) -> str:
+    """The strategy this run uses ("ddp" or one of SHARDED); refuses what the code does not support.
+
+    Args:
+        cfg: the recipe.
+        launcher_type: Accelerate's distributed type name for this launch (NO, MULTI_CPU, MULTI_GPU, FSDP, ...).
+        cuda: whether CUDA GPUs are present.
+
+    Raises:
+        ConfigError: a DeepSpeed strategy, an Accelerate FSDP/DeepSpeed launch config, or FSDP with an option it
+            cannot honour.
+    """
+    strategy = cfg.distributed.strategy
+    if launcher_type in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        raise ConfigError(f"accelerate launch configured distributed_type {launcher_type}, which lmtailor does not "
+                          "drive", "launch plain processes (accelerate launch --multi_gpu --num_processes N) and set "
+                          "distributed.strategy=fsdp or fsdp_grad_op in the recipe")
+    if strategy.startswith("deepspeed"):
+        why = "DeepSpeed needs CUDA GPUs and none is present" if not cuda else "DeepSpeed is not supported yet"
+        raise ConfigError(f"config key 'distributed.strategy': {strategy} is not supported here ({why})",
+                          "use fsdp (parameters, gradients and optimizer sharded, like ZeRO-3) or fsdp_grad_op "
+                          "(like ZeRO-2); allowed values are auto, ddp, fsdp, fsdp_grad_op")
+    if strategy in SHARDED:
+        if cfg.method in ("prompt_tuning", "prefix_tuning", "qlora"):
+            raise ConfigError(f"config key 'method': {cfg.method} is not supported with distributed.strategy="
+                              f"{strategy}", "use method lora, full or freeze, or strategy ddp")
+        if cfg.metric_for_best != "loss":
+            raise ConfigError(f"config key 'metric_for_best': {cfg.metric_for_best!r} is computed on the main process "
+                              f"alone, which a sharded model (distributed.strategy={strategy}) cannot do",
+                              "use metric_for_best=loss, or strategy ddp")
+        if cfg.encrypt_outputs:
+            raise ConfigError(f"encrypt_outputs=true: sharded checkpoints (distributed.strategy={strategy}) are "
+                              "written unencrypted", "use strategy ddp for encrypted runs")
+        return strategy
+    return "ddp"
+
+
+def shard(loss_module: nn.Module, model: nn.Module, strategy: str, device: torch.device,
+          param_dtype: torch.dtype | None = None) -> None:
+    """Apply FSDP2 in place: every decoder layer its own unit, the loss module (embeddings, head) the root.
+
+    The loss module is the root because the training loop calls it, not the model's own forward: FSDP2 gathers the
+    root's parameters in the root's forward hook.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    reshard = strategy == "fsdp"  # fsdp_grad_op keeps the gathered parameters from forward until backward
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
+        MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(loss_module, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+
+
+@contextlib.contextmanager
+def gradient_sync(loss_module: nn.Module, sync: bool) -> Iterator[None]:
+    """Accumulate without reduce-scattering gradients (sync=False) for all but the last micro-batch."""
+    setter = getattr(loss_module, "set_requires_gradient_sync", None)
+    if setter is None or sync:
+        yield
+        return
+    setter(False)
+    try:
+        yield
+    finally:
+        setter(True)
+
+
+def clip_grad_norm(parameters: Any, max_norm: float) -> float:
+    """Clip by the global gradient norm over every shard; returns the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if callable(full) else norm)
+
+
+def max_over_processes(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+# ---- sharded checkpoints -------------------------------------------------------------------------------------
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def _state_dicts(loss_module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(loss_module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def save_sharded(folder: Path, loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 rng_states: list[dict[str, Any]], trainer: dict[str, Any], main: bool) -> None:
+    """Write one sharded checkpoint; every process calls it. It appears as `folder` only when complete."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    model_sd, optim_sd = _state_dicts(loss_module, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if main:
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (tmp / "rng.safetensors").write_bytes(save({f"{r}.{k}": v for r, s in enumerate(rng_states)
+                                                    for k, v in s.items() if torch.is_tensor(v)}))
+        (tmp / "rng.json").write_text(json.dumps([{k: _jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
+                                                  for s in rng_states]))
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    torch.distributed.barrier()  # every shard written before the folder becomes visible
+    if main:
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    torch.distributed.barrier()
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return (folder / DCP_MARKER).is_file()
+
+
+def load_sharded(folder: Path, loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 rank: int) -> dict[str, Any]:
+    """Restore a sharded checkpoint (every process calls it); returns the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if not is_sharded_checkpoint(folder):
+        raise CheckpointError(f"checkpoint {folder} was written by a run without sharding",
+                              "resume it with the distributed.strategy it was written with")
+    try:
+        model_sd, optim_sd = _state_dicts(loss_module, optimizer)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+        set_state_dict(loss_module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(ignore_frozen_params=True))
+        scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+        rng_t = load((folder / "rng.safetensors").read_bytes())
+        rng_j = json.loads((folder / "rng.json").read_text())
+        trainer: dict[str, Any] = json.loads((folder / "trainer.json").read_text())
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"sharded checkpoint {folder} cannot be read: {str(e).splitlines()[0]}",
+                              "delete it to resume from the one before") from e
+    if rank < len(rng_j):
+        state = dict(rng_j[rank])
+        state.update({k.split(".", 1)[1]: v for k, v in rng_t.items() if k.startswith(f"{rank}.")})
+        npst = state["numpy"]
+        npst["state"] = {**npst["state"], "key": np.asarray(npst["state"]["key"], dtype=np.uint32)}
+        set_rng_state(state)
+    return trainer
+
+
+def gather_full_state(loss_module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the main process (empty elsewhere); every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(  # type: ignore[return-value]
+        loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def lost_process(e: BaseException) -> bool:
+    """Whether an exception is a collective failing because another process died or timed out."""
+    names = {type(c).__name__ for c in (e, e.__cause__, e.__context__) if c is not None}
+    text = str(e).lower()
+    return bool(names & {"DistBackendError", "DistNetworkError", "DistStoreError"}) or any(
+        m in text for m in ("connection closed by peer", "connection reset", "timed out", "timeout", "gloo",
+                            "nccl", "broken pipe"))
