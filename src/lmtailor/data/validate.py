@@ -136,7 +136,8 @@ def load_examples(path: str, fmt: str = "auto", split: str = "train", system_pro
 def content_key(example: Example) -> str:
     """A canonical string of an example's content (messages or text), ignoring source and meta."""
     if example.messages is not None:
-        return json.dumps([[m["role"], m["content"]] for m in example.messages], ensure_ascii=False)
+        return json.dumps([[m["role"], m["content"], m.get("tool_calls", "")] for m in example.messages]
+                          + [example.tools or []], ensure_ascii=False)
     return json.dumps(example.text, ensure_ascii=False)
 
 
@@ -156,7 +157,7 @@ def _strip(example: Example) -> Example:
 def _is_empty(example: Example) -> bool:
     if example.messages is not None:
         # Nothing to learn when every assistant turn is empty.
-        return not any(m["content"] for m in example.messages if m["role"] == "assistant")
+        return not any(m["content"] or m.get("tool_calls") for m in example.messages if m["role"] == "assistant")
     return not example.text
 
 

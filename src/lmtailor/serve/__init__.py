@@ -40,7 +40,8 @@ def api_key_from_env(name: str | None) -> str | None:
 
 
 def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
-          limits: Limits | None = None, speedup: str = "none", log_level: str = "info") -> None:
+          limits: Limits | None = None, speedup: str = "none", log_level: str = "info", engine: str = "torch",
+          gguf_type: str = "q8_0") -> None:
     """Load `targets` and serve them until interrupted (blocks).
 
     Args:
@@ -52,6 +53,8 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
         speedup: CPU decoding speed-up, one of lmtailor.config.SPEEDUPS (see `lmtailor.fastdecode.speed_up`;
             benchmarks/serve_load.py reports speed and quality cost).
         log_level: uvicorn log level.
+        engine: torch, llama.cpp or vllm (`lmtailor.serve.llamacpp_engine`).
+        gguf_type: llama.cpp engine: the GGUF type each target is exported to (once, cached).
 
     Raises:
         ConfigError: the key variable is missing, or a public host is bound without a key.
@@ -61,7 +64,7 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
     key = api_key_from_env(api_key_env)
     if host not in LOOPBACK and key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the models", host)
-    app = create_app(targets, api_key=key, limits=limits, speedup=speedup)
+    app = create_app(targets, api_key=key, limits=limits, speedup=speedup, engine=engine, gguf_type=gguf_type)
     print(f"models: {', '.join(app.state.slots)}")
     print(f"playground: http://{host}:{port}/   API: http://{host}:{port}/v1")
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

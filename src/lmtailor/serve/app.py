@@ -22,6 +22,7 @@ from lmtailor.errors import LmtailorError
 from lmtailor.generate import as_messages
 from lmtailor.render import prompt_ids
 from lmtailor.serve.engine import AsyncJob, Engine, Job, Limits, QueueFull, Sampling
+from lmtailor.serve.llamacpp_engine import DEFAULT_GGUF_TYPE, check_engine, engine_class, load_llamacpp_slots
 from lmtailor.serve.models import Slot, load_models
 from lmtailor.serve.schemas import APIError, ChatRequest, CompletionRequest, _Sampling
 
@@ -38,21 +39,32 @@ class Prepared:
 
 
 def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None, limits: Limits | None = None,
-               speedup: str = "none") -> FastAPI:
+               speedup: str = "none", engine: str = "torch", gguf_type: str = DEFAULT_GGUF_TYPE) -> FastAPI:
     """Build the server app.
 
     Args:
         targets: run folders, model folders or model names to load, or slots already loaded (`load_models`).
         api_key: when set, every /v1 request must carry `Authorization: Bearer <api_key>`.
         limits: caps on prompt length, max_tokens, batching, queue and time (defaults: `Limits()`).
-        speedup: "none", "fp16", "int8" or "bf16" (see `lmtailor.fastdecode.speed_up`).
+        speedup: "none", "fp16", "int8" or "bf16" (see `lmtailor.fastdecode.speed_up`); torch engine only.
+        engine: "torch", "llama.cpp" or "vllm" (`lmtailor.serve.llamacpp_engine`); slots given as a dict must
+            have been loaded for that engine.
+        gguf_type: llama.cpp engine: the GGUF type each target is exported to (once, cached).
 
     Returns:
         The FastAPI app; its engine starts and stops with the app's lifespan.
     """
-    slots = targets if isinstance(targets, dict) else load_models(list(targets), speedup)
-    server = _Server(slots, limits or Limits(), created=int(time.time()))
-    app = FastAPI(title="lmtailor", lifespan=_lifespan(server.lim), docs_url=None, redoc_url=None)
+    check_engine(engine)
+    lim = limits or Limits()
+    if isinstance(targets, dict):
+        slots = targets
+    elif engine == "llama.cpp":
+        slots = load_llamacpp_slots(list(targets), gguf_type, threads=lim.torch_threads)
+    else:
+        slots = load_models(list(targets), speedup)
+    server = _Server(slots, lim, created=int(time.time()))
+    app = FastAPI(title="lmtailor", lifespan=_lifespan(server.lim, engine_class(engine)), docs_url=None,
+                  redoc_url=None)
     app.state.slots = server.slots
     app.state.limits = server.lim
     _add_error_handlers(app)
@@ -64,12 +76,13 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
     return app
 
 
-def _lifespan(lim: Limits) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+def _lifespan(lim: Limits, kind: type[Engine] = Engine
+              ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """The app's lifespan: one batching engine (kept on `app.state.engine`), closed when the app stops."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.engine = Engine(lim)
+        app.state.engine = kind(lim)
         try:
             yield
         finally:
