@@ -36,7 +36,8 @@ class LoraSettings(Strict):
 
 class DataSettings(Strict):
     path: str | None = Field(None, description="a file, a folder of files, a hub dataset id, or catalog:NAME")
-    format: Literal["auto", "text", "alpaca", "chat", "sharegpt", "prompt_completion", "paired", "labeled"] = Field(
+    format: Literal["auto", "text", "alpaca", "chat", "sharegpt", "prompt_completion", "paired", "labeled",
+                    "shell_tool"] = Field(
         "auto", description="record format; auto detects it from the fields of the first record"
     )
     split: str = Field("train", description="split to read from a hub dataset")

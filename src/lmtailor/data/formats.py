@@ -272,6 +272,24 @@ def _alpaca(record: dict[str, Any], source: str) -> Example:
                    meta=extra_fields(record, ["instruction", "input", "output", "system"]))
 
 
+# The tool of the `shell_tool` format (configs/tools-shell.yaml): one shell command, run by the caller.
+SHELL_TOOL = {"type": "function", "function": {
+    "name": "run_shell", "description": "Run one shell command and return its output",
+    "parameters": {"type": "object", "properties": {"command": {"type": "string", "description": "the command"}},
+                   "required": ["command"]}}}
+
+
+def _shell_tool(record: dict[str, Any], source: str) -> Example:
+    """An instruction/output pair whose output is a shell command, as a call of run_shell(command=output)."""
+    instruction, command = require_str(record, "instruction"), require_str(record, "output")
+    call = json.dumps([{"type": "function", "function": {"name": "run_shell", "arguments": {"command": command}}}],
+                      ensure_ascii=False, sort_keys=True)
+    messages = [{"role": "user", "content": instruction},
+                {"role": "assistant", "content": "", "tool_calls": call}]
+    return Example(messages=messages, source=source, tools=[SHELL_TOOL],
+                   meta=extra_fields(record, ["instruction", "input", "output", "system"]))
+
+
 def _prompt_completion(record: dict[str, Any], source: str) -> Example:
     messages = [{"role": "user", "content": require_str(record, "prompt")},
                 {"role": "assistant", "content": require_str(record, "completion")}]
@@ -308,4 +326,5 @@ register_format("prompt_completion", {"prompt", "completion"}, _prompt_completio
 register_format("paired", {"source", "target"}, _paired)
 register_format("labeled", {"text", "label"}, _labeled)
 register_format("text", {"text"}, _text)
+register_format("shell_tool", {"instruction", "output"}, _shell_tool, detect=False)
 _registering_builtins = False

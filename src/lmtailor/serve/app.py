@@ -25,6 +25,7 @@ from lmtailor.serve.engine import AsyncJob, Engine, Job, Limits, QueueFull, Samp
 from lmtailor.serve.llamacpp_engine import DEFAULT_GGUF_TYPE, check_engine, engine_class, load_llamacpp_slots
 from lmtailor.serve.models import Slot, load_models
 from lmtailor.serve.schemas import APIError, ChatRequest, CompletionRequest, _Sampling
+from lmtailor.serve.toolserve import answer, message_calls, request_tools
 
 STATIC = Path(__file__).parent / "static"
 
@@ -269,14 +270,17 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request, body: ChatRequest) -> Any:
         slot = server.pick(body.model)
-        if body.tools:
-            raise APIError(400, "tools are not supported", "unsupported_parameter", "tools")
+        tools = request_tools(body.tools, body.tool_choice, body.stream)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        for i, m in enumerate(body.messages):
+            calls = message_calls(m.tool_calls, f"messages[{i}].tool_calls")
+            if calls:
+                messages[i]["tool_calls"] = calls
         if slot.retrieval is not None:  # the run trained with retrieved examples in its prompts
             messages = slot.retrieval(messages)
         try:
-            ids = prompt_ids(slot.tok, as_messages(messages, slot.system_prompt))
+            ids = prompt_ids(slot.tok, as_messages(messages, slot.system_prompt), tools)
         except LmtailorError as e:
             raise APIError(400, str(e), "invalid_messages", "messages") from None
         prep = server.prepare(body, slot, [ids])
@@ -287,8 +291,8 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
             return server.stream(bridge, job, head, True, len(ids), body.include_usage())
         texts, reasons, used = await server.collect(request, bridge, job)
         return {"id": rid, "object": "chat.completion", "created": now, "model": slot.name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": _r(r)}
-                            for i, (t, r) in enumerate(zip(texts, reasons, strict=False))],
+                "choices": [{"index": i, "message": msg, "finish_reason": why} for i, (msg, why) in enumerate(
+                    answer(t, _r(r), tools) for t, r in zip(texts, reasons, strict=False))],
                 "usage": _usage(len(ids), used)}
 
     @app.post("/v1/completions", response_model=None)
