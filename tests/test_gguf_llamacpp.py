@@ -208,3 +208,41 @@ def test_gguf_tokenizer_fields(exported: dict, tokenizer: Any) -> None:
     assert f["tokenizer.ggml.add_bos_token"].contents() is False
     assert f["tokenizer.chat_template"].contents() == tokenizer.chat_template
     assert json.dumps(f["tokenizer.ggml.tokens"].contents()[:3])
+
+
+# The bundled model (SmolLM2-135M-Instruct): perplexity(gguf) / perplexity(fp32 source) on CHECK_TEXT, at most.
+BUNDLED_PPL_TOLERANCE = {"f16": 1.005, "q8_0": 1.02, "q4_k_m": 1.25}
+
+
+@pytest.mark.slow
+def test_bundled_model_in_llamacpp(tmp_path: Path) -> None:
+    """The 135M model exported at every type: llama.cpp loads it, tokenizes as HF does, decodes the f16 file
+    greedily like transformers over 64 tokens, and keeps perplexity within BUNDLED_PPL_TOLERANCE."""
+    import gguf
+    import torch
+
+    from lmtailor import llamacpp
+    from lmtailor.export import compare_gguf, load_merged
+    from lmtailor.ggufwrite import write_gguf_file
+    from lmtailor.render import prompt_ids
+
+    model, tok, _ = load_merged("smollm2-135m-instruct")
+    ids = prompt_ids(tok, [{"role": "user", "content": "How do I list the files in a folder?"}])
+    with torch.inference_mode():
+        want = model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                              pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    for kind in TYPES:
+        path = write_gguf_file(model, tok, tmp_path / f"smollm2-{kind}.gguf", kind)
+        assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "smollm"
+        llm = llamacpp.load(path, n_ctx=512)
+        try:
+            if kind == "f16":
+                for text in TEXTS:
+                    assert llamacpp.tokenize(llm, text) == tok(text, add_special_tokens=False)["input_ids"], text
+                assert llamacpp.greedy(llm, ids, 64) == want
+            else:
+                assert len(llamacpp.greedy(llm, ids, 8)) == 8  # decodes (the q8_0 file used to crash here)
+        finally:
+            llm.close()
+        check = compare_gguf(path, model, tok, reader="llama.cpp")
+        assert check["perplexity"] / check["source_perplexity"] <= BUNDLED_PPL_TOLERANCE[kind], (kind, check)

@@ -147,7 +147,7 @@ def test_fine_tuned_tiny_model_emits_a_parseable_call(tiny_model: Path) -> None:
     model.eval()
     ids = prompt_ids(tok, [{"role": "user", "content": "list files"}], TOOLS)
     with torch.inference_mode():
-        gen = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
+        gen = model.generate(torch.tensor([ids]), max_new_tokens=120, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     text = tok.decode(gen[0, len(ids):], skip_special_tokens=True)
     content, calls = parse_tool_calls(text, TOOLS)

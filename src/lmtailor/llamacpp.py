@@ -86,13 +86,11 @@ def perplexity(scores: np.ndarray, ids: list[int]) -> float:
 
 def greedy(llm: Any, ids: list[int], n: int) -> list[int]:
     """`n` greedy tokens after `ids` (EOS does not stop it: the count is fixed, for comparisons)."""
-    llm.reset()
     out: list[int] = []
-    llm.eval(ids)
-    for _ in range(n):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        llm.eval([nxt])
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        out.append(int(token))
+        if len(out) >= n:
+            break
     return out
 
 
