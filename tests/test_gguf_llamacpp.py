@@ -90,16 +90,20 @@ def exported(tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[t
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llamacpp_loads_every_type_and_tokenizes_like_hf(exported: dict, tokenizer: Any, arch: str) -> None:
     import gguf
+    from transformers import AutoTokenizer
 
     from lmtailor import llamacpp
     from lmtailor.ggufwrite import pre_tokenizer_tag
 
-    # GPT-2's split; the vocabulary trained on TEXTS has multi-digit tokens, so not "smollm" (digits split apart)
-    assert pre_tokenizer_tag(tokenizer) == "gpt-2"
+    # The tokenizer a run of this model uses is the one transformers reads back from its folder: for a qwen2
+    # folder that is Qwen2's split (tag "qwen2"); else GPT-2's, and the vocabulary trained on TEXTS has
+    # multi-digit tokens, so "gpt-2" rather than "smollm" (digits split apart).
+    tokenizer = AutoTokenizer.from_pretrained(exported[arch, "f16"][0].parent)
+    assert pre_tokenizer_tag(tokenizer) == ("qwen2" if arch == "qwen2" else "gpt-2")
     for kind in TYPES:
         path, _ = exported[arch, kind]
         reader = gguf.GGUFReader(path)
-        assert reader.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+        assert reader.fields["tokenizer.ggml.pre"].contents() == pre_tokenizer_tag(tokenizer)
         llm = llamacpp.load(path, n_ctx=256)
         try:
             for text in TEXTS:

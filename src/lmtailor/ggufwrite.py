@@ -89,7 +89,9 @@ def write_gguf(model: nn.Module, tok: Any, out: Path, gguf_type: str = "f16", na
 
     with atomic_file(out) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
-        w.add_name(name)
+        # llama.cpp changes how it tokenizes around special tokens (and needs Phi-3's own tokens) when the model's
+        # name contains "phi3" or "phi-3"; this tokenizer is exported as it is, so the name must not say so.
+        w.add_name(re.sub(r"(?i)phi-?3", "phi_3", name))
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.MOSTLY_F16)
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
@@ -175,8 +177,11 @@ def pre_tokenizer_tag(tok: Any) -> str:
     if model.get("type") != "BPE" or "ByteLevel" not in kinds:
         raise ModelError("GGUF export writes byte-level BPE tokenizers (GPT-2 / Llama-3 / Qwen2 / SmolLM style) "
                          f"only; this one is {model.get('type')} with pre-tokenizer {kinds}", UNSUPPORTED_HINT)
-    if spec.get("normalizer"):
-        raise ModelError(f"GGUF export: the tokenizer has a normalizer ({spec['normalizer'].get('type')}), "
+    normalizer = spec.get("normalizer") or {}
+    # NFC changes no text that is already NFC (nearly all text); llama.cpp does not normalize, so only text in
+    # another Unicode normal form would tokenize differently. Any other normalizer is refused.
+    if normalizer and normalizer.get("type") != "NFC":
+        raise ModelError(f"GGUF export: the tokenizer has a normalizer ({normalizer.get('type')}), "
                          "which llama.cpp's byte-level BPE does not apply", UNSUPPORTED_HINT)
     level = steps[kinds.index("ByteLevel")]
     if kinds == ["ByteLevel"] and level.get("use_regex", True) and not level.get("add_prefix_space"):
