@@ -111,7 +111,8 @@ def modelfile(gguf_name: str, tok: Any, system_prompt: str | None = None, num_ct
 def _turn_markers(tok: Any) -> list[str]:
     """Special tokens that open a turn (e.g. <|im_start|>): a model that writes one has finished its answer."""
     text = _render(tok, [{"role": "user", "content": _U}], gen=True)
-    found = [t for t in tok.all_special_tokens if t in text and t != tok.eos_token]
+    added = [t.content for t in getattr(tok, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    found = [t for t in dict.fromkeys([*tok.all_special_tokens, *added]) if t in text and t != tok.eos_token]
     return [t for t in found if re.search(r"start|begin|header", t)]
 
 
