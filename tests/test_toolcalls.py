@@ -138,7 +138,7 @@ def test_fine_tuned_tiny_model_emits_a_parseable_call(tiny_model: Path) -> None:
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _step in range(100):
+    for _step in range(200):
         for s in seqs:
             out = model(input_ids=torch.tensor([s.input_ids]), labels=torch.tensor([s.labels]))
             out.loss.backward()
