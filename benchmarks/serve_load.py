@@ -1,16 +1,19 @@
 """Serving benchmark on the bundled model (smollm2-135m-instruct), CPU.
 
 1. Batch-1 decoding: plain fp32 HF `generate` against each speed-up (default: the fp16 and int8 fast paths of
-   lmtailor.fastdecode), in the same process, interleaved prompt by prompt so that other load on the machine hits
-   all alike: 8 chat prompts x 64 greedy tokens each (EOS ignored), tokens per wall second and per CPU second,
-   and the quality cost next to the speed: perplexity on a fixed text, teacher-forced top-1 agreement with fp32,
-   and greedy agreement with fp32 (tokens identical before the first divergence, prompts identical throughout).
+   lmtailor.fastdecode) and llama.cpp on the same model exported to GGUF (llama.cpp-q8_0, llama.cpp-q4_k_m; the
+   exact prompt ids, llama-cpp-python), in the same process, interleaved prompt by prompt so that other load on the
+   machine hits all alike: 8 chat prompts x 64 greedy tokens each (EOS ignored), tokens per wall second and per
+   CPU second, and the quality cost next to the speed: perplexity on a fixed text, teacher-forced top-1 agreement
+   with fp32, and greedy agreement with fp32 (tokens identical before the first divergence, prompts identical
+   throughout).
 2. The server under load: 1, 4 and 8 concurrent OpenAI clients, a fixed number of requests each level:
    requests/s, tokens/s, p50/p95 latency, errors; and the dynamic-batching gain over one-at-a-time (8 clients,
    max_batch_size=1 vs batching).
 
-    python benchmarks/serve_load.py [--only levers|server] [--variants fp16,int8] [--lever-threads 1,0]
-                                    [--requests 8] [--tokens 24] [--speedup none|fp16|int8|bf16]
+    python benchmarks/serve_load.py [--only levers|server] [--variants fp16,int8,llama.cpp-q8_0,llama.cpp-q4_k_m]
+                                    [--lever-threads 1,0] [--requests 8] [--tokens 24]
+                                    [--speedup none|fp16|int8|bf16] [--engines torch,llama.cpp-q8_0]
 
 Updates benchmarks/results/serve_load.json (the sections run) and prints tables.
 """
@@ -41,6 +44,39 @@ CLIENT_PROMPTS = ["How do I list files?", "What is a tar archive?", "Explain gre
                   "How can I check disk usage?", "What does pwd print?", "How do I copy a folder?",
                   "What is a process?", "How do I make a folder?"]
 BASELINE = "none"
+LLAMA = "llama.cpp-"  # variants and engines "llama.cpp-<gguf type>"
+
+
+class _LlamaDecoder:
+    """llama.cpp on the GGUF export of MODEL, decoding the exact prompt ids (batch 1, fixed token count)."""
+
+    def __init__(self, kind: str) -> None:
+        from lmtailor import llamacpp
+        from lmtailor.serve.llamacpp_engine import gguf_for
+
+        self.llamacpp = llamacpp
+        self.path, _, _ = gguf_for(MODEL, kind)
+        self.threads = 1
+        self.llm = llamacpp.load(self.path, n_ctx=1024, logits_all=True, threads=1)
+
+    def set_threads(self, n: int) -> None:
+        if n != self.threads:
+            self.llm.close()
+            self.llm = self.llamacpp.load(self.path, n_ctx=1024, logits_all=True, threads=n)
+            self.threads = n
+
+    def greedy(self, ids: torch.Tensor, tokens: int) -> tuple[float, float, list[int]]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = self.llamacpp.greedy(self.llm, ids[0].tolist(), tokens)
+        return time.perf_counter() - t0, time.process_time() - c0, out
+
+    def quality(self, text_ids: torch.Tensor, ref_top1: torch.Tensor | None) -> tuple[float, torch.Tensor, float]:
+        ids = text_ids[0].tolist()
+        logits = torch.from_numpy(self.llamacpp.logits(self.llm, ids))[:-1]  # (T-1, V)
+        nll = torch.nn.functional.cross_entropy(logits, text_ids[0, 1:])
+        top1 = logits.argmax(-1)
+        agree = 1.0 if ref_top1 is None else (top1 == ref_top1).float().mean().item()
+        return math.exp(nll.item()), top1, agree
 
 
 def _greedy(model: Any, ids: torch.Tensor, tokens: int, pad: int) -> tuple[float, float, list[int]]:
@@ -70,7 +106,19 @@ def levers(tokens: int, variants: list[str], threads: list[int]) -> dict[str, An
     tok = load_tokenizer(MODEL)
     default = torch.get_num_threads()
     hows = [BASELINE, *[v for v in variants if v != BASELINE]]
-    models = {how: speed_up(load_pretrained(MODEL).eval(), how) for how in hows}
+    models: dict[str, Any] = {how: _LlamaDecoder(how[len(LLAMA):]) if how.startswith(LLAMA)
+                              else speed_up(load_pretrained(MODEL).eval(), how) for how in hows}
+
+    def greedy(how: str, ids: torch.Tensor, n: int) -> tuple[float, float, list[int]]:
+        if how.startswith(LLAMA):
+            return models[how].greedy(ids, n)  # type: ignore[no-any-return]
+        return _greedy(models[how], ids, n, tok.pad_token_id)
+
+    def quality(how: str, ref: torch.Tensor | None) -> tuple[float, torch.Tensor, float]:
+        if how.startswith(LLAMA):
+            return models[how].quality(text_ids, ref)  # type: ignore[no-any-return]
+        return _quality(models[how], text_ids, ref)
+
     prompts = [torch.tensor([prompt_ids(tok, [{"role": "user", "content": p}])]) for p in CLIENT_PROMPTS]
     text_ids = torch.tensor([tok(TEXT)["input_ids"]])
     section: dict[str, Any] = {"model": MODEL, "prompts": len(prompts), "new_tokens_per_prompt": tokens,
@@ -78,24 +126,28 @@ def levers(tokens: int, variants: list[str], threads: list[int]) -> dict[str, An
     for n_threads in threads:
         torch.set_num_threads(n_threads or default)
         for how in hows:
-            _greedy(models[how], prompts[0], 4, tok.pad_token_id)  # warm up
+            if how.startswith(LLAMA):
+                models[how].set_threads(n_threads or default)
+            greedy(how, prompts[0], 4)  # warm up
         wall = dict.fromkeys(hows, 0.0)
         cpu = dict.fromkeys(hows, 0.0)
         gen: dict[str, list[list[int]]] = {how: [] for how in hows}
         for ids in prompts:  # interleaved: each prompt decoded by every variant in turn
             for how in hows:
-                dt, dc, out = _greedy(models[how], ids, tokens, tok.pad_token_id)
+                dt, dc, out = greedy(how, ids, tokens)
                 wall[how] += dt
                 cpu[how] += dc
                 gen[how].append(out)
-        _, ref_top1, _ = _quality(models[BASELINE], text_ids, None)
+        _, ref_top1, _ = quality(BASELINE, None)
         total = tokens * len(prompts)
         for how in hows:
-            ppl, _, agree = _quality(models[how], text_ids, ref_top1)
+            ppl, _, agree = quality(how, ref_top1)
             prefix = [next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(g))
                       for g, r in zip(gen[how], gen[BASELINE], strict=True)]
             fast = getattr(models[how], "threads", 0)  # the fast path decodes on its own thread count
-            row = {"speedup": how, "decoder": "HF generate" if how in ("none", "bf16") else "lmtailor fastdecode",
+            decoder = "HF generate" if how in ("none", "bf16") else (
+                "llama.cpp" if how.startswith(LLAMA) else "lmtailor fastdecode")
+            row = {"speedup": how, "decoder": decoder,
                    "threads": n_threads or default, "decode_threads": fast or n_threads or default,
                    "tokens_per_s": round(total / wall[how], 2),
                    "x_vs_fp32": round(wall[BASELINE] / wall[how], 2), "tokens_per_cpu_s": round(total / cpu[how], 2),
@@ -157,14 +209,21 @@ def load_level(url: str, model: str, clients: int, requests: int, tokens: int) -
             "p95_s": round(p95, 2), "errors": len(errors), "error_samples": errors[:3]}
 
 
-def server_load(requests: int, tokens: int, speedup: str, threads: int) -> dict[str, Any]:
+def server_load(requests: int, tokens: int, speedup: str, threads: int, engine: str = "torch") -> dict[str, Any]:
     from lmtailor.serve import Limits, create_app, load_models, running
+    from lmtailor.serve.llamacpp_engine import load_llamacpp_slots
 
-    slots = load_models([MODEL], speedup=speedup)
+    if engine.startswith(LLAMA):
+        slots = load_llamacpp_slots([MODEL], engine[len(LLAMA):], threads=threads or os.cpu_count() or 1)
+    else:
+        slots = load_models([MODEL], speedup=speedup)
     name = next(iter(slots))
-    out: dict[str, Any] = {"speedup": speedup, "torch_threads": threads or torch.get_num_threads(), "levels": []}
+    out: dict[str, Any] = {"engine": engine, "speedup": speedup, "torch_threads": threads or torch.get_num_threads(),
+                           "levels": []}
+    kind = "llama.cpp" if engine.startswith(LLAMA) else "torch"
     for label, batch in (("dynamic batching", 8), ("one at a time", 1)):
-        app = create_app(slots, limits=Limits(max_batch_size=batch, batch_window_ms=20, torch_threads=threads))
+        app = create_app(slots, limits=Limits(max_batch_size=batch, batch_window_ms=20, torch_threads=threads),
+                         engine=kind)
         with running(app) as url:
             load_level(url, name, 1, 1, 4)  # warm up
             levels = (1, 4, 8) if batch > 1 else (8,)
@@ -193,6 +252,8 @@ def main() -> None:
     p.add_argument("--variants", default="fp16,int8", help="speed-ups compared with fp32 HF generate at batch 1")
     p.add_argument("--lever-threads", default="1", help="torch threads of the batch-1 comparison, comma-separated "
                    "(0: torch default); 1 is steady on a shared machine")
+    p.add_argument("--engines", default="torch", help="server engines, comma-separated: torch (with --speedup) "
+                   "and llama.cpp-<gguf type>, e.g. torch,llama.cpp-q8_0,llama.cpp-q4_k_m")
     p.add_argument("--only", choices=["all", "levers", "server"], default="all")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     a = p.parse_args()
@@ -211,8 +272,11 @@ def main() -> None:
               flush=True)
         result["load_average_at_start"] = os.getloadavg()[0]
         result["tokens_per_request"] = a.tokens
-        result["server"] = server_load(a.requests, a.tokens, a.speedup, a.threads)
-        print(f"batching gain (8 clients): {result['server']['batching_gain_8_clients']}x", flush=True)
+        for engine in a.engines.split(","):
+            key = "server" if engine == "torch" else f"server_{engine}"
+            print(f"  engine {engine}:", flush=True)
+            result[key] = server_load(a.requests, a.tokens, a.speedup, a.threads, engine)
+            print(f"  batching gain (8 clients, {engine}): {result[key]['batching_gain_8_clients']}x", flush=True)
     result["wall_s"] = round(time.time() - t0, 1)
     from lmtailor.io import atomic_write_json
 

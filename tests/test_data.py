@@ -112,7 +112,7 @@ def test_validator_reports_every_bad_record(tmp_path: Path) -> None:
         load_examples(str(path))
     err = info.value
     assert err.count == 2 and len(err.problems) == 2
-    assert err.problems[0] == f"{path}:3: messages[1].role: must be one of system, user, assistant; got 'bot'"
+    assert err.problems[0] == f"{path}:3: messages[1].role: must be one of system, user, assistant, tool; got 'bot'"
     assert err.problems[1] == f"{path}:7: messages[1].content: must be a string; got a number"
     assert "2 bad record(s)" in err.message
 

@@ -96,7 +96,7 @@ def test_gguf_rejects_other_architectures(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lmtailor.errors import ModelError
-    from lmtailor.export import write_gguf
+    from lmtailor.ggufwrite import write_gguf
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ModelError, match="llama-architecture"):

@@ -189,12 +189,19 @@ def _deploy_verbs(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
     s.add_argument("--kb", default=None, help="knowledge base every model retrieves passages from; chat responses "
                    "carry them in an extra `sources` field")
+    s.add_argument("--engine", choices=["torch", "llama.cpp", "vllm"], default="torch",
+                   help="decoding engine: torch (batched transformers), llama.cpp (the run exported to GGUF once, "
+                        "cached), vllm (NVIDIA GPU only)")
+    s.add_argument("--gguf-type", choices=["f16", "q8_0", "q4_k_m"], default="q8_0",
+                   help="llama.cpp engine: GGUF type the run is exported to")
 
     x = sub.add_parser("export", help="merge a LoRA run into a plain HF folder, or write one GGUF file")
     x.add_argument("run", help="run folder, model folder or model name")
     x.add_argument("--format", choices=["merged", "gguf"], required=True)
     x.add_argument("--out", required=True, help="folder (merged) or .gguf file")
-    x.add_argument("--gguf-type", choices=["f16", "q8_0"], default="f16")
+    x.add_argument("--gguf-type", choices=["f16", "q8_0", "q4_k_m"], default="f16",
+                   help="q4_k_m: made by llama.cpp's own quantizer (needs llama-cpp-python)")
+    x.add_argument("--ollama", action="store_true", help="GGUF: also write an Ollama Modelfile beside the file")
     _force_arg(x)
 
 
@@ -478,13 +485,14 @@ def _serve(a: argparse.Namespace) -> None:
 
     serve(a.runs, host=a.host, port=a.port, api_key_env=a.api_key_env, speedup=a.speedup,
           limits=Limits(max_batch_size=a.max_batch_size, max_queue=a.max_queue, timeout_s=a.timeout,
-                        torch_threads=a.threads), kb=a.kb)
+                        torch_threads=a.threads), kb=a.kb, engine=a.engine, gguf_type=a.gguf_type)
 
 
 def _export(a: argparse.Namespace) -> None:
     from lmtailor.export import export_run
 
-    print(json.dumps(export_run(a.run, a.format, a.out, gguf_type=a.gguf_type, force=a.force), indent=2))
+    print(json.dumps(export_run(a.run, a.format, a.out, gguf_type=a.gguf_type, force=a.force, ollama=a.ollama),
+                     indent=2))
 
 
 def _prompt(a: argparse.Namespace) -> None:

@@ -49,7 +49,7 @@ class LoraSettings(Strict):
 class DataSettings(Strict):
     path: str | None = Field(None, description="a file, a folder of files, a hub dataset id, or catalog:NAME")
     format: Literal["auto", "text", "alpaca", "chat", "sharegpt", "prompt_completion", "paired", "labeled",
-                    "preference", "unpaired"] = Field(
+                    "preference", "unpaired", "shell_tool"] = Field(
         "auto", description="record format; auto detects it from the fields of the first record"
     )
     split: str = Field("train", description="split to read from a hub dataset")

@@ -6,15 +6,23 @@ A conversation is rendered with the tokenizer's chat template piece by piece, so
   (a pad token equal to EOS is never used to mask labels: padding is masked by position, not by id);
 - labels are -100 everywhere except assistant tokens, unless train_on_prompt.
 
+Tools (`lmtailor.toolcalls`): a template that handles tools gets the tools list and the structured calls as
+transformers passes them; any other template gets plain messages with the tools offered in the system message
+and the calls written as <tool_call> blocks. Either way one function (`_template`) decides, for every path.
+
 IGNORE (-100) and Tokenized live in data.example, beside Example, so that packing (data) needs no renderer.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from lmtailor.data.example import IGNORE, Example, Tokenized
 from lmtailor.errors import DataError, ModelError
+from lmtailor.toolcalls import plain_messages, template_handles_tools
+
+Tools = list[dict[str, Any]] | None
 
 # Work per example is bounded by max_length, not by the record's size: before rendering and tokenizing, a text
 # is cut to (max_length + CLIP_MARGIN_TOKENS) x (the vocabulary's longest token, in characters) characters. Its
@@ -43,20 +51,28 @@ def clip_text(tok: Any, text: str, max_tokens: int) -> str:
     return text if len(text) <= budget else text[:budget]
 
 
-def _template(tok: Any, messages: list[dict[str, str]], gen: bool) -> str:
+def _template(tok: Any, messages: list[dict[str, str]], gen: bool, tools: Tools = None) -> str:
     from jinja2 import TemplateError
 
     try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        if not tools and not any(m.get("tool_calls") for m in messages):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+        if template_handles_tools(tok):
+            native = [{**m, "tool_calls": json.loads(m["tool_calls"])} if m.get("tool_calls") else m
+                      for m in messages]
+            return tok.apply_chat_template(native, tools=tools or None, tokenize=False, add_generation_prompt=gen)
+        plain = plain_messages([{**m, "tool_calls": json.loads(m["tool_calls"])} if m.get("tool_calls") else m
+                                for m in messages], tools)
+        return tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=gen)
     except TemplateError as e:  # a damaged chat_template.jinja, or one that refuses this conversation
         where = getattr(tok, "name_or_path", "") or "the tokenizer"
         raise ModelError(f"{where}: its chat template fails on this conversation ({type(e).__name__}: {e})",
                          "restore the model folder's chat_template.jinja, or fix the conversation") from None
 
 
-def render_prompt(tok: Any, messages: list[dict[str, str]]) -> str:
+def render_prompt(tok: Any, messages: list[dict[str, str]], tools: Tools = None) -> str:
     """The text a model is given to write the next assistant turn."""
-    return _template(tok, messages, gen=True)
+    return _template(tok, messages, gen=True, tools=tools)
 
 
 def encode(tok: Any, text: str) -> list[int]:
@@ -64,21 +80,21 @@ def encode(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def prompt_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+def prompt_ids(tok: Any, messages: list[dict[str, str]], tools: Tools = None) -> list[int]:
     """Token ids of the generation prompt: exactly the ids training puts before that assistant turn."""
-    pieces = _pieces(tok, messages + [{"role": "assistant", "content": ""}])
+    pieces = _pieces(tok, messages + [{"role": "assistant", "content": ""}], tools)
     last_output = max(i for i, (_, is_output) in enumerate(pieces) if is_output)
     return [t for piece, _ in pieces[:last_output] for t in encode(tok, piece)]
 
 
-def prompt_text(tok: Any, messages: list[dict[str, str]]) -> str:
+def prompt_text(tok: Any, messages: list[dict[str, str]], tools: Tools = None) -> str:
     """The prompt as text (the decoded form of prompt_ids)."""
-    pieces = _pieces(tok, messages + [{"role": "assistant", "content": ""}])
+    pieces = _pieces(tok, messages + [{"role": "assistant", "content": ""}], tools)
     last_output = max(i for i, (_, is_output) in enumerate(pieces) if is_output)
     return "".join(piece for piece, _ in pieces[:last_output])
 
 
-def _pieces(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+def _pieces(tok: Any, messages: list[dict[str, str]], tools: Tools = None) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, is_assistant_output) pieces.
 
     The prompt piece before each assistant turn is the template's generation prompt; the output piece is the
@@ -94,8 +110,8 @@ def _pieces(tok: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
         if i == 0:
             raise DataError("the conversation starts with an assistant message",
                             "put a user (or system) message before the first assistant message")
-        before = render_prompt(tok, messages[:i])
-        through = _template(tok, messages[: i + 1], gen=False)
+        before = render_prompt(tok, messages[:i], tools)
+        through = _template(tok, messages[: i + 1], gen=False, tools=tools)
         if not before.startswith(done) or not through.startswith(before):
             raise DataError(
                 "the chat template does not render this conversation incrementally "
@@ -135,7 +151,7 @@ def tokenize_example(tok: Any, ex: Example, max_length: int, train_on_prompt: bo
         messages = [{**m, "content": clip_text(tok, m["content"], max_length)} for m in messages]
     input_ids: list[int] = []
     labels: list[int] = []
-    for piece, is_output in _pieces(tok, messages):
+    for piece, is_output in _pieces(tok, messages, ex.tools):
         ids = encode(tok, piece)
         if is_output and tok.eos_token and not piece.endswith(tok.eos_token):
             ids.append(tok.eos_token_id)  # templates that do not end turns with EOS still teach the model to stop

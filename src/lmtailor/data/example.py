@@ -11,7 +11,9 @@ from typing import Any
 class Example:
     """A conversation (`messages`) or a raw text (`text`), plus where it came from.
 
-    messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    messages: [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]; an assistant message that
+        calls tools also has "tool_calls": the calls as canonical JSON text (`lmtailor.toolcalls`).
+    tools: the OpenAI function tools the conversation offers (`lmtailor.toolcalls.check_tools`), or None.
     source: "file:line" of the record, used in error messages.
     meta: extra fields of the record (e.g. a label), kept for tasks that need them.
     """
@@ -20,6 +22,7 @@ class Example:
     text: str | None = None
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         assert (self.messages is None) != (self.text is None), "an Example is either chat or text"

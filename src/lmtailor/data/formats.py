@@ -15,9 +15,10 @@ from typing import Any
 from lmtailor.data.example import Example
 from lmtailor.data.sources import json_kind as kind
 from lmtailor.errors import DataError
+from lmtailor.toolcalls import ToolSpecError, check_calls, check_tools
 
 Converter = Callable[[dict[str, Any], str], Example]
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
 
 
@@ -178,9 +179,13 @@ def _content(value: Any, field: str) -> str:
     raise FieldError(field, f"must be a string; got {kind(value)}")
 
 
-def _turns(record: dict[str, Any], key: str, role_key: str, text_key: str, need_assistant: bool = True
-           ) -> list[dict[str, str]]:
-    """Validate a list of turns (`messages` or ShareGPT `conversations`) into chat messages."""
+def _turns(record: dict[str, Any], key: str, role_key: str, text_key: str, need_assistant: bool = True,
+           tools: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
+    """Validate a list of turns (`messages` or ShareGPT `conversations`) into chat messages.
+
+    An assistant turn may carry `tool_calls` (then its text may be missing); a `tool` turn needs the record to
+    offer tools.
+    """
     if key not in record:
         raise FieldError(key, "is missing")
     turns = record[key]
@@ -210,9 +215,23 @@ def _turns(record: dict[str, Any], key: str, role_key: str, text_key: str, need_
             raise FieldError(f"{where}.{role_key}", f"must be one of {', '.join(ROLES)}; got {raw_role!r}")
         if role == "system" and i > 0:
             raise FieldError(f"{where}.{role_key}", "a system message may only come first")
-        if text_key not in turn:
+        if role == "tool" and tools is None:
+            raise FieldError(f"{where}.{role_key}", "a tool message needs the record's `tools` list")
+        calls = turn.get("tool_calls")
+        if calls is not None and role != "assistant":
+            raise FieldError(f"{where}.tool_calls", "only an assistant message may call tools")
+        if text_key not in turn and calls is None:
             raise FieldError(f"{where}.{text_key}", "is missing")
-        messages.append({"role": role, "content": _content(turn[text_key], f"{where}.{text_key}")})
+        message = {"role": role, "content": _content(turn.get(text_key) or "", f"{where}.{text_key}")}
+        if calls is not None:
+            names = {t["function"]["name"] for t in tools} if tools is not None else None
+            try:
+                message["tool_calls"] = json.dumps(check_calls(calls, names, f"{where}.tool_calls"),
+                                                   ensure_ascii=False, sort_keys=True)
+            except ToolSpecError as e:
+                field, _, why = str(e).partition(": ")
+                raise FieldError(field, why) from None
+        messages.append(message)
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise FieldError(key, "must contain at least one assistant turn")
     return messages
@@ -226,8 +245,15 @@ def _with_system(system: str | None, *turns: dict[str, str]) -> list[dict[str, s
 # --- built-in formats --------------------------------------------------------------------------------
 
 def _chat(record: dict[str, Any], source: str) -> Example:
-    return Example(messages=_turns(record, "messages", "role", "content"), source=source,
-                   meta=extra_fields(record, ["messages"]))
+    tools = None
+    if record.get("tools") is not None:
+        try:
+            tools = check_tools(record["tools"])
+        except ToolSpecError as e:
+            field, _, why = str(e).partition(": ")
+            raise FieldError(field, why) from None
+    return Example(messages=_turns(record, "messages", "role", "content", tools=tools), source=source,
+                   meta=extra_fields(record, ["messages", "tools"]), tools=tools)
 
 
 def _sharegpt(record: dict[str, Any], source: str) -> Example:
@@ -243,6 +269,24 @@ def _alpaca(record: dict[str, Any], source: str) -> Example:
     messages = _with_system(optional_str(record, "system"), {"role": "user", "content": user},
                             {"role": "assistant", "content": output})
     return Example(messages=messages, source=source,
+                   meta=extra_fields(record, ["instruction", "input", "output", "system"]))
+
+
+# The tool of the `shell_tool` format (configs/tools-shell.yaml): one shell command, run by the caller.
+SHELL_TOOL = {"type": "function", "function": {
+    "name": "run_shell", "description": "Run one shell command and return its output",
+    "parameters": {"type": "object", "properties": {"command": {"type": "string", "description": "the command"}},
+                   "required": ["command"]}}}
+
+
+def _shell_tool(record: dict[str, Any], source: str) -> Example:
+    """An instruction/output pair whose output is a shell command, as a call of run_shell(command=output)."""
+    instruction, command = require_str(record, "instruction"), require_str(record, "output")
+    call = json.dumps([{"type": "function", "function": {"name": "run_shell", "arguments": {"command": command}}}],
+                      ensure_ascii=False, sort_keys=True)
+    messages = [{"role": "user", "content": instruction},
+                {"role": "assistant", "content": "", "tool_calls": call}]
+    return Example(messages=messages, source=source, tools=[SHELL_TOOL],
                    meta=extra_fields(record, ["instruction", "input", "output", "system"]))
 
 
@@ -342,4 +386,5 @@ register_format("prompt_completion", {"prompt", "completion"}, _prompt_completio
 register_format("paired", {"source", "target"}, _paired)
 register_format("labeled", {"text", "label"}, _labeled)
 register_format("text", {"text"}, _text)
+register_format("shell_tool", {"instruction", "output"}, _shell_tool, detect=False)
 _registering_builtins = False

@@ -136,7 +136,8 @@ def load_examples(path: str, fmt: str = "auto", split: str = "train", system_pro
 def content_key(example: Example) -> str:
     """A canonical string of an example's content (messages or text), ignoring source and meta."""
     if example.messages is not None:
-        turns: list[list[Any]] = [[m["role"], m["content"]] for m in example.messages]
+        turns: list[list[Any]] = [[m["role"], m["content"], m.get("tool_calls", "")] for m in example.messages]
+        turns.append(example.tools or [])
         # preference records: two pairs with one prompt and chosen answer but other rejected ones are different
         if "rejected" in example.meta:
             turns.append(["rejected", [[m["role"], m["content"]] for m in example.meta["rejected"]]])
@@ -162,7 +163,7 @@ def _strip(example: Example) -> Example:
 def _is_empty(example: Example) -> bool:
     if example.messages is not None:
         # Nothing to learn when every assistant turn is empty.
-        return not any(m["content"] for m in example.messages if m["role"] == "assistant")
+        return not any(m["content"] or m.get("tool_calls") for m in example.messages if m["role"] == "assistant")
     return not example.text
 
 

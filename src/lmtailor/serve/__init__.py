@@ -41,7 +41,8 @@ def api_key_from_env(name: str | None) -> str | None:
 
 
 def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
-          limits: Limits | None = None, speedup: str = "none", log_level: str = "info", kb: str | None = None) -> None:
+          limits: Limits | None = None, speedup: str = "none", log_level: str = "info", kb: str | None = None,
+          engine: str = "torch", gguf_type: str = "q8_0") -> None:
     """Load `targets` and serve them until interrupted (blocks).
 
     Args:
@@ -54,6 +55,8 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
             benchmarks/serve_load.py reports speed and quality cost).
         log_level: uvicorn log level.
         kb: knowledge base to retrieve passages from (see `create_app`).
+        engine: torch, llama.cpp or vllm (`lmtailor.serve.llamacpp_engine`).
+        gguf_type: llama.cpp engine: the GGUF type each target is exported to (once, cached).
 
     Raises:
         ConfigError: the key variable is missing, or a public host is bound without a key.
@@ -65,7 +68,8 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
     key = api_key_from_env(api_key_env)
     if host not in LOOPBACK and key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the models", host)
-    app = create_app(targets, api_key=key, limits=limits, speedup=speedup, kb=kb, hosts=[host])
+    app = create_app(targets, api_key=key, limits=limits, speedup=speedup, kb=kb, hosts=[host], engine=engine,
+                     gguf_type=gguf_type)
     print(f"models: {', '.join(app.state.slots)}")
     print(f"playground: http://{host}:{port}/   API: http://{host}:{port}/v1")
     install_log_redaction(key)

@@ -24,8 +24,10 @@ from lmtailor.generate import as_messages
 from lmtailor.render import longest_token, prompt_ids
 from lmtailor.serve.engine import AsyncJob, Engine, Job, Limits, QueueFull, Sampling
 from lmtailor.serve.guard import Guard, check_prompt_chars
+from lmtailor.serve.llamacpp_engine import DEFAULT_GGUF_TYPE, check_engine, engine_class, load_llamacpp_slots
 from lmtailor.serve.models import Slot, load_models
 from lmtailor.serve.schemas import APIError, ChatRequest, CompletionRequest, _Sampling
+from lmtailor.serve.toolserve import answer, message_calls, request_tools
 
 STATIC = Path(__file__).parent / "static"
 
@@ -40,24 +42,36 @@ class Prepared:
 
 
 def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None, limits: Limits | None = None,
-               speedup: str = "none", kb: str | None = None, hosts: list[str] | None = None) -> FastAPI:
+               speedup: str = "none", kb: str | None = None, hosts: list[str] | None = None, engine: str = "torch",
+               gguf_type: str = DEFAULT_GGUF_TYPE) -> FastAPI:
     """Build the server app.
 
     Args:
         targets: run folders, model folders or model names to load, or slots already loaded (`load_models`).
         api_key: when set, every /v1 request must carry `Authorization: Bearer <api_key>`.
         limits: caps on prompt length, max_tokens, batching, queue and time (defaults: `Limits()`).
-        speedup: "none", "fp16", "int8" or "bf16" (see `lmtailor.fastdecode.speed_up`).
+        speedup: "none", "fp16", "int8" or "bf16" (see `lmtailor.fastdecode.speed_up`); torch engine only.
         kb: a knowledge base every model retrieves passages from; chat responses then carry `sources`.
         hosts: host names requests may be addressed to besides IP addresses and localhost, checked only without
             an API key (DNS rebinding; see serve/guard.py).
+        engine: "torch", "llama.cpp" or "vllm" (`lmtailor.serve.llamacpp_engine`); slots given as a dict must
+            have been loaded for that engine.
+        gguf_type: llama.cpp engine: the GGUF type each target is exported to (once, cached).
 
     Returns:
         The FastAPI app; its engine starts and stops with the app's lifespan.
     """
-    slots = targets if isinstance(targets, dict) else load_models(list(targets), speedup, kb)
-    server = _Server(slots, limits or Limits(), created=int(time.time()))
-    app = FastAPI(title="lmtailor", lifespan=_lifespan(server.lim), docs_url=None, redoc_url=None)
+    check_engine(engine)
+    lim = limits or Limits()
+    if isinstance(targets, dict):
+        slots = targets
+    elif engine == "llama.cpp":
+        slots = load_llamacpp_slots(list(targets), gguf_type, threads=lim.torch_threads)
+    else:
+        slots = load_models(list(targets), speedup, kb)
+    server = _Server(slots, lim, created=int(time.time()))
+    app = FastAPI(title="lmtailor", lifespan=_lifespan(server.lim, engine_class(engine)), docs_url=None,
+                  redoc_url=None)
     app.state.slots = server.slots
     app.state.limits = server.lim
     _add_error_handlers(app)
@@ -72,12 +86,13 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
     return app
 
 
-def _lifespan(lim: Limits) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+def _lifespan(lim: Limits, kind: type[Engine] = Engine
+              ) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     """The app's lifespan: one batching engine (kept on `app.state.engine`), closed when the app stops."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.engine = Engine(lim)
+        app.state.engine = kind(lim)
         try:
             yield
         finally:
@@ -284,10 +299,13 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request, body: ChatRequest) -> Any:
         slot = server.pick(body.model)
-        if body.tools:
-            raise APIError(400, "tools are not supported", "unsupported_parameter", "tools")
+        tools = request_tools(body.tools, body.tool_choice, body.stream)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
+        for i, m in enumerate(body.messages):
+            calls = message_calls(m.tool_calls, f"messages[{i}].tool_calls")
+            if calls:
+                messages[i]["tool_calls"] = calls
         messages = as_messages(messages, slot.system_prompt)
         cited = None
         if slot.retrieval is not None:  # retrieved examples or knowledge-base passages, as in training
@@ -296,7 +314,7 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
         check_prompt_chars([str(m.get("content") or "") for m in messages], longest_token(slot.tok),
                            server.lim.max_prompt_tokens)
         try:  # off the event loop: /health and other requests stay responsive
-            ids = await asyncio.to_thread(prompt_ids, slot.tok, messages)
+            ids = await asyncio.to_thread(prompt_ids, slot.tok, messages, tools)
         except LmtailorError as e:
             raise APIError(400, str(e), "invalid_messages", "messages") from None
         prep = server.prepare(body, slot, [ids])
@@ -307,8 +325,8 @@ def _add_openai_routes(app: FastAPI, server: _Server) -> None:
             return server.stream(bridge, job, head, True, len(ids), body.include_usage(), extra)
         texts, reasons, used = await server.collect(request, bridge, job)
         return {"id": rid, "object": "chat.completion", "created": now, "model": slot.name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": _r(r)}
-                            for i, (t, r) in enumerate(zip(texts, reasons, strict=False))],
+                "choices": [{"index": i, "message": msg, "finish_reason": why} for i, (msg, why) in enumerate(
+                    answer(t, _r(r), tools) for t, r in zip(texts, reasons, strict=False))],
                 "usage": _usage(len(ids), used), **extra}
 
     @app.post("/v1/completions", response_model=None)

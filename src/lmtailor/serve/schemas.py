@@ -68,8 +68,9 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = ""
+    tool_calls: list[Any] | None = None  # assistant messages that called tools
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -82,6 +83,7 @@ class Message(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     tools: list[Any] | None = None
+    tool_choice: Any = None
 
 
 class CompletionRequest(_Sampling):
