@@ -92,7 +92,9 @@ def running(app: Any, host: str = "127.0.0.1", port: int | None = None) -> Itera
     limits = getattr(getattr(app, "state", None), "limits", None)
     read_timeout = limits.read_timeout_s if isinstance(limits, Limits) else Limits().read_timeout_s
     install_log_redaction(None)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+    # log_config=None: uvicorn's own logging.config.dictConfig would close every logging handler of the hosting
+    # process (a test runner's capture files among them); its loggers keep the level set here
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None,
                                            timeout_graceful_shutdown=2, http=timed_protocol(read_timeout)))
     thread = threading.Thread(target=server.run, name="lmtailor-uvicorn", daemon=True)
     thread.start()
