@@ -28,7 +28,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tok_dir(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lmtailor.tokenizers import train_tokenizer
 
-    out = tmp_path_factory.mktemp("tok")
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"  # a new path: an existing --out is refused
     train_tokenizer(corpus_dir, 500, out, "bpe", min_frequency=1)
     return out
 
