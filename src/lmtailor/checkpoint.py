@@ -112,7 +112,7 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         put("scheduler.json", json.dumps(scheduler.state_dict()).encode())
         put("rng.safetensors", save({f"{r}.{k}": v for r, s in enumerate(rng_states) for k, v in s.items()
                                      if torch.is_tensor(v)}))
-        put("rng.json", json.dumps([{k: _jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
+        put("rng.json", json.dumps([{k: jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
                                     for s in rng_states]).encode())
         put("trainer.json", json.dumps(trainer, indent=1).encode())
         write_manifest(tmp, manifest or {})
@@ -169,13 +169,23 @@ def verify_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def _jsonable(v: Any) -> Any:
+def restore_rank_rng(rng_t: dict[str, Any], rng_j: list[dict[str, Any]], rank: int) -> None:
+    """Set this process's RNG state from a checkpoint's per-rank tensors (`rng_t`, keys "RANK.name") and JSON."""
+    if rank < len(rng_j):
+        state = dict(rng_j[rank])
+        state.update({k.split(".", 1)[1]: v for k, v in rng_t.items() if k.startswith(f"{rank}.")})
+        npst = state["numpy"]
+        npst["state"] = {**npst["state"], "key": np.asarray(npst["state"]["key"], dtype=np.uint32)}
+        set_rng_state(state)
+
+
+def jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, (tuple, list)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, np.integer):
         return int(v)
     return v
@@ -198,12 +208,7 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         rng_t = load(get("rng.safetensors"))
         rng_j = json.loads(get("rng.json"))
         trainer = json.loads(get("trainer.json"))
-        if rank < len(rng_j):
-            state = dict(rng_j[rank])
-            state.update({k.split(".", 1)[1]: v for k, v in rng_t.items() if k.startswith(f"{rank}.")})
-            npst = state["numpy"]
-            npst["state"] = {**npst["state"], "key": np.asarray(npst["state"]["key"], dtype=np.uint32)}
-            set_rng_state(state)
+        restore_rank_rng(rng_t, rng_j, rank)
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {folder} cannot be read: {type(e).__name__}: {e}",
                               "delete it to resume from the one before") from e

@@ -21,12 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load, save
 from torch import nn
 
-from lmtailor.checkpoint import set_rng_state
+from lmtailor.checkpoint import jsonable, restore_rank_rng
 from lmtailor.config import RunConfig
 from lmtailor.errors import CheckpointError, ConfigError, LmtailorError
 from lmtailor.models import decoder_layers
@@ -125,18 +124,6 @@ def max_over_processes(value: int, device: torch.device) -> int:
 
 # ---- sharded checkpoints -------------------------------------------------------------------------------------
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, tuple | list):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
-
-
 def _state_dicts(loss_module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -159,7 +146,7 @@ def save_sharded(folder: Path, loss_module: nn.Module, optimizer: torch.optim.Op
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         (tmp / "rng.safetensors").write_bytes(save({f"{r}.{k}": v for r, s in enumerate(rng_states)
                                                     for k, v in s.items() if torch.is_tensor(v)}))
-        (tmp / "rng.json").write_text(json.dumps([{k: _jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
+        (tmp / "rng.json").write_text(json.dumps([{k: jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
                                                   for s in rng_states]))
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
     torch.distributed.barrier()  # every shard written before the folder becomes visible
@@ -199,12 +186,7 @@ def load_sharded(folder: Path, loss_module: nn.Module, optimizer: torch.optim.Op
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"sharded checkpoint {folder} cannot be read: {str(e).splitlines()[0]}",
                               "delete it to resume from the one before") from e
-    if rank < len(rng_j):
-        state = dict(rng_j[rank])
-        state.update({k.split(".", 1)[1]: v for k, v in rng_t.items() if k.startswith(f"{rank}.")})
-        npst = state["numpy"]
-        npst["state"] = {**npst["state"], "key": np.asarray(npst["state"]["key"], dtype=np.uint32)}
-        set_rng_state(state)
+    restore_rank_rng(rng_t, rng_j, rank)
     return trainer
 
 
