@@ -144,7 +144,9 @@ def _write(out: Path, rows: dict[str, Any]) -> None:
     result = {"benchmark": "quality", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "torch": torch.__version__}, "rows": rows}
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    from lmtailor.io import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
     lines = ["| dataset | shape | train/test | metric | baseline | shipped defaults | auto | auto beats baseline |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -157,7 +159,7 @@ def _write(out: Path, rows: dict[str, Any]) -> None:
             d = "not run"
         lines.append(f"| {name} | {r['shape']} | {r['train_examples']}/{r['test_examples']} | {r['metric']} | "
                      f"{b} ({r['baseline']}) | {d} | {o} | {r['auto_beats_baseline']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def _print(rows: dict[str, Any]) -> None:
