@@ -295,3 +295,28 @@ def test_probe_head_is_refused_for_multi_label(tiny_model, labeled, tmp_path, ca
     code = main(["train", f"base_model={tiny_model}", f"data.path={labeled}", f"output_dir={tmp_path / 'r'}", *FAST,
                  "classify.multi_label=true", "classify.head_init=probe"])
     assert code != 0 and "classify.head_init" in capsys.readouterr().err
+
+
+def test_a_budget_pays_for_the_heads_fitting(tiny_model, labeled, tmp_path, monkeypatch, capsys):
+    """budget= covers the probe's fitting: a fit that takes longer leaves fewer seconds for the steps, so the run
+    ends on time instead of late (auto charges the probe to the final run's budget this way)."""
+    import dataclasses
+    import re
+    import time as time_mod
+
+    from lmtailor.objectives.registry import OBJECTIVES
+
+    real = OBJECTIVES["classify"]
+
+    def slow_init(ctx, model, items):  # the real probe fit, then 1.5 s more, as on a busy machine
+        real.init(ctx, model, items)
+        time_mod.sleep(1.5)
+
+    monkeypatch.setitem(OBJECTIVES, "classify", dataclasses.replace(real, init=slow_init))
+    run = tmp_path / "budgeted"
+    assert main(["train", f"base_model={tiny_model}", f"data.path={labeled}", f"output_dir={run}", *FAST,
+                 "classify.head_init=probe", "budget=4s"]) == 0
+    out = capsys.readouterr().out
+    took = float(re.search(r"the head's fitting took (\d+) s", out).group(1))
+    fitted = float(re.search(r"budget ([\d.]+) s: a step takes", out).group(1))
+    assert took >= 1 and fitted <= 4 - 1.5 + 1e-6, out

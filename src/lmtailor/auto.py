@@ -197,7 +197,8 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     # kept back: loading, and the before/after evaluations on the test split (forward passes, measured per token)
     test_eval_s = probe["eval_s"] * len(test_ex) / max(1, probe["val_items"])
     generating = 2 * GENERATE_S if objective == "sft" else 0.0  # before and after answer the test requests
-    final["budget"] = max(10.0, left - max(RESERVE * total, 2 * test_eval_s + 30 + generating) - head_s)
+    # the head's probe (head_s) is paid from the final run's budget by train itself, as measured there
+    final["budget"] = max(10.0, left - max(RESERVE * total, 2 * test_eval_s + 30 + generating))
     for key, value in study["best_params"].items():
         node: dict[str, Any] = final
         *parents, leaf = key.split(".")

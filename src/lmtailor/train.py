@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,11 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         if data.choices:
             say("chosen from the data: " + "; ".join(str(c) for c in data.choices))
         model: Any = objective.model(ctx, weight_dtype)
+    init_s = 0.0  # a budget pays for the head's fitting too: a slower fit leaves fewer steps, not a later end
     if objective.init is not None:  # every process fits the same (deterministic) weights; no adapter yet
+        t_init = time.monotonic()
         objective.init(ctx, model, data.train_items)
+        init_s = time.monotonic() - t_init
     model = _apply_method(model, cfg, ctx.tokenizer, acc.device)
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
@@ -184,7 +188,10 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         if first.get("max_steps"):
             total_steps, eval_every = int(first["max_steps"]), int(first.get("eval_every", cfg.eval_every))
         else:
-            total_steps, eval_every = fit_steps_to_budget(loop, cfg.budget, per_epoch, total_steps,
+            if init_s:
+                say(f"budget {cfg.budget:g} s: the head's fitting took {init_s:.0f} s of it")
+            total_steps, eval_every = fit_steps_to_budget(loop, max(0.05 * cfg.budget, cfg.budget - init_s),
+                                                          per_epoch, total_steps,
                                                           evaluations=EVALUATIONS if chosen_eval else None)
         if eval_every != cfg.eval_every:
             fields = set(cfg.model_fields_set)
