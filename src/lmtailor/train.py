@@ -188,7 +188,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         if first.get("max_steps"):
             total_steps, eval_every = int(first["max_steps"]), int(first.get("eval_every", cfg.eval_every))
         else:
-            if init_s:
+            if init_s >= 1:
                 say(f"budget {cfg.budget:g} s: the head's fitting took {init_s:.0f} s of it")
             total_steps, eval_every = fit_steps_to_budget(loop, max(0.05 * cfg.budget, cfg.budget - init_s),
                                                           per_epoch, total_steps,
