@@ -131,8 +131,9 @@ def machine_peaks() -> dict[str, Any]:
 
     units = cpu_bf16_units()
     bf16_n = 2048 if units else 256
-    return {"matmul_gflops_float32": matmul_gflops("float32"), "matmul_gflops_bfloat16": matmul_gflops("bfloat16", bf16_n),
-            "bf16_matmul_size": bf16_n, "bf16_units": units}
+    return {"matmul_gflops_float32": matmul_gflops("float32"),
+            "matmul_gflops_bfloat16": matmul_gflops("bfloat16", bf16_n), "bf16_matmul_size": bf16_n,
+            "bf16_units": units}
 
 
 def cpu_model() -> str:

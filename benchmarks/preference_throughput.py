@@ -36,9 +36,9 @@ from benchlib import (
     median,
     peak_rss_bytes,
     run_side,
+    steady_seconds_per_step,
     step_clock,
     step_items,
-    steady_seconds_per_step,
 )
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "preference_throughput.json"
