@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def one(side: str, rep: int) -> dict[str, Any]:
         print(f"[{rep + 1}/{a.repeats}] {side}: {a.steps} steps of {a.batch_size} ({a.precision}) ...", flush=True)
-        r = run_side(__file__, side, child, a.threads)
+        r = run_side(str(Path(__file__).resolve()), side, child, a.threads)
         print(f"    {r['train_seconds']:.1f} s training, {r['tokens'] / r['train_seconds']:.0f} tokens/s, final loss "
               f"{r['final_loss']:.5f}", flush=True)
         return r
