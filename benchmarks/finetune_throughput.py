@@ -225,8 +225,8 @@ def side_trl(a: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12,
-                   help="optimizer steps per side (default 12: a full run of 3 x 3 sides takes about 8 minutes)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="optimizer steps per side (default 10: a full run of 3 x 3 sides takes about 8 minutes)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of every side, alternating order (default 3)")
     p.add_argument("--quick", action="store_true", help="3 steps, 1 repeat: a smoke test (writes nothing unless --out)")
