@@ -205,6 +205,7 @@ def side_trl(a: argparse.Namespace) -> dict[str, Any]:
         cfg = run_config(a, tmp)
         tok, groups = step_items(cfg)
         model = load_lora_model(cfg)
+        params = param_counts(model)
         clock = step_clock()
         # pre-tokenized input_ids + labels: TRL skips its tokenization and keeps the labels as given; max_length
         # None: the sequences are already cut at lmtailor's max_length
@@ -216,7 +217,7 @@ def side_trl(a: argparse.Namespace) -> dict[str, Any]:
         trainer.train()
     return {
         "train_seconds": clock.t1 - clock.t0, "step_elapsed": clock.step_elapsed, **token_counts(groups),
-        "losses": clock.losses, "final_loss": clock.losses[-1] if clock.losses else None,
+        "losses": clock.losses, "final_loss": clock.losses[-1] if clock.losses else None, "params": params,
         "peak_rss_bytes": peak_rss_bytes(), "torch_threads": torch.get_num_threads(),
     }
 
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
             rnd["ratio"][side] = other["train_seconds"] / ours["train_seconds"]  # same tokens: the speed ratio
 
     # model FLOPs (the same for every side) as a share of the peak of the precision trained in
-    params = next((r["baseline"]["params"] for r in rounds if "baseline" in r), None)
+    params = next((r[s]["params"] for r in rounds for s in sides[1:] if "params" in r[s]), None)
     first = rounds[0]["ours"]
     tokens, padded, supervised = first["tokens"], first["padded_tokens"], first["supervised_tokens"]
     peak = peaks["matmul_gflops_bfloat16" if a.precision == "bf16" else "matmul_gflops_float32"] * 1e9
