@@ -1,17 +1,27 @@
-"""LoRA SFT throughput: lmtailor's loop (packed rows, loss head on supervised positions) vs HF `Trainer` + peft.
+"""LoRA SFT throughput: lmtailor's loop (packed rows, loss head on supervised positions) vs HF `Trainer` + peft and
+TRL's `SFTTrainer` + peft.
 
-Both sides train the bundled SmolLM2-135M-Instruct on `catalog:shell-commands` with the same LoRA (r=8, alpha=16,
+All sides train the bundled SmolLM2-135M-Instruct on `catalog:shell-commands` with the same LoRA (r=8, alpha=16,
 q/k/v/o, no dropout), the same seeded examples in the same step groups (`lmtailor.loop.batch_at`), the same token
-sequences (`lmtailor.render`, prompt masked to -100), batch 8, AdamW lr 2e-4 linear, clipping 1.0, fp32, and the
-same number of optimizer steps. The baseline pads each batch to its longest example, as LLaMA-Factory and Axolotl
-do. Only the training steps are timed (model loading and saving are excluded); token counts are exact counts of
-the examples fed. Each side runs in its own subprocess so peak RSS is per side.
+sequences (`lmtailor.render`, prompt masked to -100), batch 8, AdamW lr 2e-4 linear, clipping 1.0, the same
+precision (fp32, or bf16 autocast over fp32 weights) and the same number of optimizer steps. Baselines:
+- HF `Trainer` pads each batch to its longest example, as LLaMA-Factory and Axolotl do;
+- TRL `SFTTrainer` in its fastest configuration that trains correctly on CPU: padding-free batches (each step's
+  examples flattened into one row, position ids restarting at 0, no padding at all). TRL documents padding_free as
+  needing FlashAttention; on CPU with sdpa, transformers (>= 5) turns restarting position ids without an attention
+  mask into a block-diagonal causal mask (`masking_utils.find_packed_sequence_indices`), so attention stays inside
+  each example; the equal losses asserted here check it. TRL's `packing=True` (bfd) would regroup examples into
+  blocks of max_length (other examples per step), so the same padding-free collator on the same step groups is
+  the like-for-like form of it.
+Only the training steps are timed (model loading and saving are excluded); token counts are exact counts of the
+examples fed. Each side runs in its own subprocess so peak RSS is per side. The machine's fp32 and bf16 2048^2
+matmul peaks are measured first, and each side's model FLOPs per second is given as a share of the peak of the
+precision it trains in.
 
-    python benchmarks/finetune_throughput.py              # 30 steps a side -> benchmarks/results/*.json
-    python benchmarks/finetune_throughput.py --quick      # 5 steps a side, a smoke test (writes nothing unless --out)
-    python benchmarks/finetune_throughput.py --repeats 2  # alternate the order of the sides, report each ratio
+    python benchmarks/finetune_throughput.py              # 3 alternating repeats, medians -> benchmarks/results/
+    python benchmarks/finetune_throughput.py --quick      # 3 steps, 1 repeat, a smoke test (writes nothing)
 
-Target: ours / baseline non-padding tokens/s >= 2.0 with peak RSS no higher than the baseline's.
+Targets: ours / baseline non-padding tokens/s >= 2.0 (HF Trainer) and >= 1.5 (TRL) with peak RSS no higher.
 """
 
 from __future__ import annotations
@@ -21,49 +31,50 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchlib import (
+    ROOT,
+    alternate,
+    cpu_model,
+    machine_peaks,
+    median,
+    peak_rss_bytes,
+    run_side,
+    steady_seconds_per_step,
+    step_clock,
+    step_items,
+)
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "finetune_throughput.json"
-RATIO_TARGET = 2.0
+DEFAULT_MODEL = "smollm2-135m-instruct"
+RATIO_TARGETS = {"baseline": 2.0, "trl": 1.5}
+NAMES = {"ours": "lmtailor (packed)", "baseline": "HF Trainer (padded)", "trl": "TRL SFT (padding-free)"}
+SIDES = ["ours", "baseline", "trl"]
+# Largest |final loss ours - final loss baseline| accepted: same examples, same initial adapter, same steps; the
+# sides differ only in summation order (packed, padded or flattened rows), which drifts a little over the steps.
+LOSS_TOLERANCE = {"fp32": 2e-3, "bf16": 3e-2}
 
 
-def run_config(steps: int, batch_size: int, output_dir: str) -> Any:
-    """The recipe both sides follow (the baseline reads its settings from it too)."""
+def run_config(a: argparse.Namespace, output_dir: str) -> Any:
+    """The recipe every side follows (the baselines read their settings from it too)."""
     from lmtailor.config import build_config
 
+    precision = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "auto", "mixed_precision": "bf16"}}[a.precision]
     return build_config({
         "name": "bench-finetune-throughput", "output_dir": output_dir, "overwrite": True,
-        "base_model": "smollm2-135m-instruct", "objective": "sft", "method": "lora",
+        "base_model": a.base_model, "objective": "sft", "method": "lora",
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "data": {"path": "catalog:shell-commands", "val_size": 0},
         "max_length": 256, "packing": True, "pack_length": 1024,
-        "max_steps": steps, "batch_size": batch_size, "micro_batch_size": batch_size,
+        "max_steps": a.steps, "batch_size": a.batch_size, "micro_batch_size": a.batch_size,
         "lr": 2e-4, "scheduler": "linear", "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-        "dtype": "float32", "seed": 42, "eval_every": 0, "save_every": 0,
+        **precision, "seed": 42, "eval_every": 0, "save_every": 0,
         "eval": {"before_after": False, "generate_examples": 0, "samples": 0},
     }, source="benchmark")
-
-
-def step_groups(cfg: Any) -> tuple[Any, list[Any]]:
-    """The tokenizer and, per optimizer step, the tokenized examples lmtailor's loop feeds (same code path)."""
-    from lmtailor.loop import batch_at, plan_steps
-    from lmtailor.objectives import get_objective
-    from lmtailor.rundata import build_run_data
-
-    objective = get_objective(cfg)
-    ctx = objective.context(cfg)
-    ctx.tokenizer = objective.tokenizer(ctx)
-    seqs = build_run_data(objective, ctx, write_audit=False).train_items
-    per_epoch, total = plan_steps(cfg, len(seqs), 1)
-    return ctx.tokenizer, [[seqs[i] for i in batch_at(s, per_epoch, len(seqs), cfg, 1)] for s in range(total)]
 
 
 def token_counts(groups: list[Any]) -> dict[str, int]:
@@ -74,25 +85,78 @@ def token_counts(groups: list[Any]) -> dict[str, int]:
     }
 
 
-def peak_rss_bytes() -> int:
-    # Linux reports kilobytes, macOS bytes.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+def param_counts(model: Any) -> dict[str, int]:
+    """Parameters by role: the decoder body (no embeddings), the LM head (a matmul even when tied), the adapter."""
+    from lmtailor.models import unwrap_peft
+
+    hf = unwrap_peft(model)
+    emb, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
+    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    tied = emb.data_ptr() == head.data_ptr()
+    body = base - emb.numel() - (0 if tied else head.numel())
+    return {"body": body, "head": head.numel(), "lora": lora}
+
+
+def model_flops(params: dict[str, int], tokens: int, supervised: int, method: str = "lora") -> float:
+    """FLOPs a training pass needs (the same figure for every side, whatever it computes on padding).
+
+    Full fine-tuning: 6 N per token (forward 2N, backward 4N: activation and weight gradients). LoRA: the frozen
+    weights need the forward 2N and the activation gradient 2N but no weight gradient, so 4 N_body per token plus
+    6 N_lora for the adapter; the LM head counts only at supervised positions (the loss needs no other logits).
+    Attention scores (about 2% at these lengths) are left out.
+    """
+    if method == "full":
+        return 6 * params["body"] * tokens + 6 * params["head"] * supervised
+    return (4 * params["body"] + 6 * params["lora"]) * tokens + 4 * params["head"] * supervised
+
+
+def rows_of(groups: list[Any]) -> list[dict[str, Any]]:
+    """The steps' examples in order; a sequential sampler cuts them back into the same groups of batch_size."""
+    return [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids), "labels": s.labels}
+            for g in groups for s in g]
+
+
+def load_lora_model(cfg: Any) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    from lmtailor.models import load_pretrained
+
+    set_seed(cfg.seed)  # same seed, same order of draws as lmtailor: identical LoRA initialisation
+    model = load_pretrained(cfg.base_model, dtype=torch.float32)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def trainer_args(a: argparse.Namespace, cfg: Any, output_dir: str) -> dict[str, Any]:
+    """TrainingArguments both baselines share."""
+    return dict(
+        output_dir=output_dir, max_steps=a.steps, per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1, learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=0,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch", adam_beta1=0.9,
+        adam_beta2=0.999, adam_epsilon=1e-8, seed=cfg.seed, train_sampling_strategy="sequential",
+        dataloader_num_workers=0, dataloader_drop_last=False, logging_steps=1, eval_strategy="no",
+        save_strategy="no", report_to="none", disable_tqdm=True, bf16=a.precision == "bf16", fp16=False,
+        gradient_checkpointing=False, use_cpu=True,
+    )
 
 
 # ---- side (a): lmtailor ----------------------------------------------------------------------------------------
 
-def side_ours(steps: int, batch_size: int) -> dict[str, Any]:
+def side_ours(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from lmtailor.train import train
 
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as tmp:
-        cfg = run_config(steps, batch_size, tmp)
+        cfg = run_config(a, tmp)
         summary = train(cfg, progress=False)
         history = [json.loads(line) for line in (Path(tmp) / "history.jsonl").read_text().splitlines()]
     # history records cumulative tokens/s after each step; elapsed = tokens / tokens_per_s.
-    _, groups = step_groups(cfg)
+    _, groups = step_items(cfg)
     counts = token_counts(groups)
     cum_tokens, step_elapsed = 0, []
     for rec, g in zip(history, groups, strict=True):
@@ -108,172 +172,168 @@ def side_ours(steps: int, batch_size: int) -> dict[str, Any]:
 
 # ---- side (b): HF Trainer + peft, pad to the longest in the batch ----------------------------------------------
 
-def side_baseline(steps: int, batch_size: int) -> dict[str, Any]:
+def side_baseline(a: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
-
-    from lmtailor.models import load_pretrained
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
-        cfg = run_config(steps, batch_size, tmp)
-        tok, groups = step_groups(cfg)
+        cfg = run_config(a, tmp)
+        tok, groups = step_items(cfg)
         tok.padding_side = "right"
-        # The steps' examples in order; a sequential sampler cuts them back into the same groups of batch_size.
-        rows = [{"input_ids": s.input_ids, "attention_mask": [1] * len(s.input_ids), "labels": s.labels}
-                for g in groups for s in g]
-        set_seed(cfg.seed)  # same seed, same order of draws as lmtailor: identical LoRA initialisation
-        model = load_pretrained(cfg.base_model, dtype=torch.float32)
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-
-        class Clock(TrainerCallback):
-            def __init__(self) -> None:
-                self.t0 = self.t1 = 0.0
-                self.step_elapsed: list[float] = []
-                self.losses: list[float] = []
-
-            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                self.t0 = time.perf_counter()
-
-            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                self.step_elapsed.append(time.perf_counter() - self.t0)
-
-            def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-                       **kw: Any) -> None:
-                if logs and "loss" in logs:
-                    self.losses.append(float(logs["loss"]))
-
-            def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-                self.t1 = time.perf_counter()
-
-        clock = Clock()
-        args = TrainingArguments(
-            output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-            learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=int(cfg.warmup_ratio * steps),
-            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
-            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, seed=cfg.seed,
-            train_sampling_strategy="sequential", dataloader_num_workers=0, dataloader_drop_last=False,
-            logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
-            bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, remove_unused_columns=False,
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[clock],
+        model = load_lora_model(cfg)
+        params = param_counts(model)
+        clock = step_clock()
+        args = TrainingArguments(**trainer_args(a, cfg, tmp), remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=rows_of(groups), callbacks=[clock],
                           data_collator=DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=-100))
-        out = trainer.train()
+        trainer.train()
     return {
-        "train_seconds": clock.t1 - clock.t0, "train_runtime": float(out.metrics["train_runtime"]),
-        "step_elapsed": clock.step_elapsed, **token_counts(groups), "losses": clock.losses,
-        "final_loss": clock.losses[-1] if clock.losses else None,
+        "train_seconds": clock.t1 - clock.t0, "step_elapsed": clock.step_elapsed, **token_counts(groups),
+        "losses": clock.losses, "final_loss": clock.losses[-1] if clock.losses else None, "params": params,
+        "peak_rss_bytes": peak_rss_bytes(), "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---- side (c): TRL SFTTrainer + peft, padding-free ---------------------------------------------------------------
+
+def side_trl(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
+        cfg = run_config(a, tmp)
+        tok, groups = step_items(cfg)
+        model = load_lora_model(cfg)
+        params = param_counts(model)
+        clock = step_clock()
+        # pre-tokenized input_ids + labels: TRL skips its tokenization and keeps the labels as given; max_length
+        # None: the sequences are already cut at lmtailor's max_length
+        rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows_of(groups)]
+        args = SFTConfig(**trainer_args(a, cfg, tmp), padding_free=True, packing=False, max_length=None,
+                         shuffle_dataset=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             callbacks=[clock])
+        trainer.train()
+    return {
+        "train_seconds": clock.t1 - clock.t0, "step_elapsed": clock.step_elapsed, **token_counts(groups),
+        "losses": clock.losses, "final_loss": clock.losses[-1] if clock.losses else None, "params": params,
         "peak_rss_bytes": peak_rss_bytes(), "torch_threads": torch.get_num_threads(),
     }
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------
 
-def run_side(side: str, steps: int, batch_size: int, threads: int | None = None) -> dict[str, Any]:
-    """Run one side in a fresh interpreter; returns its result dict (peak RSS is that process's alone)."""
-    env = dict(os.environ)
-    if threads:
-        # Set before torch starts its thread pool; on a busy shared machine 1 thread avoids OpenMP spin stalls.
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        result_path = f.name
-    try:
-        cmd = [sys.executable, __file__, "--side", side, "--steps", str(steps), "--batch-size", str(batch_size),
-               "--result", result_path]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-            raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
-        result = json.loads(Path(result_path).read_text())
-        result["process_seconds"] = time.perf_counter() - t0
-        return result
-    finally:
-        os.unlink(result_path)
-
-
-def rates(r: dict[str, Any]) -> dict[str, float]:
-    secs = r["train_seconds"]
-    out = {"tokens_per_s": r["tokens"] / secs, "padded_tokens_per_s": r["padded_tokens"] / secs,
-           "supervised_tokens_per_s": r["supervised_tokens"] / secs}
-    # Steady state: drop the first step (allocator and thread-pool warm-up hit both sides).
-    el = r["step_elapsed"]
-    if len(el) > 2:
-        out["steady_seconds_per_step"] = (el[-1] - el[0]) / (len(el) - 1)
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per side (default 30)")
+    p.add_argument("--steps", type=int, default=10,
+                   help="optimizer steps per side (default 10: a full run of 3 x 3 sides takes about 8 minutes)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (default 8)")
-    p.add_argument("--quick", action="store_true", help="5 steps per side, a smoke test")
-    p.add_argument("--repeats", type=int, default=1, help="run both sides this many times, alternating order")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of every side, alternating order (default 3)")
+    p.add_argument("--quick", action="store_true", help="3 steps, 1 repeat: a smoke test (writes nothing unless --out)")
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="every side: fp32, or bf16 autocast over fp32 weights; auto = bf16 where the CPU has bf16 "
+                   "matrix units (lmtailor's dtype auto), else fp32")
+    p.add_argument("--base-model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}; a tiny folder for "
+                   "smoke tests)")
     p.add_argument("--out", type=Path, default=None, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
                    "none with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's choice)")
-    p.add_argument("--side", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    steps = 5 if a.quick else a.steps
+    if a.quick:
+        a.steps, a.repeats = 3, 1
+    if a.precision == "auto":
+        from lmtailor.memory import cpu_bf16_units
+
+        a.precision = "bf16" if cpu_bf16_units() else "fp32"
 
     if a.side:  # child process: one side, result to a JSON file
-        result = (side_ours if a.side == "ours" else side_baseline)(steps, a.batch_size)
+        result = {"ours": side_ours, "baseline": side_baseline, "trl": side_trl}[a.side](a)
         Path(a.result).write_text(json.dumps(result))
         return
 
     import torch
 
-    runs: list[dict[str, Any]] = []
-    for rep in range(a.repeats):
-        order = ["ours", "baseline"] if rep % 2 == 0 else ["baseline", "ours"]
-        pair: dict[str, Any] = {"order": order}
-        for side in order:
-            print(f"[{rep + 1}/{a.repeats}] {side}: {steps} steps of {a.batch_size} ...", flush=True)
-            pair[side] = run_side(side, steps, a.batch_size, a.threads)
-            print(f"    {pair[side]['train_seconds']:.1f} s training, "
-                  f"{pair[side]['tokens'] / pair[side]['train_seconds']:.0f} tokens/s", flush=True)
-        if pair["ours"]["tokens"] != pair["baseline"]["tokens"]:
-            raise SystemExit(f"the sides saw different token counts: {pair['ours']['tokens']} vs "
-                             f"{pair['baseline']['tokens']}")
-        if pair["ours"]["tokens_reported"] not in range(pair["ours"]["tokens"] - 2, pair["ours"]["tokens"] + 3):
-            print(f"warning: lmtailor reports {pair['ours']['tokens_reported']} tokens, the groups hold "
-                  f"{pair['ours']['tokens']}", file=sys.stderr)
-        pair["ratio"] = rates(pair["ours"])["tokens_per_s"] / rates(pair["baseline"])["tokens_per_s"]
-        runs.append(pair)
+    sides = [s for s in a.sides.split(",") if s]
+    if sides[:1] != ["ours"] or len(sides) < 2 or any(s not in SIDES for s in sides):
+        raise SystemExit(f"--sides: ours first, then one or more of baseline, trl; got {a.sides!r}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    peaks = machine_peaks()
+    units = peaks["bf16_units"] or "none (no amx_bf16 / avx512_bf16 in /proc/cpuinfo)"
+    print(f"{cpu_model()}, {torch.get_num_threads()} torch threads; bf16 matrix units: {units}")
+    print(f"matmul peaks: fp32 {peaks['matmul_gflops_float32']:.0f} GFLOP/s (2048^2), bf16 "
+          f"{peaks['matmul_gflops_bfloat16']:.1f} GFLOP/s ({peaks['bf16_matmul_size']}^2)", flush=True)
+    child = ["--steps", str(a.steps), "--batch-size", str(a.batch_size), "--precision", a.precision,
+             "--base-model", a.base_model]
 
-    ours = [rates(r["ours"]) for r in runs]
-    base = [rates(r["baseline"]) for r in runs]
-    med = statistics.median
-    ratio = med(r["ratio"] for r in runs)
-    rss_ours = max(r["ours"]["peak_rss_bytes"] for r in runs)
-    rss_base = max(r["baseline"]["peak_rss_bytes"] for r in runs)
-    first = runs[0]
-    tokens, padded = first["ours"]["tokens"], first["ours"]["padded_tokens"]
+    def one(side: str, rep: int) -> dict[str, Any]:
+        print(f"[{rep + 1}/{a.repeats}] {side}: {a.steps} steps of {a.batch_size} ({a.precision}) ...", flush=True)
+        r = run_side(str(Path(__file__).resolve()), side, child, a.threads)
+        print(f"    {r['train_seconds']:.1f} s training, {r['tokens'] / r['train_seconds']:.0f} tokens/s, final loss "
+              f"{r['final_loss']:.5f}", flush=True)
+        return r
+
+    rounds = alternate(a.repeats, sides, one)
+    tol = LOSS_TOLERANCE[a.precision]
+    for rnd in rounds:
+        ours = rnd["ours"]
+        if ours["tokens_reported"] not in range(ours["tokens"] - 2, ours["tokens"] + 3):
+            print(f"warning: lmtailor reports {ours['tokens_reported']} tokens, the groups hold {ours['tokens']}",
+                  file=sys.stderr)
+        rnd["ratio"], rnd["loss_diff"] = {}, {}
+        for side in sides[1:]:
+            other = rnd[side]
+            if other["tokens"] != ours["tokens"]:
+                raise SystemExit(f"{side} saw {other['tokens']} tokens, ours {ours['tokens']}")
+            rnd["loss_diff"][side] = diff = abs(ours["final_loss"] - other["final_loss"])
+            if diff > tol:
+                raise SystemExit(f"final losses differ by {diff:.2e} (ours {ours['final_loss']:.6f}, {side} "
+                                 f"{other['final_loss']:.6f}), more than the tolerance {tol:g}: the sides do not "
+                                 "train alike")
+            rnd["ratio"][side] = other["train_seconds"] / ours["train_seconds"]  # same tokens: the speed ratio
+
+    # model FLOPs (the same for every side) as a share of the peak of the precision trained in
+    params = next((r[s]["params"] for r in rounds for s in sides[1:] if "params" in r[s]), None)
+    first = rounds[0]["ours"]
+    tokens, padded, supervised = first["tokens"], first["padded_tokens"], first["supervised_tokens"]
+    peak = peaks["matmul_gflops_bfloat16" if a.precision == "bf16" else "matmul_gflops_float32"] * 1e9
+    flops = model_flops(params, tokens, supervised) if params else None
+    tps = {s: median(r[s]["tokens"] / r[s]["train_seconds"] for r in rounds) for s in sides}
+    secs = {s: median(r[s]["train_seconds"] for r in rounds) for s in sides}
+    rss = {s: max(r[s]["peak_rss_bytes"] for r in rounds) for s in sides}
+    share = {s: flops / secs[s] / peak for s in sides} if flops else {}
+    steady = {s: median(x for r in rounds if (x := steady_seconds_per_step(r[s]["step_elapsed"])) is not None)
+              if a.steps >= 3 else None for s in sides}
     table = [
-        ("", "lmtailor (packed)", "HF Trainer + peft (padded)"),
-        ("non-padding tokens/s", f"{med(o['tokens_per_s'] for o in ours):.1f}",
-         f"{med(b['tokens_per_s'] for b in base):.1f}"),
-        ("padded tokens/s", "-", f"{med(b['padded_tokens_per_s'] for b in base):.1f}"),
-        ("supervised tokens/s", f"{med(o['supervised_tokens_per_s'] for o in ours):.1f}",
-         f"{med(b['supervised_tokens_per_s'] for b in base):.1f}"),
-        ("training seconds", f"{med(r['ours']['train_seconds'] for r in runs):.1f}",
-         f"{med(r['baseline']['train_seconds'] for r in runs):.1f}"),
-        ("peak RSS (GB)", f"{rss_ours / 1e9:.2f}", f"{rss_base / 1e9:.2f}"),
-        ("final step loss", f"{first['ours']['final_loss']:.4f}", f"{first['baseline']['final_loss']:.4f}"),
+        ("", *(NAMES[s] for s in sides)),
+        ("non-padding tokens/s", *(f"{tps[s]:.1f}" for s in sides)),
+        ("supervised tokens/s", *(f"{supervised / secs[s]:.1f}" for s in sides)),
+        ("training seconds", *(f"{secs[s]:.1f}" for s in sides)),
+        ("steady s/step", *(f"{steady[s]:.2f}" if steady[s] else "-" for s in sides)),
+        (f"share of {a.precision} peak", *(f"{share[s]:.1%}" if share else "-" for s in sides)),
+        ("peak RSS (GB)", *(f"{rss[s] / 1e9:.2f}" for s in sides)),
+        ("final step loss", *(f"{rounds[0][s]['final_loss']:.5f}" for s in sides)),
     ]
-    w0 = max(len(r[0]) for r in table)
-    w1 = max(len(r[1]) for r in table)
-    print(f"\n{steps} steps x {a.batch_size} examples: {tokens} tokens ({first['ours']['supervised_tokens']} "
-          f"supervised); padded to the longest in each batch: {padded} ({tokens / padded:.0%} real)")
+    print(f"\n{a.steps} steps x {a.batch_size} examples: {tokens} tokens ({supervised} supervised); padded to the "
+          f"longest in each batch: {padded} ({tokens / padded:.0%} real); {a.precision}")
+    if params:
+        print(f"model FLOPs (LoRA): (4 x {params['body'] / 1e6:.1f}M body + 6 x {params['lora'] / 1e6:.2f}M adapter) "
+              f"per token + 4 x {params['head'] / 1e6:.1f}M head per supervised token = {flops / 1e12:.2f} TFLOP")
+    widths = [max(len(r[j]) for r in table) for j in range(len(table[0]))]
     for row in table:
-        print(f"{row[0]:<{w0}}  {row[1]:>{w1}}  {row[2]:>26}")
-    per = ", ".join(f"{r['ratio']:.2f}" for r in runs)
-    verdict = "meets" if ratio >= RATIO_TARGET and rss_ours <= rss_base else "misses"
-    print(f"ratio (non-padding tokens/s, ours / baseline): {ratio:.2f} (per repeat: {per}); target >= "
-          f"{RATIO_TARGET} with RSS <= baseline: {verdict}")
+        print("  ".join(f"{c:<{widths[0]}}" if j == 0 else f"{c:>{widths[j]}}" for j, c in enumerate(row)))
+    verdicts = {}
+    for side in sides[1:]:
+        ratio = median(r["ratio"][side] for r in rounds)
+        per = ", ".join(f"{r['ratio'][side]:.2f}" for r in rounds)
+        diffs = ", ".join(f"{r['loss_diff'][side]:.1e}" for r in rounds)
+        verdicts[side] = ok = ratio >= RATIO_TARGETS[side] and rss["ours"] <= rss[side]
+        print(f"ours / {NAMES[side]}: median {ratio:.2f} (per repeat: {per}); target >= {RATIO_TARGETS[side]} with "
+              f"RSS <= its: {'meets' if ok else 'misses'}; final loss |diff| {diffs} (tolerance {tol:g})")
 
     out = a.out if a.out is not None else (None if a.quick else DEFAULT_OUT)
     if out is None:
@@ -281,24 +341,25 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "finetune_throughput",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "setup": {"base_model": "smollm2-135m-instruct", "data": "catalog:shell-commands", "method": "lora",
-                  "lora": "r=8 alpha=16 q/k/v/o dropout 0", "steps": steps, "batch_size": a.batch_size,
-                  "max_length": 256, "lr": 2e-4, "scheduler": "linear", "dtype": "float32",
+        "note": "measured on a shared machine: ratios within one run are comparable, absolute figures vary",
+        "setup": {"base_model": a.base_model, "data": "catalog:shell-commands", "method": "lora",
+                  "lora": "r=8 alpha=16 q/k/v/o dropout 0", "steps": a.steps, "batch_size": a.batch_size,
+                  "max_length": 256, "lr": 2e-4, "scheduler": "linear", "precision": a.precision,
                   "baseline": "transformers Trainer + peft, DataCollatorForSeq2Seq pad to longest, sequential sampler",
+                  "trl": "trl SFTTrainer + peft, pre-tokenized, padding_free=True (one flattened row per step), "
+                         "packing=False, sequential sampler",
                   "ours": "lmtailor.train.train, packing=true (pack_length 1024)"},
-        "tokens": tokens, "padded_tokens": padded, "supervised_tokens": first["ours"]["supervised_tokens"],
-        "ours_tokens_per_s": med(o["tokens_per_s"] for o in ours),
-        "baseline_tokens_per_s": med(b["tokens_per_s"] for b in base),
-        "baseline_padded_tokens_per_s": med(b["padded_tokens_per_s"] for b in base),
-        "ratio": ratio, "ratio_per_repeat": [r["ratio"] for r in runs], "ratio_target": RATIO_TARGET,
-        "ours_peak_rss_bytes": rss_ours, "baseline_peak_rss_bytes": rss_base,
-        "ours_final_loss": first["ours"]["final_loss"], "baseline_final_loss": first["baseline"]["final_loss"],
-        "meets_target": verdict == "meets",
+        "tokens": tokens, "padded_tokens": padded, "supervised_tokens": supervised,
+        "machine_peaks": peaks, "params": params, "model_flops": flops, "share_of_peak": share,
+        "tokens_per_s": tps, "peak_rss_bytes": rss,
+        "ratio": {s: median(r["ratio"][s] for r in rounds) for s in sides[1:]},
+        "ratio_per_repeat": {s: [r["ratio"][s] for r in rounds] for s in sides[1:]},
+        "ratio_targets": RATIO_TARGETS, "meets_target": verdicts, "loss_tolerance": tol,
+        "final_losses": {s: rounds[0][s]["final_loss"] for s in sides},
         "load_average_at_end": os.getloadavg(),
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": first["ours"]["torch_threads"],
-                    "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "torch": torch.__version__},
-        "runs": runs,
+        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": first["torch_threads"],
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "runs": rounds,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,164 @@
+"""Pieces the throughput benchmarks share: one side per subprocess (so peak RSS is that side's alone), repeats in
+alternating order, a step clock for HF trainers, and the machine's matmul peaks.
+
+Imported by the benchmark scripts, which run as `python benchmarks/<name>.py` (this folder is then on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports kilobytes, macOS bytes)."""
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def run_side(script: str, side: str, args: list[str], threads: int | None = None) -> dict[str, Any]:
+    """Run `script --side side ARGS` in a fresh interpreter; returns the result dict it writes."""
+    env = dict(os.environ)
+    if threads:
+        # Set before torch starts its thread pool; on a busy shared machine 1 thread avoids OpenMP spin stalls.
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_path = f.name
+    try:
+        cmd = [sys.executable, script, "--side", side, *args, "--result", result_path]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+            raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
+        result: dict[str, Any] = json.loads(Path(result_path).read_text())
+        result["process_seconds"] = time.perf_counter() - t0
+        return result
+    finally:
+        os.unlink(result_path)
+
+
+def alternate(repeats: int, sides: list[str], run: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`repeats` rounds of every side; round r starts with side r (mod the sides), so every side runs first once
+    in len(sides) rounds (two sides: ab, ba, ab, ...)."""
+    rounds = []
+    for rep in range(repeats):
+        k = rep % len(sides)
+        order = sides[k:] + sides[:k]
+        rnd: dict[str, Any] = {"order": order}
+        for side in order:
+            rnd[side] = run(side, rep)
+        rounds.append(rnd)
+    return rounds
+
+
+def median(values: Any) -> float:
+    return float(statistics.median(list(values)))
+
+
+def step_clock() -> Any:
+    """A transformers TrainerCallback that records elapsed seconds after each step and the logged losses."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.t0 = self.t1 = 0.0
+            self.step_elapsed: list[float] = []
+            self.losses: list[float] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.step_elapsed.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+                   **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.t1 = time.perf_counter()
+
+    return StepClock()
+
+
+def steady_seconds_per_step(step_elapsed: list[float]) -> float | None:
+    """Seconds per step without the first one (allocator and thread-pool warm-up hit every side)."""
+    if len(step_elapsed) < 3:
+        return None
+    return (step_elapsed[-1] - step_elapsed[0]) / (len(step_elapsed) - 1)
+
+
+def matmul_gflops(dtype_name: str, n: int = 2048, budget_s: float = 3.0) -> float:
+    """Best GFLOP/s of an n x n matmul in this dtype with torch's threads (a few tries within `budget_s`)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t0 = time.perf_counter()
+    torch.mm(a, b)  # warm-up (packing routines, thread pool)
+    best = time.perf_counter() - t0
+    spent = best
+    for _ in range(5):
+        if spent > budget_s:
+            break
+        t = time.perf_counter()
+        torch.mm(a, b)
+        dt = time.perf_counter() - t
+        best, spent = min(best, dt), spent + dt
+    return 2 * n**3 / best / 1e9
+
+
+def machine_peaks() -> dict[str, Any]:
+    """fp32 and bf16 2048^2 matmul GFLOP/s, and the CPU's bf16 matrix units (None: none found).
+
+    Without bf16 units torch falls back to a scalar bf16 kernel (measured: 0.07 GFLOP/s on a 2-vCPU AMD EPYC, one
+    2048^2 product would take minutes), so there the bf16 figure is of a 256^2 product.
+    """
+    from lmtailor.memory import cpu_bf16_units
+
+    units = cpu_bf16_units()
+    bf16_n = 2048 if units else 256
+    return {"matmul_gflops_float32": matmul_gflops("float32"),
+            "matmul_gflops_bfloat16": matmul_gflops("bfloat16", bf16_n), "bf16_matmul_size": bf16_n,
+            "bf16_units": units}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def step_items(cfg: Any) -> tuple[Any, list[list[Any]]]:
+    """The tokenizer and, per optimizer step, the prepared items lmtailor's loop feeds (the same code path)."""
+    from lmtailor.loop import batch_at, item_lengths, plan_steps
+    from lmtailor.objectives import get_objective
+    from lmtailor.rundata import build_run_data
+
+    objective = get_objective(cfg)
+    ctx = objective.context(cfg)
+    ctx.tokenizer = objective.tokenizer(ctx)
+    items = build_run_data(objective, ctx, write_audit=False).train_items
+    per_epoch, total = plan_steps(cfg, len(items), 1)
+    lengths = item_lengths(cfg, items)
+    return ctx.tokenizer, [[items[i] for i in batch_at(s, per_epoch, len(items), cfg, 1, None, lengths)]
+                           for s in range(total)]
