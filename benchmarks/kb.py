@@ -1,6 +1,7 @@
 """Knowledge base on the Python documentation (`catalog:python-docs`, 497 reST pages, ~11 MB): build time and memory,
 query latency (p50/p95) of BM25, dense and hybrid search at k=5, recall@5 and MRR on a labeled query set written
-for this benchmark, and bm25s against rank-bm25 on the same chunks in the same run.
+for this benchmark, bm25s against rank-bm25 on the same chunks in the same run, and the wall time of a whole
+`lmtailor kb search` command (process start, opening the base and the embedder included).
 
     python benchmarks/kb.py                     # every page (dense embedding dominates: ~15k chunks)
     python benchmarks/kb.py --pages 60          # the labeled pages plus others up to 60 pages
@@ -82,6 +83,10 @@ class PeakRSS:
     def grew_mb(self) -> float:
         return round((self.peak - self.start) / 2**20, 1)
 
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak / 2**20, 1)
+
 
 def pages(limit: int | None, work: Path) -> Path:
     """The python-docs pages as .rst files (the labeled pages first, then others up to `limit`)."""
@@ -146,6 +151,24 @@ def bm25_libraries(kb: Any, labels: list[dict[str, Any]], queries: list[str]) ->
     return out
 
 
+def cli_search(kb_dir: Path, queries: list[str], modes: tuple[str, ...]) -> dict[str, float]:
+    """Wall seconds of one `lmtailor kb search KB QUERY --mode M` command, end to end (a fresh process: start,
+    open the base, load the embedder for dense/hybrid, search, print), median over the queries."""
+    import subprocess
+    import sys
+
+    out = {}
+    for mode in modes:
+        times = []
+        for q in queries:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "lmtailor", "kb", "search", str(kb_dir), q, "-k", "5", "--mode",
+                            mode], check=True, capture_output=True)
+            times.append(time.perf_counter() - t0)
+        out[mode] = round(float(np.median(times)), 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pages", type=int, default=None, help="at most this many pages (default: all 497)")
@@ -168,7 +191,8 @@ def main() -> None:
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             report = build_kb([str(docs)], work / "kb-bm25", embedder=None, progress=False)
-            result["build_bm25_only"] = {"seconds": round(time.perf_counter() - t0, 1), "rss_growth_mb": mem.grew_mb}
+            result["build_bm25_only"] = {"seconds": round(time.perf_counter() - t0, 1), "rss_growth_mb": mem.grew_mb,
+                                         "peak_rss_mb": mem.peak_mb}
         print(report)
         dense = a.embedder != "none"
         if dense:
@@ -176,7 +200,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 report = build_kb([str(docs)], work / "kb", embedder=a.embedder, progress=True)
                 result["build_hybrid"] = {"seconds": round(time.perf_counter() - t0, 1), "report": report}
-            result["build_hybrid"]["rss_growth_mb"] = mem.grew_mb
+            result["build_hybrid"].update(rss_growth_mb=mem.grew_mb, peak_rss_mb=mem.peak_mb)
             print(report)
         kb_dir = work / ("kb" if dense else "kb-bm25")
         kb = KnowledgeBase.open(kb_dir)
@@ -191,6 +215,7 @@ def main() -> None:
                                 for mode in modes}
         result["quality"] = retrieval_metrics(kb, labels, k=5, modes=modes)
         result["bm25_libraries"] = bm25_libraries(kb, labels, queries)
+        result["cli_kb_search_s"] = cli_search(kb_dir, queries[:3], modes)
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)

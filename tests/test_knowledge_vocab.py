@@ -79,3 +79,37 @@ def test_a_trained_run_saves_the_new_rows_and_export_keeps_them(extended: tuple[
     export_run(str(run), "merged", tmp_path / "merged")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").get_input_embeddings().weight.detach()
     assert torch.equal(exported, rows_after)
+
+
+def test_terms_report_gives_tokens_per_term_and_domain_perplexity_before_and_after(
+        extended: tuple[Path, list[int]], tiny_model: Path, tmp_path: Path, pairs_file: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from lmtailor.cli import main
+
+    folder, _ = extended
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    data = tmp_path / "d.jsonl"  # domain text: answers that use the new terms
+    data.write_text("".join(json.dumps({"instruction": r["instruction"], "output": f"kubectl {r['output']} then "
+                                        f"systemctl restart"}) + "\n" for r in rows))
+    held = tmp_path / "held.txt"
+    held.write_text("".join(f"{r['instruction']}: kubectl {r['output']} then systemctl restart\n" for r in rows[:4]))
+    run = tmp_path / "run"
+    assert main(["train", f"base_model={folder}", f"data.path={data}", "data.val_size=2", "max_steps=8",
+                 "batch_size=4", "lr=1e-2", "eval.generate_examples=0", "eval.before_after=false",
+                 f"output_dir={run}", "--no-progress"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "report.json"
+    assert main(["terms", "report", "--terms", str(tmp_path / "terms.txt"), "--base", str(tiny_model), "--run",
+                 str(run), "--text", str(held), "--context", "64", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens per term" in printed and "perplexity per word" in printed
+    report = json.loads(out.read_text())
+    before, after = report["before"], report["after"]
+    assert report["terms"] == 2 and after["vocabulary"] > before["vocabulary"]
+    assert after["tokens_per_term"] == 1.0 < before["tokens_per_term"]  # each term is one token now
+    assert after["tokens"] < before["tokens"]  # the held-out text is shorter in tokens
+    # the extended, trained model predicts held-out domain text better, in units both tokenizers share
+    assert after["perplexity_per_word"] < before["perplexity_per_word"]
+    assert after["bits_per_byte"] < before["bits_per_byte"]

@@ -353,7 +353,7 @@ def _key_args(p: argparse.ArgumentParser) -> None:
 
 
 def _knowledge_verbs(sub: argparse._SubParsersAction) -> None:
-    """kb build|add|search|eval, terms mine."""
+    """kb build|add|search|eval, terms mine|report."""
     kb = sub.add_parser("kb", help="knowledge base: chunk and index documents (BM25 + embeddings), search them")
     ksub = kb.add_subparsers(dest="action", required=True)
     kbb = ksub.add_parser("build", help="chunk, deduplicate and index documents into a knowledge base folder")
@@ -386,6 +386,14 @@ def _knowledge_verbs(sub: argparse._SubParsersAction) -> None:
     tmm.add_argument("--min-count", type=int, default=3)
     tmm.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model name or folder whose tokenizer "
                      "judges the splits")
+    tmr = tmsub.add_parser("report", help="tokens per term and domain perplexity, base vs extended + trained")
+    tmr.add_argument("--terms", required=True, help="the terms file given to `tokenizer extend`")
+    tmr.add_argument("--base", required=True, help="the model before: name or folder")
+    tmr.add_argument("--run", required=True, help="the run trained on the extended vocabulary")
+    tmr.add_argument("--text", required=True, help="held-out domain text: file, folder or catalog:NAME")
+    tmr.add_argument("--context", type=int, default=512, help="perplexity window in tokens")
+    tmr.add_argument("--stride", type=int, default=None, help="tokens the window advances (default context / 2)")
+    tmr.add_argument("--out", default=None, help="also write the report as JSON here")
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -553,6 +561,11 @@ def _kb(a: argparse.Namespace) -> None:
 
 
 def _terms(a: argparse.Namespace) -> None:
+    if a.action == "report":
+        from lmtailor.vocab import format_report, vocab_report
+
+        print(format_report(vocab_report(a.terms, a.base, a.run, a.text, a.context, a.stride, a.out)))
+        return
     from lmtailor.knowledge.terms import mine_terms
 
     print(mine_terms(a.corpus, a.out, a.tokenizer, a.top, a.min_count))
