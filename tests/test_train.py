@@ -164,6 +164,23 @@ def test_budget_fits_the_steps_to_the_measured_step_time(tiny_model, pairs_file,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_budget_that_covers_the_run_pays_for_loading_and_evaluations(tiny_model, pairs_file, tmp_path, capsys):
+    """budget_covers=run (what auto gives its final run): the steps get what is left of the budget once the time
+    before training is spent and as much as the before evaluation took is kept for the after one."""
+    import re
+
+    run = tmp_path / "whole"
+    assert main(["train", f"base_model={tiny_model}", f"data.path={pairs_file}", "data.val_size=2", "batch_size=2",
+                 "epochs=50", "method=full", f"output_dir={run}", "budget=25s", "budget_covers=run",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    spent, kept = (float(v) for v in re.search(
+        r"budget 25 s for the run: (\d+) s spent before training, (\d+) s kept for the after evaluation", out).groups())
+    fitted = float(re.search(r"budget ([\d.]+) s: a step takes", out).group(1))
+    assert 0 < fitted <= max(0.05 * 25, 25 - spent - kept - 15 + 1.0), out  # 15 s for saving; whole seconds printed
+    assert json.loads((run / "metrics.json").read_text())["after"], "the after evaluation still runs"
+
+
 def test_a_test_split_is_reported_on_and_never_selected_on(tiny_model, data12, tmp_path):
     """data.test_path: validation (best checkpoint, early stopping) stays on the validation split; the baselines
     and before/after are judged on the test file, and a training example equal to a test one is dropped."""

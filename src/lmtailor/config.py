@@ -311,6 +311,10 @@ class RunConfig(Strict):
                                  "seconds): the step time is measured on the first batches before training and the "
                                  "number of steps cut to fit (never raised above epochs/max_steps); the fitted "
                                  "max_steps is written to the resolved config")
+    budget_covers: Literal["steps", "run"] = Field(
+        "steps", description="what budget pays for: the training steps and their validations (steps; the timing "
+        "steps and a head's fitting included), or the whole run from its start (run: loading, the baselines and the "
+        "before evaluation as measured, the after evaluation charged at the before evaluation's time)")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step, over all processes")
     micro_batch_size: int | None = Field(None, ge=1, description="examples per forward pass on one process "
                                          "(default: the whole share of a step; smaller values accumulate gradients)")

@@ -301,7 +301,9 @@ def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int,
     again over the steps that fit: that many of them (fewer when they would take more than EVAL_SHARE of the
     budget), not the ones planned for the uncut schedule (which a budget may cut to fewer than one)."""
     cfg = loop.cfg
+    given, t0 = budget, time.monotonic()
     step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned), max_seconds=0.03 * budget)
+    budget = max(0.05 * given, given - (time.monotonic() - t0))  # the timing steps are spent time too
     eval_every = cfg.eval_every
     if evaluations and eval_every:
         # at most EVAL_SHARE of the budget validates: slow validations (long examples) become fewer, not longer
@@ -312,8 +314,13 @@ def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int,
     else:
         per_step = step_s + (eval_s / eval_every if eval_every else 0.0)
         steps = max(1, min(planned, int(budget / per_step)))
+    if loop.acc.num_processes > 1:  # the main process decides (its budget paid the before evaluation): all agree
+        from accelerate.utils import broadcast
+
+        steps, eval_every = (int(v) for v in broadcast(torch.tensor([steps, eval_every], device=loop.acc.device)))
     if loop.acc.is_main_process:
-        print(f"budget {budget:g} s: a step takes {step_s:.2f} s (measured on {min(probe_steps, planned)} steps)"
+        print(f"budget {given:g} s: a step takes {step_s:.2f} s (measured on {min(probe_steps, planned)} steps, "
+              f"{given - budget:.0f} s)"
               + (f", validation {eval_s:.1f} s every {eval_every} steps" if eval_every and eval_s else "")
               + f" -> {steps} steps ({steps / per_epoch:.2f} epochs; the recipe planned {planned})")
     return steps, eval_every

@@ -117,6 +117,9 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
         return _train_in(folder, acc, cfg, progress, on_eval, setup)
 
 
+SAVE_S = 15.0  # budget_covers=run: kept for the final save and the reports
+
+
 @dataclass(frozen=True)
 class _Setup:
     """What the process setup chose: precision, sharding strategy, trackers."""
@@ -134,6 +137,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
 
     mixed, weight_dtype, strategy, sharded, trackers = (setup.mixed, setup.weight_dtype, setup.strategy,
                                                         setup.sharded, setup.trackers)
+    started = time.monotonic()
     main = acc.is_main_process
     say = print if main else (lambda *a, **k: None)
     run_dir = folder.path
@@ -165,11 +169,12 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     baselines: dict[str, dict[str, float]] = {}
     if main and objective.baseline is not None and data.train_examples and report_examples:
         baselines = objective.baseline(ctx, data.train_examples, report_examples)
-    before = Evaluation()
+    before, t_before = Evaluation(), time.monotonic()
     if main and cfg.eval.before_after and (report_items or report_examples):
         with model.disable_adapter() if cfg.method in ADAPTER_METHODS else contextlib.nullcontext():
             before = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
                                         desc="before")
+    before_s = time.monotonic() - t_before  # the after evaluation will cost about as much
     acc.wait_for_everyone()
 
     # ---- optimizer, schedule (fitted to the budget), resume --------------------------------------------------------
@@ -188,9 +193,14 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         if first.get("max_steps"):
             total_steps, eval_every = int(first["max_steps"]), int(first.get("eval_every", cfg.eval_every))
         else:
-            if init_s >= 1:
+            steps_s = cfg.budget - init_s
+            if cfg.budget_covers == "run":  # what is left once loading, baselines, before and (as much) after are paid
+                steps_s = cfg.budget - (time.monotonic() - started) - before_s - SAVE_S
+                say(f"budget {cfg.budget:g} s for the run: {time.monotonic() - started:.0f} s spent before training, "
+                    f"{before_s:.0f} s kept for the after evaluation, {SAVE_S:.0f} s for saving")
+            elif init_s >= 1:
                 say(f"budget {cfg.budget:g} s: the head's fitting took {init_s:.0f} s of it")
-            total_steps, eval_every = fit_steps_to_budget(loop, max(0.05 * cfg.budget, cfg.budget - init_s),
+            total_steps, eval_every = fit_steps_to_budget(loop, max(0.05 * cfg.budget, steps_s),
                                                           per_epoch, total_steps,
                                                           evaluations=EVALUATIONS if chosen_eval else None)
         if eval_every != cfg.eval_every:
