@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ LAUNCH_FLAGS = {"ACCELERATE_USE_DEEPSPEED": "DEEPSPEED", "ACCELERATE_USE_FSDP": 
                 "ACCELERATE_USE_MEGATRON_LM": "MEGATRON_LM"}
 
 
-def check_launch(cfg: RunConfig, environ: dict[str, str] | os._Environ[str], cuda: bool) -> None:
+def check_launch(cfg: RunConfig, environ: Mapping[str, str], cuda: bool) -> None:
     """Refuse a launch or strategy the code does not drive before any process group or model is made.
 
     `accelerate launch` with an FSDP, DeepSpeed or Megatron-LM config tells its processes so in the environment;
