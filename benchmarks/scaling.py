@@ -102,6 +102,17 @@ def memory_table(sizes: list[str]) -> list[dict[str, object]]:
     return rows
 
 
+def plan_table(sizes: list[str]) -> list[dict[str, object]]:
+    """The `plan` accuracy table. HOOK: when the plan-accuracy work (issue 15, i15c) lands a comparison function
+    in lmtailor.plan (`accuracy_table(sizes) -> rows` with plan_mib/measured_mib/error), it is used; until then
+    this script's own measurement above."""
+    try:
+        from lmtailor.plan import accuracy_table  # type: ignore[attr-defined]
+    except ImportError:
+        return memory_table(sizes)
+    return accuracy_table(sizes)  # type: ignore[no-any-return]
+
+
 def processes_table(quick: bool) -> list[dict[str, object]]:
     """1 process vs 2 (DDP, FSDP) on one recipe: tokens/s and peak memory per process."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -133,10 +144,13 @@ def processes_table(quick: bool) -> list[dict[str, object]]:
             if proc.returncode:
                 raise SystemExit(proc.stderr[-3000:])
             metrics = json.loads((out / "metrics.json").read_text())
+            # GNU time's %M (KiB) is the largest resident set of any one process it waited for: the launcher's
+            # children included, so with 2 processes it is the peak of the larger worker (per process, not summed)
+            peak_mib = int(proc.stderr.strip().splitlines()[-1]) / 1024
             rows.append({"run": name, "tokens_per_s": metrics["train_tokens_per_s"],
-                         "final_loss": metrics["final_train_loss"]})
-            print(f"{name:<18} {metrics['train_tokens_per_s']:8.0f} tokens/s  final loss "
-                  f"{metrics['final_train_loss']:.4f}", flush=True)
+                         "peak_rss_mib_per_process": peak_mib, "final_loss": metrics["final_train_loss"]})
+            print(f"{name:<18} {metrics['train_tokens_per_s']:8.0f} tokens/s  peak {peak_mib:6.0f} MiB/process  "
+                  f"final loss {metrics['final_train_loss']:.4f}", flush=True)
     return rows
 
 
@@ -151,7 +165,7 @@ def main() -> None:
         return
     sizes = ["21M"] if a.quick else list(SIZES)
     result = {"note": "machine shared with other engineers' jobs (2 cores): timings are indicative; memory is not "
-                      "affected", "seq_len": SEQ, "micro_batch": BATCH, "memory": memory_table(sizes)}
+                      "affected", "seq_len": SEQ, "micro_batch": BATCH, "memory": plan_table(sizes)}
     if not a.skip_processes:
         result["processes"] = processes_table(a.quick)
     out = Path(__file__).with_name("results") / "scaling.json"

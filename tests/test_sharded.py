@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -33,6 +34,19 @@ def launch2() -> list[str]:
     return [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
             "-m", "lmtailor"]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process under it at once: torchrun starts each worker in its own session, so
+    killing the launcher's process group alone leaves the workers training."""
+    import psutil
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
 
 
 def _run(cmd: list[str]) -> None:
@@ -92,7 +106,7 @@ def test_fsdp_killed_then_resumed_equals_uninterrupted(runs):
     deadline = time.time() + 600
     while not target.is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, at once
+    kill_tree(proc.pid)  # the launcher and both workers, at once
     proc.wait()
     assert not (out / "model").exists(), "the run finished before it could be killed"
     _run([*launch2(), *common, "method=full", "distributed.strategy=fsdp", "save_every=2", "resume=true",

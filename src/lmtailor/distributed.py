@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
-from lmtailor.checkpoint import jsonable, restore_rank_rng
+from lmtailor.checkpoint import jsonable, list_checkpoints, restore_rank_rng
 from lmtailor.config import RunConfig
 from lmtailor.errors import CheckpointError, ConfigError, LmtailorError
 from lmtailor.models import decoder_layers
@@ -36,6 +36,40 @@ DCP_MARKER = ".metadata"  # torch.distributed.checkpoint's index file
 
 class DistributedError(LmtailorError):
     """A process of a multi-process run was lost or stopped answering."""
+
+
+LAUNCH_FLAGS = {"ACCELERATE_USE_DEEPSPEED": "DEEPSPEED", "ACCELERATE_USE_FSDP": "FSDP",
+                "ACCELERATE_USE_MEGATRON_LM": "MEGATRON_LM"}
+
+
+def check_launch(cfg: RunConfig, environ: Mapping[str, str], cuda: bool) -> None:
+    """Refuse a launch or strategy the code does not drive before any process group or model is made.
+
+    `accelerate launch` with an FSDP, DeepSpeed or Megatron-LM config tells its processes so in the environment;
+    the Accelerator would then build that engine's plugin (DeepSpeed's on a machine without CUDA can wait for a
+    process group that never forms), so the refusal comes first.
+
+    Raises:
+        ConfigError: naming the launch mode or strategy.
+    """
+    for var, mode in LAUNCH_FLAGS.items():
+        if environ.get(var, "").lower() in ("1", "true", "yes"):
+            _refuse_launch(mode)
+    _refuse_deepspeed(cfg.distributed.strategy, cuda)
+
+
+def _refuse_launch(mode: str) -> None:
+    raise ConfigError(f"accelerate launch configured distributed_type {mode}, which lmtailor does not drive",
+                      "launch plain processes (accelerate launch --multi_gpu --num_processes N) and set "
+                      "distributed.strategy=fsdp or fsdp_grad_op in the recipe")
+
+
+def _refuse_deepspeed(strategy: str, cuda: bool) -> None:
+    if strategy.startswith("deepspeed"):
+        why = "DeepSpeed needs CUDA GPUs and none is present" if not cuda else "DeepSpeed is not supported yet"
+        raise ConfigError(f"config key 'distributed.strategy': {strategy} is not supported here ({why})",
+                          "use fsdp (parameters, gradients and optimizer sharded, like ZeRO-3) or fsdp_grad_op "
+                          "(like ZeRO-2); allowed values are auto, ddp, fsdp, fsdp_grad_op")
 
 
 def check_strategy(cfg: RunConfig, launcher_type: str, cuda: bool) -> str:
@@ -52,14 +86,8 @@ def check_strategy(cfg: RunConfig, launcher_type: str, cuda: bool) -> str:
     """
     strategy = cfg.distributed.strategy
     if launcher_type in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
-        raise ConfigError(f"accelerate launch configured distributed_type {launcher_type}, which lmtailor does not "
-                          "drive", "launch plain processes (accelerate launch --multi_gpu --num_processes N) and set "
-                          "distributed.strategy=fsdp or fsdp_grad_op in the recipe")
-    if strategy.startswith("deepspeed"):
-        why = "DeepSpeed needs CUDA GPUs and none is present" if not cuda else "DeepSpeed is not supported yet"
-        raise ConfigError(f"config key 'distributed.strategy': {strategy} is not supported here ({why})",
-                          "use fsdp (parameters, gradients and optimizer sharded, like ZeRO-3) or fsdp_grad_op "
-                          "(like ZeRO-2); allowed values are auto, ddp, fsdp, fsdp_grad_op")
+        _refuse_launch(launcher_type)
+    _refuse_deepspeed(strategy, cuda)
     if strategy in SHARDED:
         if cfg.method in ("prompt_tuning", "prefix_tuning", "qlora"):
             raise ConfigError(f"config key 'method': {cfg.method} is not supported with distributed.strategy="
@@ -205,3 +233,16 @@ def lost_process(e: BaseException) -> bool:
     return bool(names & {"DistBackendError", "DistNetworkError", "DistStoreError"}) or any(
         m in text for m in ("connection closed by peer", "connection reset", "timed out", "timeout", "gloo",
                             "nccl", "broken pipe"))
+
+
+def lost_contact(e: BaseException, run_dir: Path, timeout: float, step: int | None = None) -> DistributedError:
+    """The one-line error for a collective that failed because another process died or stopped answering."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    # gloo/NCCL prefix their messages with the source file and line: keep only what they say
+    first = first.split("] ", 1)[-1] if first.startswith("[") else first
+    newest = list_checkpoints(run_dir)
+    where = f" at step {step}" if step is not None else ""
+    return DistributedError(
+        f"lost contact with another process of the run{where} ({type(e).__name__}: {first[:200]})",
+        f"restart every node with resume=true (newest complete checkpoint: {newest[-1] if newest else 'none'}; "
+        f"a process waits distributed.timeout={timeout:g}s for the others)")

@@ -34,7 +34,8 @@ def make_trackers(cfg: RunConfig) -> list[Any]:
             made.append(tracking.MLflowTracker(experiment_name=cfg.name, run_name=cfg.name))
         elif name == "wandb":
             made.append(tracking.WandBTracker(cfg.name, name=cfg.name))
-        else:
+        else:  # trackio reads its folder when first imported: set it before the tracker starts
+            os.environ.setdefault("TRACKIO_DIR", str(Path(cfg.run_dir) / "trackio"))
             made.append(tracking.TrackioTracker(cfg.name))
     return made
 
@@ -56,6 +57,8 @@ def start_trackers(acc: Any, cfg: RunConfig, run_dir: Path, config: dict[str, An
         os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; `wandb sync` uploads later
         os.environ.setdefault("WANDB_DIR", str(run_dir))
         where["wandb"] = f"{os.environ['WANDB_MODE']} in {os.environ['WANDB_DIR']}"
+    if "trackio" in names:
+        where["trackio"] = os.environ["TRACKIO_DIR"]
     if "tensorboard" in names:
         where["tensorboard"] = str(run_dir / "tb")
     flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in config.items()}

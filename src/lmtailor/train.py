@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,14 +23,15 @@ from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainabl
 from lmtailor.config import RunConfig, dump_config
 from lmtailor.distributed import (
     SHARDED,
-    DistributedError,
+    check_launch,
     check_strategy,
     gather_full_state,
     load_sharded,
+    lost_contact,
     lost_process,
     shard,
 )
-from lmtailor.errors import CheckpointError, ConfigError, TrainingError
+from lmtailor.errors import CheckpointError, ConfigError, LmtailorError, TrainingError
 from lmtailor.fitting import EVALUATIONS
 from lmtailor.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lmtailor.loop import (
@@ -104,6 +106,7 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
 
     # ---- setup ----------------------------------------------------------------------------------------------------
     cuda = torch.cuda.is_available()
+    check_launch(cfg, os.environ, cuda)  # before the Accelerator builds a plugin or a process group
     mixed, weight_dtype = choose_precision(cfg, cuda)
     trackers = make_trackers(cfg)
     # a process that waits longer than distributed.timeout for the others (a lost node) fails instead of hanging
@@ -114,7 +117,12 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
     set_seed(cfg.seed)
     setup = _Setup(mixed, weight_dtype, strategy, strategy in SHARDED and acc.num_processes > 1, trackers)
     with open_run_folder(cfg, main) as folder:  # checked, locked; the previous run stays until folder.start
-        return _train_in(folder, acc, cfg, progress, on_eval, setup)
+        try:
+            return _train_in(folder, acc, cfg, progress, on_eval, setup)
+        except Exception as e:  # a collective outside the steps (setup, evaluation, final gather) fails the same way
+            if acc.num_processes > 1 and not isinstance(e, LmtailorError) and lost_process(e):
+                raise lost_contact(e, folder.path, cfg.distributed.timeout) from e
+            raise
 
 
 SAVE_S = 15.0  # budget_covers=run: kept for the final save and the reports
@@ -231,12 +239,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
     except Exception as e:
         if acc.num_processes > 1 and lost_process(e):
-            newest = list_checkpoints(run_dir)
-            raise DistributedError(
-                f"lost contact with another process of the run at step {loop.state['step']} "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                f"restart every node with resume=true (newest checkpoint: {newest[-1] if newest else 'none'}; "
-                f"distributed.timeout={cfg.distributed.timeout:g}s)") from e
+            raise lost_contact(e, run_dir, cfg.distributed.timeout, loop.state["step"]) from e
         raise
     finally:
         if loop.tracking:  # not acc.end_training(): that also ends the process group the final gather needs
