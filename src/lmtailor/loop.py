@@ -221,6 +221,12 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
                      float(acc.clip_grad_norm_(loop.loss_module.parameters(), cfg.max_grad_norm)))
     loss = float(acc.reduce(loss_sum, "sum")) / n_global
     if not math.isfinite(loss) or not (math.isfinite(grad_norm) if cfg.max_grad_norm > 0 else _finite_grads(loop)):
+        if math.isfinite(loss) and _scale_overflow(loop):
+            # fp16 loss scaling: the scaled gradients overflowed; the scaler skips this update and halves its scale
+            loop.optimizer.step()
+            loop.scheduler.step()  # the schedule stays a function of the step (exact resume)
+            loop.optimizer.zero_grad(set_to_none=True)
+            return loss, grad_norm
         # Stop before the update: the weights (and any checkpoint written so far) stay those of the last good step.
         loop.optimizer.zero_grad(set_to_none=True)
         what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
@@ -231,6 +237,13 @@ def _optimizer_step(loop: Loop, step_items: list[Any]) -> tuple[float, float]:
     loop.scheduler.step()
     loop.optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
+
+
+def _scale_overflow(loop: Loop) -> bool:
+    """Non-finite gradients under fp16 loss scaling are an overflow of the scale, while the scale is still above 1:
+    below, the unscaled gradients themselves are not finite (the run diverged)."""
+    scaler = getattr(loop.acc, "scaler", None)
+    return scaler is not None and float(scaler.get_scale()) >= 1.0
 
 
 def _finite_grads(loop: Loop) -> bool:

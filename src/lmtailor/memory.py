@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,40 @@ from lmtailor.models import decoder_layers, unwrap_peft
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix/dot-product units
 
 
+def bf16_unit(flags: Iterable[str]) -> str | None:
+    """The first of BF16_FLAGS among a CPU's feature flags, or None: where bf16 autocast pays on CPU.
+
+    AMX (Sapphire Rapids and later) multiplies bf16 tiles; AVX512-BF16 (Cooper Lake, Zen 4 and later) has bf16 dot
+    products. Without either, torch emulates bf16 matrix products with float32 ones plus conversions: slower than
+    float32 alone, so float32 is the better choice."""
+    have = set(flags)
+    return next((f for f in BF16_FLAGS if f in have), None)
+
+
+def cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (Linux; empty elsewhere)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    return next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_units() -> str | None:
-    """The first of BF16_FLAGS this CPU has (Linux /proc/cpuinfo), or None: where bf16 autocast pays on CPU."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return next((f for f in BF16_FLAGS if f in flags), None)
+    """bf16_unit of this machine's CPU."""
+    return bf16_unit(cpu_flags())
 
 
-def choose_precision(cfg: RunConfig, cuda: bool | None = None, mps: bool | None = None) -> tuple[str, torch.dtype]:
+def choose_precision(cfg: RunConfig, cuda: bool | None = None, mps: bool | None = None, *,
+                     cuda_bf16: bool | None = None, flags: Iterable[str] | None = None) -> tuple[str, torch.dtype]:
     """(Accelerate's mixed_precision, weight dtype) for this recipe on this machine.
 
     dtype auto keeps float32 weights and picks the compute precision per device: bf16 on a GPU that has it, fp16
     with loss scaling on one that does not, none on MPS, bf16 on a CPU with bf16 units (AMX, AVX512-BF16), else none.
-    A fixed dtype (float32, bfloat16, float16) trains the weights in that dtype, without autocast.
+    A fixed dtype (float32, bfloat16, float16) trains the weights in that dtype, without autocast. `cuda`, `mps`,
+    `cuda_bf16` (the GPU has bf16) and `flags` (the CPU's feature flags) describe the machine; unset, detected.
 
     Raises:
         ConfigError: fp16 mixed precision without a CUDA GPU.
@@ -52,13 +69,58 @@ def choose_precision(cfg: RunConfig, cuda: bool | None = None, mps: bool | None 
     mode = cfg.mixed_precision
     if mode == "auto":
         if cuda:
-            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            mode = "bf16" if (torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16) else "fp16"
         else:
-            mode = "bf16" if not mps and cpu_bf16_units() else "no"
+            unit = cpu_bf16_units() if flags is None else bf16_unit(flags)
+            mode = "bf16" if not mps and unit else "no"
     if mode == "fp16" and not cuda:
+        # Accelerate scales losses only on an accelerator; on CPU it would silently train in float32.
         raise ConfigError("config key 'mixed_precision': fp16 (with loss scaling) needs a CUDA GPU",
                           "on CPU use bf16 (fast where the CPU has AMX or AVX512-BF16) or no")
     return mode, torch.float32
+
+
+class PeakMemory:
+    """Peak memory of the training steps above what the process held before the model was built.
+
+    CUDA: the allocator's high-water mark (torch.cuda.max_memory_allocated). CPU (Linux): the resident set's
+    high-water mark (VmHWM), reset to the current size when the steps start (`/proc/self/clear_refs` 5), so that a
+    transient copy while the weights load does not count; RSS covers everything the process holds (tensors, the
+    allocator's free-but-kept pages, library code paged in), which is what runs out. Elsewhere: not measured.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.baseline = self._now()
+
+    def _now(self) -> int | None:
+        if self.cuda:
+            return int(torch.cuda.memory_allocated())
+        return _proc_status_bytes("VmRSS")
+
+    def start(self) -> None:
+        """Forget the peak so far (call when the training steps begin)."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int | None:
+        """Bytes above the baseline at the highest point since `start`, or None where it cannot be measured."""
+        top = int(torch.cuda.max_memory_allocated()) if self.cuda else _proc_status_bytes("VmHWM")
+        if top is None or self.baseline is None:
+            return None
+        return top - self.baseline
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in text.splitlines() if x.startswith(key + ":")), None)
+    return int(line.split()[1]) * 1024 if line else None  # reported in kB
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -211,6 +211,20 @@ def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: 
     return Estimate(method, checkpointing, total, trainable, weights / gpus, grads / gpus, opt / gpus, act, fixed)
 
 
+def run_estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, micro_batch: int, *,
+                 mixed_precision: str = "no", lora_r: int = 16, optimizer: str = "adamw", supervised: float = 1.0,
+                 attention_matrix: bool = True) -> float:
+    """Peak bytes one `lmtailor train` process adds for this run (what its metrics.json `peak_memory_mib` measures):
+    float32 weights, gradients and optimizer state, and the activations of one micro-batch of `seq_len`-token rows,
+    in float32 without mixed precision (CPU) or bf16/fp16 with it (plus the autocast copies of trained weights).
+    `attention_matrix`: attention keeps its probabilities (CPU, eager); fused kernels on a GPU do not."""
+    half = mixed_precision in ("bf16", "fp16")
+    e = estimate(s, method, checkpointing, seq_len, act_bytes=2 if half else 4, lora_r=lora_r,
+                 optimizer_bytes=2 if optimizer == "adamw_8bit" else 8, autocast_copy=half, supervised=supervised,
+                 attention_matrix=attention_matrix)
+    return e.peak(micro_batch)
+
+
 def plan(model: str, gpus: str = "1x24GB", seq_len: int = 2048, utilisation: float = 0.4, lora_r: int = 16,
          optimizer: str = "adamw") -> dict[str, Any]:
     """Every method with and without gradient checkpointing on `gpus`: memory, largest micro-batch, tokens/s."""

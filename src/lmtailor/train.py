@@ -44,7 +44,7 @@ from lmtailor.loop import (
     plan_steps,
     run_steps,
 )
-from lmtailor.memory import choose_precision, enable_gradient_checkpointing, quantize_4bit
+from lmtailor.memory import PeakMemory, choose_precision, enable_gradient_checkpointing, quantize_4bit
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model, unwrap_peft
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
 from lmtailor.report import comparison_table, likely_reasons, verdict, write_report, write_task_report
@@ -158,6 +158,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         cfg = ctx.cfg  # with the values chosen from the data (data.choices) filled in
         if data.choices:
             say("chosen from the data: " + "; ".join(str(c) for c in data.choices))
+        memory = PeakMemory(acc.device)  # what the model, optimizer and steps add to the process
         model: Any = objective.model(ctx, weight_dtype)
     init_s = 0.0  # a budget pays for the head's fitting too: a slower fit leaves fewer steps, not a later end
     if objective.init is not None:  # every process fits the same (deterministic) weights; no adapter yet
@@ -236,7 +237,9 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
 
     # ---- steps ----------------------------------------------------------------------------------------------------
     try:
+        memory.start()
         result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
+        peak = memory.peak()
     except Exception as e:
         if acc.num_processes > 1 and lost_process(e):
             raise lost_contact(e, run_dir, cfg.distributed.timeout, loop.state["step"]) from e
@@ -273,6 +276,8 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         summary = _summary(cfg, objective, data, state, result.stopped_early, (trainable, total), base_name,
                            acc.num_processes, baselines, before, after)
         summary["evaluated_on"] = report_split
+        if peak is not None:  # compare with `lmtailor plan` (benchmarks/plan_accuracy.py)
+            summary["peak_memory_mib"] = round(peak / 2**20, 1)
         _write_sealed_outputs(run_dir, cfg, objective, state["history"], summary, before, after)
         say(f"\nrun folder: {run_dir} ({state['step']} steps in {state['elapsed']:.0f} s, "
             f"{summary['train_tokens_per_s']:.0f} tokens/s)")
