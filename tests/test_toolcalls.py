@@ -110,9 +110,9 @@ def test_render_folds_tools_for_a_template_without_tool_support(tiny_model: Path
     ex = _chat(_record(), "x:1")
     (seq,) = tokenize_example(tok, ex, 512)
     text = tok.decode(seq.input_ids)
-    assert "<tools>" in text and '"name": "run_shell"' in text
+    assert "<tools>" in text and '{"name":"run_shell","description":' in text
     supervised = tok.decode([t for t, lab in zip(seq.input_ids, seq.labels, strict=True) if lab != -100])
-    assert '<tool_call>\n{"name": "run_shell", "arguments": {"command": "ls -la"}}\n</tool_call>' in supervised
+    assert '<tool_call>\n{"name": "run_shell", "arguments": {"command":"ls -la"}}\n</tool_call>' in supervised
     assert "a.txt b.txt" not in supervised  # the tool's output is prompt, not a target
     prompt = prompt_text(tok, [{"role": "user", "content": "list files"}], ex.tools)
     assert prompt.startswith("<|im_start|>system\nYou can call these tools:")
