@@ -153,3 +153,18 @@ def test_fine_tuned_tiny_model_emits_a_parseable_call(tiny_model: Path) -> None:
     content, calls = parse_tool_calls(text, TOOLS)
     assert calls, text
     assert calls[0]["function"]["name"] == "run_shell" and _args(calls[0]) == {"command": "ls -la"}
+
+
+def test_tool_call_metrics_score_parse_name_and_arguments() -> None:
+    from lmtailor.metrics import tool_call_metrics
+
+    ref = [{"type": "function", "function": {"name": "run_shell", "arguments": {"command": "ls -la"}}}]
+    preds = ['<tool_call>\n{"name": "run_shell", "arguments": {"command":"ls -la"}}\n</tool_call>',  # exact
+             '<tool_call>{"name": "run_shell", "arguments": {"command": "ls -l"}}</tool_call>',  # near argument
+             '<tool_call>{"name": "run_shell", "arguments": {"command": "ls',  # cut off: no call
+             "ls -la"]  # plain text: no call
+    m = tool_call_metrics(preds, [ref] * 4, [TOOLS] * 4)
+    assert m["tool_call_parsed"] == 0.5 and m["tool_name_accuracy"] == 0.5 and m["tool_args_exact"] == 0.25
+    assert 0 < m["tool_args_chrf"] < 100
+    assert tool_call_metrics([], [], []) == {}
+
