@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 _S, _U, _A, _U2 = "\x01SYSTEM\x01", "\x01USER\x01", "\x01ASSISTANT\x01", "\x01USER2\x01"
 _T = "\x01TOOL\x01"
-_PROBE_TOOL = {"type": "function", "function": {"name": "probe", "description": "", "parameters": {}}}
+_PROBE_FUNCTION: dict[str, Any] = {"name": "probe", "description": "", "parameters": {}}
+_PROBE_TOOL: dict[str, Any] = {"type": "function", "function": _PROBE_FUNCTION}
 
 
 def _render(tok: Any, messages: list[dict[str, str]], gen: bool) -> str:
@@ -105,7 +106,7 @@ def _call(c: str) -> str:
 def _tools_offer() -> str:
     """`lmtailor.toolcalls.tools_prompt` in Go: one JSON line per tool (Ollama marshals its function the way
     `ollama_function` writes it), then the calling convention."""
-    head, _, tail = tools_prompt([_PROBE_TOOL]).partition(ollama_function(_PROBE_TOOL["function"]))
+    head, _, tail = tools_prompt([_PROBE_TOOL]).partition(ollama_function(_PROBE_FUNCTION))
     return (_lit(head) + "{{ range $j, $t := $.Tools }}{{ if $j }}\n{{ end }}{{ json $t.Function }}{{ end }}"
             + _lit(tail))
 
