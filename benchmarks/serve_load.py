@@ -11,9 +11,18 @@
    requests/s, tokens/s, p50/p95 latency, errors; and the dynamic-batching gain over one-at-a-time (8 clients,
    max_batch_size=1 vs batching).
 
+3. `--only engines` (issue 18, about 10 minutes on 2 idle cores): 1. with fp16, int8, llama.cpp q8_0 and q4_k_m
+   at 1 and 2 threads, then seven HTTP servers up at once (the torch engine with fp32, fp16 and int8 on one torch
+   thread; the llama.cpp engine with q8_0 and q4_k_m at 1 and 2 threads, on the same exported GGUF files), each
+   loaded with 8 concurrent clients in turn, round-robin for --rounds rounds: requests/s, tokens/s, p95 latency;
+   then the decisions: lmtailor vs llama.cpp q8_0 at batch 1, the server at 8 clients vs llama.cpp's single
+   stream, keep or remove the int8 kernel, and the CPU default engine (`CPU_DEFAULT_ENGINE`).
+
     python benchmarks/serve_load.py [--only levers|server] [--variants fp16,int8,llama.cpp-q8_0,llama.cpp-q4_k_m]
                                     [--lever-threads 1,0] [--requests 8] [--tokens 24]
                                     [--speedup none|fp16|int8|bf16] [--engines torch,llama.cpp-q8_0]
+    python benchmarks/serve_load.py --only engines [--rounds 3] [--requests 8] [--tokens 24] [--lever-tokens 64]
+                                    [--engine-threads 1,2] [--model NAME_OR_FOLDER]
 
 Updates benchmarks/results/serve_load.json (the sections run) and prints tables.
 """
@@ -167,7 +176,8 @@ def levers(tokens: int, variants: list[str], threads: list[int]) -> dict[str, An
     return section
 
 
-def load_level(url: str, model: str, clients: int, requests: int, tokens: int) -> dict[str, Any]:
+def load_level(url: str, model: str, clients: int, requests: int, tokens: int, keep_latencies: bool = False
+               ) -> dict[str, Any]:
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
@@ -204,9 +214,13 @@ def load_level(url: str, model: str, clients: int, requests: int, tokens: int) -
     wall = time.perf_counter() - t0
     lat = sorted(latencies)
     p95 = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)] if lat else float("nan")
-    return {"clients": clients, "requests": requests, "wall_s": round(wall, 2), "req_per_s": round(requests / wall, 3),
-            "tokens_per_s": round(produced[0] / wall, 2), "p50_s": round(statistics.median(lat), 2) if lat else None,
-            "p95_s": round(p95, 2), "errors": len(errors), "error_samples": errors[:3]}
+    out = {"clients": clients, "requests": requests, "wall_s": round(wall, 2), "req_per_s": round(requests / wall, 3),
+           "tokens_per_s": round(produced[0] / wall, 2), "p50_s": round(statistics.median(lat), 2) if lat else None,
+           "p95_s": round(p95, 2), "errors": len(errors), "error_samples": errors[:3],
+           "completion_tokens": produced[0]}
+    if keep_latencies:
+        out["latencies"] = lat
+    return out
 
 
 def server_load(requests: int, tokens: int, speedup: str, threads: int, engine: str = "torch") -> dict[str, Any]:
@@ -240,7 +254,132 @@ def server_load(requests: int, tokens: int, speedup: str, threads: int, engine: 
     return out
 
 
+# ---- issue 18: lmtailor's engines against llama.cpp on the same exported GGUF, in one interleaved run ----------
+
+# Equal quality, for the decisions: perplexity within this factor of fp32's and teacher-forced top-1 agreement
+# with fp32 at least this high (fp16 and q8_0 pass on the bundled model; q4_k_m is reported, not preferred).
+EQUAL_PPL = 1.02
+EQUAL_TOP1 = 0.95
+ENGINE_VARIANTS = ("fp16", "int8", "llama.cpp-q8_0", "llama.cpp-q4_k_m")
+
+
+def _servers(threads: list[int]) -> list[tuple[str, str, str, int]]:
+    """(label, engine, speed-up or GGUF type, threads) of every server compared: torch fp32/fp16/int8 on one
+    torch thread (batched; the fast paths decode on one thread), llama.cpp q8_0/q4_k_m at each thread count."""
+    rows = [(f"torch-{how if how != 'none' else 'fp32'}", "torch", how, 1) for how in ("none", "fp16", "int8")]
+    rows += [(f"llama.cpp-{kind}-{n}t", "llama.cpp", kind, n) for kind in ("q8_0", "q4_k_m") for n in threads]
+    return rows
+
+
+def engines(rounds: int, requests: int, tokens: int, lever_tokens: int, threads: list[int]) -> dict[str, Any]:
+    """Batch-1 decoding (`levers`: fp32 HF generate, fp16, int8, llama.cpp q8_0 and q4_k_m, interleaved, at each
+    thread count) with each one's quality, then every server of `_servers` up at once, loaded in turn with 8
+    concurrent clients, `rounds` times round-robin (so load from elsewhere hits all alike): requests/s, tokens/s
+    and p95 latency over all rounds. Ends with the figures the decisions need (`decisions`)."""
+    from contextlib import ExitStack
+
+    from lmtailor.serve import Limits, create_app, load_models, running
+    from lmtailor.serve.llamacpp_engine import load_llamacpp_slots
+
+    print(f"batch-1 greedy decoding, {len(CLIENT_PROMPTS)} prompts x {lever_tokens} tokens, threads {threads}:",
+          flush=True)
+    batch1 = levers(lever_tokens, list(ENGINE_VARIANTS), threads)
+    plan = _servers(threads)
+    print(f"servers under 8 concurrent clients, {rounds} rounds x {requests} requests x {tokens} tokens each, "
+          f"round-robin over {len(plan)} servers:", flush=True)
+    rows: dict[str, dict[str, Any]] = {}
+    with ExitStack() as stack:
+        urls = {}
+        for label, engine, how, n in plan:
+            if engine == "llama.cpp":
+                slots = load_llamacpp_slots([MODEL], how, threads=n)
+            else:
+                slots = load_models([MODEL], speedup=how)
+            app = create_app(slots, limits=Limits(max_batch_size=8, batch_window_ms=20, torch_threads=n),
+                             engine=engine)
+            urls[label] = (stack.enter_context(running(app)), next(iter(slots)))
+            load_level(*urls[label], 1, 1, 4)  # warm up
+            rows[label] = {"engine": engine, "speedup_or_gguf": how, "threads": n, "wall_s": 0.0, "tokens": 0,
+                           "latencies": [], "errors": 0}
+        for r in range(rounds):
+            for label, (url, name) in urls.items():
+                level = load_level(url, name, 8, requests, tokens, keep_latencies=True)
+                row = rows[label]
+                row["wall_s"] += level["wall_s"]
+                row["tokens"] += level["completion_tokens"]
+                row["latencies"] += level["latencies"]
+                row["errors"] += level["errors"]
+                print(f"  round {r + 1} {label:20} {level['req_per_s']:.2f} req/s  {level['tokens_per_s']:6.1f} tok/s"
+                      f"  p95 {level['p95_s']} s  errors {level['errors']}", flush=True)
+    servers = []
+    for label, row in rows.items():
+        lat = sorted(row.pop("latencies"))
+        done = rounds * requests
+        servers.append({"server": label, **row, "clients": 8, "requests": done, "wall_s": round(row["wall_s"], 2),
+                        "req_per_s": round(done / row["wall_s"], 3),
+                        "tokens_per_s": round(row["tokens"] / row["wall_s"], 2),
+                        "p95_s": round(lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)], 2) if lat else None})
+    return {"batch1": batch1, "servers_8_clients": servers, "decisions": decisions(batch1["rows"], servers)}
+
+
+def _equal_quality(rows: list[dict[str, Any]], how: str) -> dict[str, Any]:
+    row = next(r for r in rows if r["speedup"] == how and r["threads"] == rows[0]["threads"])
+    base = next(r for r in rows if r["speedup"] == BASELINE and r["threads"] == rows[0]["threads"])
+    ok = (row["perplexity"] <= EQUAL_PPL * base["perplexity"]
+          and row["teacher_forced_top1_agreement"] >= EQUAL_TOP1)
+    return {"perplexity": row["perplexity"], "top1_agreement": row["teacher_forced_top1_agreement"],
+            "equal_quality": ok}
+
+
+def decisions(batch1: list[dict[str, Any]], servers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets and the two decisions, from one run's figures.
+
+    - batch 1: lmtailor's best CPU path (fp32, fp16, int8 at the same thread count) against llama.cpp q8_0;
+    - server: lmtailor's best torch server at 8 clients against llama.cpp q8_0's single stream (batch 1);
+    - int8 kernel: kept only if it decodes at least as fast as llama.cpp q8_0 at batch 1 (one thread, the kernel's);
+    - default engine on CPU: the faster server at 8 clients (req/s) among those of equal quality
+      (`EQUAL_PPL`, `EQUAL_TOP1`), torch or llama.cpp: the value for `CPU_DEFAULT_ENGINE`.
+    """
+    out: dict[str, Any] = {}
+    speed = {(r["speedup"], r["threads"]): r["tokens_per_s"] for r in batch1}
+    for n in sorted({r["threads"] for r in batch1}):
+        ours = max(("none", "fp16", "int8"), key=lambda h: speed.get((h, n), 0.0))
+        q8 = speed.get((f"{LLAMA}q8_0", n))
+        if q8:
+            out[f"batch1_{n}t"] = {"lmtailor_best": ours, "lmtailor_tokens_per_s": speed[(ours, n)],
+                                   "llama.cpp_q8_0_tokens_per_s": q8, "ratio": round(speed[(ours, n)] / q8, 2),
+                                   "target_ratio_at_least": 1.0}
+    q8_1 = speed.get((f"{LLAMA}q8_0", 1))
+    if q8_1 and ("int8", 1) in speed:
+        keep = speed[("int8", 1)] >= q8_1
+        out["int8_kernel"] = {"int8_tokens_per_s": speed[("int8", 1)], "llama.cpp_q8_0_1t_tokens_per_s": q8_1,
+                              "keep": keep, "if_removed": "serve int8 through llama.cpp q8_0 (--engine llama.cpp)"}
+    quality = {"torch-fp32": _equal_quality(batch1, BASELINE), "torch-fp16": _equal_quality(batch1, "fp16"),
+               "torch-int8": _equal_quality(batch1, "int8")}
+    for s in servers:
+        if s["engine"] == "llama.cpp":
+            quality[s["server"]] = _equal_quality(batch1, f"{LLAMA}{s['speedup_or_gguf']}")
+    torch_best = max((s for s in servers if s["engine"] == "torch"), key=lambda s: s["tokens_per_s"])
+    for n in sorted({r["threads"] for r in batch1}):
+        q8 = speed.get((f"{LLAMA}q8_0", n))
+        if q8:
+            out[f"server_vs_llama.cpp_single_stream_{n}t"] = {
+                "server": torch_best["server"], "server_tokens_per_s_8_clients": torch_best["tokens_per_s"],
+                "llama.cpp_q8_0_batch1_tokens_per_s": q8, "ratio": round(torch_best["tokens_per_s"] / q8, 2),
+                "target_ratio_at_least": 2.0}
+    fair = [s for s in servers if quality.get(s["server"], {}).get("equal_quality")]
+    if fair:
+        best = max(fair, key=lambda s: s["req_per_s"])
+        out["cpu_default_engine"] = {"faster_at_equal_quality": best["server"], "CPU_DEFAULT_ENGINE": best["engine"],
+                                     "flip_in": "src/lmtailor/serve/llamacpp_engine.py",
+                                     "gguf_type": best["speedup_or_gguf"] if best["engine"] == "llama.cpp" else None}
+    out["quality"] = quality
+    out["equal_quality_rule"] = f"perplexity <= {EQUAL_PPL} x fp32 and top-1 agreement >= {EQUAL_TOP1}"
+    return out
+
+
 def main() -> None:
+    global MODEL
     from lmtailor.config import SPEEDUPS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,14 +393,27 @@ def main() -> None:
                    "(0: torch default); 1 is steady on a shared machine")
     p.add_argument("--engines", default="torch", help="server engines, comma-separated: torch (with --speedup) "
                    "and llama.cpp-<gguf type>, e.g. torch,llama.cpp-q8_0,llama.cpp-q4_k_m")
-    p.add_argument("--only", choices=["all", "levers", "server"], default="all")
+    p.add_argument("--only", choices=["all", "levers", "server", "engines"], default="all",
+                   help="engines: the issue-18 comparison alone (batch 1 and 8-client servers, torch and llama.cpp)")
+    p.add_argument("--rounds", type=int, default=3, help="engines: round-robin rounds over the servers")
+    p.add_argument("--engine-threads", default="1,2", help="engines: thread counts of the batch-1 comparison and "
+                   "of the llama.cpp servers")
+    p.add_argument("--model", default=MODEL, help="model name or folder (a tiny one to smoke the script)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     a = p.parse_args()
+    MODEL = a.model
     t0 = time.time()
     out = Path(a.out)
     result: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
     result.update({"model": MODEL, "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
                    "threads": torch.get_num_threads()})
+    if a.only == "engines":
+        result["engines"] = engines(a.rounds, a.requests, a.tokens, a.lever_tokens,
+                                    [int(t) for t in a.engine_threads.split(",")])
+        result["engines"]["note"] = ("measured on a shared machine unless said otherwise: compare ratios within "
+                                     "this run, not absolute figures across runs")
+        result["engines"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        print(json.dumps(result["engines"]["decisions"], indent=2), flush=True)
     if a.only in ("all", "levers"):
         print(f"batch-1 greedy decoding, {len(CLIENT_PROMPTS)} prompts x {a.lever_tokens} tokens ({MODEL}), "
               f"load average {os.getloadavg()[0]:.2f}:", flush=True)

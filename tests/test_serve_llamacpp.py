@@ -94,3 +94,24 @@ def test_vllm_is_refused_without_a_gpu(tiny_model: Path) -> None:
         create_app([str(tiny_model)], engine="vllm")
     with pytest.raises(ConfigError, match="torch, llama.cpp, vllm"):
         create_app([str(tiny_model)], engine="onnx")
+
+
+def test_default_engine_is_one_constant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` without --engine: CPU_DEFAULT_ENGINE on CPU (the benchmark's pick); a torch speed-up asks for torch;
+    llama.cpp falls back to torch without llama-cpp-python."""
+    import torch
+
+    from lmtailor import llamacpp
+    from lmtailor.cli import build_parser
+    from lmtailor.serve import llamacpp_engine as le
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert build_parser().parse_args(["serve", "m"]).engine is None  # resolved by default_engine
+    assert le.CPU_DEFAULT_ENGINE in ("torch", "llama.cpp")
+    for value in ("torch", "llama.cpp"):
+        monkeypatch.setattr(le, "CPU_DEFAULT_ENGINE", value)
+        assert le.default_engine() == value
+        assert le.default_engine("fp16") == "torch"
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    assert le.default_engine() == "torch"

@@ -110,9 +110,9 @@ def test_render_folds_tools_for_a_template_without_tool_support(tiny_model: Path
     ex = _chat(_record(), "x:1")
     (seq,) = tokenize_example(tok, ex, 512)
     text = tok.decode(seq.input_ids)
-    assert "<tools>" in text and '"name": "run_shell"' in text
+    assert "<tools>" in text and '{"name":"run_shell","description":' in text
     supervised = tok.decode([t for t, lab in zip(seq.input_ids, seq.labels, strict=True) if lab != -100])
-    assert '<tool_call>\n{"name": "run_shell", "arguments": {"command": "ls -la"}}\n</tool_call>' in supervised
+    assert '<tool_call>\n{"name": "run_shell", "arguments": {"command":"ls -la"}}\n</tool_call>' in supervised
     assert "a.txt b.txt" not in supervised  # the tool's output is prompt, not a target
     prompt = prompt_text(tok, [{"role": "user", "content": "list files"}], ex.tools)
     assert prompt.startswith("<|im_start|>system\nYou can call these tools:")
@@ -153,3 +153,18 @@ def test_fine_tuned_tiny_model_emits_a_parseable_call(tiny_model: Path) -> None:
     content, calls = parse_tool_calls(text, TOOLS)
     assert calls, text
     assert calls[0]["function"]["name"] == "run_shell" and _args(calls[0]) == {"command": "ls -la"}
+
+
+def test_tool_call_metrics_score_parse_name_and_arguments() -> None:
+    from lmtailor.metrics import tool_call_metrics
+
+    ref = [{"type": "function", "function": {"name": "run_shell", "arguments": {"command": "ls -la"}}}]
+    preds = ['<tool_call>\n{"name": "run_shell", "arguments": {"command":"ls -la"}}\n</tool_call>',  # exact
+             '<tool_call>{"name": "run_shell", "arguments": {"command": "ls -l"}}</tool_call>',  # near argument
+             '<tool_call>{"name": "run_shell", "arguments": {"command": "ls',  # cut off: no call
+             "ls -la"]  # plain text: no call
+    m = tool_call_metrics(preds, [ref] * 4, [TOOLS] * 4)
+    assert m["tool_call_parsed"] == 0.5 and m["tool_name_accuracy"] == 0.5 and m["tool_args_exact"] == 0.25
+    assert 0 < m["tool_args_chrf"] < 100
+    assert tool_call_metrics([], [], []) == {}
+

@@ -189,9 +189,9 @@ def _deploy_verbs(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
     s.add_argument("--kb", default=None, help="knowledge base every model retrieves passages from; chat responses "
                    "carry them in an extra `sources` field")
-    s.add_argument("--engine", choices=["torch", "llama.cpp", "vllm"], default="torch",
+    s.add_argument("--engine", choices=["torch", "llama.cpp", "vllm"], default=None,
                    help="decoding engine: torch (batched transformers), llama.cpp (the run exported to GGUF once, "
-                        "cached), vllm (NVIDIA GPU only)")
+                        "cached), vllm (NVIDIA GPU only); default: the one measured faster on CPU (see README)")
     s.add_argument("--gguf-type", choices=["f16", "q8_0", "q4_k_m"], default="q8_0",
                    help="llama.cpp engine: GGUF type the run is exported to")
 

@@ -28,7 +28,8 @@ class Strict(BaseModel):
 SEED_MAX = 2**32 - 1
 # Validation metrics an objective may report (metric_for_best); loss is always there.
 BEST_METRICS = ("loss", "perplexity", "accuracy", "macro_f1", "weighted_f1", "micro_f1", "masked_accuracy", "bleu",
-                "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "looping")
+                "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "looping", "tool_call_parsed",
+                "tool_name_accuracy", "tool_args_exact", "tool_args_chrf")
 
 
 class LoraSettings(Strict):

@@ -149,17 +149,19 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 @torch.inference_mode()
 def generate(model: Any, tok: Any, prompts: Sequence[Prompt], settings: GenerationSettings | None = None,
-             system: str | None = None, progress: bool = False, desc: str = "generating", raw: bool = False
-             ) -> list[str]:
+             system: str | None = None, progress: bool = False, desc: str = "generating", raw: bool = False,
+             tools: Sequence[list[dict[str, Any]] | None] | None = None) -> list[str]:
     """Answer each prompt; returns the new text only (special tokens removed, cut at stop strings).
 
     With `raw`, string prompts are continued as plain text (no chat template), as for a pretrained-only model.
+    `tools` gives per prompt the tools it offers (rendered as training rendered them; None: none).
     """
     s = settings or GenerationSettings()
     if raw:
         encoded = [list(tok(str(p), add_special_tokens=True)["input_ids"]) for p in prompts]
     else:
-        encoded = [prompt_ids(tok, as_messages(p, system)) for p in prompts]
+        offered = list(tools) if tools is not None else [None] * len(prompts)
+        encoded = [prompt_ids(tok, as_messages(p, system), t) for p, t in zip(prompts, offered, strict=True)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     out: list[str] = [""] * len(encoded)
     device = next(model.parameters()).device

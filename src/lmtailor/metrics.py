@@ -15,10 +15,17 @@ after itself so that at least 3 copies in a row cover at least 6 words: "-r -o -
 of 3 or more copies in a row of a 1-16-character chunk ("10000000000000000000000000000000000000000",
 "^[0-9]{1,3}|^[0-9]{1,3}|^[0-9]{1,3}|"). Words and characters, not model tokens, so the share compares across
 tokenizers.
+
+Tool calls (`tool_call_metrics`): each answer is parsed by the server's rule (`lmtailor.toolcalls.parse_tool_calls`,
+only the offered tools count) and its first call compared with the reference's first call: `tool_call_parsed`
+(share of answers holding at least one valid call), `tool_name_accuracy` (first call names the reference's tool),
+`tool_args_exact` (same name and arguments equal as JSON values) and `tool_args_chrf` (chrF of the argument values,
+in key order, against the reference's; an answer without a call counts as empty).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -156,3 +163,38 @@ def looping(text: str) -> bool:
 def looping_share(preds: Sequence[str]) -> float:
     """Share of answers that loop (`looping`), in [0, 1]; nan for no answers."""
     return sum(looping(p) for p in preds) / len(preds) if preds else float("nan")
+
+
+def tool_call_metrics(preds: Sequence[str], refs: Sequence[list[dict[str, Any]]],
+                      tools: Sequence[list[dict[str, Any]] | None]) -> dict[str, float]:
+    """Tool-call scores of answers against reference calls (see the module docstring); {} for no references.
+
+    Args:
+        preds: the model's answers as text.
+        refs: per answer, the reference calls ({"function": {"name", "arguments": object}}).
+        tools: per answer, the tools offered (None: any name parses).
+    """
+    from lmtailor.toolcalls import parse_tool_calls
+
+    if not refs:
+        return {}
+    parsed = names = exact = 0
+    got_args: list[str] = []
+    ref_args: list[str] = []
+    for pred, ref, offered in zip(preds, refs, tools, strict=True):
+        _, calls = parse_tool_calls(pred, offered)
+        want = ref[0]["function"]
+        want_args = want["arguments"]
+        ref_args.append("\n".join(str(want_args[k]) for k in sorted(want_args)))
+        if not calls:
+            got_args.append("")
+            continue
+        parsed += 1
+        name = calls[0]["function"]["name"]
+        args = json.loads(calls[0]["function"]["arguments"])
+        names += name == want["name"]
+        exact += name == want["name"] and args == want_args
+        got_args.append("\n".join(str(args[k]) for k in sorted(args)))
+    n = len(refs)
+    return {"tool_call_parsed": parsed / n, "tool_name_accuracy": names / n, "tool_args_exact": exact / n,
+            "tool_args_chrf": chrf(got_args, ref_args)}

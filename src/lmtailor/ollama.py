@@ -18,14 +18,21 @@ functions `eq`, `ne`, `not`, `or`, `index` are used (tests render the template w
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from lmtailor.errors import ModelError
 from lmtailor.io import atomic_file
+from lmtailor.toolcalls import CLOSE, OPEN, ollama_function, template_handles_tools, tools_prompt
+
+log = logging.getLogger(__name__)
 
 _S, _U, _A, _U2 = "\x01SYSTEM\x01", "\x01USER\x01", "\x01ASSISTANT\x01", "\x01USER2\x01"
+_T = "\x01TOOL\x01"
+_PROBE_FUNCTION: dict[str, Any] = {"name": "probe", "description": "", "parameters": {}}
+_PROBE_TOOL: dict[str, Any] = {"type": "function", "function": _PROBE_FUNCTION}
 
 
 def _render(tok: Any, messages: list[dict[str, str]], gen: bool) -> str:
@@ -71,6 +78,39 @@ def template_parts(tok: Any) -> dict[str, str]:
             "default_head": head[: len(head) - len(user_prefix)], "generation": seg[4][len(user_suffix):]}
 
 
+def tool_parts(tok: Any, p: dict[str, str]) -> dict[str, str] | None:
+    """Prefix and suffix of a `tool` message (the result of a call), or None when the template cannot render one."""
+    from jinja2 import TemplateError
+
+    try:
+        full = _render(tok, [{"role": "user", "content": _U}, {"role": "assistant", "content": _A},
+                             {"role": "tool", "content": _T}, {"role": "user", "content": _U2}], gen=True)
+    except (TemplateError, ValueError):
+        return None
+    marks = [full.find(m) for m in (_A, _T, _U2)]
+    if min(marks) < 0 or marks != sorted(marks):
+        return None
+    assistant_suffix, tool_prefix = _split_turn_end(full[marks[0] + len(_A):marks[1]], tok.eos_token, "assistant")
+    tool_suffix, user_prefix = _split_turn_end(full[marks[1] + len(_T):marks[2]], tok.eos_token, "tool")
+    if assistant_suffix != p["assistant_suffix"] or user_prefix != p["user_prefix"]:
+        return None
+    return {"tool_prefix": tool_prefix, "tool_suffix": tool_suffix}
+
+
+def _call(c: str) -> str:
+    """One call as `lmtailor.toolcalls.format_call` writes it; `c` is the Go expression of a template tool call."""
+    return (_lit(OPEN + '\n{"name": "') + "{{ " + c + ".Function.Name }}" + '", "arguments": '
+            + "{{ " + c + ".Function.Arguments }}" + _lit("}\n" + CLOSE))
+
+
+def _tools_offer() -> str:
+    """`lmtailor.toolcalls.tools_prompt` in Go: one JSON line per tool (Ollama marshals its function the way
+    `ollama_function` writes it), then the calling convention."""
+    head, _, tail = tools_prompt([_PROBE_TOOL]).partition(ollama_function(_PROBE_FUNCTION))
+    return (_lit(head) + "{{ range $j, $t := $.Tools }}{{ if $j }}\n{{ end }}{{ json $t.Function }}{{ end }}"
+            + _lit(tail))
+
+
 def _lit(text: str) -> str:
     if "{{" in text or "}}" in text:
         raise ModelError(f"Ollama template: literal text {text!r} holds template delimiters")
@@ -78,15 +118,36 @@ def _lit(text: str) -> str:
 
 
 def go_template(tok: Any) -> str:
-    """The chat template in Ollama's Go template language (one line of actions; literal text kept exactly)."""
+    """The chat template in Ollama's Go template language (one line of actions; literal text kept exactly).
+
+    With tools (a chat template without tool support of its own, so lmtailor folds them in, see
+    `lmtailor.toolcalls`): `.Tools` are offered in the first system message (or one made for them), an assistant
+    message's `.ToolCalls` follow its content as <tool_call> blocks, and `tool` messages (call results) render
+    as the chat template renders that role. The first call is written outside the loop over the others, so that
+    the first text under `if .ToolCalls` is the <tool_call> tag, which Ollama reads to parse calls back out.
+    """
     p = template_parts(tok)
+    tools = not template_handles_tools(tok)
+    if not tools:
+        log.warning("Ollama template: the chat template renders tools itself; the Modelfile's TEMPLATE leaves "
+                    "tools out (write its tool part by hand)")
+    tool = tool_parts(tok, p) if tools else None
+    system_head = _lit(p["system_prefix"]) + _tools_offer() + _lit(p["system_suffix"])
+    head = ('{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
+            + ("{{ if .Tools }}" + system_head + "{{ else }}" + _lit(p["default_head"]) + "{{ end }}"
+               if tools else _lit(p["default_head"])) + "{{ end }}")
+    offer = "{{ if and (eq $i 0) $.Tools }}" + _lit("\n\n") + _tools_offer() + "{{ end }}" if tools else ""
+    calls = ("{{ if and .Content $m.ToolCalls }}\n{{ end }}{{ if .ToolCalls }}" + _call("(index .ToolCalls 0)")
+             + "{{ range $j, $c := slice .ToolCalls 1 }}\n" + _call("$c") + "{{ end }}{{ end }}" if tools else "")
+    tool_branch = ('{{ else if eq .Role "tool" }}' + _lit(tool["tool_prefix"]) + "{{ .Content }}"
+                   + _lit(tool["tool_suffix"]) if tool else "")
     return (
-        '{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}' + _lit(p["default_head"]) + "{{ end }}"
-        + "{{ range $i, $m := .Messages }}"
-        + '{{ if eq .Role "system" }}' + _lit(p["system_prefix"]) + "{{ .Content }}" + _lit(p["system_suffix"])
+        head + "{{ range $i, $m := .Messages }}"
+        + '{{ if eq .Role "system" }}' + _lit(p["system_prefix"]) + "{{ .Content }}" + offer
+        + _lit(p["system_suffix"])
         + '{{ else if eq .Role "user" }}' + _lit(p["user_prefix"]) + "{{ .Content }}" + _lit(p["user_suffix"])
-        + '{{ else if eq .Role "assistant" }}' + _lit(p["assistant_prefix"]) + "{{ .Content }}"
-        + _lit(p["assistant_suffix"]) + "{{ end }}{{ end }}" + _lit(p["generation"])
+        + '{{ else if eq .Role "assistant" }}' + _lit(p["assistant_prefix"]) + "{{ .Content }}" + calls
+        + _lit(p["assistant_suffix"]) + tool_branch + "{{ end }}{{ end }}" + _lit(p["generation"])
     )
 
 

@@ -58,7 +58,8 @@ def _fmt(v: Any) -> str:
 NOT_COMPARED = ("examples", "eval_tokens")
 # Shown as percentages; other metrics in [0, 1] (F1, ROUGE) keep three decimals, BLEU/chrF are already 0-100.
 METRIC_FORMATS = {"loss": "{:.3f}", "perplexity": "{:.2f}", "accuracy": "{:.1%}", "exact_match": "{:.1%}",
-                  "bleu": "{:.1f}", "chrf": "{:.1f}", "looping": "{:.1%}"}
+                  "bleu": "{:.1f}", "chrf": "{:.1f}", "looping": "{:.1%}", "tool_call_parsed": "{:.1%}",
+                  "tool_name_accuracy": "{:.1%}", "tool_args_exact": "{:.1%}", "tool_args_chrf": "{:.1f}"}
 
 
 def fmt_metric(name: str, value: float | None, sign: bool = False) -> str:

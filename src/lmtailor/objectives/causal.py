@@ -9,6 +9,7 @@ not depend on how a step is split.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,12 +25,13 @@ from lmtailor.data.example import Example
 from lmtailor.data.packing import collate as pack_collate
 from lmtailor.data.packing import segment_mask
 from lmtailor.generate import generate
-from lmtailor.metrics import chrf, exact_match, looping_share, perplexity
+from lmtailor.metrics import chrf, exact_match, looping_share, perplexity, tool_call_metrics
 from lmtailor.models import is_prompt_learning, unwrap_peft
 from lmtailor.objectives.attention import SEGMENT_ATTENTION, attention_implementation, segment_bounds
 from lmtailor.objectives.common import prepare_blocks, recipe_model, recipe_tokenizer, texts
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
 from lmtailor.render import IGNORE, Tokenized, prompt_messages, tokenize_all
+from lmtailor.toolcalls import answer_text
 
 
 class ClmSettings(Strict):
@@ -222,10 +224,19 @@ def baseline(ctx: ObjectiveContext, train: Sequence[Example], val: Sequence[Exam
     return answer_baselines(questions, answers, held, [prompt_messages(ex)[1] for ex in chats])
 
 
+def reference_calls(ex: Example) -> list[dict[str, Any]] | None:
+    """The tool calls of a chat's last assistant turn (None: it calls none)."""
+    assert ex.messages is not None
+    last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+    calls = ex.messages[last].get("tool_calls")
+    return json.loads(calls) if calls else None
+
+
 def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized], examples: Sequence[Example],
              progress: bool = True, desc: str = "") -> Evaluation:
     """Loss and perplexity on the held-out items; exact match and chrF of greedy answers to the first
-    eval.generate_examples chat examples, with the answers as samples; clm: sliding-window perplexity if asked."""
+    eval.generate_examples chat examples (offered their tools), with the answers as samples, and tool-call scores
+    where the reference calls a tool (`metrics.tool_call_metrics`); clm: sliding-window perplexity if asked."""
     cfg, tok = ctx.cfg, ctx.tokenizer
     model.eval()
     out: dict[str, Any] = {}
@@ -235,10 +246,17 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized]
         out.update(loss=total / max(n, 1), perplexity=perplexity(total / max(n, 1)), eval_tokens=n)
     chats = generation_examples(ctx, examples)
     if chats:
-        prompts, refs = zip(*(prompt_messages(ex) for ex in chats), strict=True)
+        prompts, contents = zip(*(prompt_messages(ex) for ex in chats), strict=True)
+        calls = [reference_calls(ex) for ex in chats]
+        # a reference call is compared as the text the <tool_call> convention writes for it
+        refs = [answer_text(c, k) if k else c for c, k in zip(contents, calls, strict=True)]
         preds = generate(model, tok, list(prompts), cfg.generation, progress=progress,
-                         desc=f"{desc} generate".strip())
+                         desc=f"{desc} generate".strip(), tools=[ex.tools for ex in chats])
         out.update(exact_match=exact_match(preds, refs), chrf=chrf(preds, refs), looping=looping_share(preds))
+        called = [i for i, k in enumerate(calls) if k]
+        if called:  # chats whose reference answer calls a tool: parse rate, tool name, arguments
+            out.update(tool_call_metrics([preds[i] for i in called], [calls[i] or [] for i in called],
+                                         [chats[i].tools for i in called]))
         out["samples"] = [{"prompt": p[-1]["content"], "reference": r, "prediction": y}
                           for p, r, y in zip(prompts, refs, preds, strict=True)]
     settings = ctx.settings

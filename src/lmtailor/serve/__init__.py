@@ -20,6 +20,7 @@ from lmtailor.errors import ConfigError
 from lmtailor.serve.app import create_app
 from lmtailor.serve.engine import Limits
 from lmtailor.serve.guard import install_log_redaction, timed_protocol
+from lmtailor.serve.llamacpp_engine import default_engine
 from lmtailor.serve.models import SPEEDUPS, Slot, load_models
 
 __all__ = ["SPEEDUPS", "Limits", "Slot", "create_app", "load_models", "running", "serve"]
@@ -42,7 +43,7 @@ def api_key_from_env(name: str | None) -> str | None:
 
 def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
           limits: Limits | None = None, speedup: str = "none", log_level: str = "info", kb: str | None = None,
-          engine: str = "torch", gguf_type: str = "q8_0") -> None:
+          engine: str | None = None, gguf_type: str = "q8_0") -> None:
     """Load `targets` and serve them until interrupted (blocks).
 
     Args:
@@ -55,7 +56,8 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
             benchmarks/serve_load.py reports speed and quality cost).
         log_level: uvicorn log level.
         kb: knowledge base to retrieve passages from (see `create_app`).
-        engine: torch, llama.cpp or vllm (`lmtailor.serve.llamacpp_engine`).
+        engine: torch, llama.cpp or vllm (`lmtailor.serve.llamacpp_engine`); None: `default_engine` (on CPU
+            the engine the serving benchmark measured faster at equal quality, `CPU_DEFAULT_ENGINE`).
         gguf_type: llama.cpp engine: the GGUF type each target is exported to (once, cached).
 
     Raises:
@@ -66,6 +68,7 @@ def serve(targets: list[str], host: str = "127.0.0.1", port: int = 8000, api_key
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port}: must be 1 to 65535", "8000 is the default; ports below 1024 need root")
     key = api_key_from_env(api_key_env)
+    engine = engine or default_engine(speedup)
     if host not in LOOPBACK and key is None:
         log.warning("serving on %s without an API key: anyone who can reach this port can use the models", host)
     app = create_app(targets, api_key=key, limits=limits, speedup=speedup, kb=kb, hosts=[host], engine=engine,

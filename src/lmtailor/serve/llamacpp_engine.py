@@ -29,6 +29,25 @@ ENGINES = ("torch", "llama.cpp", "vllm")
 ENGINE_HELP = ("decoding engine: torch (transformers, batched), llama.cpp (the run exported to GGUF, "
                "see --gguf-type), vllm (NVIDIA GPU only)")
 DEFAULT_GGUF_TYPE = "q8_0"
+# The engine `lmtailor serve` uses on a CPU machine when --engine is not given: whichever of "torch" and
+# "llama.cpp" benchmarks/serve_load.py (--only engines) measures faster at equal quality; its "decisions" section
+# names it. This one constant flips the default (README, "Serving engines", states it).
+CPU_DEFAULT_ENGINE = "torch"
+
+
+def default_engine(speedup: str = "none") -> str:
+    """The engine when none is named: CPU_DEFAULT_ENGINE on a CPU machine, torch with a CUDA GPU.
+
+    A torch speed-up (--speedup other than none) asks for the torch engine; llama.cpp falls back to torch where
+    llama-cpp-python is not installed (said in the log).
+    """
+    if speedup != "none" or torch.cuda.is_available():
+        return "torch"
+    if CPU_DEFAULT_ENGINE == "llama.cpp" and not llamacpp.available():
+        log.warning("llama-cpp-python is not installed: serving with the torch engine (%s)", llamacpp.INSTALL_HINT)
+        return "torch"
+    return CPU_DEFAULT_ENGINE
+
 
 
 def check_engine(engine: str) -> None:
@@ -127,7 +146,8 @@ class LlamaCppEngine(Engine):
                 if sampling.seed is not None:
                     llm.set_seed(sampling.seed + r)
                 # ignore_eos: EOS is masked out of the logits, so the row runs to its max_tokens (benchmarks)
-                mask = _NoEos(tok.eos_token_id) if sampling.ignore_eos and tok.eos_token_id is not None else None
+                # (llama-cpp-python iterates over logits_processor: a list of processors, never one alone)
+                mask = [_NoEos(tok.eos_token_id)] if sampling.ignore_eos and tok.eos_token_id is not None else None
                 for token in llm.generate(prompt, **_sampling_kwargs(sampling), reset=True, logits_processor=mask):
                     ids.append(int(token))
                     done = stopper(torch.tensor([ids]), torch.empty(0))
@@ -162,4 +182,5 @@ def engine_class(engine: str) -> type[Engine]:
     return LlamaCppEngine if engine == "llama.cpp" else Engine
 
 
-__all__ = ["ENGINES", "LlamaCppEngine", "check_engine", "engine_class", "gguf_for", "load_llamacpp_slots"]
+__all__ = ["CPU_DEFAULT_ENGINE", "ENGINES", "LlamaCppEngine", "check_engine", "default_engine", "engine_class",
+           "gguf_for", "load_llamacpp_slots"]
