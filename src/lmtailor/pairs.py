@@ -11,7 +11,6 @@ judged on questions neither run trained on.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from lmtailor.config import GenerationSettings

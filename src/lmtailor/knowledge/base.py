@@ -27,9 +27,9 @@ import numpy as np
 
 from lmtailor.errors import ConfigError
 from lmtailor.io import atomic_dir, atomic_write_json
-from lmtailor.outputs import check_output, existing, staged_folder
 from lmtailor.knowledge.chunk import Chunk, chunk_documents, read_documents, word_offsets
 from lmtailor.knowledge.fusion import rrf
+from lmtailor.outputs import check_output, existing, staged_folder
 
 FORMAT = "lmtailor-knowledge-base"
 VERSION = 1
