@@ -221,7 +221,7 @@ STREAM_CHARS = 1 << 16  # a text longer than this is tokenized in windows of thi
 SYNC_TOKENS = 8  # tokens two overlapping windows must agree on (same ids, same offsets) to be joined there
 
 
-def encode_long(tok: Any, text: str, add_special_tokens: bool = False, window: int = STREAM_CHARS) -> list[int]:
+def encode_long(tok: Any, text: str, add_special_tokens: bool = False, window: int | None = None) -> list[int]:
     """`tok(text)["input_ids"]` of a document of any length, tokenized in windows of about `window` characters,
     so a huge document costs memory in proportion to its tokens, not to one tokenizer call over all of it.
 
@@ -230,6 +230,7 @@ def encode_long(tok: Any, text: str, add_special_tokens: bool = False, window: i
     CLIP_MARGIN_TOKENS tokens. Where no such place exists (or the tokenizer gives no offsets), the document is
     tokenized in one call, as before.
     """
+    window = window or STREAM_CHARS
     if len(text) <= window or not getattr(tok, "is_fast", False):
         return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
     margin = CLIP_MARGIN_TOKENS * longest_token(tok)
