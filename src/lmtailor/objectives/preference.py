@@ -568,9 +568,10 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any], exam
 
 
 GENERATED = ("exact_match", "chrf", "looping")  # of the answers to the first eval.generate_examples prompts
-PAIRS = dict(tokenizer=recipe_tokenizer, model=load_model, prepare=prepare_pairs, collate=collate_pairs, count=count,
-             build=build, evaluate=evaluate, primary_metric="reward_accuracy",
-             metrics=("reward_accuracy", "reward_margin", "logp_accuracy", *GENERATED))
+PAIRS: dict[str, Any] = dict(tokenizer=recipe_tokenizer, model=load_model, prepare=prepare_pairs,
+                             collate=collate_pairs, count=count, build=build, evaluate=evaluate,
+                             primary_metric="reward_accuracy",
+                             metrics=("reward_accuracy", "reward_margin", "logp_accuracy", *GENERATED))
 register_objective("dpo", "direct preference optimization (sigmoid) on chosen/rejected pairs, reference = the "
                    "model without its adapter", settings=DpoSettings, **PAIRS)
 register_objective("ipo", "identity preference optimization (squared loss on mean log-ratios) on pairs",

@@ -157,7 +157,7 @@ def compare(task: PromptTask, systems: list[str], model: str = "smollm2-135m-ins
 def _compare(task: PromptTask, systems: list[str], model: str, test: str | None, pool: str | None,
              limit: int | None, out: str | None, cache: bool, say: Any, force: bool) -> dict[str, Any]:
     folder = check_output(out or f"runs/{task.name}-compare", force, folder=True,  # before any model call
-                          inputs=existing(test, pool, task.data and task.data.path,
+                          inputs=existing(test, pool, task.data.path if task.data else None,
                                           *(s.rpartition("=")[2] for s in systems)))
     if not systems:
         raise ConfigError("name at least one system to compare", "e.g. zero-shot few-shot optimized runs/my-run")

@@ -91,8 +91,8 @@ def run_prompt(task: PromptTask, model: str, data: str | None = None, pool: str 
 
 def _run_prompt(task: PromptTask, model: str, data: str | None, pool: str | None, template: int, shots: bool,
                 limit: int | None, out: str | None, cache: bool, say: Any, force: bool) -> dict[str, Any]:
-    folder = check_output(out, force, folder=True, inputs=existing(data, pool, task.data and task.data.path)) \
-        if out else None
+    inputs = existing(data, pool, task.data.path if task.data else None)
+    folder = check_output(out, force, folder=True, inputs=inputs) if out else None
     if not 0 <= template < len(task.templates):
         raise ConfigError(f"--template {template}: task '{task.name}' has {len(task.templates)} template(s)",
                           f"allowed values are 0..{len(task.templates) - 1}")
@@ -137,7 +137,7 @@ def optimize_prompt(task: PromptTask, model: str, dev: str | None = None, pool: 
 def _optimize_prompt(task: PromptTask, model: str, dev: str | None, pool: str | None, budget: int | None,
                      out: str | None, cache: bool, say: Any, force: bool) -> dict[str, Any]:
     folder = check_output(out or f"runs/{task.name}-prompt-search", force, folder=True,
-                          inputs=existing(dev, pool, task.data and task.data.path))  # before the model calls
+                          inputs=existing(dev, pool, task.data.path if task.data else None))  # before the model calls
     s = task.search
     budget = budget or s.budget
     # Subsets of the search are prefixes of the dev set, so it is put in one seeded random order.
