@@ -44,7 +44,8 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     (["validate", "seed=-1"], "'seed'"),
     (["validate", f"seed={2**70}"], "'seed'"),
     (["validate", "data.split_seed=-2"], "'data.split_seed'"),
-    (["validate", "metric_for_best=bogus"], "macro_f1"),  # lists the allowed values
+    (["validate", "metric_for_best=bogus"], "allowed values for sft: loss, perplexity"),
+    (["validate", "objective=classify", "metric_for_best=bleu"], "allowed values for classify: loss, accuracy"),
 ])
 def test_out_of_range_flags_and_values(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch, argv: list[str], named: str) -> None:
@@ -56,7 +57,7 @@ def test_out_of_range_flags_and_values(capsys: pytest.CaptureFixture[str], tmp_p
 
 def test_metric_for_best_suggests_the_close_name() -> None:
     with pytest.raises(ConfigError, match="did you mean macro_f1"):
-        load_config(None, ["metric_for_best=macro-f1"])
+        load_config(None, ["objective=classify", "metric_for_best=macro-f1"])
     assert load_config(None, ["metric_for_best=chrf"]).metric_for_best == "chrf"
 
 

@@ -267,3 +267,91 @@ def test_corpus_counts() -> None:
           "0 tracebacks, 0 hangs, 0 partial outputs")
     if {"recipes", "overrides", "data files", "parquet", "cli flags"} <= set(COUNTS):  # not a -k selection
         assert total >= 1000, COUNTS
+
+
+# ---- outputs: every verb that writes one, at a path that exists, lies under a file or holds its input -------------
+
+def _output_verbs(model: str, data: Path, docs: Path, task: Path) -> dict[str, tuple[list[str], bool]]:
+    """verb -> (argv without --out, the output is a folder)."""
+    return {
+        "prompt run": (["prompt", "run", str(task), "--model", model], True),
+        "prompt optimize": (["prompt", "optimize", str(task), "--model", model], True),
+        "compare": (["compare", str(task), "zero-shot", "--model", model], True),
+        "auto": (["auto", str(data), "--budget", "10m"], True),
+        "kb build": (["kb", "build", str(docs), "--embedder", "none"], True),
+        "export": (["export", model, "--format", "merged"], True),
+        "tokenizer train": (["tokenizer", "train", "--corpus", str(docs)], True),
+        "tokenizer extend": (["tokenizer", "extend", model, "--terms", str(docs / "a.md")], True),
+        "terms mine": (["terms", "mine", str(docs), "--tokenizer", model], False),
+        "pairs make": (["pairs", "make", model, "--data", str(data)], False),
+        "score": (["score", model, "--data", str(data)], False),
+        "eval": (["eval", model, "--data", str(data), "--generate", "0"], False),
+        "privacy scrub": (["privacy", "scrub", str(data)], False),
+        "privacy plant": (["privacy", "plant", str(data)], False),
+        "privacy encrypt": (["privacy", "encrypt", str(data), "--key-file", str(docs.parent / "k.key")], False),
+        "privacy keygen": (["privacy", "keygen"], False),
+    }
+
+
+def test_output_paths(tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_prompting import TASK
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"t{i}", "label": "pos", "instruction": "q", "output": "a"}) + "\n"
+                            for i in range(3)))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("tar grep\n")
+    task = tmp_path / "task.yaml"
+    task.write_text(yaml.safe_dump({**TASK, "data": {"path": str(data), "format": "labeled"}}))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("mine\n")
+    from lmtailor.crypto import keygen
+
+    keygen(tmp_path / "k.key")
+    failures: list[str] = []
+    for verb, (argv, _) in _output_verbs(str(tiny_model), data, docs, task).items():
+        existing_folder = tmp_path / f"have-{verb.replace(' ', '-')}"
+        existing_folder.mkdir()
+        (existing_folder / "mine.txt").write_text("mine\n")
+        existing_file = tmp_path / f"have-{verb.replace(' ', '-')}.txt"
+        existing_file.write_text("mine\n")
+        kinds = {"existing folder": existing_folder, "existing file": existing_file,
+                 "under a file": blocker / "out", "the input's folder": docs, "the current folder": Path(".")}
+        for kind, out in kinds.items():
+            before = sorted(str(p) for p in tmp_path.rglob("*"))
+            with case("outputs"):
+                try:
+                    code, err = run_cli([*argv, "--out", str(out)])
+                except Exception as e:  # noqa: BLE001 - collected, reported together below
+                    failures.append(f"{verb} --out {kind}: traceback {type(e).__name__}: {e}"[:300])
+                    continue
+            after = sorted(str(p) for p in tmp_path.rglob("*"))
+            if code != 2 or err.count("\n") != 1 or not ("--out" in err or str(out) in err):
+                failures.append(f"{verb} --out {kind}: rc {code}, {err.strip()[:200]}")
+            if after != before:
+                failures.append(f"{verb} --out {kind}: files changed: {sorted(set(after) ^ set(before))[:3]}")
+            if (existing_folder / "mine.txt").read_text() != "mine\n" or existing_file.read_text() != "mine\n":
+                failures.append(f"{verb} --out {kind}: an existing output was changed")
+    assert blocker.read_text() == "mine\n"
+    print(f"\noutput-path cases: {COUNTS['outputs']}, problems: {len(failures)}")
+    assert not failures, "\n".join(failures[:40])
+
+
+def test_metric_for_best_of_every_objective() -> None:
+    from lmtailor.config import BEST_METRICS, OBJECTIVE_METRICS
+
+    names = sorted({*BEST_METRICS, *(m for ms in OBJECTIVE_METRICS.values() for m in ms), "bogus", "Loss"})
+    for objective, allowed in sorted(OBJECTIVE_METRICS.items()):
+        for metric in names:
+            with case("metric_for_best"):
+                try:
+                    assert load_config(None, [f"objective={objective}", f"metric_for_best={metric}"])
+                    OUTCOMES["ok"] += 1
+                    assert metric in allowed, (objective, metric)
+                except ConfigError as e:
+                    OUTCOMES["error"] += 1
+                    assert metric not in allowed, (objective, metric, e.message)
+                    assert "'metric_for_best'" in e.message and "\n" not in e.message
+                    assert f"allowed values for {objective}: {', '.join(allowed)}" in (e.hint or ""), str(e)

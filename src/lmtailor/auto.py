@@ -36,6 +36,7 @@ from lmtailor.config import build_config, parse_duration
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError
 from lmtailor.io import atomic_write_json, atomic_write_text
+from lmtailor.outputs import check_output, existing, set_aside
 from lmtailor.report import comparison_table
 
 # The objective for each record format, and what the search explores for it.
@@ -99,7 +100,7 @@ def _is_sealed(data: str) -> bool:
 
 def auto(data: str, budget: str | float, out: str | None = None, base_model: str = "smollm2-135m-instruct",
          fmt: str = "auto", trials: int = 6, search_share: float = 0.4, progress: bool = False,
-         seed: int = 42) -> dict[str, Any]:
+         seed: int = 42, force: bool = False) -> dict[str, Any]:
     """Tailor a model to a data file within a wall-clock budget; returns the summary written to auto.json.
 
     Args:
@@ -110,6 +111,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
         fmt: the data format, or auto.
         trials: candidates the search may start.
         search_share: part of the budget for the search (the rest trains and evaluates the winner).
+        force: an existing `out` is moved to a backup (NAME.bak-<time>) first; without it, an error.
 
     Raises:
         ConfigError: a bad budget or too little time; DataError: bad records.
@@ -122,7 +124,8 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     if not total or total < 10:
         raise ConfigError(f"--budget {budget!r} leaves no time to train", "give at least a minute, e.g. 20m")
     start = time.monotonic()
-    root = Path(out or f"runs/auto-{Path(data.removeprefix('catalog:')).stem}")
+    root = check_output(out or f"runs/auto-{Path(data.removeprefix('catalog:')).stem}", force, folder=True,
+                        inputs=existing(data))  # a search study or run left there would be continued
     _, detected = load_examples_with_format(data, fmt)
     objective = FORMAT_OBJECTIVES.get(detected, "sft")
     held = build_config({"base_model": base_model, "objective": objective, "seed": seed,
@@ -132,6 +135,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     if len(train_ex) < 10 or not test_ex:
         raise ConfigError(f"{data}: {len(train_ex)} training and {len(test_ex)} test examples are too few for auto",
                           "give at least a few dozen records")
+    set_aside(root, force)
     folder = root / "data"
     folder.mkdir(parents=True, exist_ok=True)
     sealed = _is_sealed(data)

@@ -100,6 +100,7 @@ def _train_verbs(sub: argparse._SubParsersAction) -> None:
     au.add_argument("--format", default="auto")
     au.add_argument("--trials", type=int, default=6, help="candidates the search may start")
     au.add_argument("--progress", action="store_true", help="show each run's progress bars")
+    _force_arg(au)
 
     v = sub.add_parser("validate", help="check a recipe and its data without training")
     v.add_argument("recipe", nargs="?", help="YAML recipe (defaults if omitted)")
@@ -219,6 +220,7 @@ def _preference_verbs(sub: argparse._SubParsersAction) -> None:
     pm.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     pm.add_argument("--seed", type=int, default=0, help="seed of sampling (with --temperature above 0)")
     pm.add_argument("--no-progress", action="store_true")
+    _force_arg(pm)
     _gen_args(pm)
 
     sc = sub.add_parser("score", help="score answers or a data file with a reward run")
@@ -230,6 +232,7 @@ def _preference_verbs(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--data", default=None, help="score every record of this data file instead")
     sc.add_argument("--format", default="auto")
     sc.add_argument("--out", default=None, help="with --data: write each record's scores here (JSONL)")
+    _force_arg(sc)
 
 
 def _pairs(a: argparse.Namespace) -> None:
@@ -237,7 +240,7 @@ def _pairs(a: argparse.Namespace) -> None:
 
     settings = _gen_settings(a).model_copy(update={"batch_size": a.batch_size})
     print(json.dumps(make_pairs(a.run, a.data, a.out, a.format, settings, a.reverse, a.limit, a.speedup,
-                                progress=not a.no_progress, seed=a.seed), indent=2))
+                                progress=not a.no_progress, seed=a.seed, force=a.force), indent=2))
 
 
 def _score(a: argparse.Namespace) -> None:
@@ -245,7 +248,7 @@ def _score(a: argparse.Namespace) -> None:
     from lmtailor.pairs import score_answers, score_data
 
     if a.data:
-        print(json.dumps(score_data(a.run, a.data, a.format, a.out), indent=2))
+        print(json.dumps(score_data(a.run, a.data, a.format, a.out, force=a.force), indent=2))
     elif a.prompt is not None and a.answers:
         for text, value in zip(a.answers, score_answers(a.run, a.prompt, a.answers, a.system), strict=True):
             print(f"{value:.4f}\t{text}")
@@ -269,6 +272,7 @@ def _prompt_verbs(sub: argparse._SubParsersAction) -> None:
     pmr.add_argument("--limit", type=int, default=None, help="score only the first N test examples")
     pmr.add_argument("--out", default=None, help="folder for metrics.json and predictions.jsonl")
     pmr.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
+    _force_arg(pmr)
     pmo = pmsub.add_parser("optimize", help="search instructions, examples, shots and order on a dev set")
     pmo.add_argument("task")
     pmo.add_argument("overrides", nargs="*", help="key=value overrides of the task file (e.g. search.shots=[0,4])")
@@ -278,6 +282,7 @@ def _prompt_verbs(sub: argparse._SubParsersAction) -> None:
     pmo.add_argument("--budget", type=int, default=None, help="model calls (default search.budget)")
     pmo.add_argument("--out", default=None, help="output folder (default runs/<task>-prompt-search)")
     pmo.add_argument("--no-cache", action="store_true")
+    _force_arg(pmo)
 
     cp = sub.add_parser("compare", help="zero-shot vs few-shot vs optimized prompt vs fine-tuned runs, one test set")
     cp.add_argument("task", help="task YAML")
@@ -289,6 +294,7 @@ def _prompt_verbs(sub: argparse._SubParsersAction) -> None:
     cp.add_argument("--limit", type=int, default=None, help="use only the first N test examples")
     cp.add_argument("--out", default=None, help="report folder (default runs/<task>-compare)")
     cp.add_argument("--no-cache", action="store_true")
+    _force_arg(cp)
 
 
 def _scan_option_args(p: argparse.ArgumentParser) -> None:
@@ -363,6 +369,7 @@ def _knowledge_verbs(sub: argparse._SubParsersAction) -> None:
                      "sentence-transformers folder, or none (BM25 only)")
     kbb.add_argument("--max-tokens", type=int, default=200, help="chunk size in the embedder's tokens")
     kbb.add_argument("--overlap", type=int, default=40, help="tokens shared by the windows of a long paragraph")
+    _force_arg(kbb)
     kba = ksub.add_parser("add", help="add documents to a knowledge base (only the new chunks are embedded)")
     kba.add_argument("kb")
     kba.add_argument("sources", nargs="+")
@@ -386,6 +393,7 @@ def _knowledge_verbs(sub: argparse._SubParsersAction) -> None:
     tmm.add_argument("--min-count", type=int, default=3)
     tmm.add_argument("--tokenizer", default="smollm2-135m-instruct", help="model name or folder whose tokenizer "
                      "judges the splits")
+    _force_arg(tmm)
     tmr = tmsub.add_parser("report", help="tokens per term and domain perplexity, base vs extended + trained")
     tmr.add_argument("--terms", required=True, help="the terms file given to `tokenizer extend`")
     tmr.add_argument("--base", required=True, help="the model before: name or folder")
@@ -412,7 +420,7 @@ def _train(a: argparse.Namespace) -> None:
 def _auto(a: argparse.Namespace) -> None:
     from lmtailor.auto import auto
 
-    auto(a.data, a.budget, a.out, a.base_model, a.format, a.trials, progress=a.progress)
+    auto(a.data, a.budget, a.out, a.base_model, a.format, a.trials, progress=a.progress, force=a.force)
 
 
 def _tune(a: argparse.Namespace) -> None:
@@ -510,10 +518,10 @@ def _prompt(a: argparse.Namespace) -> None:
     task = load_task(a.task, a.overrides)
     if a.action == "run":
         result = run_prompt(task, a.model, a.data, a.pool, a.template, not a.zero_shot, a.limit, a.out,
-                            cache=not a.no_cache)
+                            cache=not a.no_cache, force=a.force)
         print(json.dumps({k: v for k, v in result["metrics"].items() if not isinstance(v, dict | list)}, indent=2))
     else:
-        optimize_prompt(task, a.model, a.dev, a.pool, a.budget, a.out, cache=not a.no_cache)
+        optimize_prompt(task, a.model, a.dev, a.pool, a.budget, a.out, cache=not a.no_cache, force=a.force)
 
 
 def _compare(a: argparse.Namespace) -> None:
@@ -521,7 +529,8 @@ def _compare(a: argparse.Namespace) -> None:
     from lmtailor.prompting.report import compare_markdown
     from lmtailor.prompting.task import load_task
 
-    summary = compare(load_task(a.task), a.systems, a.model, a.test, a.pool, a.limit, a.out, cache=not a.no_cache)
+    summary = compare(load_task(a.task), a.systems, a.model, a.test, a.pool, a.limit, a.out, cache=not a.no_cache,
+                      force=a.force)
     print(compare_markdown(summary), end="")
 
 
@@ -551,7 +560,8 @@ def _kb(a: argparse.Namespace) -> None:
     from lmtailor.knowledge import base, metrics
 
     if a.action == "build":
-        print(base.build_kb(a.sources, a.out, None if a.embedder == "none" else a.embedder, a.max_tokens, a.overlap))
+        print(base.build_kb(a.sources, a.out, None if a.embedder == "none" else a.embedder, a.max_tokens, a.overlap,
+                            force=a.force))
     elif a.action == "add":
         print(base.add_to_kb(a.kb, a.sources))
     elif a.action == "search":
@@ -568,7 +578,7 @@ def _terms(a: argparse.Namespace) -> None:
         return
     from lmtailor.knowledge.terms import mine_terms
 
-    print(mine_terms(a.corpus, a.out, a.tokenizer, a.top, a.min_count))
+    print(mine_terms(a.corpus, a.out, a.tokenizer, a.top, a.min_count, force=a.force))
 
 
 # One handler per verb: each calls one library function and prints its result.

@@ -26,7 +26,8 @@ class Strict(BaseModel):
 
 # Seeds seed numpy too, which takes 0 .. 2**32 - 1.
 SEED_MAX = 2**32 - 1
-# Validation metrics an objective may report (metric_for_best); loss is always there.
+# Validation metrics an objective may report (metric_for_best); loss is always there. Each objective registers the
+# ones it reports (OBJECTIVE_METRICS); these are the names allowed for an objective that registered none.
 BEST_METRICS = ("loss", "perplexity", "accuracy", "macro_f1", "weighted_f1", "micro_f1", "masked_accuracy", "bleu",
                 "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "looping", "tool_call_parsed",
                 "tool_name_accuracy", "tool_args_exact", "tool_args_chrf")
@@ -242,6 +243,35 @@ MOVED_KEYS = {
 }
 
 
+# objective -> the validation metrics metric_for_best may name for it (registry.register_objective(metrics=...)), so
+# a recipe naming another is refused when it is read, before any run folder exists.
+OBJECTIVE_METRICS: dict[str, tuple[str, ...]] = {}
+
+
+def register_metrics(objective: str, metrics: tuple[str, ...]) -> None:
+    """Let `metric_for_best` name these metrics (and loss) for `objective`."""
+    if not metrics or not all(isinstance(m, str) and m.isidentifier() for m in metrics):
+        raise ValueError(f"objective {objective!r}: metrics must be metric names, got {metrics!r}")
+    OBJECTIVE_METRICS[objective] = tuple(dict.fromkeys(("loss", *metrics)))
+
+
+def _check_best_metric(objective: str, metric: str) -> None:
+    """metric_for_best names a metric the objective reports; else a one-line error with the allowed values."""
+    allowed = OBJECTIVE_METRICS.get(objective)
+    if allowed is None:  # an unknown objective is refused by name later (get_objective); the names all know
+        allowed = tuple(dict.fromkeys([*BEST_METRICS, *(m for ms in OBJECTIVE_METRICS.values() for m in ms)]))
+    if metric in allowed:
+        return
+    others = sorted(name for name, ms in OBJECTIVE_METRICS.items() if metric in ms)
+    close = difflib.get_close_matches(metric, allowed, n=1)
+    what = (f"objective {objective} does not report {metric!r} (a metric of {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''})" if others else
+            f"unknown metric {metric!r} for objective {objective}")
+    raise ConfigError(f"config key 'metric_for_best': {what}",
+                      (f"did you mean {close[0]}? " if close else "")
+                      + f"allowed values for {objective}: {', '.join(allowed)}")
+
+
 def register_settings(objective: str, model: type[BaseModel]) -> None:
     """Let recipes set `objective: NAME` options under the key NAME, validated by `model`."""
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
@@ -358,16 +388,6 @@ class RunConfig(Strict):
                                  "early stopping: loss, or one the objective reports (accuracy, macro_f1, rougeL, "
                                  "bleu, chrf, exact_match); others than loss are computed at every eval_every")
 
-    @field_validator("metric_for_best")
-    @classmethod
-    def _known_metric(cls, value: str) -> str:
-        # Checked here, before any folder exists; whether the chosen objective reports it is checked at the
-        # first validation (loop._task_metrics), as that depends on the objective's evaluation.
-        if value not in BEST_METRICS:
-            close = difflib.get_close_matches(value, BEST_METRICS, n=1)
-            raise ValueError(f"unknown metric {value!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                             + f"; allowed values are {', '.join(BEST_METRICS)}")
-        return value
     tune: dict[str, list[Any]] = Field(default_factory=dict, description="`lmtailor tune` search space: "
                                        "{key: [low, high, log|uniform|int]} or {key: [choice, ...]}")
 
@@ -394,6 +414,9 @@ class RunConfig(Strict):
             raise ValueError("retrieval.kb and data.retrieved_examples both rewrite the request; use one of them")
         if self.packing and self.pack_length < self.max_length:
             raise ValueError(f"pack_length ({self.pack_length}) must be at least max_length ({self.max_length})")
+        # Per objective, before any folder exists (a value that the objective may still not report for some data,
+        # e.g. micro_f1 of a single-label task, is refused at the first validation: loop._task_metrics).
+        _check_best_metric(self.objective, self.metric_for_best)
         extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
         for key in list(extra):
             extra[key] = _objective_section(key, extra[key], self.objective)

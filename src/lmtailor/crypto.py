@@ -139,9 +139,10 @@ def keygen(out: str | Path) -> str:
         EncryptionError: `out` exists (a key lost is data lost).
     """
     path = Path(out)
-    if path.exists():
+    if path.exists() or path.is_symlink():
         raise EncryptionError(f"{path} already exists", "pick another path: replacing a key makes what it "
                               "encrypted unreadable")
+    check_output(path, folder=False)  # under a file, or in a folder that cannot be written: one line
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL + 0600 at creation: the key is never readable by others, not even for an instant.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

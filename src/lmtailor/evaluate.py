@@ -127,6 +127,7 @@ def evaluate_perplexity(run: Run, data: str, context: int = 512, stride: int | N
     from lmtailor.data.validate import load_examples
     from lmtailor.objectives.causal import sliding_window_perplexity
     from lmtailor.objectives.mlm import pseudo_perplexity
+    from lmtailor.render import clip_text, encode
 
     with crypto.use_keys(run.keys):
         examples = load_examples(data, fmt)
@@ -135,7 +136,7 @@ def evaluate_perplexity(run: Run, data: str, context: int = 512, stride: int | N
     metrics: dict[str, Any] = {"model": run.target, "data": data, "examples": len(examples)}
     model, tok = run.load()
     if run.kind == "masked-lm":
-        seqs = [ids[:context] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        seqs = [encode(tok, clip_text(tok, t, context))[:context] for t in texts]  # work bounded by context
         metrics.update(metric="pseudo_perplexity", pseudo_perplexity=pseudo_perplexity(model, tok, seqs, 2048),
                        context=context)
     elif run.kind == "causal-lm":

@@ -82,9 +82,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                     os.fsync(fh.fileno())
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{tmp.name}")  # a free name: nothing else removed
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)

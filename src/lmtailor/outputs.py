@@ -4,6 +4,8 @@
     ...                                                  # the work
     with replacing(out, force):                          # an existing output moves to NAME.bak-<time>, kept;
         write(out)                                       #   restored if the write fails
+    with staged_folder(out, force) as tmp:               # or: fill a hidden new folder, which takes out's place
+        write_files(tmp)                                 #   in one rename at the end (removed if the block fails)
 
 No verb deletes or moves a file or folder it did not create: an existing output is an error unless `--force`, and
 `--force` renames it to a visible backup instead of deleting it.
@@ -14,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +68,11 @@ def check_output(path: str | Path, force: bool = False, *, folder: bool, flag: s
     return out
 
 
+def existing(*paths: str | Path | None) -> tuple[Path, ...]:
+    """The paths among `paths` that exist (inputs a verb reads, for check_output's `inputs`)."""
+    return tuple(Path(p).expanduser() for p in paths if p and Path(p).expanduser().exists())
+
+
 def backup_path(path: Path) -> Path:
     """A free `NAME.bak-<time>` beside `path`."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -73,6 +82,19 @@ def backup_path(path: Path) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}.bak-{stamp}-{n}")
     return candidate
+
+
+def set_aside(path: Path, force: bool = False, flag: str = "--out") -> Path | None:
+    """Before a verb starts filling `path` in place: an existing one (allowed by `force` only) is renamed to a
+    backup, which is returned (None when there was nothing)."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    if not force:
+        raise ConfigError(f"{flag} {path} already exists", FORCE_HINT.format(name=path.name))
+    backup = backup_path(path)
+    os.replace(path, backup)
+    log.warning(f"the previous {path} is kept as {backup}")
+    return backup
 
 
 @contextlib.contextmanager
@@ -90,9 +112,38 @@ def replacing(path: Path, force: bool = False, flag: str = "--out") -> Iterator[
     except BaseException as e:
         if backup is not None and not (path.exists() or path.is_symlink()):
             os.replace(backup, path)
+        elif backup is not None:
+            log.warning(f"the previous {path} is kept as {backup}")
         if isinstance(e, OSError):
             raise ConfigError(f"{flag} {path}: cannot write it: {e.strerror or e}",
                               "give a path in a folder you may write to") from e
         raise
     if backup is not None:
         log.warning(f"the previous {path} is kept as {backup}")
+
+
+@contextlib.contextmanager
+def staged_folder(path: Path, force: bool = False, flag: str = "--out") -> Iterator[Path]:
+    """Fill a folder output atomically: yields a new hidden folder beside `path`; when the block succeeds it takes
+    `path`'s place in one rename (an existing `path`, allowed by `force` only, is kept as a backup). If the block
+    fails, the hidden folder is removed and `path` is left as it was. An OSError becomes a one-line ConfigError."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create it: {e.strerror or e}",
+                          "give a path in a folder you may write to") from e
+    try:
+        try:
+            yield tmp
+        except OSError as e:
+            raise ConfigError(f"{flag} {path}: cannot write it: {e.strerror or e}",
+                              "give a path in a folder you may write to") from e
+        with replacing(path, force, flag):
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

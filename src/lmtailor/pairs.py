@@ -11,7 +11,6 @@ judged on questions neither run trained on.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from lmtailor.config import GenerationSettings
@@ -19,6 +18,7 @@ from lmtailor.data.example import Example
 from lmtailor.data.validate import content_key
 from lmtailor.errors import DataError
 from lmtailor.io import atomic_write_text
+from lmtailor.outputs import check_output, existing, replacing
 from lmtailor.render import prompt_messages
 
 
@@ -40,7 +40,7 @@ def _chats(data: str, fmt: str, limit: int | None) -> list[Example]:
 
 def make_pairs(run: str, data: str, out: str, fmt: str = "auto", settings: GenerationSettings | None = None,
                reverse: bool = False, limit: int | None = None, speedup: str = "none", progress: bool = True,
-               seed: int = 0) -> dict[str, Any]:
+               seed: int = 0, force: bool = False) -> dict[str, Any]:
     """Write preference pairs (JSONL) built from `data`'s prompts and `run`'s answers.
 
     Args:
@@ -53,6 +53,7 @@ def make_pairs(run: str, data: str, out: str, fmt: str = "auto", settings: Gener
         limit: answer at most this many examples.
         speedup: CPU decoding speed-up (see lmtailor.fastdecode.speed_up).
         seed: seeds sampling (temperature > 0), so the same call writes the same pairs.
+        force: replace an existing `out` (kept as a backup, see lmtailor.outputs); without it, an error.
 
     Returns:
         {"pairs": written, "skipped_equal": answers equal to the reference, "skipped_empty": empty answers,
@@ -64,6 +65,7 @@ def make_pairs(run: str, data: str, out: str, fmt: str = "auto", settings: Gener
     from lmtailor.generate import generate, retrieval_for
     from lmtailor.runs import Run
 
+    target = check_output(out, force, folder=False, inputs=existing(run, data))  # before the minutes of decoding
     opened = Run.open(run)
     chats = _chats(data, fmt, None)
     held = _held_out(opened.config)
@@ -88,7 +90,8 @@ def make_pairs(run: str, data: str, out: str, fmt: str = "auto", settings: Gener
             continue
         chosen, rejected = (answer, reference) if reverse else (reference, answer)
         lines.append(json.dumps(_record(history, chosen, rejected), ensure_ascii=False) + "\n")
-    atomic_write_text(Path(out), "".join(lines))
+    with replacing(target, force):
+        atomic_write_text(target, "".join(lines))
     return {"pairs": len(lines), "skipped_equal": equal, "skipped_empty": empty, "skipped_held_out": skipped_held,
             "out": out}
 
@@ -109,10 +112,13 @@ def _held_out(config: dict[str, Any]) -> set[str]:
     return {content_key(ex) for ex in [*val, *test]}
 
 
-def score_data(run: str, data: str, fmt: str = "auto", out: str | None = None) -> dict[str, Any]:
+def score_data(run: str, data: str, fmt: str = "auto", out: str | None = None, force: bool = False
+               ) -> dict[str, Any]:
     """Score every conversation of `data` with a reward run: preference records score chosen and rejected
-    (and report the pairwise accuracy), others their last answer. With `out`, writes each record's scores as JSONL.
+    (and report the pairwise accuracy), others their last answer. With `out`, writes each record's scores as JSONL
+    (an existing `out` is an error unless `force`, which keeps it as a backup).
     """
+    target = check_output(out, force, folder=False, inputs=existing(run, data)) if out else None
     from lmtailor.data.validate import load_examples
     from lmtailor.objectives.reward import score
 
@@ -135,8 +141,9 @@ def score_data(run: str, data: str, fmt: str = "auto", out: str | None = None) -
         else:
             rows.append({"source": ex.source, "score": scores[k]})
             k += 1
-    if out:
-        atomic_write_text(Path(out), "".join(json.dumps(r) + "\n" for r in rows))
+    if target is not None:
+        with replacing(target, force):
+            atomic_write_text(target, "".join(json.dumps(r) + "\n" for r in rows))
     summary: dict[str, Any] = {"records": len(rows), "mean_score": sum(scores) / max(len(scores), 1)}
     if pairs:
         summary.update(pairs=pairs, accuracy=wins / pairs)

@@ -51,6 +51,40 @@ def clip_text(tok: Any, text: str, max_tokens: int) -> str:
     return text if len(text) <= budget else text[:budget]
 
 
+def clip_messages(tok: Any, messages: list[dict[str, str]], max_tokens: int, keep: str = "head"
+                  ) -> list[dict[str, str]]:
+    """The messages that can hold the first (keep="head") or last (keep="tail") `max_tokens` tokens of a rendered
+    conversation: contents are cut to the clip bound (see CLIP_MARGIN_TOKENS) counted from that end, and messages
+    wholly past it are dropped, keeping the turn structure around the cut. The pieces a conversation renders to are
+    tokenized one by one, so the kept end's tokens equal those of the whole conversation; a conversation within the
+    bound is returned as it is."""
+    budget = (max_tokens + CLIP_MARGIN_TOKENS) * longest_token(tok)
+    if sum(len(m["content"]) for m in messages) <= budget:
+        return messages
+    order = list(messages) if keep == "head" else list(reversed(messages))
+    out: list[dict[str, str]] = []
+    used = 0
+    for m in order:
+        if used >= budget:  # past the bound: only a turn the cut one needs to render as a prompt/answer pair
+            if keep == "head" and out[-1]["role"] != "assistant" and m["role"] == "assistant":
+                out.append({**m, "content": ""})
+            if keep == "head":
+                continue
+            break
+        room = budget - used
+        content = m["content"]
+        if len(content) > room:
+            content = content[:room] if keep == "head" else content[len(content) - room:]
+        out.append({**m, "content": content})
+        used += len(content)
+    if keep == "head":
+        return out
+    out.reverse()
+    if out[0]["role"] == "assistant":  # a conversation does not start with an answer
+        out.insert(0, {"role": "user", "content": ""})
+    return out
+
+
 def _template(tok: Any, messages: list[dict[str, str]], gen: bool, tools: Tools = None) -> str:
     from jinja2 import TemplateError
 
@@ -139,19 +173,19 @@ def tokenize_example(tok: Any, ex: Example, max_length: int, train_on_prompt: bo
     Chat examples give one sequence (truncated to max_length); raw text gives consecutive chunks of max_length
     tokens, each supervised on every token, ending with EOS.
     """
-    if ex.text is not None:
-        ids = list(tok(ex.text, add_special_tokens=True)["input_ids"]) + [tok.eos_token_id]
+    if ex.text is not None:  # every chunk is kept: a long document is tokenized in windows (encode_long)
+        ids = encode_long(tok, ex.text, add_special_tokens=True) + [tok.eos_token_id]
         step = max_length
         return [Tokenized(ids[i:i + step], ids[i:i + step], ex.source) for i in range(0, len(ids), step)
                 if len(ids[i:i + step]) > 1]
     assert ex.messages is not None
-    messages = ex.messages
-    # A message longer than the clip bound alone fills max_length: what follows it is cut off anyway.
-    if any(len(m["content"]) > max_length for m in messages):
-        messages = [{**m, "content": clip_text(tok, m["content"], max_length)} for m in messages]
+    # What lies past the clip bound is cut off anyway: work (rendering, tokenizing) is bounded by max_length.
+    messages = clip_messages(tok, ex.messages, max_length)
     input_ids: list[int] = []
     labels: list[int] = []
     for piece, is_output in _pieces(tok, messages, ex.tools):
+        if len(input_ids) >= max_length:
+            break
         ids = encode(tok, piece)
         if is_output and tok.eos_token and not piece.endswith(tok.eos_token):
             ids.append(tok.eos_token_id)  # templates that do not end turns with EOS still teach the model to stop
@@ -180,3 +214,70 @@ def prompt_messages(ex: Example) -> tuple[list[dict[str, str]], str]:
     assert ex.messages is not None
     last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
     return ex.messages[:last], ex.messages[last]["content"]
+
+
+# ---- long documents ---------------------------------------------------------------------------------------------
+STREAM_CHARS = 1 << 16  # a text longer than this is tokenized in windows of this many characters
+SYNC_TOKENS = 8  # tokens two overlapping windows must agree on (same ids, same offsets) to be joined there
+
+
+def encode_long(tok: Any, text: str, add_special_tokens: bool = False, window: int | None = None) -> list[int]:
+    """`tok(text)["input_ids"]` of a document of any length, tokenized in windows of about `window` characters,
+    so a huge document costs memory in proportion to its tokens, not to one tokenizer call over all of it.
+
+    Consecutive windows overlap by half; they are joined at the first token boundary past the start of the later
+    one where both give the same SYNC_TOKENS tokens (ids and character offsets) before the earlier one's last
+    CLIP_MARGIN_TOKENS tokens. Where no such place exists (or the tokenizer gives no offsets), the document is
+    tokenized in one call, as before.
+    """
+    window = window or STREAM_CHARS
+    if len(text) <= window or not getattr(tok, "is_fast", False):
+        return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+    margin = CLIP_MARGIN_TOKENS * longest_token(tok)
+    window = max(window, 4 * margin)
+    body: list[int] = []
+    start, cur = 0, _window_tokens(tok, text, 0, window)
+    while start + window < len(text):
+        half = start + window // 2
+        nxt_start = next((a for a, _, _ in cur if a >= half), None)
+        nxt = _window_tokens(tok, text, nxt_start, window) if nxt_start is not None else []
+        cut = _join_at(cur, nxt, start + window - margin)
+        if cut is None:
+            return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+        body += [t for a, _, t in cur if a < cut]
+        start, cur = int(nxt_start or 0), [x for x in nxt if x[0] >= cut]
+    body += [t for _, _, t in cur]
+    if not add_special_tokens:
+        return body
+    head, tail = _special_ends(tok)
+    return head + body + tail
+
+
+def _window_tokens(tok: Any, text: str, start: int, window: int) -> list[tuple[int, int, int]]:
+    """(start, end, id) of the tokens of text[start:start + window], offsets in `text`."""
+    enc = tok(text[start:start + window], add_special_tokens=False, return_offsets_mapping=True)
+    return [(start + a, start + b, t) for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+
+def _join_at(cur: list[tuple[int, int, int]], nxt: list[tuple[int, int, int]], safe: int) -> int | None:
+    """The first offset (past nxt's first token) where cur and nxt agree on SYNC_TOKENS tokens ending by `safe`."""
+    where = {a: i for i, (a, _, _) in enumerate(cur)}
+    for j in range(1, len(nxt) - SYNC_TOKENS):
+        i = where.get(nxt[j][0])
+        if i is None:
+            continue
+        if cur[i + SYNC_TOKENS - 1:i + SYNC_TOKENS] and cur[i + SYNC_TOKENS - 1][1] > safe:
+            return None
+        if cur[i:i + SYNC_TOKENS] == nxt[j:j + SYNC_TOKENS]:
+            return nxt[j][0]
+    return None
+
+
+def _special_ends(tok: Any) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer puts before and after a text's own (e.g. BOS; CLS and SEP)."""
+    bare = list(tok("a", add_special_tokens=False)["input_ids"])
+    full = list(tok("a", add_special_tokens=True)["input_ids"])
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k], full[k + len(bare):]
+    return [], []

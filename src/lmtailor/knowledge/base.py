@@ -29,6 +29,7 @@ from lmtailor.errors import ConfigError
 from lmtailor.io import atomic_dir, atomic_write_json
 from lmtailor.knowledge.chunk import Chunk, chunk_documents, read_documents, word_offsets
 from lmtailor.knowledge.fusion import rrf
+from lmtailor.outputs import check_output, existing, staged_folder
 
 FORMAT = "lmtailor-knowledge-base"
 VERSION = 1
@@ -235,12 +236,13 @@ def _write(folder: Path, manifest: dict[str, Any], chunks: list[Chunk], vectors:
 
 # ---- building --------------------------------------------------------------------------------------------------
 def build_kb(sources: Sequence[str], out: str | Path, embedder: str | None = "all-minilm-l6-v2",
-             max_tokens: int = 200, overlap: int = 40, progress: bool = True) -> str:
+             max_tokens: int = 200, overlap: int = 40, progress: bool = True, force: bool = False) -> str:
     """`lmtailor kb build`: chunk the documents of `sources`, index them, write the base to `out`.
 
     Args:
         sources: files, folders, data files or catalog:NAME.
-        out: the base's folder (replaced atomically when it exists).
+        out: the base's folder, written atomically; an existing one is an error unless `force` (then it is kept as
+            NAME.bak-<time>, see lmtailor.outputs).
         embedder: bundled name or sentence-transformers folder; None (or "none") for a BM25-only base.
         max_tokens: chunk size, in the embedder's tokens (words for a BM25-only base).
         overlap: tokens shared by consecutive windows of a long paragraph.
@@ -249,6 +251,7 @@ def build_kb(sources: Sequence[str], out: str | Path, embedder: str | None = "al
         A short report: chunks, duplicates dropped, tokens, sources, timings.
     """
     t0 = time.perf_counter()
+    folder = check_output(out, force, folder=True, inputs=existing(*sources))
     emb = None
     if embedder and embedder != "none":
         from lmtailor.knowledge.embed import Embedder
@@ -266,7 +269,7 @@ def build_kb(sources: Sequence[str], out: str | Path, embedder: str | None = "al
         "sources": [], "chunks": 0, "duplicates_dropped": 0,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return _update(Path(out), manifest, [], None, sources, emb, progress, t0, verb="built")
+    return _update(folder, manifest, [], None, sources, emb, progress, t0, verb="built", force=force)
 
 
 def add_to_kb(path: str | Path, sources: Sequence[str], progress: bool = True) -> str:
@@ -278,7 +281,9 @@ def add_to_kb(path: str | Path, sources: Sequence[str], progress: bool = True) -
 
 
 def _update(folder: Path, manifest: dict[str, Any], old: list[Chunk], old_vectors: np.ndarray | None,
-            sources: Sequence[str], emb: Any, progress: bool, t0: float, verb: str) -> str:
+            sources: Sequence[str], emb: Any, progress: bool, t0: float, verb: str, force: bool | None = None) -> str:
+    """Chunk, embed and index `sources` on top of `old`, then write the base to `folder` in one rename: `force`
+    None updates the base in place (kb add), else `folder` is a new output (kb build, see build_kb)."""
     from tqdm.auto import tqdm
 
     if not sources:
@@ -304,7 +309,7 @@ def _update(folder: Path, manifest: dict[str, Any], old: list[Chunk], old_vector
                 "sources": list(dict.fromkeys([*manifest["sources"], *map(str, sources)])),
                 "chunks": len(chunks), "duplicates_dropped": manifest["duplicates_dropped"] + dropped,
                 "updated": datetime.now(UTC).isoformat(timespec="seconds")}
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder) if force is None else staged_folder(folder, force) as tmp:
         _write(tmp, manifest, chunks, vectors, bm25)
     tokens = sum(c.n_tokens for c in new)
     return (f"{verb} {folder}: {len(new)} new chunks from {len(docs)} documents ({tokens} {chunking['unit']}, "

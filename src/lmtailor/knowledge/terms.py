@@ -15,6 +15,7 @@ from typing import Any
 
 from lmtailor.errors import ConfigError
 from lmtailor.io import atomic_write_text
+from lmtailor.outputs import check_output, existing, replacing
 
 _WORD = re.compile(r"(?<![\w.+-])[A-Za-z][\w+-]*(?:\.[A-Za-z_][\w+-]*)*[A-Za-z0-9+]")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]+")
@@ -52,12 +53,14 @@ def rank_terms(counts: Counter[str], tok: Any, top: int = 200, min_count: int = 
 
 
 def mine_terms(corpus: str, out: str | Path, tokenizer: str = "smollm2-135m-instruct", top: int = 200,
-               min_count: int = 3) -> str:
+               min_count: int = 3, force: bool = False) -> str:
     """Write the top terms of a corpus (files, folders, catalog:NAME), one per line; return a report.
 
     Raises:
-        ConfigError: the corpus holds no candidate term the tokenizer splits.
+        ConfigError: the corpus holds no candidate term the tokenizer splits; `out` exists (without `force`: with
+            it, the old file is kept as a backup) or cannot be written.
     """
+    target = check_output(out, force, folder=False, inputs=existing(corpus))
     from lmtailor.knowledge.chunk import read_documents
     from lmtailor.models import load_tokenizer
 
@@ -67,7 +70,8 @@ def mine_terms(corpus: str, out: str | Path, tokenizer: str = "smollm2-135m-inst
     if not rows:
         raise ConfigError(f"{corpus}: no term occurs {min_count}+ times and is split by the tokenizer",
                           "lower --min-count or give more text")
-    atomic_write_text(out, "".join(r["term"] + "\n" for r in rows))
+    with replacing(target, force):
+        atomic_write_text(target, "".join(r["term"] + "\n" for r in rows))
     before = sum(r["count"] * r["tokens"] for r in rows)
     lines = [f"{len(rows)} terms written to {out} (from {len(counts)} candidates); as one token each they would "
              f"save {before - sum(r['count'] for r in rows)} of {before} tokens of their occurrences",

@@ -30,7 +30,7 @@ from lmtailor.models import is_prompt_learning, unwrap_peft
 from lmtailor.objectives.attention import SEGMENT_ATTENTION, attention_implementation, segment_bounds
 from lmtailor.objectives.common import prepare_blocks, recipe_model, recipe_tokenizer, texts
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
-from lmtailor.render import IGNORE, Tokenized, prompt_messages, tokenize_all
+from lmtailor.render import IGNORE, Tokenized, encode_long, prompt_messages, tokenize_all
 from lmtailor.toolcalls import answer_text
 
 
@@ -316,8 +316,8 @@ def sliding_window_perplexity(model: nn.Module, tok: Any, texts: list[str], cont
     """Perplexity of `texts` joined by EOS into one stream, scored with a sliding window."""
     model.eval()
     ids: list[int] = []
-    for doc in tok(texts, add_special_tokens=False)["input_ids"]:
-        ids += doc + [tok.eos_token_id]
+    for text in texts:
+        ids += encode_long(tok, text) + [tok.eos_token_id]
     total, count = sliding_window_nll(model, ids, context, stride)
     return math.exp(min(total / max(count, 1), 50.0))
 
@@ -325,6 +325,7 @@ def sliding_window_perplexity(model: nn.Module, tok: Any, texts: list[str], cont
 HOOKS: dict[str, Any] = dict(tokenizer=recipe_tokenizer, model=load_model, collate=collate, count=count, build=build,
                              evaluate=evaluate)
 register_objective("sft", "causal LM loss on the assistant turns of chats (instruction tuning)",
-                   prepare=prepare_chats, baseline=baseline, primary_metric="chrf", **HOOKS)
+                   prepare=prepare_chats, baseline=baseline, primary_metric="chrf",
+                   metrics=("perplexity", "exact_match", "chrf", "looping"), **HOOKS)
 register_objective("clm", "causal LM loss on every token (continued pretraining on raw text, or from scratch)",
-                   settings=ClmSettings, prepare=prepare_text, train_on_prompt=True, **HOOKS)
+                   settings=ClmSettings, prepare=prepare_text, train_on_prompt=True, metrics=("perplexity",), **HOOKS)

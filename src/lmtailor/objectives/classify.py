@@ -458,7 +458,8 @@ def predict(run: Any, texts: list[str], batch_size: int = EVAL_BATCH
     multi = hf.config.problem_type == "multi_label_classification"
     threshold = float((opened.config.get("classify") or {}).get("threshold", 0.5))
     max_length = int(opened.config.get("max_length", 512))
-    items = [ClassItem(tok(t, add_special_tokens=True)["input_ids"][:max_length], 0) for t in texts]
+    items = [ClassItem(tok(clip_text(tok, t, max_length), add_special_tokens=True)["input_ids"][:max_length], 0)
+             for t in texts]
     probs = probabilities(model, tok, items, multi, batch_size)
     out: list[tuple[str | list[str], dict[str, float]]] = []
     for row in probs.tolist():
@@ -472,4 +473,5 @@ def predict(run: Any, texts: list[str], batch_size: int = EVAL_BATCH
 register_objective("classify", "sequence classification: a label per text (labeled data), head on any backbone",
                    settings=ClassifySettings, tokenizer=recipe_tokenizer, fit=fit, model=load_model, init=init,
                    prepare=prepare, collate=collate, count=count, build=build, evaluate=evaluate,
-                   sample_weights=sample_weights, baseline=baseline, task_report=True, primary_metric="macro_f1")
+                   sample_weights=sample_weights, baseline=baseline, task_report=True, primary_metric="macro_f1",
+                   metrics=("accuracy", "macro_f1", "weighted_f1", "micro_f1"))

@@ -30,7 +30,7 @@ from lmtailor.metrics import looping_share
 from lmtailor.objectives.causal import load_model, target_logits
 from lmtailor.objectives.common import recipe_tokenizer
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
-from lmtailor.render import prompt_ids, prompt_messages
+from lmtailor.render import clip_messages, prompt_ids, prompt_messages
 
 
 class GrpoRewards(Strict):
@@ -163,7 +163,8 @@ def prepare(ctx: ObjectiveContext, examples: list[Example]) -> tuple[list[Prompt
         if ex.messages is None:
             continue
         history, reference = prompt_messages(ex)
-        items.append(PromptItem(prompt_ids(tok, history)[-keep:], reference, history[-1]["content"]))
+        tail = clip_messages(tok, history, keep, keep="tail")  # work bounded by max_length, same last tokens
+        items.append(PromptItem(prompt_ids(tok, tail)[-keep:], reference, history[-1]["content"]))
     return items, {"prompts": len(items), "tokens": sum(len(i.input_ids) for i in items)}
 
 
@@ -305,4 +306,5 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[PromptItem
 register_objective("grpo", "online RL: sample a group of answers per prompt, score them with the recipe's rewards, "
                    "clipped group-relative policy gradient with a KL penalty to the reference (LoRA disabled)",
                    settings=GrpoSettings, tokenizer=recipe_tokenizer, model=load_model, prepare=prepare,
-                   collate=collate, count=count, build=build, evaluate=evaluate, primary_metric="reward_mean")
+                   collate=collate, count=count, build=build, evaluate=evaluate, primary_metric="reward_mean",
+                   metrics=("reward_mean", "looping"))

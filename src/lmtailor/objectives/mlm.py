@@ -30,7 +30,7 @@ from lmtailor.objectives.common import (
     texts,
 )
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
-from lmtailor.render import IGNORE
+from lmtailor.render import IGNORE, encode_long
 
 
 class MlmSettings(Strict):
@@ -97,7 +97,7 @@ def prepare_pairs(ctx: ObjectiveContext, examples: list[Example]) -> tuple[list[
     cfg, tok = ctx.cfg, ctx.tokenizer
     half = (cfg.max_length - 3) // 2
     docs = [[ids[i:i + half] for i in range(0, len(ids), half)]
-            for ids in tok(texts(examples), add_special_tokens=False)["input_ids"]]
+            for ids in (encode_long(tok, t) for t in texts(examples))]
     segments = [s for d in docs for s in d]
     rng = random.Random(cfg.seed)
     items: list[PairItem] = []
@@ -249,4 +249,4 @@ def pseudo_perplexity(model: nn.Module, tok: Any, seqs: list[list[int]], max_tok
 
 register_objective("mlm", "masked LM for encoders (15%, 80/10/10, optional whole words and NSP)", settings=MlmSettings,
                    tokenizer=recipe_tokenizer, model=load_model, prepare=prepare, collate=collate, count=count_labels,
-                   build=build, evaluate=evaluate, train_on_prompt=True)
+                   build=build, evaluate=evaluate, train_on_prompt=True, metrics=("perplexity", "masked_accuracy"))

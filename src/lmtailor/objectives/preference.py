@@ -36,7 +36,7 @@ from lmtailor.objectives.causal import evaluate as causal_evaluate
 from lmtailor.objectives.causal import load_model, target_logits
 from lmtailor.objectives.common import recipe_tokenizer
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
-from lmtailor.render import prompt_ids, tokenize_example
+from lmtailor.render import clip_messages, prompt_ids, tokenize_example
 
 REFERENCE_FILE = "reference_logps.safetensors"
 ADAPTERS = ("lora",)  # methods whose reference is the model with its adapter disabled
@@ -166,11 +166,13 @@ def answer_sequence(tok: Any, history: list[dict[str, str]], answer: list[dict[s
                     source: str) -> tuple[Tokenized, int]:
     """(the conversation rendered by the one renderer with labels on the answer's assistant turns only, prompt
     length in tokens)."""
-    seq = tokenize_example(tok, Example(messages=history + answer, source=source), 1_000_000)[0]
-    n_prompt = len(prompt_ids(tok, history))
-    assert seq.input_ids[:n_prompt] == prompt_ids(tok, history), "the renderer keeps the prompt a prefix"
+    seq = tokenize_example(tok, Example(messages=history + answer, source=source), max_length)[0]
+    # the prompt's tokens, its work bounded by max_length (a prompt cut here is longer than max_length anyway)
+    prompt = prompt_ids(tok, clip_messages(tok, history, max_length))
+    n_prompt = len(prompt)
+    assert seq.input_ids[:n_prompt] == prompt[:max_length], "the renderer keeps the prompt a prefix"
     labels = [IGNORE] * n_prompt + seq.labels[n_prompt:]
-    return Tokenized(seq.input_ids[:max_length], labels[:max_length], source), n_prompt
+    return Tokenized(seq.input_ids, labels[:max_length], source), n_prompt
 
 
 def _split(ex: Example) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
@@ -565,8 +567,11 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any], exam
     return Evaluation(out)
 
 
-PAIRS = dict(tokenizer=recipe_tokenizer, model=load_model, prepare=prepare_pairs, collate=collate_pairs, count=count,
-             build=build, evaluate=evaluate, primary_metric="reward_accuracy")
+GENERATED = ("exact_match", "chrf", "looping")  # of the answers to the first eval.generate_examples prompts
+PAIRS: dict[str, Any] = dict(tokenizer=recipe_tokenizer, model=load_model, prepare=prepare_pairs,
+                             collate=collate_pairs, count=count, build=build, evaluate=evaluate,
+                             primary_metric="reward_accuracy",
+                             metrics=("reward_accuracy", "reward_margin", "logp_accuracy", *GENERATED))
 register_objective("dpo", "direct preference optimization (sigmoid) on chosen/rejected pairs, reference = the "
                    "model without its adapter", settings=DpoSettings, **PAIRS)
 register_objective("ipo", "identity preference optimization (squared loss on mean log-ratios) on pairs",
@@ -578,4 +583,4 @@ register_objective("simpo", "simple preference optimization: length-normalized m
 register_objective("kto", "Kahneman-Tversky optimization on unpaired completions labeled desirable or not",
                    settings=KtoSettings, tokenizer=recipe_tokenizer, model=load_model, prepare=prepare_unpaired,
                    collate=collate_unpaired, count=count, build=build, evaluate=evaluate,
-                   primary_metric="reward_accuracy")
+                   primary_metric="reward_accuracy", metrics=("reward_accuracy", *GENERATED))

@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from lmtailor.config import RunConfig, register_settings
+from lmtailor.config import RunConfig, register_metrics, register_settings
 from lmtailor.errors import ConfigError
 
 
@@ -103,13 +103,15 @@ _HOOKS = ("tokenizer", "model", "prepare", "build", "collate", "count", "evaluat
 
 
 def register_objective(name: str, description: str, *, settings: type[BaseModel] | None = None,
-                       **hooks: Any) -> Objective:
+                       metrics: tuple[str, ...] | None = None, **hooks: Any) -> Objective:
     """Make an objective selectable as `objective: NAME`; its settings (if any) are set under the key NAME.
 
     Args:
         name: lowercase letters, digits, - or _.
         description: one line for listings.
         settings: a pydantic model of the objective's own options.
+        metrics: the validation metrics its evaluate hook reports that `metric_for_best` may name (loss is always
+            allowed); a recipe naming another is refused when it is read.
         hooks: tokenizer, model, prepare, build, collate, count, evaluate (required unless `select` is given:
             then the name is an alias resolved per recipe), fit, sample_weights, baseline, init and select (optional),
             and the flags train_on_prompt, task_report and primary_metric.
@@ -135,6 +137,8 @@ def register_objective(name: str, description: str, *, settings: type[BaseModel]
         hooks = dict.fromkeys(_HOOKS[:7], _alias_hook) | hooks
     if settings is not None:
         register_settings(name, settings)
+    if metrics is not None:
+        register_metrics(name, metrics)
     OBJECTIVES[name] = Objective(name, description, settings=settings, **hooks, **flags)
     return OBJECTIVES[name]
 

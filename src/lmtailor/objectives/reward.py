@@ -24,7 +24,7 @@ from lmtailor.errors import DataError
 from lmtailor.objectives.classify import ClassItem, collate_items
 from lmtailor.objectives.common import override_dropout, recipe_tokenizer
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
-from lmtailor.render import tokenize_example
+from lmtailor.render import clip_messages, tokenize_example
 
 EVAL_BATCH = 16
 
@@ -53,7 +53,8 @@ class RewardPair:
 def conversation_ids(tok: Any, messages: list[dict[str, str]], max_length: int) -> list[int]:
     """A whole conversation's token ids through the one renderer, cut to the last max_length tokens (the answer,
     which the head reads at the end, is kept)."""
-    ids = tokenize_example(tok, Example(messages=messages), 1_000_000)[0].input_ids
+    tail = clip_messages(tok, messages, max_length, keep="tail")  # work bounded by max_length, same last tokens
+    ids = tokenize_example(tok, Example(messages=tail), 1 << 62)[0].input_ids
     return ids[-max_length:]
 
 
@@ -165,4 +166,5 @@ def score(run: Any, conversations: list[list[dict[str, str]]], batch_size: int =
 
 register_objective("reward", "reward model: a scalar head trained on chosen/rejected pairs (Bradley-Terry)",
                    settings=RewardSettings, tokenizer=recipe_tokenizer, model=load_model, prepare=prepare,
-                   collate=collate, count=count, build=build, evaluate=evaluate, primary_metric="accuracy")
+                   collate=collate, count=count, build=build, evaluate=evaluate, primary_metric="accuracy",
+                   metrics=("accuracy", "margin"))

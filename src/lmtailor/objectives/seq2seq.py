@@ -158,7 +158,8 @@ def generate_targets(ctx: ObjectiveContext, model: nn.Module, sources: list[str]
                         progress=progress)
     model.eval()
     device = next(model.parameters()).device
-    enc = [tok(s, add_special_tokens=True)["input_ids"][:cfg.max_length] for s in sources]
+    enc = [tok(clip_text(tok, s, cfg.max_length), add_special_tokens=True)["input_ids"][:cfg.max_length]
+           for s in sources]
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
     out = [""] * len(enc)
     size = cfg.generation.batch_size
@@ -237,14 +238,17 @@ def evaluate_causal(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any
     return _evaluate(ctx, model, causal.CausalLMLoss(model), causal.collate, items, examples, progress)
 
 
+METRICS = ("perplexity", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "exact_match", "looping")
 register_objective("seq2seq", "source -> target generation (paired data): encoder-decoder, or decoder-only with the "
                    "loss on the completion; BLEU/chrF/ROUGE/exact-match evaluation", settings=Seq2SeqSettings,
-                   select=select)
+                   select=select, metrics=METRICS)
 register_objective("seq2seq_encdec", "seq2seq on an encoder-decoder (T5/BART): source to the encoder, target loss "
                    "through the decoder", settings=Seq2SeqSettings, tokenizer=recipe_tokenizer, model=load_model,
                    prepare=prepare, collate=collate, count=count, build=build, evaluate=evaluate, baseline=baseline,
-                   task_report=True, primary_metric="chrf")
+                   task_report=True, primary_metric="chrf",
+                   metrics=METRICS)
 register_objective("seq2seq_causal", "seq2seq on a decoder-only model: the sft loss on the completion, judged by "
                    "generation", settings=Seq2SeqSettings, tokenizer=recipe_tokenizer, model=causal.load_model,
                    prepare=causal.prepare_chats, collate=causal.collate, count=causal.count, build=causal.build,
-                   evaluate=evaluate_causal, baseline=baseline, task_report=True, primary_metric="chrf")
+                   evaluate=evaluate_causal, baseline=baseline, task_report=True, primary_metric="chrf",
+                   metrics=METRICS)

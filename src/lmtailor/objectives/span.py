@@ -150,4 +150,4 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Any], exam
 
 register_objective("span", "T5 span corruption for encoder-decoders", settings=SpanSettings,
                    tokenizer=recipe_tokenizer, model=load_model, prepare=prepare, collate=collate, count=count_labels,
-                   build=build, evaluate=evaluate, train_on_prompt=True)
+                   build=build, evaluate=evaluate, train_on_prompt=True, metrics=("perplexity",))

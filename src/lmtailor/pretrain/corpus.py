@@ -36,7 +36,7 @@ from lmtailor.data.sources import local_files
 from lmtailor.data.validate import ExampleReader, no_training_left, split_rank, strip_example, val_count
 from lmtailor.errors import DataError, EncryptionError
 from lmtailor.io import atomic_dir, cache_dir
-from lmtailor.render import Tokenized
+from lmtailor.render import Tokenized, encode_long
 
 _log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # part of every cache key: a change in what a cache holds must not reuse an older one
@@ -72,7 +72,7 @@ def _blocks(texts: Iterable[str], tok: Any, block: int, batch: int = 256, batch_
     """Documents joined with EOS and cut into consecutive `block`-token pieces (the last one may be shorter).
 
     Texts are tokenized `batch` documents (or about `batch_chars` characters) at a time, so a stream of any length
-    holds one batch in memory.
+    holds one batch in memory; a document longer than `batch_chars` is tokenized alone, in windows (encode_long).
     """
     buf: list[int] = []
     pending: list[str] = []
@@ -82,7 +82,9 @@ def _blocks(texts: Iterable[str], tok: Any, block: int, batch: int = 256, batch_
         nonlocal buf, chars
         if not pending:  # tokenizers fail on an empty batch (no documents, or a count that is a multiple of batch)
             return
-        for ids in tok(pending, add_special_tokens=False)["input_ids"]:
+        docs = [encode_long(tok, pending[0])] if len(pending[0]) > batch_chars else \
+            tok(pending, add_special_tokens=False)["input_ids"]
+        for ids in docs:
             buf += ids
             buf.append(tok.eos_token_id)
             full = len(buf) - len(buf) % block
@@ -93,6 +95,8 @@ def _blocks(texts: Iterable[str], tok: Any, block: int, batch: int = 256, batch_
         chars = 0
 
     for t in texts:
+        if len(t) > batch_chars:
+            yield from flush()
         if t:
             pending.append(t)
             chars += len(t)

@@ -25,6 +25,7 @@ from typing import Any
 
 from lmtailor import crypto
 from lmtailor.errors import ConfigError
+from lmtailor.outputs import check_output, existing, staged_folder
 from lmtailor.prompting.predict import PromptRunner, PromptSpec, metrics, task_spec
 from lmtailor.prompting.task import Item, PromptTask, load_task
 from lmtailor.prompting.workflows import load_scorer, outputs_key, resolve_items
@@ -136,25 +137,28 @@ def _classifier_predictions(system: System, items: list[Item], task: PromptTask)
 
 def compare(task: PromptTask, systems: list[str], model: str = "smollm2-135m-instruct", test: str | None = None,
             pool: str | None = None, limit: int | None = None, out: str | None = None, cache: bool = True,
-            say: Any = print) -> dict[str, Any]:
+            say: Any = print, force: bool = False) -> dict[str, Any]:
     """Score every system on the same test items with the same metric; write a table, a bar chart and a report.
 
     Returns:
         {"rows": [{"system", "kind", "metrics", "calls", "seconds", "detail"}], ...}; also written to
         `out` (default runs/<task>-compare) as compare.json, compare.md, compare.png and report.html (sealed as
         `NAME.enc`, with the score cache, when the test data, the pool or a compared run is encrypted, or
-        `task.encrypt_outputs`).
+        `task.encrypt_outputs`). An existing `out` is an error unless `force` (then it is kept as a backup).
     """
     runs = [s.rpartition("=")[2] for s in systems]
     key = outputs_key(task, model, test, pool)
     for run in runs:
         key = key or outputs_key(task, run)
     with crypto.seal_outputs(key):
-        return _compare(task, systems, model, test, pool, limit, out, cache, say)
+        return _compare(task, systems, model, test, pool, limit, out, cache, say, force)
 
 
 def _compare(task: PromptTask, systems: list[str], model: str, test: str | None, pool: str | None,
-             limit: int | None, out: str | None, cache: bool, say: Any) -> dict[str, Any]:
+             limit: int | None, out: str | None, cache: bool, say: Any, force: bool) -> dict[str, Any]:
+    folder = check_output(out or f"runs/{task.name}-compare", force, folder=True,  # before any model call
+                          inputs=existing(test, pool, task.data.path if task.data else None,
+                                          *(s.rpartition("=")[2] for s in systems)))
     if not systems:
         raise ConfigError("name at least one system to compare", "e.g. zero-shot few-shot optimized runs/my-run")
     resolved = [resolve_system(s, task, model) for s in systems]
@@ -193,11 +197,10 @@ def _compare(task: PromptTask, systems: list[str], model: str, test: str | None,
             + f"  ({row['seconds']} s, {calls} model calls)")
     summary = {"task": task.name, "model": model, "test": test or "held-out split of the task data",
                "examples": len(items), "metric": task.metric, "metrics": shown, "rows": rows}
-    folder = Path(out or f"runs/{task.name}-compare")
-    folder.mkdir(parents=True, exist_ok=True)
-    crypto.write_output(folder / "compare.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     from lmtailor.prompting.report import compare_report
 
-    compare_report(folder, summary)
+    with staged_folder(folder, force) as tmp:
+        crypto.write_output(tmp / "compare.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        compare_report(tmp, summary)
     say(f"table, bar chart and report: {folder}/compare.md, compare.png, report.html")
     return summary

@@ -13,6 +13,7 @@ import yaml
 from lmtailor import crypto
 from lmtailor.errors import ConfigError, DataError
 from lmtailor.io import atomic_write_text
+from lmtailor.outputs import check_output, existing, staged_folder
 from lmtailor.prompting.predict import PromptRunner, PromptSpec, task_spec
 from lmtailor.prompting.scoring import ScoreCache, Scorer, default_cache, model_key
 from lmtailor.prompting.search import make_candidates, paraphrase_templates, successive_halving
@@ -75,20 +76,23 @@ def _check_pool(spec: PromptSpec, pool: list[Item], task: PromptTask) -> None:
 
 def run_prompt(task: PromptTask, model: str, data: str | None = None, pool: str | None = None,
                template: int = 0, shots: bool = True, limit: int | None = None, out: str | None = None,
-               cache: bool = True, say: Any = print) -> dict[str, Any]:
+               cache: bool = True, say: Any = print, force: bool = False) -> dict[str, Any]:
     """Score the task's prompt (template `template`, its few_shot settings unless `shots` is False) on `data`.
 
-    With sealed outputs (`outputs_key`), the score cache and `out`'s files are encrypted (`NAME.enc`).
+    With sealed outputs (`outputs_key`), the score cache and `out`'s files are encrypted (`NAME.enc`). An existing
+    `out` is an error unless `force` (then it is kept as a backup, see lmtailor.outputs).
 
     Returns:
         {"metrics": ..., "examples": n, "calls": model calls, "prompt": spec, "seconds": ...}.
     """
     with crypto.seal_outputs(outputs_key(task, model, data, pool)):
-        return _run_prompt(task, model, data, pool, template, shots, limit, out, cache, say)
+        return _run_prompt(task, model, data, pool, template, shots, limit, out, cache, say, force)
 
 
 def _run_prompt(task: PromptTask, model: str, data: str | None, pool: str | None, template: int, shots: bool,
-                limit: int | None, out: str | None, cache: bool, say: Any) -> dict[str, Any]:
+                limit: int | None, out: str | None, cache: bool, say: Any, force: bool) -> dict[str, Any]:
+    inputs = existing(data, pool, task.data.path if task.data else None)
+    folder = check_output(out, force, folder=True, inputs=inputs) if out else None
     if not 0 <= template < len(task.templates):
         raise ConfigError(f"--template {template}: task '{task.name}' has {len(task.templates)} template(s)",
                           f"allowed values are 0..{len(task.templates) - 1}")
@@ -102,14 +106,13 @@ def _run_prompt(task: PromptTask, model: str, data: str | None, pool: str | None
               "score": scores[task.metric], "metrics": scores, "calls": scorer.calls,
               "prompt_tokens": round(preds.prompt_tokens, 1), "prompt": spec.describe(),
               "seconds": round(time.time() - t0, 1)}
-    if out:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        crypto.write_output(folder / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    if folder is not None:
         rows = [{"source": it.source, "reference": r, "prediction": p}
                 for it, r, p in zip(items, preds.references, preds.predictions, strict=True)]
-        crypto.write_output(folder / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                                  for r in rows))
+        with staged_folder(folder, force) as tmp:
+            crypto.write_output(tmp / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+            crypto.write_output(tmp / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                   for r in rows))
     say(f"{task.name}: {task.metric} {scores[task.metric]:.4f} on {len(items)} examples "
         f"({spec.k}-shot{' ' + spec.strategy if spec.k else ''}, {scorer.calls} model calls, "
         f"{result['seconds']} s)")
@@ -118,20 +121,23 @@ def _run_prompt(task: PromptTask, model: str, data: str | None, pool: str | None
 
 def optimize_prompt(task: PromptTask, model: str, dev: str | None = None, pool: str | None = None,
                     budget: int | None = None, out: str | None = None, cache: bool = True,
-                    say: Any = print) -> dict[str, Any]:
+                    say: Any = print, force: bool = False) -> dict[str, Any]:
     """Search instruction wording, example selection, shots and order on a dev set within a budget of model calls.
 
     Writes to `out` (default runs/<task>-prompt-search): best_task.yaml (a ready-to-run task file with the winning
     prompt), candidates.json (every candidate and its scores), search.png and report.html. With sealed outputs
     (`outputs_key`) the score cache and all but best_task.yaml (a task file other verbs read: instructions and
-    settings, no data) are encrypted (`NAME.enc`).
+    settings, no data) are encrypted (`NAME.enc`). An existing `out` is an error unless `force` (then it is kept as
+    a backup).
     """
     with crypto.seal_outputs(outputs_key(task, model, dev, pool)):
-        return _optimize_prompt(task, model, dev, pool, budget, out, cache, say)
+        return _optimize_prompt(task, model, dev, pool, budget, out, cache, say, force)
 
 
 def _optimize_prompt(task: PromptTask, model: str, dev: str | None, pool: str | None, budget: int | None,
-                     out: str | None, cache: bool, say: Any) -> dict[str, Any]:
+                     out: str | None, cache: bool, say: Any, force: bool) -> dict[str, Any]:
+    folder = check_output(out or f"runs/{task.name}-prompt-search", force, folder=True,
+                          inputs=existing(dev, pool, task.data.path if task.data else None))  # before the model calls
     s = task.search
     budget = budget or s.budget
     # Subsets of the search are prefixes of the dev set, so it is put in one seeded random order.
@@ -147,7 +153,6 @@ def _optimize_prompt(task: PromptTask, model: str, dev: str | None, pool: str | 
             pool_items = load_items(pool, task)
     if not dev_items:
         raise ConfigError(f"task '{task.name}': the dev set is empty", "pass --dev FILE or raise dev_size")
-    folder = Path(out or f"runs/{task.name}-prompt-search")
     scorer = load_scorer(model, cache, progress=False)
     runner = PromptRunner(task, scorer, pool_items)
     t0 = time.time()
@@ -181,20 +186,20 @@ def _optimize_prompt(task: PromptTask, model: str, dev: str | None, pool: str | 
     best_task.few_shot.strategy = best.spec.strategy
     best_task.few_shot.order = best.spec.order  # type: ignore[assignment]
     best_task.calibrate = best.spec.calibrate
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "best_task.yaml",
-                      f"# best prompt of `lmtailor prompt optimize` on {model}: dev {task.metric} "
-                      f"{best.best_score:.4f} on {max(best.scores, default=0)} examples\n"
-                      + yaml.safe_dump(best_task.model_dump(mode="json", exclude_none=True), sort_keys=False,
-                                       allow_unicode=True))
     summary = {"task": task.name, "model": model, "metric": task.metric, "budget": budget, "calls": result.calls,
                "stopped_by_budget": result.stopped_by_budget, "dev_examples": len(dev_items),
                "pool_examples": len(pool_items), "candidates": len(candidates),
                "rounds": result.rounds, "seconds": seconds, "best": best.row(), "table": result.table()}
-    crypto.write_output(folder / "candidates.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     from lmtailor.prompting.report import search_report
 
-    search_report(folder, summary)
+    with staged_folder(folder, force) as tmp:
+        atomic_write_text(tmp / "best_task.yaml",
+                          f"# best prompt of `lmtailor prompt optimize` on {model}: dev {task.metric} "
+                          f"{best.best_score:.4f} on {max(best.scores, default=0)} examples\n"
+                          + yaml.safe_dump(best_task.model_dump(mode="json", exclude_none=True), sort_keys=False,
+                                           allow_unicode=True))
+        crypto.write_output(tmp / "candidates.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        search_report(tmp, summary)
     say(f"best: candidate {best.id} ({best.origin}, {best.spec.k}-shot"
         f"{' ' + best.spec.strategy + ', ' + best.spec.order if best.spec.k else ''}) dev {task.metric} "
         f"{best.best_score:.4f} on {max(best.scores, default=0)} examples; {len(result.table())} candidates, "
