@@ -72,6 +72,7 @@ def test_discriminator_accuracy_rises_then_falls(toy, tmp_path):
     assert windows[peak] >= 0.75, acc  # it learns to tell the samples from the references ...
     assert min(windows[peak:]) <= windows[peak] - 0.25, acc  # ... until the generator catches up
     assert (run / "model" / "companion.safetensors").is_file()
+    assert (run / "training_curves.png").is_file() and "Per-step curves" in (run / "report.html").read_text()
     assert (run / "tb").is_dir() or (run / "trackers.json").is_file()
 
 
