@@ -45,3 +45,27 @@ def test_two_processes_match_one(tiny_model, pairs_file, tmp_path):
     w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")
     w2 = load_file(tmp_path / "two" / "model" / "model.safetensors")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+
+def test_dpo_two_processes_match_one(tiny_model, tmp_path):
+    """DPO with LoRA (the reference: the adapter disabled) under DDP: the same losses, margins and adapter."""
+    words = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo"]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what to do with {w} {i}", "chosen": f"ls -la {w}",
+                                        "rejected": f"rm -rf {w}"}) + "\n" for i in range(3) for w in words))
+    common = ["train", f"base_model={tiny_model}", f"data.path={data}", "objective=dpo", "max_steps=4",
+              "batch_size=8", "micro_batch_size=2", "lr=1e-2", "lora.target_modules=all-linear",
+              "eval.before_after=false", "data.val_size=4", "eval_every=0", "--no-progress"]
+    _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
+    _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmtailor", *common,
+          f"output_dir={tmp_path / 'two'}"])
+    hist = [[json.loads(x) for x in (tmp_path / r / "history.jsonl").read_text().splitlines()] for r in ("one", "two")]
+    assert len(hist[0]) == len(hist[1]) == 4
+    for a, b in zip(*hist, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"])
+        assert abs(a["reward_margin"] - b["reward_margin"]) <= 1e-4 + 1e-4 * abs(a["reward_margin"])
+    assert hist[0][-1]["loss"] < hist[0][0]["loss"]
+    w1 = load_file(tmp_path / "one" / "model" / "adapter_model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model" / "adapter_model.safetensors")
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)

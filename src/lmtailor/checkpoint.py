@@ -6,6 +6,7 @@ A checkpoint folder `checkpoints/step-000120/` holds:
   scheduler.json           LR scheduler state
   rng.safetensors          torch RNG state of each process; rng.json Python and NumPy RNG states
   trainer.json             step, best metric, patience counter, log history
+  companion.safetensors    (grpo's discriminator, ...) what trains alongside, with its optimizer; companion.json
   manifest.json            the sha256 of every file above, the run's identity and the config it trained with
 The folder appears by one rename, so a crash leaves either a complete checkpoint or none; the manifest catches a
 file damaged after that (`verify_checkpoint`), so resume can fall back to an older intact checkpoint. In a run with
@@ -55,7 +56,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer state dict as (tensors for safetensors, the JSON-able rest); join_optimizer inverts it."""
     tensors: dict[str, torch.Tensor] = {}
     rest: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
     for idx, st in sd["state"].items():
@@ -69,7 +71,7 @@ def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, rest
 
 
-def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+def join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for idx, st in rest["state"].items():
         state[int(idx)] = {k: tensors[f"{idx}.{k}"] if v == "__tensor__" else v for k, v in st.items()}
@@ -93,12 +95,13 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     rng_states: list[dict[str, Any]], trainer: dict[str, Any],
-                    manifest: dict[str, Any] | None = None) -> None:
+                    manifest: dict[str, Any] | None = None, companion: Any = None) -> None:
     """Write one checkpoint folder atomically (call on the main process).
 
-    `manifest` (the run's identity and config) goes into manifest.json with the sha256 of every file written.
+    `manifest` (the run's identity and config) goes into manifest.json with the sha256 of every file written;
+    `companion` (ObjectiveContext.companion) its state() into companion.safetensors and companion.json.
     """
-    opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
+    opt_tensors, opt_rest = split_optimizer(optimizer.state_dict())
     key = crypto.sealing_key()
 
     def put(name: str, data: bytes) -> None:
@@ -115,6 +118,10 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         put("rng.json", json.dumps([{k: jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
                                     for s in rng_states]).encode())
         put("trainer.json", json.dumps(trainer, indent=1).encode())
+        if companion is not None:
+            tensors, rest = companion.state()
+            put("companion.safetensors", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+            put("companion.json", json.dumps(jsonable(rest)).encode())
         write_manifest(tmp, manifest or {})
 
 
@@ -192,8 +199,8 @@ def jsonable(v: Any) -> Any:
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    rank: int = 0) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this process's RNG; returns the trainer state.
+                    rank: int = 0, companion: Any = None) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, this process's RNG and the companion (if any); returns the trainer state.
 
     Encrypted files are decrypted in memory with the active key (lmtailor.crypto.use_keys).
     """
@@ -202,13 +209,15 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
 
     try:
         load_trainable(model, load(get("trainable.safetensors")))
-        optimizer.load_state_dict(_join_optimizer(load(get("optimizer.safetensors")),
+        optimizer.load_state_dict(join_optimizer(load(get("optimizer.safetensors")),
                                                   json.loads(get("optimizer.json"))))
         scheduler.load_state_dict(json.loads(get("scheduler.json")))
         rng_t = load(get("rng.safetensors"))
         rng_j = json.loads(get("rng.json"))
         trainer = json.loads(get("trainer.json"))
         restore_rank_rng(rng_t, rng_j, rank)
+        if companion is not None:
+            companion.load_state(load(get("companion.safetensors")), json.loads(get("companion.json")))
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {folder} cannot be read: {type(e).__name__}: {e}",
                               "delete it to resume from the one before") from e

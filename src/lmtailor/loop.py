@@ -146,13 +146,15 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
         step = state["step"]
         items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, len(loop.data.train_items), cfg,
                                                              acc.num_processes, weights, lengths)]
+        loop.ctx.step_log.clear()
         train_loss, grad_norm = _optimizer_step(loop, items)
         state["step"] = step = step + 1
         state["tokens"] += sum(item_tokens(s) for s in items)
         state["elapsed"] = time.perf_counter() - t_start
         record: dict[str, Any] = {"step": step, "epoch": round(step / per_epoch, 3), "loss": train_loss,
                                   "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                                  "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9)}
+                                  "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
+                                  **_step_log(loop)}
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and loop.data.val_items:
             record.update(_validate(loop))
             loop.model.train()
@@ -174,6 +176,25 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
             break
     bar.close()
     return LoopResult(best_weights, stopped_early)
+
+
+def _step_log(loop: Loop) -> dict[str, float]:
+    """The objective's per-step scalars (ctx.step_log), each averaged over forward passes, then over processes."""
+    acc, log = loop.acc, loop.ctx.step_log
+    keys = sorted(log)
+    if acc.num_processes > 1:  # every process runs the same objective: the same keys (sorted) on each
+        keys = sorted(set().union(*_gather_keys(keys)))
+    means = torch.tensor([sum(log[k]) / len(log[k]) if log.get(k) else float("nan") for k in keys],
+                         dtype=torch.float64, device=acc.device)
+    if acc.num_processes > 1 and keys:
+        means = acc.reduce(means, "mean")
+    return {k: float(v) for k, v in zip(keys, means.tolist(), strict=True)}
+
+
+def _gather_keys(keys: list[str]) -> list[list[str]]:
+    from accelerate.utils import gather_object
+
+    return list(gather_object([keys]))
 
 
 def _backward(loop: Loop, step_items: list[Any]) -> tuple[torch.Tensor, int]:
@@ -280,6 +301,8 @@ def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     loop.model.train()
     started = time.perf_counter()
+    # the probe's forward passes may train a companion (grpo's discriminator): its state is put back afterwards
+    saved = loop.ctx.companion.state() if loop.ctx.companion is not None else None
     with torch.random.fork_rng(devices=devices):
         for step in range(probe_steps):
             if max_seconds is not None and step >= 2 and time.perf_counter() - started > max_seconds:
@@ -291,6 +314,9 @@ def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: 
             _backward(loop, items)
             loop.optimizer.zero_grad(set_to_none=True)
             rates.append((time.perf_counter() - t0) / tokens)
+    if saved is not None:
+        loop.ctx.companion.load_state(*saved)
+    loop.ctx.step_log.clear()
     later = rates[1:] or rates
     per_token = sum(later) / len(later)  # the mean: an occasional slow step is part of what the run will pay
     per_token = float(acc.reduce(torch.tensor(per_token, device=acc.device), "max")) if acc.num_processes > 1 \
@@ -363,7 +389,8 @@ def _log(loop: Loop, record: dict[str, Any], bar: Any) -> None:
     with open(loop.run_dir / "history.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     if loop.tracking:
-        keys = ("loss", "lr", "grad_norm", "tokens_per_s", *(k for k in record if k.startswith("val_")))
+        keys = ("loss", "lr", "grad_norm", "tokens_per_s", *sorted(loop.ctx.step_log),
+                *(k for k in record if k.startswith("val_")))
         loop.acc.log({f"train/{key}" if "val" not in key else f"eval/{key}": record[key] for key in keys
                       if key in record and not math.isnan(record[key])}, step=record["step"])
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -389,7 +416,7 @@ def _checkpoint(loop: Loop, step: int) -> None:
         return
     if acc.is_main_process:
         save_checkpoint(loop.run_dir / "checkpoints" / f"step-{step:06d}", model, loop.optimizer, loop.scheduler,
-                        rngs, loop.state, manifest=loop.identity)
+                        rngs, loop.state, manifest=loop.identity, companion=loop.ctx.companion)
         prune_checkpoints(loop.run_dir, loop.cfg.keep_checkpoints, (loop.identity.get("run") or {}).get("id"))
     acc.wait_for_everyone()
 

@@ -38,6 +38,40 @@ def loss_plot(history: list[dict[str, Any]], title: str = "training") -> bytes:
     return png_bytes(fig)
 
 
+# per-step series objectives log (ctx.step_log), plotted in report.html when a run has them: (key, title)
+STEP_SERIES = (("reward_mean", "reward (mean ± std of the samples)"), ("kl", "KL to the reference"),
+               ("reward_margin", "reward margin (chosen - rejected)"), ("disc_accuracy", "discriminator accuracy"),
+               ("answer_length", "answer length (tokens)"), ("looping", "share of looping answers"))
+
+
+def step_series_png(history: list[dict[str, Any]]) -> bytes:
+    """One panel per STEP_SERIES key the history holds (reward with its std band), or b"" when it holds none."""
+    keys = [(k, t) for k, t in STEP_SERIES if any(k in r for r in history)]
+    if not keys:
+        return b""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), dpi=100, squeeze=False)
+    for ax, (key, title) in zip(axes[0], keys, strict=True):
+        pts = [(r["step"], r[key], r.get("reward_std", 0.0)) for r in history
+               if key in r and not math.isnan(r[key])]
+        if pts:
+            steps, values, spread = zip(*pts, strict=True)
+            ax.plot(steps, values, "-", lw=1.2)
+            if key == "reward_mean":
+                ax.fill_between(steps, [v - s for v, s in zip(values, spread, strict=True)],
+                                [v + s for v, s in zip(values, spread, strict=True)], alpha=0.2)
+            if key == "disc_accuracy":
+                ax.axhline(0.5, color="#888", lw=0.8, ls="--")  # chance: the judge cannot tell them apart
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
 def png_bytes(fig: Any) -> bytes:
     """PNG bytes of a matplotlib figure, which is closed afterwards."""
     import matplotlib.pyplot as plt
@@ -89,6 +123,9 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
     png = loss_plot(history, f"{cfg.name}: {cfg.method} on {cfg.base_model}") if history else b""
     if png:
         atomic_write_bytes(run_dir / "loss.png", png)
+    series = step_series_png(history)
+    if series:
+        atomic_write_bytes(run_dir / "training_curves.png", series)
     before, after = summary.get("before", {}), summary.get("after", {})
     baselines: dict[str, dict[str, float]] = summary.get("baselines") or {}
     rows = "".join(
@@ -116,6 +153,7 @@ def write_report(run_dir: Path, cfg: RunConfig, history: list[dict[str, Any]], s
 
         privacy = audit_html(summary["privacy"])
     img = f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode(png).decode()}">' if png else ""
+    curves = f"<h2>Per-step curves</h2>{_img(series, 'per-step curves')}" if series else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmtailor run {html.escape(cfg.name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{border:1px solid #ccc;padding:4px}}
 table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><body>
@@ -124,6 +162,7 @@ table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><bod
 </tr>
 {rows}</table>{judged}{task_link}
 {privacy}<h2>Loss</h2>{img}
+{curves}
 <h2>Sample answers</h2><table><tr><th>prompt</th><th>reference</th><th>before</th><th>after</th></tr>{samples}</table>
 <h2>Resolved config</h2><pre>{html.escape(dump_config(cfg))}</pre></body></html>
 """

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_save
 
 from lmtailor import crypto
 from lmtailor.checkpoint import list_checkpoints, load_checkpoint, load_trainable, read_manifest, verify_checkpoint
@@ -270,7 +271,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         raise TrainingError(f"training diverged by step {state['step']}: the final weights are not finite "
                             f"(lr={cfg.lr:g})", "lower lr; no model was written")
     if main:
-        _save_model(model, ctx.tokenizer, run_dir / "model")
+        _save_model(model, ctx.tokenizer, run_dir / "model", ctx.companion)
         after = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
                                    desc="after") if (report_items or report_examples) else Evaluation()
         summary = _summary(cfg, objective, data, state, result.stopped_early, (trainable, total), base_name,
@@ -363,7 +364,7 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
                 _check_resume_settings(ckpt, old_config, manifest.get("run") or {}, identity, resolved, main)
             try:
                 state = (load_sharded(ckpt, loop.loss_module, optimizer, scheduler, rank) if loop.sharded
-                         else load_checkpoint(ckpt, loop.model, optimizer, scheduler, rank))
+                         else load_checkpoint(ckpt, loop.model, optimizer, scheduler, rank, loop.ctx.companion))
             except CheckpointError as e:
                 problem = e.message
         if problem is None:
@@ -418,14 +419,20 @@ def _resolved(cfg: RunConfig, ctx: ObjectiveContext, total_steps: int) -> RunCon
     return resolved
 
 
-def _save_model(model: Any, tokenizer: Any, out: Path) -> None:
-    """The final model folder; with encrypt_outputs, saved into RAM and sealed file by file into `out`."""
+def _save_model(model: Any, tokenizer: Any, out: Path, companion: Any = None) -> None:
+    """The final model folder; with encrypt_outputs, saved into RAM and sealed file by file into `out`. A companion
+    (grpo's discriminator) is kept beside the weights as companion.safetensors."""
+    def write(folder: Path) -> None:
+        save_model(model, tokenizer, folder)
+        if companion is not None:
+            atomic_write_bytes(folder / "companion.safetensors", safetensors_save(companion.state()[0]))
+
     key = crypto.sealing_key()
     if key is None:
-        save_model(model, tokenizer, out)
+        write(out)
         return
     with crypto.plain_staging() as tmp:
-        save_model(model, tokenizer, tmp / "model")
+        write(tmp / "model")
         crypto.encrypt_tree(tmp / "model", out, key)
 
 

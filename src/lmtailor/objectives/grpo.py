@@ -3,7 +3,14 @@
 For each prompt of a step the current policy samples `grpo.group` answers; each is scored by the recipe's rewards
 (built-in verifiable checks, or a Python function the recipe names explicitly); advantages are the rewards
 normalized within their group; the loss is the clipped policy-gradient objective plus beta times a KL penalty
-(k3 estimator) to the reference, which is the same model with its LoRA adapter disabled.
+(k3 estimator) to the reference, which is the same model with its LoRA adapter disabled. With
+`reward.discriminator` a judge trained alongside (see objectives/discriminator.py) rewards answers it takes for the
+data's own.
+
+Every step logs (history.jsonl and the trackers) reward_mean/reward_std of the samples, kl (token mean of the k3
+estimate), answer_length (tokens), looping (share of answers the looping detector flags) and, with a discriminator,
+disc_accuracy (on the step's reals and fakes, before it trains on them), disc_real_prob (its mean P(real) of the
+samples) and disc_loss.
 
 Sampling draws from the global torch RNG, which checkpoints save, so a resumed run samples exactly what the
 uninterrupted one did. One policy update per generation: the ratio is 1 in value and the clip only matters for
@@ -27,8 +34,10 @@ from lmtailor.config import Strict
 from lmtailor.data.example import IGNORE, Example
 from lmtailor.errors import ConfigError
 from lmtailor.metrics import looping_share
+from lmtailor.models import unwrap_peft
 from lmtailor.objectives.causal import load_model, target_logits
 from lmtailor.objectives.common import recipe_tokenizer
+from lmtailor.objectives.discriminator import Discriminator, DiscriminatorSettings, answer_features, answer_ids
 from lmtailor.objectives.registry import Evaluation, ObjectiveContext, register_objective
 from lmtailor.render import clip_messages, prompt_ids, prompt_messages
 
@@ -49,11 +58,16 @@ class GrpoRewards(Strict):
     model: str | None = Field(None, description="a reward run (objective: reward) whose score of the prompt and "
                               "answer is the reward")
     model_weight: float = Field(1.0, description="weight of the reward run's score")
+    discriminator: DiscriminatorSettings | None = Field(
+        None, description="a judge trained alongside on the data's answers (real) versus the policy's samples "
+        "(fake): its P(real) of a sample is the reward (method lora: it reads the base model's features)")
 
     @model_validator(mode="after")
     def _some(self) -> GrpoRewards:
-        if not (self.exact_match or self.regex or self.length or self.stop or self.function or self.model):
-            raise ValueError("set at least one reward: exact_match, regex, length, stop, function or model")
+        if not (self.exact_match or self.regex or self.length or self.stop or self.function or self.model
+                or self.discriminator):
+            raise ValueError("set at least one reward: exact_match, regex, length, stop, function, model or "
+                             "discriminator")
         if self.function is not None and not re.fullmatch(r".+\.py:[A-Za-z_]\w*", self.function):
             raise ValueError(f"function must be FILE.py:NAME; got {self.function!r}")
         if self.regex is not None:
@@ -197,6 +211,8 @@ class Rollout:
     mask: torch.Tensor  # (BG, T) 1 on answer tokens through the first EOS
     answers: list[str]
     rewards: torch.Tensor  # (BG,)
+    real: torch.Tensor | None = None  # (B, H) the judge's features of the references (with a discriminator)
+    fake: torch.Tensor | None = None  # (BG, H) and of the samples
 
 
 class GrpoLoss(nn.Module):
@@ -207,6 +223,11 @@ class GrpoLoss(nn.Module):
         self.settings: GrpoSettings = ctx.settings
         self.rewarder = Rewarder(self.settings.reward)
         self.tok = ctx.tokenizer
+        spec = self.settings.reward.discriminator
+        if spec is not None and ctx.companion is None:  # one judge per run: evaluate and build share it
+            width = 2 * int(unwrap_peft(model).config.hidden_size)  # embeddings and last states
+            ctx.companion = Discriminator(width, spec, next(model.parameters()).device)
+        self.judge: Discriminator | None = ctx.companion if spec is not None else None
 
     @torch.no_grad()
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, text_key: torch.Tensor,
@@ -225,9 +246,19 @@ class GrpoLoss(nn.Module):
                                                                                             strict=True)]
         by_key = {v: k for k, v in self.ctx.stats["grpo_texts"].items()}
         texts = [by_key[int(k)] for k in text_key.repeat_interleave(group).tolist()]
+        stopped = eos.any(1).tolist()
         rewards = torch.tensor(self.rewarder.batch([p for p, _ in texts], answers, [r for _, r in texts],
-                                                   eos.any(1).tolist()), device=completions.device)
-        return Rollout(completions, cmask, answers, rewards)
+                                                   stopped), device=completions.device)
+        if self.judge is None:
+            return Rollout(completions, cmask, answers, rewards)
+        limit, pad = s.max_new_tokens, tok.pad_token_id
+        fake = answer_features(self.model, prompt_ids, prompt_mask, [i // group for i in range(len(answers))],
+                               [answer_ids(tok, a, st, limit) for a, st in zip(answers, stopped, strict=True)], pad)
+        real = answer_features(self.model, prompt_ids, prompt_mask, list(range(len(prompt_ids))),
+                               [answer_ids(tok, r, True, limit) for _, r in texts[::group]], pad)
+        judged = torch.sigmoid(self.judge.logits(fake))
+        rewards = rewards + self.judge.settings.weight * judged.to(rewards.dtype)
+        return Rollout(completions, cmask, answers, rewards, real, fake)
 
     def token_logps(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, r: Rollout) -> torch.Tensor:
         """(BG, T) log-probs of the answer tokens (0 outside the mask)."""
@@ -266,6 +297,16 @@ class GrpoLoss(nn.Module):
             per_token = per_token + s.beta * kl
         m = r.mask.float()
         per_answer = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
+        self.ctx.log(reward_mean=float(r.rewards.mean()), reward_std=float(r.rewards.std()),
+                     kl=float((kl.detach() * m).sum() / m.sum().clamp(min=1)), answer_length=float(m.sum(1).mean()),
+                     looping=looping_share(r.answers))
+        if self.judge is not None and r.real is not None and r.fake is not None:
+            with torch.no_grad():
+                real_logits, fake_logits = self.judge.logits(r.real), self.judge.logits(r.fake)
+            self.ctx.log(disc_accuracy=Discriminator.accuracy(real_logits, fake_logits),
+                         disc_real_prob=float(torch.sigmoid(fake_logits).mean()))
+            if torch.is_grad_enabled():  # a training pass (not validation): the judge's turn follows the scoring
+                self.ctx.log(disc_loss=self.judge.train_on(r.real, r.fake))
         return per_answer.sum(), torch.tensor(len(per_answer), device=per_answer.device)
 
 
@@ -273,6 +314,9 @@ def build(ctx: ObjectiveContext, model: nn.Module) -> nn.Module:
     if ctx.settings.beta and ctx.cfg.method != "lora":
         raise ConfigError(f"grpo's KL reference is the model with its adapter disabled: method {ctx.cfg.method} "
                           "has none", "use method lora, or grpo.beta=0")
+    if ctx.settings.reward.discriminator is not None and ctx.cfg.method != "lora":
+        raise ConfigError(f"grpo.reward.discriminator reads the base model's features (adapter disabled): method "
+                          f"{ctx.cfg.method} has no adapter", "use method lora")
     return GrpoLoss(model, ctx)
 
 

@@ -402,11 +402,13 @@ def _kto_loss(settings: KtoSettings, s: Scores, batch: dict[str, torch.Tensor]) 
 class PreferenceLoss(nn.Module):
     """forward(**batch) -> (sum of per-pair losses, pairs)."""
 
-    def __init__(self, model: nn.Module, settings: Any, needs_reference: bool) -> None:
+    def __init__(self, model: nn.Module, settings: Any, needs_reference: bool,
+                 ctx: ObjectiveContext | None = None) -> None:
         super().__init__()
         self.model = model
         self.settings = settings
         self.needs_reference = needs_reference
+        self.ctx = ctx  # where the step's margins are logged (None: not logged)
 
     def scores(self, **batch: torch.Tensor) -> Scores:
         logps, counts = sequence_logps(self.model, batch)
@@ -417,7 +419,24 @@ class PreferenceLoss(nn.Module):
         s = self.scores(**batch)
         fn = _kto_loss if isinstance(self.settings, KtoSettings) else _pair_loss
         losses = fn(self.settings, s, batch)  # type: ignore[arg-type]
+        if self.ctx is not None and fn is _pair_loss:
+            self.ctx.log(**step_margins(self.settings, s))
         return losses.sum(), torch.tensor(len(losses), device=losses.device)
+
+
+def step_margins(settings: Any, s: Scores) -> dict[str, float]:
+    """The implicit rewards of a batch's pairs, as `pair_metrics` reports them: reward_margin (chosen minus
+    rejected), reward_accuracy, chosen_reward, rejected_reward (logged every step)."""
+    with torch.no_grad():
+        pc, pr, nc, nr = s.logps[0::2], s.logps[1::2], s.counts[0::2], s.counts[1::2]
+        beta = float(settings.beta)
+        if s.ref is not None:
+            rc, rr = beta * (pc - s.ref[0::2]), beta * (pr - s.ref[1::2])
+        else:  # reference-free objectives: the reward is the (scaled) mean log-prob
+            rc, rr = beta * pc / nc.clamp(min=1), beta * pr / nr.clamp(min=1)
+        margin = rc - rr
+        return {"reward_margin": float(margin.mean()), "reward_accuracy": float((margin > 0).float().mean()),
+                "chosen_reward": float(rc.mean()), "rejected_reward": float(rr.mean())}
 
 
 # ---- hooks ----------------------------------------------------------------------------------------------------
@@ -438,7 +457,7 @@ def build(ctx: ObjectiveContext, model: nn.Module) -> nn.Module:
             raise ConfigError(f"kto.kl=mismatched needs the reference of batch-dependent sequences, which only "
                               f"method lora computes (method is {cfg.method})", "set kto.kl=none, or method=lora")
         ctx.stats["reference_logps"] = store_reference(ctx, model)
-    return PreferenceLoss(model, ctx.settings, needs)
+    return PreferenceLoss(model, ctx.settings, needs, ctx)
 
 
 @torch.inference_mode()

@@ -45,6 +45,11 @@ class ObjectiveContext:
         labels: label names in id order (classification; set by `fit` or read back from a trained model).
         stats: facts about the training data that later hooks use (e.g. label counts), set by `fit`.
         train_on_prompt: the loss covers every token, not only the answers.
+        step_log: scalars the loss module reports during an optimizer step (name -> one value per forward pass);
+            the loop averages them (over passes and processes) into that step's history record, then clears them.
+        companion: what trains alongside the model with its own optimizer (grpo's discriminator), or None: an object
+            with `state() -> (tensors, json-able dict)` and `load_state(tensors, dict)`, which checkpoints save and
+            resume restores.
     """
 
     cfg: RunConfig
@@ -54,6 +59,13 @@ class ObjectiveContext:
     labels: list[str] | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     train_on_prompt: bool = False
+    step_log: dict[str, list[float]] = field(default_factory=dict)
+    companion: Any = None
+
+    def log(self, **values: float) -> None:
+        """Report scalars of this forward pass into the step's history record."""
+        for k, v in values.items():
+            self.step_log.setdefault(k, []).append(float(v))
 
 
 @dataclass
