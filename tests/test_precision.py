@@ -147,12 +147,12 @@ def _fp16_steps(tiny_model: Path, data: Path, init_scale: float, steps: int) -> 
 
 def test_fp16_loss_scaling_skips_overflowed_steps(tiny_model, pairs_file):
     """The fp16 path (a GPU without bf16), run on CPU in its own process (Accelerate fixes the precision per process):
-    a loss scale of 2^100 overflows float16 gradients; each such step is skipped with the weights unchanged and
+    a loss scale of 2^40 overflows float16 gradients; each such step is skipped with the weights unchanged and
     the scale halved, until the scale fits and steps update the weights, instead of stopping the run as diverged."""
     steps = _fp16_steps(tiny_model, pairs_file, 2.0 ** 40, 40)
     assert all("error" not in s for s in steps), steps[-1]
     skipped = [s for s in steps if not s["moved"]]
-    assert len(skipped) >= 80 and not steps[0]["moved"] and steps[-1]["moved"]
+    assert 10 <= len(skipped) < len(steps) and not steps[0]["moved"] and steps[-1]["moved"]
     assert steps[1]["scale"] == steps[0]["scale"] / 2
     assert all(s["finite"] for s in steps)
     moved = [s["loss"] for s in steps if s["moved"]]
