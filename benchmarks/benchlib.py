@@ -162,3 +162,32 @@ def step_items(cfg: Any) -> tuple[Any, list[list[Any]]]:
     lengths = item_lengths(cfg, items)
     return ctx.tokenizer, [[items[i] for i in batch_at(s, per_epoch, len(items), cfg, 1, None, lengths)]
                            for s in range(total)]
+
+
+def side_arguments(p: Any, steps: int, steps_help: str, unit: str, default_model: str, default_out: Path,
+                   root: Path) -> None:
+    """The options every side-by-side throughput script takes (argparse parser `p`)."""
+    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps per side (default {steps}: {steps_help})")
+    p.add_argument("--batch-size", type=int, default=8, help=f"{unit} per optimizer step (default 8)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of every side, alternating order (default 3)")
+    p.add_argument("--quick", action="store_true", help="3 steps, 1 repeat: a smoke test (writes nothing unless --out)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="every side: fp32, or bf16 autocast over fp32 weights; auto = bf16 where the CPU has bf16 "
+                   "matrix units (lmtailor's dtype auto), else fp32")
+    p.add_argument("--base-model", default=default_model, help=f"model (default {default_model}; a tiny folder for "
+                   "smoke tests)")
+    p.add_argument("--out", type=Path, default=None, help=f"result JSON (default {default_out.relative_to(root)}; "
+                   "none with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's choice)")
+
+
+def settle_arguments(a: Any) -> Any:
+    """--quick and --precision auto resolved: the parsed arguments, changed in place."""
+    if a.quick:
+        a.steps, a.repeats = 3, 1
+    if a.precision == "auto":
+        from lmtailor.memory import cpu_bf16_units
+
+        a.precision = "bf16" if cpu_bf16_units() else "fp32"
+    return a
+

@@ -44,6 +44,8 @@ from benchlib import (
     median,
     peak_rss_bytes,
     run_side,
+    settle_arguments,
+    side_arguments,
     steady_seconds_per_step,
     step_clock,
     step_items,
@@ -226,29 +228,12 @@ def side_trl(a: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=10,
-                   help="optimizer steps per side (default 10: a full run of 3 x 3 sides takes about 8 minutes)")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (default 8)")
-    p.add_argument("--repeats", type=int, default=3, help="rounds of every side, alternating order (default 3)")
-    p.add_argument("--quick", action="store_true", help="3 steps, 1 repeat: a smoke test (writes nothing unless --out)")
+    side_arguments(p, 10, "a full run of 3 x 3 sides takes about 8 minutes", "examples", DEFAULT_MODEL, DEFAULT_OUT,
+                   ROOT)
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="every side: fp32, or bf16 autocast over fp32 weights; auto = bf16 where the CPU has bf16 "
-                   "matrix units (lmtailor's dtype auto), else fp32")
-    p.add_argument("--base-model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}; a tiny folder for "
-                   "smoke tests)")
-    p.add_argument("--out", type=Path, default=None, help=f"result JSON (default {DEFAULT_OUT.relative_to(ROOT)}; "
-                   "none with --quick)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per side (default: torch's choice)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.quick:
-        a.steps, a.repeats = 3, 1
-    if a.precision == "auto":
-        from lmtailor.memory import cpu_bf16_units
-
-        a.precision = "bf16" if cpu_bf16_units() else "fp32"
+    a = settle_arguments(p.parse_args(argv))
 
     if a.side:  # child process: one side, result to a JSON file
         result = {"ours": side_ours, "baseline": side_baseline, "trl": side_trl}[a.side](a)

@@ -75,3 +75,28 @@ def pairs_file(tmp_path: Path) -> Path:
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in PAIRS))
     return path
+
+
+def lora_batch(tiny_model: Path, data: Path, *overrides: str) -> tuple:
+    """(model, loss module, batch): the tiny model with an all-linear LoRA (r=4) whose B matrices are given values
+    (they start at zero), so every adapter weight gets a gradient, and a batch of the first six training items."""
+    import torch
+
+    from lmtailor.config import load_config
+    from lmtailor.objectives import get_objective
+    from lmtailor.rundata import build_run_data
+    from lmtailor.train import _apply_method
+
+    cfg = load_config(None, [f"base_model={tiny_model}", f"data.path={data}", "method=lora", "lora.r=4",
+                             "lora.target_modules=all-linear", *overrides])
+    objective = get_objective(cfg)
+    ctx = objective.context(cfg)
+    items = build_run_data(objective, ctx, write_audit=False).train_items
+    torch.manual_seed(0)
+    model = _apply_method(objective.model(ctx, torch.float32), ctx.cfg)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    batch = objective.collate(ctx, [items[i] for i in range(min(6, len(items)))])
+    return model, objective.build(ctx, model), batch
+

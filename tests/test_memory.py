@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import lora_batch
 from lmtailor.cli import main
 from lmtailor.config import load_config
 from lmtailor.errors import ConfigError
@@ -40,26 +41,12 @@ def _train(tiny_model: Path, data: Path, out: Path, *extra: str) -> list[dict]:
 
 
 def _gradients(tiny_model: Path, data: Path, checkpointing: bool) -> dict[str, torch.Tensor]:
-    from lmtailor.objectives import get_objective
-    from lmtailor.rundata import build_run_data
-    from lmtailor.train import _apply_method
-
-    cfg = load_config(None, [f"base_model={tiny_model}", f"data.path={data}", "method=lora", "lora.r=4",
-                             "packing=true", "lora.target_modules=all-linear",
-                             f"gradient_checkpointing={str(checkpointing).lower()}"])
-    objective = get_objective(cfg)
-    ctx = objective.context(cfg)
-    items = build_run_data(objective, ctx, write_audit=False).train_items
-    torch.manual_seed(0)
-    model = _apply_method(objective.model(ctx, torch.float32), ctx.cfg)
-    for name, p in model.named_parameters():  # LoRA B starts at zero: give it values so every gradient flows
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    model, loss_module, batch = lora_batch(tiny_model, data, "packing=true",
+                                           f"gradient_checkpointing={str(checkpointing).lower()}")
     model.train()
     assert unwrap_flag(model) is checkpointing
-    batch = objective.collate(ctx, [items[i] for i in range(min(6, len(items)))])
     assert "segment_ids" in batch or batch["input_ids"].shape[0] < 6  # packed rows
-    loss, n = objective.build(ctx, model)(**batch)
+    loss, n = loss_module(**batch)
     (loss / n).backward()
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 

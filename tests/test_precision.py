@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import lora_batch
 from lmtailor.config import load_config
 from lmtailor.errors import ConfigError
 from lmtailor.memory import bf16_unit, choose_precision, cpu_flags
@@ -53,23 +54,9 @@ def test_fp16_on_cpu_is_refused_in_one_line(tiny_model, pairs_file, tmp_path, ca
 
 
 def _loss_and_grads(tiny_model: Path, data: Path, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
-    from lmtailor.objectives import get_objective
-    from lmtailor.rundata import build_run_data
-    from lmtailor.train import _apply_method
-
-    cfg = load_config(None, [f"base_model={tiny_model}", f"data.path={data}", "method=lora", "lora.r=4",
-                             "lora.target_modules=all-linear"])
-    objective = get_objective(cfg)
-    ctx = objective.context(cfg)
-    items = build_run_data(objective, ctx, write_audit=False).train_items
-    torch.manual_seed(0)
-    model = _apply_method(objective.model(ctx, torch.float32), ctx.cfg)
-    for name, p in model.named_parameters():  # LoRA B starts at zero: give it values so every gradient flows
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
-    batch = objective.collate(ctx, [items[i] for i in range(min(6, len(items)))])
+    model, loss_module, batch = lora_batch(tiny_model, data)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, n = objective.build(ctx, model)(**batch)
+        loss, n = loss_module(**batch)
     (loss / n).backward()
     return float(loss.detach() / n), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
