@@ -1,0 +1,138 @@
+"""SFT vs SFT then DPO vs SFT then GRPO with the discriminator reward, on the quickstart's 60 held-out shell questions.
+
+Three systems, each scored by the same evaluation (`lmtailor.evaluate.evaluate_run`: greedy answers to the held-out
+questions, each shown its nearest training pair as the quickstart trains; exact match after
+lmtailor.metrics.normalize_answer, chrF, the share of looping answers, mean answer length in characters):
+
+    SFT            configs/quickstart.yaml (pass an existing run with --quickstart, or it is trained here)
+    SFT then DPO   the quickstart merged, `pairs make` (chosen = the reference, rejected = the SFT run's own answer
+                   to the training questions; the 60 held-out ones are skipped), configs/dpo-shell.yaml
+    SFT then GRPO  the quickstart merged, configs/adversarial-shell.yaml (a judge trained alongside on references
+                   vs the policy's samples; its P(real) plus a stop bonus is the reward)
+
+Every step goes through the command line a user types; the training curves of both tuning runs are copied beside
+the results.
+
+    python benchmarks/preference_demo.py --quickstart runs/quickstart --work /tmp/pref-demo
+    python benchmarks/preference_demo.py --budget 20s --limit 4 --pairs-limit 16 --work /tmp/pref-smoke   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "preference_demo.json"
+
+
+def lmtailor(*args: str) -> float:
+    """Run one lmtailor command as a user would; its seconds."""
+    print("$ lmtailor " + " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lmtailor", *args], check=True, cwd=ROOT)
+    return round(time.perf_counter() - t0, 1)
+
+
+def held_out(work: Path, limit: int | None) -> Path:
+    """The quickstart's held-out questions, each with its nearest training pair as the quickstart shows it."""
+    from lmtailor.config import load_config
+    from lmtailor.data.retrieve import with_retrieved
+    from lmtailor.data.validate import load_datasets
+
+    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"))
+    train, val, _ = load_datasets(cfg.data)
+    _, (val,) = with_retrieved(train, [val[:limit] if limit else val], cfg.data.retrieved_examples)
+    path = work / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"messages": ex.messages}, ensure_ascii=False) + "\n" for ex in val))
+    return path
+
+
+def scores(target: Path, data: Path, n: int) -> dict[str, Any]:
+    from lmtailor.evaluate import evaluate_run
+
+    t0 = time.perf_counter()
+    m = evaluate_run(str(target), str(data), n_generate=n)
+    preds = [s["prediction"] for s in m.get("samples", [])]
+    return {"exact_match": round(float(m["exact_match"]), 3), "chrf": round(float(m["chrf"]), 1),
+            "looping": m.get("looping"), "mean_answer_chars": round(sum(map(len, preds)) / max(len(preds), 1), 1),
+            "eval_seconds": round(time.perf_counter() - t0, 1),
+            "samples": [{k: s[k] for k in ("reference", "prediction")} for s in m.get("samples", [])[:5]]}
+
+
+def run_summary(run: Path) -> dict[str, Any]:
+    """What a tuning run logged: steps, its own before/after on its validation set, last per-step values."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    keep = ("steps", "train_seconds", "before", "after")
+    out = {k: metrics[k] for k in keep if k in metrics}
+    for section in ("before", "after"):
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != "samples"}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quickstart", type=Path, default=None, help="an existing configs/quickstart.yaml run")
+    p.add_argument("--budget", default=None, help="training time of each run (default: the recipes' own, 11m)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N held-out questions (smoke runs)")
+    p.add_argument("--pairs-limit", type=int, default=None, help="answer only N training questions (smoke runs)")
+    p.add_argument("--work", type=Path, required=True, help="folder for the runs")
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args()
+    work = a.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    budget = [f"budget={a.budget}"] if a.budget else []
+    seconds: dict[str, float] = {}
+    sft = a.quickstart.resolve() if a.quickstart else work / "quickstart"
+    if not a.quickstart:
+        seconds["sft"] = lmtailor("train", "configs/quickstart.yaml", f"output_dir={sft}", "overwrite=true", *budget)
+    merged = work / "quickstart-merged"
+    seconds["export merged"] = lmtailor("export", str(sft), "--format", "merged", "--out", str(merged), "--force")
+    pairs = work / "pairs.jsonl"
+    limit = ["--limit", str(a.pairs_limit)] if a.pairs_limit else []
+    seconds["pairs make"] = lmtailor("pairs", "make", str(sft), "--data", "catalog:shell-commands", "--out",
+                                     str(pairs), "--max-new-tokens", "48", "--batch-size", "16", "--force", *limit)
+    n_pairs = sum(1 for _ in pairs.open())
+    dpo, grpo = work / "dpo", work / "grpo"
+    seconds["dpo"] = lmtailor("train", "configs/dpo-shell.yaml", f"base_model={merged}", f"data.path={pairs}",
+                              f"output_dir={dpo}", "overwrite=true", *budget)
+    seconds["grpo"] = lmtailor("train", "configs/adversarial-shell.yaml", f"base_model={merged}",
+                               f"output_dir={grpo}", "overwrite=true", *budget)
+    data = held_out(work, a.limit)
+    n = sum(1 for _ in data.open())
+    systems = {"SFT (quickstart)": scores(sft, data, n), "SFT then DPO": scores(dpo, data, n),
+               "SFT then GRPO + discriminator": scores(grpo, data, n)}
+    for name, row in systems.items():
+        print(f"{name:32} exact match {row['exact_match']:.1%}  chrF {row['chrf']:5.1f}  looping "
+              f"{row['looping']:.1%}  mean length {row['mean_answer_chars']:.0f} chars", flush=True)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, run in (("dpo", dpo), ("grpo", grpo)):
+        curves = run / "training_curves.png"
+        if curves.exists():
+            shutil.copyfile(curves, a.out.with_name(f"preference_demo_{name}_curves.png"))
+    import torch
+
+    tmp = a.out.with_name(a.out.name + ".tmp")
+    tmp.write_text(json.dumps({
+        "benchmark": "preference_demo", "questions": n, "pairs": n_pairs, "budget": a.budget or "the recipes' own",
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
+        "systems": systems, "runs": {"dpo": run_summary(dpo), "grpo": run_summary(grpo)},
+        "step_seconds": seconds}, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, a.out)
+    print(f"written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
