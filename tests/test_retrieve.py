@@ -80,3 +80,16 @@ def test_a_run_with_retrieval_trains_and_keeps_the_baselines_of_the_plain_data(t
     assert len(tuned) == 1 and tuned[0].retrieval is not None
     assert all(s.retrieval is None for s in slots.values() if not s.adapter)
     assert "Answer: ls -la" in tuned[0].retrieval([{"role": "user", "content": "list files please"}])[0]["content"]
+
+
+def test_a_training_request_asked_again_is_not_shown_its_own_answer():
+    from lmtailor.data.retrieve import Retriever, RunRetrieval
+
+    rag = RunRetrieval(Retriever(TRAIN), k=1)
+    # a new request sees its nearest training pair; `pairs make` answering the training data itself must not see
+    # the request's own pair (the model would copy the reference and the "rejected" answer would be the chosen one)
+    assert "Answer: tar -xf a.tar" in rag("extract a tar archive")
+    shown = rag("extract  a tar archive", training_request=True)
+    assert "tar -xf a.tar" not in shown and "Answer: unzip a.zip" in shown
+    chat = rag([{"role": "user", "content": "list hidden files"}], training_request=True)
+    assert "ls -a" not in chat[0]["content"] and chat[0]["content"].startswith(INTRO)

@@ -75,8 +75,13 @@ def make_pairs(run: str, data: str, out: str, fmt: str = "auto", settings: Gener
     splits = [prompt_messages(ex) for ex in chats]
     prompts: list[Any] = [history for history, _ in splits]
     rag = retrieval_for(opened.config)
-    if rag is not None:  # the run answers with its retrieved examples in the prompt, as it trained
-        prompts = [str(rag(h[-1]["content"])) if len(h) == 1 else h for h in prompts]
+    if rag is not None:  # the run answers with its retrieved examples in the prompt, as it trained; a question
+        # from its own training split is not shown its own answer (training never showed it: see data.retrieve)
+        from lmtailor.data.retrieve import RunRetrieval
+
+        own = isinstance(rag, RunRetrieval)
+        prompts = [(str(rag(h[-1]["content"], training_request=True)) if own else str(rag(h[-1]["content"])))
+                   if len(h) == 1 else h for h in prompts]
     torch.manual_seed(seed)
     answers = generate(speed_up(model, speedup), tok, prompts, settings or GenerationSettings(), progress=progress,
                        desc="answering")

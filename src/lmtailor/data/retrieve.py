@@ -62,12 +62,20 @@ class Retriever:
             self.pairs.append((query(ex), ex.messages[answer]["content"]))
         self.index = BM25Okapi([words(q) or [""] for q, _ in self.pairs]) if self.pairs else None
 
-    def nearest(self, text: str, k: int, skip: int | None = None) -> list[tuple[str, str]]:
+    def nearest(self, text: str, k: int, skip: int | None = None, skip_same: bool = False
+                ) -> list[tuple[str, str]]:
+        """The k pairs nearest to `text`; `skip` leaves out one training index, `skip_same` every pair whose
+        request is `text` itself (a training request asked again must not be shown its own answer)."""
         if self.index is None or k <= 0:
             return []
         scores = np.asarray(self.index.get_scores(self._words(text)), dtype=float)
         if skip is not None:
             scores[skip] = -np.inf
+        if skip_same:
+            own = " ".join(text.split())
+            for i, (request, _) in enumerate(self.pairs):
+                if " ".join(request.split()) == own:
+                    scores[i] = -np.inf
         top = np.argsort(-scores, kind="stable")[:k]
         return [self.pairs[i] for i in reversed(top) if np.isfinite(scores[i])]
 
@@ -111,13 +119,17 @@ class RunRetrieval:
         """The prompt with its retrieved examples, and None: examples cite no documents (see KBRetrieval)."""
         return self(prompt), None
 
-    def __call__(self, prompt: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
+    def __call__(self, prompt: str | list[dict[str, str]], training_request: bool = False
+                 ) -> str | list[dict[str, str]]:
+        """`training_request`: the request may be one of the run's own training requests (`pairs make` answering
+        the training data): its own pair is left out, as training left it out, so the answer is not shown."""
         if isinstance(prompt, str):
-            return retrieval_prompt(prompt, self.retriever.nearest(prompt, self.k))
+            return retrieval_prompt(prompt, self.retriever.nearest(prompt, self.k, skip_same=training_request))
         users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
         if not users:
             return prompt
         out = [dict(m) for m in prompt]
         text = out[users[-1]]["content"]
-        out[users[-1]]["content"] = retrieval_prompt(text, self.retriever.nearest(text, self.k))
+        out[users[-1]]["content"] = retrieval_prompt(
+            text, self.retriever.nearest(text, self.k, skip_same=training_request))
         return out
