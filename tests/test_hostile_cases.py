@@ -206,78 +206,28 @@ def test_record_over_the_maximum_size_is_a_problem_record(tmp_path: Path, monkey
         err.value.problems[0]
 
 
-# ---- the int8 kernel's cached library -----------------------------------------------------------------------------
+# ---- the removed int8 speed-up ------------------------------------------------------------------------------------
+# The hand-written int8 kernel lost to llama.cpp q8_0 (benchmarks/results/serve_load.json) and was removed: every
+# verb with --speedup refuses int8 (and any unknown value) in one line that names the allowed values and says where
+# int8 is served now, before any model loads or anything is written.
 
-@pytest.fixture
-def kernel_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    import platform
-
-    import torch
-
-    from lmtailor import q8kernel
-
-    if platform.machine().lower() not in ("x86_64", "amd64") or torch.backends.cpu.get_cpu_capability() not in (
-            "AVX2", "AVX512"):
-        pytest.skip("the int8 kernel needs x86 with AVX2")
-    monkeypatch.setenv("LMTAILOR_CACHE", str(tmp_path / "cache"))
-    q8kernel._library.cache_clear()
-    yield q8kernel, tmp_path / "cache" / "kernels"
-    q8kernel._library.cache_clear()
+SPEEDUP_VERBS = [
+    ["generate", "nowhere", "hi"],
+    ["chat", "nowhere"],
+    ["serve", "nowhere"],
+    ["serve", "nowhere", "--engine", "llama.cpp"],
+    ["pairs", "make", "nowhere", "--data", "x.jsonl", "--out", "pairs.jsonl"],
+]
 
 
-def _planted(folder: Path) -> Path:
-    from lmtailor import q8kernel
+@pytest.mark.parametrize("head", SPEEDUP_VERBS, ids=lambda h: "-".join(h[:2]))
+@pytest.mark.parametrize("value", ["int8", "INT8", "int4", ""])
+def test_removed_or_unknown_speedup_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch, head: list[str], value: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    err = _one_line_error(capsys, [*head, "--speedup", value])
+    assert "--speedup" in err and "allowed values: none, fp16, bf16" in err
+    if value == "int8":
+        assert "removed" in err and "--gguf-type q8_0" in err and "--engine llama.cpp" in err
+    assert not any(tmp_path.iterdir())
 
-    key = __import__("hashlib").sha256((q8kernel.SOURCE + " ".join(q8kernel.FLAGS)).encode()).hexdigest()[:16]
-    folder.mkdir(parents=True, exist_ok=True)
-    lib = folder / f"q8_{key}.so"
-    lib.write_bytes(b"\x7fELF not really a library")
-    return lib
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "getuid") or __import__("os").getuid() != 0,
-                    reason="planting another user's file needs chown (root)")
-def test_kernel_planted_by_another_user_is_refused(kernel_cache) -> None:  # type: ignore[no-untyped-def]
-    import os
-
-    q8kernel, folder = kernel_cache
-    lib = _planted(folder)
-    os.chown(lib, 12345, 12345)
-    with pytest.raises(ConfigError, match=r"owned by uid 12345.*refusing to load code"):
-        q8kernel.check()
-    assert lib.read_bytes().startswith(b"\x7fELF not really")  # neither loaded nor replaced
-
-
-def test_kernel_in_a_folder_others_can_write_is_refused(kernel_cache) -> None:  # type: ignore[no-untyped-def]
-    q8kernel, folder = kernel_cache
-    _planted(folder)
-    folder.chmod(0o777)
-    with pytest.raises(ConfigError, match=r"kernel folder .* writable by other users \(mode 777\)"):
-        q8kernel.check()
-    folder.chmod(0o755)
-    lib = _planted(folder)
-    lib.chmod(0o666)
-    with pytest.raises(ConfigError, match="cached int8 kernel .* writable by other users"):
-        q8kernel.check()
-    lib.unlink()
-    lib.symlink_to("/bin/true")
-    with pytest.raises(ConfigError, match="symbolic link"):
-        q8kernel.check()
-
-
-def test_kernel_with_a_wrong_hash_is_rebuilt_not_loaded(kernel_cache) -> None:  # type: ignore[no-untyped-def]
-    import shutil
-
-    import torch
-
-    q8kernel, folder = kernel_cache
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        pytest.skip("no C compiler")
-    lib = _planted(folder)  # same owner and mode, but not what this process compiled
-    q8kernel.check()
-    assert not lib.read_bytes().startswith(b"\x7fELF not really")
-    w = torch.randn(8, 64)
-    q, s = q8kernel.quantize(w)
-    x = torch.randn(2, 64)
-    assert torch.allclose(q8kernel.matmul(x, q, s), x @ (q.float().view(8, 2, 32) * s[..., None]).view(8, 64).T,
-                          atol=1e-4)

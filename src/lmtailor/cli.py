@@ -41,14 +41,15 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-repeats", type=int, default=3, help="end an answer once it ends in this many copies of "
                    "one n-gram (12+ tokens), keeping the first copy; 0: off")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--speedup", choices=SPEEDUPS, default="none", help=SPEEDUP_HELP)
+    p.add_argument("--speedup", default="none", metavar="{" + ",".join(SPEEDUPS) + "}", help=SPEEDUP_HELP)
 
 
 def _gen_settings(a: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pydantic import ValidationError
 
-    from lmtailor.config import GenerationSettings, explain_flags
+    from lmtailor.config import GenerationSettings, check_speedup, explain_flags
 
+    check_speedup(a.speedup)  # before any model loads
     try:
         return GenerationSettings(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
                                   top_p=a.top_p, repetition_penalty=a.repetition_penalty, stop=a.stop,
@@ -182,7 +183,8 @@ def _deploy_verbs(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="environment variable holding the bearer key clients must send")
-    s.add_argument("--speedup", choices=SPEEDUPS, default="none", help=SPEEDUP_HELP)
+    # No argparse choices: check_speedup refuses in one line, and says where int8 went (llama.cpp).
+    s.add_argument("--speedup", default="none", metavar="{" + ",".join(SPEEDUPS) + "}", help=SPEEDUP_HELP)
     s.add_argument("--threads", type=int, default=0, help="torch threads for decoding (0: torch default; "
                    "1 is as fast and far steadier on a shared machine)")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
@@ -497,8 +499,10 @@ def _datasets(a: argparse.Namespace) -> None:
 
 
 def _serve(a: argparse.Namespace) -> None:
+    from lmtailor.config import check_speedup
     from lmtailor.serve import Limits, serve
 
+    check_speedup(a.speedup)  # before any model loads
     serve(a.runs, host=a.host, port=a.port, api_key_env=a.api_key_env, speedup=a.speedup,
           limits=Limits(max_batch_size=a.max_batch_size, max_queue=a.max_queue, timeout_s=a.timeout,
                         torch_threads=a.threads), kb=a.kb, engine=a.engine, gguf_type=a.gguf_type)

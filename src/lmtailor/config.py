@@ -121,11 +121,30 @@ class PrivacySettings(Strict):
 
 
 # CPU decoding speed-ups (`--speedup` of generate, chat and serve; see lmtailor.fastdecode.speed_up).
-SPEEDUPS = ("none", "fp16", "int8", "bf16")
+SPEEDUPS = ("none", "fp16", "bf16")
 SPEEDUP_HELP = ("CPU decoding speed-up for llama, mistral and qwen2 models: fp16 = fp16 weights and a lean decode "
-                "loop (~2x at batch 1, perplexity +0.1%%, same greedy tokens); int8 = int8 weights (a scale per 32) "
-                "in that loop, through a C kernel built with the system compiler on first use (~2.9x, perplexity "
-                "+1%%); bf16 = bf16 weights; none = fp32 HF generate. benchmarks/serve_load.py measures each")
+                "loop (~2x at batch 1, perplexity +0.1%%, same greedy tokens); bf16 = bf16 weights; none = fp32 HF "
+                "generate. int8 weights are served through llama.cpp (serve --engine llama.cpp --gguf-type q8_0). "
+                "benchmarks/serve_load.py measures each")
+# How to get int8 weights now that lmtailor's own int8 kernel is gone (it lost to llama.cpp q8_0, issue 18).
+INT8_HINT = ("int8 is served through llama.cpp: `lmtailor export RUN --format gguf --gguf-type q8_0 --out m.gguf`, "
+             "then `lmtailor serve RUN --engine llama.cpp` (q8_0 is its default --gguf-type)")
+
+
+def check_speedup(how: str) -> str:
+    """`how` if it is one of SPEEDUPS.
+
+    Raises:
+        ConfigError: naming the allowed values; for the removed int8 speed-up, saying how to serve int8 instead.
+    """
+    if how in SPEEDUPS:
+        return how
+    allowed = ", ".join(SPEEDUPS)
+    if how == "int8":
+        raise ConfigError(f"--speedup int8 was removed: its kernel decoded slower than llama.cpp q8_0 (25.4 vs 36.6 "
+                          f"tokens/s, benchmarks/results/serve_load.json); allowed values: {allowed}", INT8_HINT)
+    raise ConfigError(f"unknown --speedup {how!r}; allowed values: {allowed}",
+                      "fp16 is the fast CPU path; for int8 weights see --engine llama.cpp on serve")
 
 
 class GenerationSettings(Strict):

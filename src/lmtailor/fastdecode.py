@@ -1,12 +1,10 @@
-"""Fast CPU decoding for llama-family models: packed fp16 (or int8) weights and a lean decode loop.
+"""Fast CPU decoding for llama-family models: packed fp16 weights and a lean decode loop.
 
 Decoding one token at batch 1 reads every weight once, so on a CPU its speed is set by the bytes of weights
 read per token and by the Python work per layer. `FastCausalLM` halves the first and trims the second:
 
 - weights: every Linear, the output head included, is packed once for fbgemm's fp16 GEMM (fp16 weights,
-  fp32 activations and accumulation: the weight rounding is 2^-11 relative, perplexity moves by ~0.1%), or
-  quantized to int8 with one scale per 32 weights (llama.cpp's Q8_0) for the AVX2 kernel of
-  `lmtailor.q8kernel` (fp32 activations): a quarter of the fp32 bytes, ~1% perplexity;
+  fp32 activations and accumulation: the weight rounding is 2^-11 relative, perplexity moves by ~0.1%);
 - loop: a preallocated KV cache, q/k/v and gate/up fused into one matmul each, each RMSNorm's weight (and
   sqrt(width)) folded into the matmul after it so that the norm is two small ops, rotary embedding as one
   complex multiply (q and k rows are permuted once so each rotated pair sits side by side: q.k is unchanged
@@ -14,7 +12,9 @@ read per token and by the Python work per layer. `FastCausalLM` halves the first
 
 It reads the weights out of a transformers model and answers the `generate(...)` arguments that lmtailor's
 generation and server use, so they run unchanged on it. benchmarks/serve_load.py measures speed and quality
-cost against plain fp32 HF `generate`.
+cost against plain fp32 HF `generate`. There is no int8 path here: a hand-written int8 kernel decoded slower
+than llama.cpp q8_0 on the same machine (issue 18), so int8 weights are served through llama.cpp
+(`lmtailor serve --engine llama.cpp`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmtailor import q8kernel
-from lmtailor.config import SPEEDUPS
+from lmtailor.config import check_speedup
 from lmtailor.errors import ConfigError
 
-FAST = ("fp16", "int8")  # the speed-ups served by FastCausalLM
+FAST = ("fp16",)  # the speed-ups served by FastCausalLM
 ARCHS = ("llama", "mistral", "qwen2")  # pre-norm, rotary, SiLU-gated MLP decoders with the same weight names
 # Rotary variants whose frequencies depend only on the position (HF's rotary module computes them once here).
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -42,22 +41,21 @@ def speed_up(model: nn.Module, how: str) -> nn.Module:
 
     Args:
         model: a transformers causal LM, or a PeftModel with LoRA adapters (merged into the weights first).
-        how: "none"; "fp16" or "int8": a `FastCausalLM` with packed weights (see the module docstring);
+        how: "none"; "fp16": a `FastCausalLM` with packed fp16 weights (see the module docstring);
             "bf16": bf16 weights decoded by HF `generate`.
 
     Returns:
         The model to decode with (the input model's weights may be shared or merged in place).
 
     Raises:
-        ConfigError: an unknown speed-up, or a model the fast path does not handle.
+        ConfigError: an unknown or removed speed-up (int8), or a model the fast path does not handle.
     """
+    check_speedup(how)
     if how == "none":
         return model
     if how == "bf16":
         return model.to(torch.bfloat16)
-    if how in FAST:
-        return FastCausalLM(_merged(model, how), how)
-    raise ConfigError(f"unknown speedup '{how}'", f"choose one of: {', '.join(SPEEDUPS)}")
+    return FastCausalLM(_merged(model, how), how)
 
 
 def _merged(model: nn.Module, how: str) -> nn.Module:
@@ -72,31 +70,20 @@ def _merged(model: nn.Module, how: str) -> nn.Module:
 
 
 class PackedLinear:
-    """y = x W^T + b with W packed for fast batch-1 CPU matmuls: fbgemm fp16, or int8 with per-group scales."""
+    """y = x W^T + b with W packed once for fbgemm's fp16 GEMM (fast batch-1 CPU matmuls)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, how: str) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         weight = weight.detach().float().contiguous()  # (N, K)
-        self.how, self.out_features = how, weight.shape[0]
+        self.out_features = weight.shape[0]
         self.bias = None if bias is None else bias.detach().float()
-        if how == "fp16":
-            self.packed = torch.ops.quantized.linear_prepack_fp16(weight, self.bias)
-        elif how == "int8":
-            self.qweight, self.scale = q8kernel.quantize(weight)  # (N, K) int8, (N, K/32) fp32
-        else:
-            raise ValueError(f"unknown packing {how}")
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.how == "fp16":
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # type: ignore[no-any-return]
-        y = q8kernel.matmul(x, self.qweight, self.scale)
-        return y if self.bias is None else y + self.bias
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # type: ignore[no-any-return]
 
     def dequantize(self) -> torch.Tensor:
         """The weight actually applied, in fp32 (N, K)."""
-        if self.how == "fp16":
-            return torch.ops.quantized.linear_unpack_fp16(self.packed)[0].half().float()  # type: ignore[no-any-return]
-        n, k = self.qweight.shape
-        return (self.qweight.float().view(n, -1, q8kernel.GROUP) * self.scale[..., None]).view(n, k)
+        return torch.ops.quantized.linear_unpack_fp16(self.packed)[0].half().float()  # type: ignore[no-any-return]
 
 
 def _pairs_adjacent(w: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
@@ -122,17 +109,15 @@ def _check(model: Any, how: str) -> Any:
     if next(model.parameters()).device.type != "cpu":
         raise ConfigError(f"speedup={how} is a CPU path; this model is on {next(model.parameters()).device}",
                           "use --speedup none on a GPU")
-    if how == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise ConfigError("speedup=fp16 needs torch's fbgemm kernels (x86 CPUs)", "use --speedup none or bf16")
-    if how == "int8":
-        q8kernel.check()
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise ConfigError(f"speedup={how} needs torch's fbgemm kernels (x86 CPUs)", "use --speedup none or bf16")
     return cfg
 
 
 class _Layer:
     """One decoder block's weights, packed."""
 
-    def __init__(self, block: Any, heads: int, kv_heads: int, head_dim: int, how: str) -> None:
+    def __init__(self, block: Any, heads: int, kv_heads: int, head_dim: int) -> None:
         attn, mlp = block.self_attn, block.mlp
         norm1, norm2 = _norm_scale(block.input_layernorm), _norm_scale(block.post_attention_layernorm)
 
@@ -144,11 +129,11 @@ class _Layer:
             return w, b
 
         parts = [rows("q_proj", heads, True), rows("k_proj", kv_heads, True), rows("v_proj", kv_heads, False)]
-        self.qkv = PackedLinear(torch.cat([w for w, _ in parts]) * norm1, _cat_bias(parts), how)
-        self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias, how)
+        self.qkv = PackedLinear(torch.cat([w for w, _ in parts]) * norm1, _cat_bias(parts))
+        self.o = PackedLinear(attn.o_proj.weight, attn.o_proj.bias)
         gu = [(mlp.gate_proj.weight, mlp.gate_proj.bias), (mlp.up_proj.weight, mlp.up_proj.bias)]
-        self.gate_up = PackedLinear(torch.cat([w for w, _ in gu]) * norm2, _cat_bias(gu), how)
-        self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias, how)
+        self.gate_up = PackedLinear(torch.cat([w for w, _ in gu]) * norm2, _cat_bias(gu))
+        self.down = PackedLinear(mlp.down_proj.weight, mlp.down_proj.bias)
         self.inter = mlp.gate_proj.weight.shape[0]
 
 
@@ -181,12 +166,14 @@ class FastCausalLM(nn.Module):
 
     Only the token embedding stays a Parameter (fp32, for lookup); the HF model can be dropped after building.
     `generate` runs on `threads` torch threads (0: the caller's setting). One by default: a decoding step is
-    memory-bound and made of small ops, the int8 kernel is single-threaded, and idle OpenMP workers spin:
-    on a busy 2-core machine two threads halved int8 decoding speed (benchmarks/serve_load.py).
+    memory-bound and made of small ops, and idle OpenMP workers only spin on a busy machine.
     """
 
     def __init__(self, model: Any, how: str = "fp16", threads: int = 1) -> None:
         super().__init__()
+        if check_speedup(how) not in FAST:
+            raise ConfigError(f"speedup={how} is not a FastCausalLM packing ({', '.join(FAST)})",
+                              "use speed_up(model, how)")
         cfg = _check(model, how)
         self.config, self.how, self.threads = cfg, how, threads
         self.generation_config = getattr(model, "generation_config", None)  # EOS / pad defaults, as in HF
@@ -196,9 +183,9 @@ class FastCausalLM(nn.Module):
         self.norm_floor = torch.tensor((cfg.hidden_size * float(cfg.rms_norm_eps)) ** 0.5)
         inner = model.model
         self.embed = nn.Parameter(inner.embed_tokens.weight.detach().float(), requires_grad=False)  # (V, D)
-        self.layers = [_Layer(b, self.heads, self.kv_heads, self.head_dim, how) for b in inner.layers]
+        self.layers = [_Layer(b, self.heads, self.kv_heads, self.head_dim) for b in inner.layers]
         head = model.lm_head
-        self.head = PackedLinear(head.weight * _norm_scale(inner.norm), head.bias, how)
+        self.head = PackedLinear(head.weight * _norm_scale(inner.norm), head.bias)
         self.max_positions = int(cfg.max_position_embeddings)
         # Rotary factors of every position as complex numbers, taken from the model's own rotary module.
         with torch.no_grad():

@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmtailor.config import check_speedup
 from lmtailor.errors import LmtailorError
 from lmtailor.generate import as_messages
 from lmtailor.render import longest_token, prompt_ids
@@ -50,7 +51,8 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         targets: run folders, model folders or model names to load, or slots already loaded (`load_models`).
         api_key: when set, every /v1 request must carry `Authorization: Bearer <api_key>`.
         limits: caps on prompt length, max_tokens, batching, queue and time (defaults: `Limits()`).
-        speedup: "none", "fp16", "int8" or "bf16" (see `lmtailor.fastdecode.speed_up`); torch engine only.
+        speedup: "none", "fp16" or "bf16" (see `lmtailor.fastdecode.speed_up`); torch engine only (int8
+            weights: the llama.cpp engine with gguf_type q8_0).
         kb: a knowledge base every model retrieves passages from; chat responses then carry `sources`.
         hosts: host names requests may be addressed to besides IP addresses and localhost, checked only without
             an API key (DNS rebinding; see serve/guard.py).
@@ -62,6 +64,7 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
         The FastAPI app; its engine starts and stops with the app's lifespan.
     """
     check_engine(engine)
+    check_speedup(speedup)
     lim = limits or Limits()
     if isinstance(targets, dict):
         slots = targets

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtailor.config import SPEEDUPS
+from lmtailor.config import SPEEDUPS, check_speedup
 from lmtailor.errors import ConfigError
 from lmtailor.fastdecode import FAST, speed_up
 
@@ -65,13 +65,14 @@ def load_models(targets: list[str], speedup: str = "none", kb: str | None = None
     """Load every target (run folder, model folder or model name) into named slots.
 
     Adapter runs on the same base share one model; the base gets its own slot named after it. With a fast
-    speed-up (fp16, int8) each adapter run is merged into its own copy of the base instead, and the base is
+    speed-up (fp16) each adapter run is merged into its own copy of the base instead, and the base is
     served only when named. `kb` gives every run a knowledge base to retrieve passages from (lmtailor.knowledge),
     with the run's own `retrieval:` settings where it has them.
     """
     from lmtailor.generate import retrieval_for
     from lmtailor.runs import Run
 
+    check_speedup(speedup)
     if not targets:
         raise ConfigError("no model to serve", "give at least one run folder, model folder or model name")
     runs = [Run.open(target) for target in targets]  # every target is checked before any model loads
