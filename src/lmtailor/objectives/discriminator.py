@@ -49,8 +49,8 @@ class DiscriminatorSettings(Strict):
 
     weight: float = Field(1.0, gt=0, description="weight of the judge's probability that an answer is real")
     lr: float = Field(1e-3, gt=0, description="learning rate of the judge (AdamW)")
-    steps_per_gen_step: int = Field(1, ge=0, description="judge updates after each generator forward pass, on its "
-                                    "reals and fakes (0: the judge stays as it starts)")
+    steps_per_gen_step: int = Field(1, ge=0, description="judge updates after each generator (optimizer) step, on "
+                                    "all its reals and fakes (0: the judge stays as it starts)")
     hidden: int = Field(0, ge=0, description="width of a hidden layer of the head (0: a linear head)")
     seed: int = Field(0, description="seed of the head's initial weights (a linear head starts at zero)")
 
