@@ -105,8 +105,8 @@ def test_grpo_two_processes_match_one(tiny_model, tmp_path):
     assert len(hist[0]) == len(hist[1]) == 3
     for a, b in zip(*hist, strict=True):
         # the same answers: rewards and lengths equal (micro-batches of equal size: the mean of their means is the
-        # step's mean); the loss and KL differ only by float summation order
-        for key in ("loss", "reward_mean", "answer_length", "kl"):
+        # step's mean; not so the logged KL, a token mean per micro-batch); the loss differs only by summation order
+        for key in ("loss", "reward_mean", "answer_length"):
             assert _close(a[key], b[key]), (key, a, b)
     assert any(r["reward_std"] > 0 for r in hist[0])  # the groups' rewards differ: advantages are not all zero
 
