@@ -57,16 +57,26 @@ def held_out(work: Path, limit: int | None) -> Path:
     return path
 
 
-def scores(target: Path, data: Path, n: int) -> dict[str, Any]:
-    from lmtailor.evaluate import evaluate_run
+def scores(target: Path, data: Path, settings: Any) -> dict[str, Any]:
+    """Greedy answers of a run to the held-out chats, with the same decoding settings for every run (a DPO or GRPO
+    run's own evaluation reads pairs or prompts, so the answers are scored here, with lmtailor.metrics)."""
+    from lmtailor.data.validate import load_examples
+    from lmtailor.generate import generate
+    from lmtailor.metrics import chrf, exact_match, looping_share
+    from lmtailor.render import prompt_messages
+    from lmtailor.runs import Run
 
     t0 = time.perf_counter()
-    m = evaluate_run(str(target), str(data), n_generate=n)
-    preds = [s["prediction"] for s in m.get("samples", [])]
-    return {"exact_match": round(float(m["exact_match"]), 3), "chrf": round(float(m["chrf"]), 1),
-            "looping": m.get("looping"), "mean_answer_chars": round(sum(map(len, preds)) / max(len(preds), 1), 1),
+    run = Run.open(str(target))
+    model, tok = run.load()
+    examples = load_examples(str(data), "chat", system_prompt=run.system_prompt)
+    prompts, refs = zip(*(prompt_messages(ex) for ex in examples), strict=True)
+    preds = generate(model, tok, list(prompts), settings, progress=True, desc=f"{target.name} answers")
+    return {"exact_match": round(exact_match(preds, refs), 3), "chrf": round(chrf(preds, refs), 1),
+            "looping": round(looping_share(preds), 3),
+            "mean_answer_chars": round(sum(map(len, preds)) / max(len(preds), 1), 1),
             "eval_seconds": round(time.perf_counter() - t0, 1),
-            "samples": [{k: s[k] for k in ("reference", "prediction")} for s in m.get("samples", [])[:5]]}
+            "samples": [{"reference": r, "prediction": y} for r, y in list(zip(refs, preds, strict=True))[:5]]}
 
 
 def run_summary(run: Path) -> dict[str, Any]:
@@ -88,30 +98,37 @@ def main() -> None:
     p.add_argument("--pairs-limit", type=int, default=None, help="answer only N training questions (smoke runs)")
     p.add_argument("--work", type=Path, required=True, help="folder for the runs")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--evaluate-only", action="store_true", help="reuse the runs already in --work")
     a = p.parse_args()
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     budget = [f"budget={a.budget}"] if a.budget else []
     seconds: dict[str, float] = {}
     sft = a.quickstart.resolve() if a.quickstart else work / "quickstart"
-    if not a.quickstart:
-        seconds["sft"] = lmtailor("train", "configs/quickstart.yaml", f"output_dir={sft}", "overwrite=true", *budget)
-    merged = work / "quickstart-merged"
-    seconds["export merged"] = lmtailor("export", str(sft), "--format", "merged", "--out", str(merged), "--force")
-    pairs = work / "pairs.jsonl"
-    limit = ["--limit", str(a.pairs_limit)] if a.pairs_limit else []
-    seconds["pairs make"] = lmtailor("pairs", "make", str(sft), "--data", "catalog:shell-commands", "--out",
-                                     str(pairs), "--max-new-tokens", "48", "--batch-size", "16", "--force", *limit)
+    merged, pairs, dpo, grpo = work / "quickstart-merged", work / "pairs.jsonl", work / "dpo", work / "grpo"
+    if not a.evaluate_only:
+        if not a.quickstart:
+            seconds["sft"] = lmtailor("train", "configs/quickstart.yaml", f"output_dir={sft}", "overwrite=true",
+                                      *budget)
+        seconds["export merged"] = lmtailor("export", str(sft), "--format", "merged", "--out", str(merged),
+                                            "--force")
+        limit = ["--limit", str(a.pairs_limit)] if a.pairs_limit else []
+        seconds["pairs make"] = lmtailor("pairs", "make", str(sft), "--data", "catalog:shell-commands", "--out",
+                                         str(pairs), "--max-new-tokens", "48", "--batch-size", "16", "--force",
+                                         *limit)
+        seconds["dpo"] = lmtailor("train", "configs/dpo-shell.yaml", f"base_model={merged}", f"data.path={pairs}",
+                                  f"output_dir={dpo}", "overwrite=true", *budget)
+        seconds["grpo"] = lmtailor("train", "configs/adversarial-shell.yaml", f"base_model={merged}",
+                                   f"output_dir={grpo}", "overwrite=true", *budget)
     n_pairs = sum(1 for _ in pairs.open())
-    dpo, grpo = work / "dpo", work / "grpo"
-    seconds["dpo"] = lmtailor("train", "configs/dpo-shell.yaml", f"base_model={merged}", f"data.path={pairs}",
-                              f"output_dir={dpo}", "overwrite=true", *budget)
-    seconds["grpo"] = lmtailor("train", "configs/adversarial-shell.yaml", f"base_model={merged}",
-                               f"output_dir={grpo}", "overwrite=true", *budget)
+    from lmtailor.evaluate import run_recipe
+    from lmtailor.runs import Run
+
+    settings = run_recipe(Run.open(str(sft))).generation  # the quickstart's decoding, for all three
     data = held_out(work, a.limit)
     n = sum(1 for _ in data.open())
-    systems = {"SFT (quickstart)": scores(sft, data, n), "SFT then DPO": scores(dpo, data, n),
-               "SFT then GRPO + discriminator": scores(grpo, data, n)}
+    systems = {"SFT (quickstart)": scores(sft, data, settings), "SFT then DPO": scores(dpo, data, settings),
+               "SFT then GRPO + discriminator": scores(grpo, data, settings)}
     for name, row in systems.items():
         print(f"{name:32} exact match {row['exact_match']:.1%}  chrF {row['chrf']:5.1f}  looping "
               f"{row['looping']:.1%}  mean length {row['mean_answer_chars']:.0f} chars", flush=True)
@@ -128,7 +145,8 @@ def main() -> None:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
-        "systems": systems, "runs": {"dpo": run_summary(dpo), "grpo": run_summary(grpo)},
+        "generation": settings.model_dump(), "systems": systems,
+        "runs": {"dpo": run_summary(dpo), "grpo": run_summary(grpo)},
         "step_seconds": seconds}, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, a.out)
     print(f"written to {a.out}")
