@@ -4,6 +4,7 @@ float32 within a stated tolerance, and fp16 loss scaling skips overflowed steps 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -144,3 +145,90 @@ def test_fp16_loss_scaling_skips_overflowed_steps(tiny_model, pairs_file):
     assert all(s["finite"] for s in steps)
     moved = [s["loss"] for s in steps if s["moved"]]
     assert moved[-1] < steps[0]["loss"]
+
+
+# The real `lmtailor train` with fp16 loss scaling, on CPU: Accelerate leaves autocast and the scaler off on CPU and
+# lmtailor refuses fp16 there, so this process lets the precision through and gives the Accelerator what it builds
+# for fp16 on a GPU (float16 autocast, a GradScaler), as FP16_SCRIPT does. A small growth interval makes the scale
+# move both ways within a few steps.
+FP16_TRAIN = textwrap.dedent("""
+    import json, sys, torch, accelerate
+    import lmtailor.train
+    from lmtailor.cli import main
+
+    class CpuFp16(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.mixed_precision == "fp16":
+                self.native_amp = True
+                self.scaler = torch.amp.GradScaler("cpu", init_scale=float(sys.argv[1]), growth_interval=2)
+
+    accelerate.Accelerator = CpuFp16
+    lmtailor.train.choose_precision = lambda cfg, cuda, **kw: ("fp16", torch.float32)
+    for args in json.loads(sys.argv[2]):  # one process for every run: the imports are paid once
+        assert main(args) == 0, args
+""")
+
+
+def _fp16_train(tiny_model: Path, data: Path, init_scale: float, runs: list[tuple[Path, list[str]]]) -> None:
+    common = [f"base_model={tiny_model}", f"data.path={data}", "method=full", "max_steps=10", "batch_size=4",
+              "micro_batch_size=2", "lr=1e-3", "save_every=5", "keep_checkpoints=5", "data.val_size=2",
+              "eval.before_after=false", "eval.generate_examples=0", "report_to=[]", "--no-progress"]
+    todo = [["train", f"output_dir={out}", *common, *extra] for out, extra in runs]
+    subprocess.run([sys.executable, "-c", FP16_TRAIN, str(init_scale), json.dumps(todo)], check=True,
+                   capture_output=True, text=True)
+
+
+def test_fp16_resume_restores_the_loss_scale(tiny_model, pairs_file, tmp_path):
+    """An fp16 run interrupted after its step-5 checkpoint and resumed ends with the weights, losses and loss scales
+    of an uninterrupted run: the checkpoint holds the scaler's scale and growth tracker (scaler.json), and resume
+    restores them (a resumed scaler starting again from its initial scale would skip steps the first run took)."""
+    from safetensors.torch import load_file
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    init = 2.0 ** 20  # too large for the first steps: they overflow and halve it, then clean steps double it
+    _fp16_train(tiny_model, pairs_file, init, [(full, []), (part, [])])
+    hist = [json.loads(line) for line in (full / "history.jsonl").read_text().splitlines()]
+    saved = json.loads((part / "checkpoints" / "step-000005" / "scaler.json").read_text())
+    assert saved["scale"] == hist[4]["loss_scale"] != init  # the scale moved before the checkpoint
+    assert len({h["loss_scale"] for h in hist}) > 1
+    # pretend the second run died after its step-5 checkpoint
+    shutil.rmtree(part / "model")
+    (part / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist[:5]))
+    _fp16_train(tiny_model, pairs_file, init, [(part, ["resume=true"])])
+    again = [json.loads(line) for line in (part / "history.jsonl").read_text().splitlines()]
+    assert [(h["loss"], h["loss_scale"]) for h in again] == [(h["loss"], h["loss_scale"]) for h in hist]
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(part / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_saves_and_restores_the_loss_scaler(tmp_path):
+    """At the checkpoint layer, with torch's own GradScaler: scale and growth tracker go to scaler.json (JSON, in the
+    manifest) and come back into a fresh scaler; a checkpoint without a scaler leaves the scaler as it is."""
+    from lmtailor.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+    for overflow in (True, False):  # an overflow halves the scale; a clean step then moves the growth tracker
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(torch.ones(4, 3)).float().sum()
+        scaler.scale(loss).backward()
+        if overflow:
+            model.weight.grad = torch.full_like(model.weight, float("inf"))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    saved = scaler.state_dict()
+    assert (saved["scale"], saved["_growth_tracker"]) == (2.0 ** 7, 1)
+    save_checkpoint(tmp_path / "step-000001", model, opt, sched, [], {"step": 1}, scaler=scaler)
+    assert verify_checkpoint(tmp_path / "step-000001") is None
+    assert json.loads((tmp_path / "step-000001" / "scaler.json").read_text())["scale"] == 2.0 ** 7
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3)
+    load_checkpoint(tmp_path / "step-000001", model, opt, sched, scaler=fresh)
+    assert fresh.state_dict() == saved and fresh.get_scale() == 2.0 ** 7
+    save_checkpoint(tmp_path / "step-000002", model, opt, sched, [], {"step": 2})  # no scaler: no scaler.json
+    assert not (tmp_path / "step-000002" / "scaler.json").exists()
+    load_checkpoint(tmp_path / "step-000002", model, opt, sched, scaler=fresh)
+    assert fresh.get_scale() == 2.0 ** 7

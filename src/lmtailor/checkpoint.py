@@ -7,6 +7,7 @@ A checkpoint folder `checkpoints/step-000120/` holds:
   rng.safetensors          torch RNG state of each process; rng.json Python and NumPy RNG states
   trainer.json             step, best metric, patience counter, log history
   companion.safetensors    (grpo's discriminator, ...) what trains alongside, with its optimizer; companion.json
+  scaler.json              fp16 loss scaling: the scaler's scale and growth tracker (absent without a scaler)
   manifest.json            the sha256 of every file above, the run's identity and the config it trained with
 The folder appears by one rename, so a crash leaves either a complete checkpoint or none; the manifest catches a
 file damaged after that (`verify_checkpoint`), so resume can fall back to an older intact checkpoint. In a run with
@@ -93,13 +94,33 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             params[name].copy_(t.to(params[name].device))
 
 
+def scaler_state(scaler: Any) -> dict[str, Any] | None:
+    """An fp16 loss scaler's state (scale, growth tracker, its settings) as JSON-able numbers; None without one.
+
+    The scale is not a function of the step (it halves on each overflow and grows after `growth_interval` clean
+    steps), so exact resume needs it saved: a resumed run starting from the initial scale would skip other steps.
+    """
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return {k: (float(v) if isinstance(v, float) else int(v)) for k, v in scaler.state_dict().items()}
+
+
+def load_scaler_state(scaler: Any, state: dict[str, Any]) -> None:
+    """Restore what scaler_state saved (torch's GradScaler.load_state_dict takes the same keys)."""
+    missing = {"scale", "_growth_tracker"} - state.keys()
+    if missing:
+        raise KeyError(f"scaler.json lacks {sorted(missing)}")
+    scaler.load_state_dict(state)
+
+
 def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     rng_states: list[dict[str, Any]], trainer: dict[str, Any],
-                    manifest: dict[str, Any] | None = None, companion: Any = None) -> None:
+                    manifest: dict[str, Any] | None = None, companion: Any = None, scaler: Any = None) -> None:
     """Write one checkpoint folder atomically (call on the main process).
 
     `manifest` (the run's identity and config) goes into manifest.json with the sha256 of every file written;
-    `companion` (ObjectiveContext.companion) its state() into companion.safetensors and companion.json.
+    `companion` (ObjectiveContext.companion) its state() into companion.safetensors and companion.json;
+    `scaler` (fp16 loss scaling: torch's GradScaler, Accelerator.scaler) its state into scaler.json.
     """
     opt_tensors, opt_rest = split_optimizer(optimizer.state_dict())
     key = crypto.sealing_key()
@@ -122,6 +143,9 @@ def save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
             tensors, rest = companion.state()
             put("companion.safetensors", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
             put("companion.json", json.dumps(jsonable(rest)).encode())
+        scaling = scaler_state(scaler)
+        if scaling is not None:
+            put("scaler.json", json.dumps(scaling).encode())
         write_manifest(tmp, manifest or {})
 
 
@@ -199,10 +223,12 @@ def jsonable(v: Any) -> Any:
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    rank: int = 0, companion: Any = None) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, this process's RNG and the companion (if any); returns the trainer state.
+                    rank: int = 0, companion: Any = None, scaler: Any = None) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, this process's RNG, the companion and the fp16 loss scaler (if any);
+    returns the trainer state.
 
-    Encrypted files are decrypted in memory with the active key (lmtailor.crypto.use_keys).
+    Encrypted files are decrypted in memory with the active key (lmtailor.crypto.use_keys). A checkpoint without
+    scaler.json (written without fp16 loss scaling) leaves `scaler` as it is.
     """
     def get(name: str) -> bytes:
         return crypto.read_bytes(folder / name)
@@ -218,6 +244,8 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
         restore_rank_rng(rng_t, rng_j, rank)
         if companion is not None:
             companion.load_state(load(get("companion.safetensors")), json.loads(get("companion.json")))
+        if scaler is not None and (folder / "scaler.json").is_file():
+            load_scaler_state(scaler, json.loads(get("scaler.json")))
     except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {folder} cannot be read: {type(e).__name__}: {e}",
                               "delete it to resume from the one before") from e

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load, save
 from torch import nn
 
-from lmtailor.checkpoint import jsonable, list_checkpoints, restore_rank_rng
+from lmtailor.checkpoint import jsonable, list_checkpoints, load_scaler_state, restore_rank_rng, scaler_state
 from lmtailor.config import RunConfig
 from lmtailor.errors import CheckpointError, ConfigError, LmtailorError
 from lmtailor.models import decoder_layers
@@ -159,7 +159,7 @@ def _state_dicts(loss_module: nn.Module, optimizer: torch.optim.Optimizer) -> tu
 
 
 def save_sharded(folder: Path, loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 rng_states: list[dict[str, Any]], trainer: dict[str, Any], main: bool) -> None:
+                 rng_states: list[dict[str, Any]], trainer: dict[str, Any], main: bool, scaler: Any = None) -> None:
     """Write one sharded checkpoint; every process calls it. It appears as `folder` only when complete."""
     import torch.distributed.checkpoint as dcp
 
@@ -177,6 +177,9 @@ def save_sharded(folder: Path, loss_module: nn.Module, optimizer: torch.optim.Op
         (tmp / "rng.json").write_text(json.dumps([{k: jsonable(v) for k, v in s.items() if not torch.is_tensor(v)}
                                                   for s in rng_states]))
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+        scaling = scaler_state(scaler)  # fp16 loss scaling: the scale is the same on every process
+        if scaling is not None:
+            (tmp / "scaler.json").write_text(json.dumps(scaling))
     torch.distributed.barrier()  # every shard written before the folder becomes visible
     if main:
         for f in tmp.rglob("*"):
@@ -194,8 +197,9 @@ def is_sharded_checkpoint(folder: Path) -> bool:
 
 
 def load_sharded(folder: Path, loss_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 rank: int) -> dict[str, Any]:
-    """Restore a sharded checkpoint (every process calls it); returns the trainer state."""
+                 rank: int, scaler: Any = None) -> dict[str, Any]:
+    """Restore a sharded checkpoint (every process calls it), and the fp16 loss scaler if it saved one; returns
+    the trainer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -211,6 +215,8 @@ def load_sharded(folder: Path, loss_module: nn.Module, optimizer: torch.optim.Op
         rng_t = load((folder / "rng.safetensors").read_bytes())
         rng_j = json.loads((folder / "rng.json").read_text())
         trainer: dict[str, Any] = json.loads((folder / "trainer.json").read_text())
+        if scaler is not None and (folder / "scaler.json").is_file():
+            load_scaler_state(scaler, json.loads((folder / "scaler.json").read_text()))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"sharded checkpoint {folder} cannot be read: {str(e).splitlines()[0]}",
                               "delete it to resume from the one before") from e

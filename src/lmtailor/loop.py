@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmtailor.checkpoint import prune_checkpoints, rng_state, save_checkpoint, trainable_state
+from lmtailor.checkpoint import prune_checkpoints, rng_state, save_checkpoint, scaler_state, trainable_state
 from lmtailor.config import RunConfig
 from lmtailor.distributed import clip_grad_norm, gradient_sync, max_over_processes, save_sharded
 from lmtailor.errors import ConfigError, TrainingError
@@ -158,6 +158,9 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
                                   "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                   "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
                                   **_step_log(loop)}
+        scaling = scaler_state(getattr(acc, "scaler", None))
+        if scaling is not None:  # fp16 loss scaling: the scale the next step starts from
+            record["loss_scale"] = scaling["scale"]
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and loop.data.val_items:
             record.update(_validate(loop))
             loop.model.train()
@@ -413,14 +416,15 @@ def _checkpoint(loop: Loop, step: int) -> None:
                             "lower lr; resume=true continues from the last checkpoint, written before this step")
     if loop.sharded:  # every process writes its shards
         save_sharded(loop.run_dir / "checkpoints" / f"step-{step:06d}", loop.loss_module, loop.optimizer,
-                     loop.scheduler, rngs, loop.state, acc.is_main_process)
+                     loop.scheduler, rngs, loop.state, acc.is_main_process, scaler=getattr(acc, "scaler", None))
         if acc.is_main_process:
             prune_checkpoints(loop.run_dir, loop.cfg.keep_checkpoints, (loop.identity.get("run") or {}).get("id"))
         acc.wait_for_everyone()
         return
     if acc.is_main_process:
         save_checkpoint(loop.run_dir / "checkpoints" / f"step-{step:06d}", model, loop.optimizer, loop.scheduler,
-                        rngs, loop.state, manifest=loop.identity, companion=loop.ctx.companion)
+                        rngs, loop.state, manifest=loop.identity, companion=loop.ctx.companion,
+                        scaler=getattr(acc, "scaler", None))
         prune_checkpoints(loop.run_dir, loop.cfg.keep_checkpoints, (loop.identity.get("run") or {}).get("id"))
     acc.wait_for_everyone()
 

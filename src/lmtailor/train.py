@@ -363,8 +363,10 @@ def _resume(cfg: RunConfig, folder: RunFolder, identity: dict[str, Any], resolve
             if old_config:
                 _check_resume_settings(ckpt, old_config, manifest.get("run") or {}, identity, resolved, main)
             try:
-                state = (load_sharded(ckpt, loop.loss_module, optimizer, scheduler, rank) if loop.sharded
-                         else load_checkpoint(ckpt, loop.model, optimizer, scheduler, rank, loop.ctx.companion))
+                scaler = getattr(loop.acc, "scaler", None)  # fp16 loss scaling: its scale comes back too
+                state = (load_sharded(ckpt, loop.loss_module, optimizer, scheduler, rank, scaler) if loop.sharded
+                         else load_checkpoint(ckpt, loop.model, optimizer, scheduler, rank, loop.ctx.companion,
+                                              scaler))
             except CheckpointError as e:
                 problem = e.message
         if problem is None:
