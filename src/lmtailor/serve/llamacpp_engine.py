@@ -176,7 +176,8 @@ class LlamaCppEngine(Engine):
                         self.stats["rows"] += len(job.prompts)
             finally:
                 for row in active:
-                    llm.release(row.seq, row.cells)
+                    if row.seq >= 0:  # a failed step: free what the rows still hold
+                        llm.release(row.seq, row.cells)
 
     def _step(self, llm: Any, slot: Any, active: list[_Row]) -> None:
         """One llama_decode for every active row; rows with logits get their next token and may finish."""
