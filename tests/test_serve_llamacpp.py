@@ -18,7 +18,7 @@ from lmtailor.serve import Limits, create_app, running
 needs_llama = pytest.mark.skipif(not llamacpp.available(),
                                  reason="llama-cpp-python is built by `make venv` (Makefile); not installed here")
 
-LIMITS = Limits(max_prompt_tokens=200, max_tokens=64, default_max_tokens=16, timeout_s=120)
+LIMITS = Limits(max_prompt_tokens=200, max_tokens=64, default_max_tokens=16, timeout_s=600)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def servers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def _client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
 
 @needs_llama
