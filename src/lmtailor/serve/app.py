@@ -69,7 +69,8 @@ def create_app(targets: list[str] | dict[str, Slot], api_key: str | None = None,
     if isinstance(targets, dict):
         slots = targets
     elif engine == "llama.cpp":
-        slots = load_llamacpp_slots(list(targets), gguf_type, threads=lim.torch_threads)
+        slots = load_llamacpp_slots(list(targets), gguf_type, threads=lim.torch_threads,
+                                    seqs=lim.max_batch_size)
     else:
         slots = load_models(list(targets), speedup, kb)
     server = _Server(slots, lim, created=int(time.time()))

@@ -3,14 +3,18 @@
 One API for every engine: the routes, limits, stop strings, repetition stop, streaming and usage are the ones of
 `lmtailor.serve.app`; only the decoding of a batch differs. The llama.cpp engine is given the token ids that
 `lmtailor.render.prompt_ids` makes (the ids training put before each assistant turn), never text that llama.cpp
-would re-tokenize, and decodes the rows of a batch one after another (llama.cpp keeps one sequence's KV cache
-and reuses the longest common prefix between requests).
+would re-tokenize, and decodes all rows of a batch together, one llama.cpp sequence per row, one `llama_decode`
+per step (`lmtailor.serve.llamabatch`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from lmtailor import llamacpp
 from lmtailor.errors import ConfigError
 from lmtailor.io import cache_dir
 from lmtailor.serve.engine import Engine, Job, _Rows
+from lmtailor.serve.llamabatch import BatchedLlama
 from lmtailor.serve.models import Slot
 
 log = logging.getLogger(__name__)
@@ -107,8 +112,9 @@ def _digest(run: Any) -> str:
 
 
 def load_llamacpp_slots(targets: list[str], gguf_type: str = DEFAULT_GGUF_TYPE, threads: int = 0,
-                        n_ctx: int = 4096) -> dict[str, Slot]:
-    """One slot per target, its model a llama.cpp `Llama` on the target's GGUF export."""
+                        n_ctx: int = 4096, seqs: int = 8) -> dict[str, Slot]:
+    """One slot per target, its model a `BatchedLlama` on the target's GGUF export: `seqs` sequences (the
+    server's max_batch_size) of up to `n_ctx` tokens each, decoded together."""
     from lmtailor.generate import retrieval_for
 
     if not targets:
@@ -116,8 +122,8 @@ def load_llamacpp_slots(targets: list[str], gguf_type: str = DEFAULT_GGUF_TYPE, 
     slots: dict[str, Slot] = {}
     for target in targets:
         path, tok, run = gguf_for(target, gguf_type)
-        llm = llamacpp.load(path, n_ctx=n_ctx, threads=threads)
-        positions = min(n_ctx, int(llm.n_ctx()))
+        llm = BatchedLlama(path, seqs=seqs, positions=n_ctx, threads=threads)
+        positions = llm.n_ctx()
         name, i = run.name, 2
         while name in slots:
             name, i = f"{run.name}-{i}", i + 1
@@ -127,55 +133,165 @@ def load_llamacpp_slots(targets: list[str], gguf_type: str = DEFAULT_GGUF_TYPE, 
 
 
 class LlamaCppEngine(Engine):
-    """The batching engine of `lmtailor.serve.engine` with llama.cpp decoding each row of a batch in turn."""
+    """The batching engine of `lmtailor.serve.engine` with llama.cpp decoding every row of a batch together.
 
+    Each step is ONE `llama_decode` (`BatchedLlama.decode`): the next token of every decoding row plus prompt
+    chunks of rows being prefilled, each row its own llama.cpp sequence. A row that finishes frees its sequence
+    (KV cells and id) at once; with one worker (the CPU default) queued requests for the same model then join
+    the running batch (continuous batching), unless a request for another model is waiting. Sampling is done
+    here on each row's logits, with HF's rules (`_pick`): greedy is the argmax, so a row decodes the same tokens
+    alone or in a batch up to llama.cpp's float rounding (tests/test_serve_llamacpp.py).
+    """
+
+    @torch.inference_mode()
     def _run(self, batch: list[Job]) -> None:
         slot = batch[0].slot
-        tok = slot.tok
-        rows = [(job, i) for job in batch for i in range(len(job.prompts))]
+        waiting = deque(_Row.of(job, i, slot.tok, self.stats) for job in batch for i in range(len(job.prompts)))
         self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-        sampling = batch[0].sampling
-        for r, (job, i) in enumerate(rows):
-            prompt = job.prompts[i]
-            stopper = _Rows([(job, i)], len(prompt), tok, tok.eos_token_id, self.stats)
-            ids = list(prompt)
-            llm: Any
-            with slot.active() as llm:
-                if sampling.seed is not None:
-                    llm.set_seed(sampling.seed + r)
-                # ignore_eos: EOS is masked out of the logits, so the row runs to its max_tokens (benchmarks)
-                # (llama-cpp-python iterates over logits_processor: a list of processors, never one alone)
-                mask = [_NoEos(tok.eos_token_id)] if sampling.ignore_eos and tok.eos_token_id is not None else None
-                for token in llm.generate(prompt, **_sampling_kwargs(sampling), reset=True, logits_processor=mask):
-                    ids.append(int(token))
-                    done = stopper(torch.tensor([ids]), torch.empty(0))
-                    if bool(done[0]):
-                        break
-                    if len(ids) - len(prompt) >= job.max_tokens or len(ids) >= slot.max_positions:
-                        break
-            stopper.finish_rest([ids[len(prompt):]])
+        self.stats["rows"] += len(waiting)
+        active: list[_Row] = []
+        llm: Any
+        with slot.active() as llm:
+            try:
+                while waiting or active:
+                    while waiting and (len(active) < self.limits.max_batch_size or not active):
+                        row = waiting[0]
+                        if row.job.cancelled.is_set() or time.monotonic() > row.job.deadline:
+                            waiting.popleft().stopper(torch.empty((1, 0), dtype=torch.long), torch.empty(0))
+                            continue
+                        seq = llm.reserve(row.cells)
+                        if seq is None:
+                            break
+                        row.seq = seq
+                        active.append(waiting.popleft())
+                    self.stats["max_rows"] = max(self.stats["max_rows"], len(active) + len(waiting))
+                    if not active:
+                        continue
+                    self._step(llm, slot, active)
+                    active = [row for row in active if row.seq >= 0]
+                    room = min(self.limits.max_batch_size, llm.seqs) - len(active) - len(waiting)
+                    for job in self._join(slot, room):
+                        batch.append(job)  # _run_guarded reports a failure to every job of `batch`
+                        waiting.extend(_Row.of(job, i, slot.tok, self.stats) for i in range(len(job.prompts)))
+                        self.stats["rows"] += len(job.prompts)
+            finally:
+                for row in active:
+                    if row.seq >= 0:  # a failed step: free what the rows still hold
+                        llm.release(row.seq, row.cells)
+
+    def _step(self, llm: Any, slot: Any, active: list[_Row]) -> None:
+        """One llama_decode for every active row; rows with logits get their next token and may finish."""
+        parts: list[tuple[int, list[int], bool]] = []
+        budget = llm.n_batch - sum(1 for row in active if row.fed == len(row.prompt))
+        for row in active:
+            if row.fed < len(row.prompt):  # prefill: as much of the prompt as the batch has room for
+                if budget <= 0:
+                    parts.append((row.seq, [], False))
+                    continue
+                chunk = row.prompt[row.fed: row.fed + budget]
+                budget -= len(chunk)
+                row.fed += len(chunk)
+                parts.append((row.seq, chunk, row.fed == len(row.prompt)))
+            else:
+                parts.append((row.seq, [row.ids[-1]], True))
+        for row, logits in zip(active, llm.decode(parts), strict=True):
+            if logits is None:
+                continue
+            row.ids.append(_pick(logits, row, slot.tok.eos_token_id))
+            done = bool(row.stopper(torch.tensor([row.ids]), torch.empty(0))[0])
+            if not done and (len(row.ids) >= row.job.max_tokens
+                             or len(row.prompt) + len(row.ids) >= slot.max_positions):
+                row.stopper.finish_rest([row.ids])
+                done = True
+            if done:
+                llm.release(row.seq, row.cells)
+                row.seq = -1
+
+    def _join(self, slot: Slot, room: int) -> list[Job]:
+        """Queued jobs for `slot` that fit in `room` rows, oldest first, stopping at the first that cannot join.
+
+        Only with one worker: the scheduler thread then waits for this worker and does not touch the queue.
+        """
+        if room <= 0 or self.limits.workers != 1 or self._stopped:
+            return []
+        taken: list[Job] = []
+        pending = list(self._held)
+        self._held.clear()
+        while room > 0:
+            if pending:
+                job: Job | None = pending.pop(0)
+            else:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if job is None:  # shutdown: leave it for the scheduler
+                self._queue.put(None)
+                break
+            if job.slot.name != slot.name or len(job.prompts) > room:
+                pending.insert(0, job)
+                break
+            if self._usable(job):
+                with self._lock:
+                    self._waiting -= 1
+                self._running.add(job)
+                taken.append(job)
+                room -= len(job.prompts)
+        self._held.extend(pending)
+        return taken
 
 
-class _NoEos:
-    """A llama-cpp-python logits processor: EOS can never be chosen."""
+@dataclass(eq=False)
+class _Row:
+    """One row of a llama.cpp batch: its prompt, its llama.cpp sequence, what it has decoded, its stopper."""
 
-    def __init__(self, eos: int) -> None:
-        self.eos = eos
+    job: Job
+    i: int
+    prompt: list[int]
+    stopper: _Rows
+    gen: torch.Generator
+    seq: int = -1  # llama.cpp sequence id while it holds one
+    fed: int = 0  # prompt tokens in the KV cache
+    ids: list[int] = field(default_factory=list)  # generated tokens
 
-    def __call__(self, input_ids: Any, scores: np.ndarray) -> np.ndarray:
-        scores[self.eos] = -np.inf
-        return scores
+    @classmethod
+    def of(cls, job: Job, i: int, tok: Any, stats: dict[str, int]) -> _Row:
+        gen = torch.Generator()
+        if job.sampling.seed is not None:
+            gen.manual_seed((job.sampling.seed + i) % 2**64)  # row i of a request: the same draws alone or in any batch
+        else:
+            gen.seed()
+        return cls(job, i, list(job.prompts[i]), _Rows([(job, i)], 0, tok, tok.eos_token_id, stats), gen)
+
+    @property
+    def cells(self) -> int:
+        return len(self.prompt) + self.job.max_tokens
 
 
-def _sampling_kwargs(sampling: Any) -> dict[str, Any]:
-    """The torch engine's sampling (HF semantics) in llama-cpp-python's terms; min_p off, as in HF."""
-    if sampling.temperature > 0:
-        return {"temp": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or 0,
-                "min_p": 0.0, "repeat_penalty": sampling.repetition_penalty}
-    # greedy: llama.cpp's sampler with temperature 0 takes the argmax
-    return {"temp": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": sampling.repetition_penalty}
+def _pick(logits: np.ndarray, row: _Row, eos: int | None) -> int:
+    """The next token from one row's logits (V,), as HF `generate` picks it in the torch engine: repetition
+    penalty, EOS masked for ignore_eos, then the argmax (greedy) or temperature, top-k, top-p and a draw."""
+    s = row.job.sampling
+    x = torch.from_numpy(logits)
+    if s.repetition_penalty != 1.0:
+        seen = torch.tensor(row.prompt + row.ids, dtype=torch.long)
+        v = x[seen]
+        x[seen] = torch.where(v < 0, v * s.repetition_penalty, v / s.repetition_penalty)
+    if s.ignore_eos and eos is not None:
+        x[eos] = -torch.inf
+    if s.temperature <= 0:
+        return int(x.argmax())
+    x = x / s.temperature
+    if s.top_k:
+        kth = torch.topk(x, min(s.top_k, x.numel())).values[-1]
+        x = x.masked_fill(x < kth, -torch.inf)
+    if s.top_p < 1.0:
+        order = torch.argsort(x)  # ascending
+        cum = torch.softmax(x[order], -1).cumsum(-1)
+        drop = cum <= 1 - s.top_p
+        drop[-1] = False  # keep at least the most likely token
+        x[order[drop]] = -torch.inf
+    return int(torch.multinomial(torch.softmax(x, -1), 1, generator=row.gen))
 
 
 def engine_class(engine: str) -> type[Engine]:
