@@ -99,6 +99,9 @@ def train_run(recipe: str, overrides: list[str]) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", default="11m", help="training time of each LoRA run (the recipes' own: 11m)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train each LoRA run for exactly this many steps instead of --budget (equal work on a shared "
+                        "machine: the quickstart's own run took 97)")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out questions (smoke runs)")
     p.add_argument("--embedder", default="all-minilm-l6-v2", help="none: a BM25-only base (smoke runs)")
     p.add_argument("--quickstart", type=Path, default=None,
@@ -121,7 +124,8 @@ def main() -> None:
     n = len(pairs)
     recall = retrieval_recall(kb, pairs)
     print(f"   {n} held-out questions; retrieval {recall}", flush=True)
-    common = [f"eval.generate_examples={n}", f"budget={a.budget}", "overwrite=true", "eval.before_after=false"]
+    length = [f"max_steps={a.steps}", "budget=null"] if a.steps else [f"budget={a.budget}"]
+    common = [f"eval.generate_examples={n}", *length, "overwrite=true", "eval.before_after=false"]
     with step("base closed-book", seconds):
         systems["base closed-book"] = scores(evaluate_run(BASE, str(data), n_generate=n))
     with step("base open-book", seconds):
@@ -145,7 +149,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({
         "benchmark": "kb_demo", "questions": n, "budget": a.budget, "embedder": a.embedder,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "steps": a.steps, "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "note": "shared with other jobs: quality figures, not speed"},
         "knowledge_base": "catalog:cheat-sheets (every sheet, the held-out answers included), 80-token chunks",
