@@ -10,6 +10,9 @@ import pytest
 
 from lmtailor.baselines import classification_baselines, generation_baselines, multilabel_baselines, nearest_answers
 from lmtailor.cli import main
+from lmtailor.data.example import Example
+from lmtailor.data.retrieve import _augmented
+from lmtailor.objectives.causal import sample
 from lmtailor.report import comparison_table, likely_reasons, verdict
 
 KEYWORDS = {"sport": ["goal", "match", "league"], "money": ["bank", "loan", "interest"]}
@@ -76,6 +79,22 @@ def test_verdict_says_when_the_model_loses_and_why():
     head, rule, *rest = table.splitlines()
     assert head.split() == ["metric", "majority", "tfidf_logreg", "before", "after", "change"]
     assert any(r.split()[:4] == ["macro_f1", "0.400", "0.960", "0.500"] for r in rest) and text in table
+
+
+def test_sample_answers_show_the_request_as_written_and_indent_multiline_text():
+    shots = [("list files", "ls"), ("list all files", "ls -a")]
+    ex = _augmented(Example(messages=[{"role": "user", "content": "list hidden files"},
+                                      {"role": "assistant", "content": "ls -a\n# OR\nls -A"}]), shots)
+    prompt = ex.messages[0]["content"]
+    before = {"samples": [sample(ex, prompt, "ls -a\n# OR\nls -A", "Here is how:\n\nls -la")]}
+    after = {"samples": [sample(ex, prompt, "ls -a\n# OR\nls -A", "ls -a")]}
+    lines = comparison_table(before, after, 1).splitlines()
+    assert "Q: list hidden files" in lines and not any("Similar requests" in r for r in lines)
+    assert "   shown:     its nearest training pair: list all files -> ls -a" in lines
+    i = lines.index("   reference: ls -a")
+    assert lines[i + 1:i + 5] == ["              # OR", "              ls -A", "   before:    Here is how:",
+                                  "              ls -la"]
+    assert lines[i + 5] == "   after:     ls -a"
 
 
 def test_classification_run_reports_baselines_and_the_verdict(tiny_model, tmp_path, capsys):

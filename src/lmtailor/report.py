@@ -265,6 +265,12 @@ table{{border-collapse:collapse}}code{{white-space:pre-wrap}}</style></head><bod
     atomic_write_text(run_dir / "task_report.html", page)
 
 
+def _field(label: str, text: str, width: int = 100) -> list[str]:
+    """A labelled text, its later lines indented under the first; blank lines dropped, long lines cut with ..."""
+    rows = [r if len(r) <= width else r[:width - 3] + "..." for r in str(text).splitlines() if r.strip()] or [""]
+    return [label + rows[0]] + [" " * len(label) + r for r in rows[1:]]
+
+
 def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int = 3,
                      baselines: dict[str, dict[str, float]] | None = None, verdict: str | None = None) -> str:
     """A plain-text table of every scalar metric both evaluations report (loss, and the task metrics: accuracy,
@@ -283,8 +289,12 @@ def comparison_table(before: dict[str, Any], after: dict[str, Any], samples: int
     if verdict:
         lines += ["", verdict]
     for s_before, s_after in list(zip(before.get("samples", []), after.get("samples", []), strict=False))[:samples]:
-        lines += ["", f"Q: {s_before['prompt']}", f"   reference: {s_before['reference']}",
-                  f"   before:    {s_before['prediction']}", f"   after:     {s_after['prediction']}"]
+        lines += [""] + _field("Q: ", s_before.get("question", s_before["prompt"]))
+        if s_before.get("shown"):
+            lines += _field("   shown:     ", s_before["shown"])
+        for label, text in (("reference", s_before["reference"]), ("before", s_before["prediction"]),
+                            ("after", s_after["prediction"])):
+            lines += _field(f"   {label + ':':11}", text)
     return "\n".join(lines)
 
 

@@ -86,7 +86,10 @@ def _augmented(ex: Example, shots: list[tuple[str, str]]) -> Example:
     messages = [dict(m) for m in ex.messages]
     own = query(ex)
     messages[request]["content"] = retrieval_prompt(own, shots)
-    return Example(messages=messages, source=ex.source, meta={**ex.meta, "query": own})
+    meta = {**ex.meta, "query": own}
+    if shots:  # the pair nearest to the request, for the reports
+        meta["nearest"] = list(shots[-1])
+    return Example(messages=messages, source=ex.source, meta=meta)
 
 
 def with_retrieved(train: Sequence[Example], held: Sequence[Sequence[Example]], k: int

@@ -203,6 +203,20 @@ def loss_sums(loss_module: nn.Module, seqs: Sequence[Tokenized], pad_id: int, ba
     return total, count
 
 
+def sample(ex: Example, prompt: str, reference: str, prediction: str) -> dict[str, Any]:
+    """One sample answer for the reports: the prompt as the model saw it and, where retrieval added to it, the
+    request as written with what was shown (the nearest training pair, or the passages' sources)."""
+    out: dict[str, Any] = {"prompt": prompt, "reference": reference, "prediction": prediction}
+    if "query" in ex.meta:
+        out["question"] = str(ex.meta["query"])
+        if "nearest" in ex.meta:
+            out["shown"] = "its nearest training pair: {} -> {}".format(*ex.meta["nearest"])
+        elif ex.meta.get("passages"):
+            out["shown"] = f"{len(ex.meta['passages'])} passages from " + ", ".join(
+                dict.fromkeys(str(p.get("source")) for p in ex.meta["passages"]))
+    return out
+
+
 def generation_examples(ctx: ObjectiveContext, examples: Sequence[Example]) -> list[Example]:
     """The held-out chats answered by generation: the first eval.generate_examples (default 40)."""
     limit = ctx.cfg.eval.generate_examples if ctx.cfg.eval.generate_examples is not None else 40
@@ -257,8 +271,8 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized]
         if called:  # chats whose reference answer calls a tool: parse rate, tool name, arguments
             out.update(tool_call_metrics([preds[i] for i in called], [calls[i] or [] for i in called],
                                          [chats[i].tools for i in called]))
-        out["samples"] = [{"prompt": p[-1]["content"], "reference": r, "prediction": y}
-                          for p, r, y in zip(prompts, refs, preds, strict=True)]
+        out["samples"] = [sample(ex, p[-1]["content"], r, y) for ex, p, r, y in zip(chats, prompts, refs, preds,
+                                                                                    strict=True)]
     settings = ctx.settings
     if isinstance(settings, ClmSettings) and settings.eval_context and examples:
         context = settings.eval_context
