@@ -168,3 +168,27 @@ def test_tool_call_metrics_score_parse_name_and_arguments() -> None:
     assert 0 < m["tool_args_chrf"] < 100
     assert tool_call_metrics([], [], []) == {}
 
+
+
+def test_nearest_answer_baseline_answers_with_the_nearest_training_call(tmp_path: Path) -> None:
+    """The baseline is scored as the model is: a reference call as its <tool_call> text, and the nearest training
+    call's tool-call scores (an empty assistant content once made the baseline 100% exact and chrF 0)."""
+    from types import SimpleNamespace
+
+    from lmtailor.data.validate import load_examples
+    from lmtailor.objectives.causal import baseline
+
+    def call(question: str, command: str) -> dict[str, Any]:
+        answer = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "run_shell", "arguments": {"command": command}}}]}
+        return {"tools": TOOLS, "messages": [{"role": "user", "content": question}, answer]}
+
+    train = load_examples(str(_write(tmp_path, [call("list all files here", "ls -la"),
+                                                call("show disk usage of a folder", "du -sh folder")])))
+    (tmp_path / "held").mkdir()
+    held = load_examples(str(_write(tmp_path / "held", [call("list the files", "ls -la"),
+                                                        call("disk usage of this folder", "du -sh .")])))
+    ctx = SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(generate_examples=None)))
+    out = baseline(ctx, train, held)["nearest_answer"]  # type: ignore[arg-type]
+    assert out["exact_match"] == 0.5 and 0 < out["chrf"] < 100
+    assert out["tool_call_parsed"] == 1.0 and out["tool_name_accuracy"] == 1.0 and out["tool_args_exact"] == 0.5

@@ -224,8 +224,10 @@ def generation_examples(ctx: ObjectiveContext, examples: Sequence[Example]) -> l
 
 
 def baseline(ctx: ObjectiveContext, train: Sequence[Example], val: Sequence[Example]) -> dict[str, dict[str, float]]:
-    """The answer of the nearest training question (BM25), and copying the question, on the evaluated chats."""
-    from lmtailor.baselines import answer_baselines
+    """The answer of the nearest training question (BM25), and copying the question, on the evaluated chats, scored
+    as the evaluation scores the model: answers and references as text (a tool call as its <tool_call> block), and
+    the tool-call scores of the nearest answer where the references call tools."""
+    from lmtailor.baselines import answer_baselines, nearest_answers
 
     chats = generation_examples(ctx, val)
     if not chats:
@@ -233,9 +235,23 @@ def baseline(ctx: ObjectiveContext, train: Sequence[Example], val: Sequence[Exam
     chats_train = [ex for ex in train if ex.messages is not None]
     # the requests as the data gave them (data.retrieved_examples adds solved examples to the prompts)
     questions = [ex.meta.get("query", prompt_messages(ex)[0][-1]["content"]) for ex in chats_train]
-    answers = [prompt_messages(ex)[1] for ex in chats_train]
+    answers = [reference_text(ex) for ex in chats_train]
     held = [ex.meta.get("query", prompt_messages(ex)[0][-1]["content"]) for ex in chats]
-    return answer_baselines(questions, answers, held, [prompt_messages(ex)[1] for ex in chats])
+    out = answer_baselines(questions, answers, held, [reference_text(ex) for ex in chats])
+    calls = [reference_calls(ex) for ex in chats]
+    called = [i for i, k in enumerate(calls) if k]
+    if called and "nearest_answer" in out:
+        nearest = nearest_answers(questions, answers, [held[i] for i in called])
+        out["nearest_answer"].update(tool_call_metrics(nearest, [calls[i] or [] for i in called],
+                                                       [chats[i].tools for i in called]))
+    return out
+
+
+def reference_text(ex: Example) -> str:
+    """A chat's last assistant answer as the evaluation compares it: its content, a tool call as its block."""
+    content = prompt_messages(ex)[1]
+    calls = reference_calls(ex)
+    return answer_text(content, calls) if calls else content
 
 
 def reference_calls(ex: Example) -> list[dict[str, Any]] | None:
@@ -260,10 +276,9 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[Tokenized]
         out.update(loss=total / max(n, 1), perplexity=perplexity(total / max(n, 1)), eval_tokens=n)
     chats = generation_examples(ctx, examples)
     if chats:
-        prompts, contents = zip(*(prompt_messages(ex) for ex in chats), strict=True)
+        prompts = [prompt_messages(ex)[0] for ex in chats]
         calls = [reference_calls(ex) for ex in chats]
-        # a reference call is compared as the text the <tool_call> convention writes for it
-        refs = [answer_text(c, k) if k else c for c, k in zip(contents, calls, strict=True)]
+        refs = [reference_text(ex) for ex in chats]  # a reference call as the text its <tool_call> block writes
         preds = generate(model, tok, list(prompts), cfg.generation, progress=progress,
                          desc=f"{desc} generate".strip(), tools=[ex.tools for ex in chats])
         out.update(exact_match=exact_match(preds, refs), chrf=chrf(preds, refs), looping=looping_share(preds))
