@@ -21,6 +21,16 @@ TRAIN = [_chat("extract a tar archive", "tar -xf a.tar"), _chat("list hidden fil
          _chat("count lines in a file", "wc -l f"), _chat("extract a zip archive", "unzip a.zip")]
 
 
+def test_a_shown_answer_that_calls_a_tool_is_shown_as_its_call():
+    call = json.dumps([{"type": "function", "function": {"name": "run_shell", "arguments": {"command": "ls -a"}}}])
+    tool_chat = Example(messages=[{"role": "user", "content": "list hidden files"},
+                                  {"role": "assistant", "content": "", "tool_calls": call}])
+    _, (test,) = with_retrieved([tool_chat], [[_chat("list the hidden files here", "ls -A")]], k=1)
+    prompt = test[0].messages[0]["content"]
+    assert 'Answer: <tool_call>\n{"name": "run_shell", "arguments": {"command":"ls -a"}}\n</tool_call>' in prompt
+    assert test[0].meta["nearest"][0] == "list hidden files"
+
+
 def test_nearest_examples_come_last_and_a_training_example_never_sees_itself():
     train, (test,) = with_retrieved(TRAIN, [[_chat("how to extract a gzip tar archive", "tar -xzf a.tgz")]], k=2)
     prompt = test[0].messages[0]["content"]

@@ -12,12 +12,14 @@ and edit it where the request differs, which a fine-tuned model without them has
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError
+from lmtailor.toolcalls import answer_text
 
 INTRO = "Similar requests with their answers:"
 OUTRO = "Now answer this request the same way:"
@@ -37,6 +39,12 @@ def query(ex: Example) -> str:
         return str(ex.meta["query"])
     assert ex.messages is not None
     return ex.messages[_turns(ex)[1]]["content"]
+
+
+def answer_of(message: dict[str, str]) -> str:
+    """An assistant turn as a shown answer: its content, and each tool call as its <tool_call> block."""
+    calls = message.get("tool_calls")
+    return answer_text(message.get("content") or "", json.loads(calls) if calls else None)
 
 
 def retrieval_prompt(request: str, shots: Sequence[tuple[str, str]]) -> str:
@@ -59,7 +67,7 @@ class Retriever:
         for ex in train:
             answer, request = _turns(ex)
             assert ex.messages is not None
-            self.pairs.append((query(ex), ex.messages[answer]["content"]))
+            self.pairs.append((query(ex), answer_of(ex.messages[answer])))
         self.index = BM25Okapi([words(q) or [""] for q, _ in self.pairs]) if self.pairs else None
 
     def nearest(self, text: str, k: int, skip: int | None = None, skip_same: bool = False
