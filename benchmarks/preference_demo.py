@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import held_out_questions
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "preference_demo.json"
 
@@ -41,20 +43,6 @@ def lmtailor(*args: str) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lmtailor", *args], check=True, cwd=ROOT)
     return round(time.perf_counter() - t0, 1)
-
-
-def held_out(work: Path, limit: int | None) -> Path:
-    """The quickstart's held-out questions, each with its nearest training pair as the quickstart shows it."""
-    from lmtailor.config import load_config
-    from lmtailor.data.retrieve import with_retrieved
-    from lmtailor.data.validate import load_datasets
-
-    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"))
-    train, val, _ = load_datasets(cfg.data)
-    _, (val,) = with_retrieved(train, [val[:limit] if limit else val], cfg.data.retrieved_examples)
-    path = work / "held_out.jsonl"
-    path.write_text("".join(json.dumps({"messages": ex.messages}, ensure_ascii=False) + "\n" for ex in val))
-    return path
 
 
 def scores(target: Path, data: Path, settings: Any) -> dict[str, Any]:
@@ -125,8 +113,8 @@ def main() -> None:
     from lmtailor.runs import Run
 
     settings = run_recipe(Run.open(str(sft))).generation  # the quickstart's decoding, for all three
-    data = held_out(work, a.limit)
-    n = sum(1 for _ in data.open())
+    data, held = held_out_questions(work, a.limit, nearest=True)
+    n = len(held)
     systems = {"SFT (quickstart)": scores(sft, data, settings), "SFT then DPO": scores(dpo, data, settings),
                "SFT then GRPO + discriminator": scores(grpo, data, settings)}
     for name, row in systems.items():
