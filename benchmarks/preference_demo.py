@@ -81,7 +81,8 @@ def run_summary(run: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart", type=Path, default=None, help="an existing configs/quickstart.yaml run")
-    p.add_argument("--budget", default=None, help="training time of each run (default: the recipes' own, 11m)")
+    p.add_argument("--budget", default=None,
+                   help="each run's budget (default: the recipes' own; the DPO and GRPO recipes' 14m cover the run)")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out questions (smoke runs)")
     p.add_argument("--pairs-limit", type=int, default=None, help="answer only N training questions (smoke runs)")
     p.add_argument("--work", type=Path, required=True, help="folder for the runs")
