@@ -1,5 +1,6 @@
-"""Pieces the throughput benchmarks share: one side per subprocess (so peak RSS is that side's alone), repeats in
-alternating order, a step clock for HF trainers, and the machine's matmul peaks.
+"""Pieces the benchmarks share: one side per subprocess (so peak RSS is that side's alone), repeats in alternating
+order, a step clock for HF trainers, the machine's matmul peaks, and the quickstart's held-out shell questions that
+the demonstrations are judged on.
 
 Imported by the benchmark scripts, which run as `python benchmarks/<name>.py` (this folder is then on sys.path).
 """
@@ -191,3 +192,22 @@ def settle_arguments(a: Any) -> Any:
         a.precision = "bf16" if cpu_bf16_units() else "fp32"
     return a
 
+
+
+def held_out_questions(work: Path, limit: int | None = None, nearest: bool = False) -> tuple[Path, list[Any]]:
+    """The quickstart recipe's held-out split (catalog:shell-commands, val_size 60, split_seed 0: the 60 questions
+    every demonstration is judged on), or its first `limit`, written as chats to `work`/held_out.jsonl: that path
+    and the examples. `nearest`: each question shows its nearest training pair, as the quickstart trains and
+    judges; else the bare question."""
+    from lmtailor.config import load_config
+    from lmtailor.data.retrieve import with_retrieved
+    from lmtailor.data.validate import load_datasets
+
+    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"))
+    train, val, _ = load_datasets(cfg.data)
+    val = val[:limit] if limit else val
+    if nearest:
+        _, (val,) = with_retrieved(train, [val], cfg.data.retrieved_examples)
+    path = work / "held_out.jsonl"
+    path.write_text("".join(json.dumps({"messages": ex.messages}, ensure_ascii=False) + "\n" for ex in val))
+    return path, list(val)

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import held_out_questions
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "kb_demo.json"
 BASE = "smollm2-135m-instruct"
@@ -50,20 +52,12 @@ def step(name: str, rows: dict[str, Any]) -> Any:
     return _Step()
 
 
-def held_out(work: Path, limit: int | None) -> tuple[Path, list[tuple[str, str]]]:
-    """The quickstart's held-out split as a JSONL of chats, and its (question, reference command) pairs."""
-    from lmtailor.config import load_config
+def reference_pairs(examples: list[Any]) -> list[tuple[str, str]]:
+    """(question, reference command) of each held-out chat."""
     from lmtailor.data.retrieve import query
-    from lmtailor.data.validate import load_datasets
 
-    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"))
-    _, val, _ = load_datasets(cfg.data)
-    val = val[:limit] if limit else val
-    path = work / "held_out.jsonl"
-    path.write_text("".join(json.dumps({"messages": ex.messages}) + "\n" for ex in val))
-    pairs = [(query(ex), next(m["content"] for m in reversed(ex.messages or []) if m["role"] == "assistant"))
-             for ex in val]
-    return path, pairs
+    return [(query(ex), next(m["content"] for m in reversed(ex.messages or []) if m["role"] == "assistant"))
+            for ex in examples]
 
 
 def retrieval_recall(kb_dir: Path, pairs: list[tuple[str, str]], k: int = 5) -> dict[str, float]:
@@ -120,7 +114,8 @@ def main() -> None:
     with step("build knowledge base", seconds):  # as configs/rag-shell.yaml says
         print(build_kb(["catalog:cheat-sheets"], kb, None if a.embedder == "none" else a.embedder,
                        max_tokens=80, overlap=16, progress=False))
-    data, pairs = held_out(work, a.limit)
+    data, examples = held_out_questions(work, a.limit)
+    pairs = reference_pairs(examples)
     n = len(pairs)
     recall = retrieval_recall(kb, pairs)
     print(f"   {n} held-out questions; retrieval {recall}", flush=True)

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import held_out_questions
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "preference_demo.json"
 
@@ -41,20 +43,6 @@ def lmtailor(*args: str) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lmtailor", *args], check=True, cwd=ROOT)
     return round(time.perf_counter() - t0, 1)
-
-
-def held_out(work: Path, limit: int | None) -> Path:
-    """The quickstart's held-out questions, each with its nearest training pair as the quickstart shows it."""
-    from lmtailor.config import load_config
-    from lmtailor.data.retrieve import with_retrieved
-    from lmtailor.data.validate import load_datasets
-
-    cfg = load_config(str(ROOT / "configs" / "quickstart.yaml"))
-    train, val, _ = load_datasets(cfg.data)
-    _, (val,) = with_retrieved(train, [val[:limit] if limit else val], cfg.data.retrieved_examples)
-    path = work / "held_out.jsonl"
-    path.write_text("".join(json.dumps({"messages": ex.messages}, ensure_ascii=False) + "\n" for ex in val))
-    return path
 
 
 def scores(target: Path, data: Path, settings: Any) -> dict[str, Any]:
@@ -93,7 +81,8 @@ def run_summary(run: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart", type=Path, default=None, help="an existing configs/quickstart.yaml run")
-    p.add_argument("--budget", default=None, help="training time of each run (default: the recipes' own, 11m)")
+    p.add_argument("--budget", default=None,
+                   help="each run's budget (default: the recipes' own; the DPO and GRPO recipes' 14m cover the run)")
     p.add_argument("--limit", type=int, default=None, help="only the first N held-out questions (smoke runs)")
     p.add_argument("--pairs-limit", type=int, default=None, help="answer only N training questions (smoke runs)")
     p.add_argument("--work", type=Path, required=True, help="folder for the runs")
@@ -125,8 +114,8 @@ def main() -> None:
     from lmtailor.runs import Run
 
     settings = run_recipe(Run.open(str(sft))).generation  # the quickstart's decoding, for all three
-    data = held_out(work, a.limit)
-    n = sum(1 for _ in data.open())
+    data, held = held_out_questions(work, a.limit, nearest=True)
+    n = len(held)
     systems = {"SFT (quickstart)": scores(sft, data, settings), "SFT then DPO": scores(dpo, data, settings),
                "SFT then GRPO + discriminator": scores(grpo, data, settings)}
     for name, row in systems.items():

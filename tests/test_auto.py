@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from lmtailor.cli import main
 
 WORDS = {"sport": ["goal", "match", "league", "coach"], "money": ["bank", "loan", "interest", "credit"]}
@@ -66,6 +68,36 @@ def test_long_documents_are_cut_so_the_budget_sees_an_epoch():
     assert shorter_length("classify", probe, {"steps_fit": 60}) is None  # an epoch fits already
     assert shorter_length("sft", probe, {"steps_fit": 30}) is None  # answers would be cut
     assert shorter_length("classify", {"max_length": 96, "per_epoch": 60}, {"steps_fit": 10}) is None
+
+
+def test_a_forward_pass_is_charged_half_a_step_on_a_frozen_model_and_a_third_when_every_weight_trains(
+        tiny_model, tmp_path):
+    """A validation pass (and auto's estimate of a probe head's forward pass over the training items) is charged as
+    forward-only work: the backward of LoRA on a frozen model computes the activations' gradients but almost no
+    weights', so a forward is about half of a step, not the third it is when every weight trains (charging a third
+    under LoRA put python-docs' probe at 229 s where it took 459-482 s). The measured time per token cancels out of
+    eval_s / step_s, so the share the estimate used can be read back exactly."""
+    from lmtailor.auto import head_probe_seconds
+    from lmtailor.config import build_config
+    from lmtailor.train import measure_recipe
+
+    rows = [{"text": f"the {WORDS[lab][i % 4]} story number {i} " + "word " * (i % 7), "label": lab}
+            for i in range(24) for lab in ("sport", "money")]
+    data = tmp_path / "news.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shares = {}
+    for method in ("lora", "full"):
+        cfg = build_config({"base_model": str(tiny_model), "objective": "classify", "method": method,
+                            "data": {"path": str(data), "val_size": 8}, "output_dir": str(tmp_path / method)})
+        probe = measure_recipe(cfg, probe_steps=2)
+        assert probe["val_items"] == 8 and probe["val_tokens"] > 0 and probe["train_tokens"] > probe["val_tokens"]
+        # step_s = per_token * train_tokens / per_epoch * 1.05 and eval_s = per_token * share * val_tokens
+        shares[method] = (probe["eval_s"] / probe["step_s"] * probe["train_tokens"] * 1.05
+                          / (probe["per_epoch"] * probe["val_tokens"]))
+        # the probe head reads every training item once: the validation pass scaled by tokens, not by item counts
+        assert head_probe_seconds(probe) == pytest.approx(probe["eval_s"] * probe["train_tokens"] / probe["val_tokens"])
+    assert shares["full"] == pytest.approx(1 / 3, rel=1e-6)
+    assert 0.45 < shares["lora"] <= 0.5, shares
 
 
 def test_retrieval_is_chosen_when_neighbours_carry_the_answer():

@@ -105,3 +105,34 @@ def test_pairs_make_skips_the_answering_runs_held_out_questions(tiny_model, tmp_
 
     _, val, _ = load_datasets(load_config(run / "config.yaml").data)
     assert len(prompts) <= 25 and not prompts & {ex.messages[0]["content"] for ex in val}
+
+
+def test_pairs_make_shows_a_retrieval_run_its_neighbours_but_never_its_own_pair(tiny_model, tmp_path, monkeypatch):
+    """A run trained with data.retrieved_examples answers each lone training request with its nearest other pairs
+    in the prompt, as it trained, and never with the request's own pair (the answer would copy the reference)."""
+    import lmtailor.generate as generate_module
+    from conftest import PAIRS
+    from lmtailor.data.retrieve import INTRO
+
+    data = _write(tmp_path / "sft.jsonl", [{"instruction": q, "output": a} for q, a in PAIRS])
+    run = tmp_path / "rag"
+    assert main(["train", f"base_model={tiny_model}", f"data.path={data}", f"output_dir={run}", "max_steps=1",
+                 "data.val_size=2", "data.retrieved_examples=1", "eval.before_after=false",
+                 "eval.generate_examples=0", "--no-progress"]) == 0
+    seen: list = []
+    real = generate_module.generate
+
+    def spy(model, tok, prompts, *args, **kwargs):  # the real decoding; the prompts it was given are kept
+        seen.extend(prompts)
+        return real(model, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate", spy)
+    out = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "make", str(run), "--data", str(data), "--out", str(out), "--max-new-tokens", "3",
+                 "--no-progress"]) == 0
+    answers = dict(PAIRS)
+    assert len(seen) == len(PAIRS) - 2  # the run's 2 validation questions are skipped
+    for prompt in seen:
+        assert isinstance(prompt, str) and prompt.startswith(INTRO), prompt
+        request = prompt.rsplit("\n", 1)[-1]
+        assert request in answers and f"Answer: {answers[request]}" not in prompt, prompt

@@ -173,7 +173,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     head_s, head_reason = 0.0, ""
     if shorter:  # and the head starts as a linear probe on mean-pooled features (see objectives/classify.py)
         final["classify"] = {"pooling": "mean", "head_init": "probe"}
-        head_s = probe["eval_s"] * probe["train_items"] / max(1, probe["val_items"])  # one forward pass each
+        head_s = head_probe_seconds(probe)
         head_reason = (f"classify.pooling=mean, classify.head_init=probe (documents longer than max_length: the head "
                        f"reads the mean over the text, fitted first as a linear probe on the frozen model's features,"
                        f" about {head_s:.0f} s)")
@@ -262,6 +262,13 @@ def shorter_length(objective: str, probe: dict[str, Any], plan: dict[str, Any]) 
         return None
     length = int(probe["max_length"] * plan["steps_fit"] / probe["per_epoch"]) // 32 * 32
     return max(MIN_LENGTH, length) if max(MIN_LENGTH, length) < probe["max_length"] else None
+
+
+def head_probe_seconds(probe: dict[str, Any]) -> float:
+    """About how long head_init=probe takes to read its features: one forward pass over the training items, at the
+    measured cost of one over the validation items (`eval_s`, the forward share of a measured step) per token.
+    The logistic regressions then fitted on those features are not counted."""
+    return float(probe["eval_s"] * probe["train_tokens"] / max(1.0, probe["val_tokens"]))
 
 
 def plan_search(seconds: float, probe: dict[str, Any], trials: int, search_share: float) -> dict[str, Any]:

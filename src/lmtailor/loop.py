@@ -294,9 +294,10 @@ def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: 
     The first steps' batches are run forward and backward (the gradients are dropped and the RNG restored, so the
     run is unchanged) and timed per token: the mean over all but the first (which pays one-off costs), times the
     tokens of an average step of the epoch, so a probe batch longer or shorter than the average does not skew the
-    estimate. A validation pass is charged as forward-only work (a third of forward + backward) on the validation
-    tokens. With `max_seconds`, probing stops early (after at least 2 steps) once it has taken that long: slow steps
-    are measured well enough by fewer of them. Every process measures; the slowest decides, so all agree."""
+    estimate. A validation pass is charged as forward-only work (`forward_share` of forward + backward: a third when
+    every weight trains, about half for an adapter on a frozen model) on the validation tokens. With `max_seconds`,
+    probing stops early (after at least 2 steps) once it has taken that long: slow steps are measured well enough
+    by fewer of them. Every process measures; the slowest decides, so all agree."""
     acc, cfg = loop.acc, loop.cfg
     n = len(loop.data.train_items)
     lengths = item_lengths(cfg, loop.data.train_items)
@@ -324,14 +325,32 @@ def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: 
     per_token = sum(later) / len(later)  # the mean: an occasional slow step is part of what the run will pay
     per_token = float(acc.reduce(torch.tensor(per_token, device=acc.device), "max")) if acc.num_processes > 1 \
         else per_token
-    sample = range(0, n, max(1, n // 2000))  # a pretraining cache may hold millions of items: an even sample
-    mean_item = sum(item_tokens(loop.data.train_items[i]) for i in sample) / max(1, len(sample)) or 1.0
-    step_s = per_token * mean_item * n / max(1, per_epoch) * 1.05  # + the optimizer update and logging
-    eval_s = 0.0
-    if loop.data.val_items:
-        val_tokens = sum(item_tokens(loop.data.val_items[i]) for i in range(len(loop.data.val_items)))
-        eval_s = per_token / 3 * val_tokens
+    step_s = per_token * (total_tokens(loop.data.train_items) or n) / max(1, per_epoch) * 1.05  # + update, logging
+    eval_s = per_token * forward_share(loop.model, cfg.gradient_checkpointing) * total_tokens(loop.data.val_items)
     return step_s, eval_s
+
+
+def total_tokens(items: Sequence[Any]) -> float:
+    """Tokens in `items`: their sum, or over 4,000 items (a pretraining cache may hold millions) an even sample's
+    mean times their number."""
+    n = len(items)
+    sample = range(0, n, max(1, n // 2000))
+    return sum(item_tokens(items[i]) for i in sample) / max(1, len(sample)) * n
+
+
+def forward_share(model: torch.nn.Module, checkpointing: bool) -> float:
+    """The share of a training step's time per token that a forward pass alone takes (a validation pass, the
+    features of a classification head's probe), counted in forward passes of matmul work: the forward is one; the
+    backward's gradients of the activations are one more, through every layer; the gradients of the weights are one
+    more for the weights that train, a fraction f of them; gradient checkpointing runs the forward again. Every
+    weight training: 1/3; LoRA or a soft prompt on a frozen model (f near 0): about 1/2, not 1/3 (auto's estimate of
+    a probe head's forward pass over python-docs' 395 pages was 229 s where it took 459-482 s). method=freeze stops
+    the backward at its lowest trained layer, so there the share is somewhat more than this."""
+    trained = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        trained += p.numel() if p.requires_grad else 0
+    return 1.0 / (2.0 + trained / max(1, total) + (1.0 if checkpointing else 0.0))
 
 
 def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int, probe_steps: int = 5,

@@ -80,8 +80,11 @@ def make_pairs(run: str, data: str, out: str, fmt: str = "auto", settings: Gener
         from lmtailor.data.retrieve import RunRetrieval
 
         own = isinstance(rag, RunRetrieval)
-        prompts = [(str(rag(h[-1]["content"], training_request=True)) if own else str(rag(h[-1]["content"])))
-                   if len(h) == 1 else h for h in prompts]
+        for i, history in enumerate(prompts):
+            if len(history) != 1:  # only a lone request is shown retrieved examples; a longer history goes as it is
+                continue
+            request = history[-1]["content"]
+            prompts[i] = str(rag(request, training_request=True)) if own else str(rag(request))
     torch.manual_seed(seed)
     answers = generate(speed_up(model, speedup), tok, prompts, settings or GenerationSettings(), progress=progress,
                        desc="answering")

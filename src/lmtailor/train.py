@@ -44,6 +44,7 @@ from lmtailor.loop import (
     measure_step,
     plan_steps,
     run_steps,
+    total_tokens,
 )
 from lmtailor.memory import PeakMemory, choose_precision, enable_gradient_checkpointing, quantize_4bit
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model, unwrap_peft
@@ -469,8 +470,8 @@ def _write_outputs(run_dir: Path, cfg: RunConfig, objective: Objective, history:
 def measure_recipe(cfg: RunConfig, probe_steps: int = 5, max_seconds: float | None = None) -> dict[str, Any]:
     """What one optimizer step of this recipe costs here, measured on its own first batches without training or
     writing anything (probing at most about `max_seconds` after its first 2 steps): `step_s` (forward and
-    backward), `eval_s` (one validation pass, forward only),
-    `per_epoch` and `planned` steps, the values chosen from the data, and the item counts. One process."""
+    backward), `eval_s` (one validation pass, forward only), `per_epoch` and `planned` steps, the values chosen
+    from the data, and the item and token counts of both splits. One process."""
     with crypto.use_keys(cfg.privacy.key_source()):
         return _measure_recipe(cfg, probe_steps, max_seconds)
 
@@ -496,6 +497,7 @@ def _measure_recipe(cfg: RunConfig, probe_steps: int, max_seconds: float | None)
     step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned), max_seconds)
     return {"step_s": step_s, "eval_s": eval_s, "per_epoch": per_epoch, "planned": planned,
             "eval_every": cfg.eval_every, "train_items": len(data.train_items), "val_items": len(data.val_items),
+            "train_tokens": total_tokens(data.train_items), "val_tokens": total_tokens(data.val_items),
             "choices": [str(c) for c in data.choices], "max_length": cfg.max_length, "lr": cfg.lr,
             "epochs": cfg.epochs}
 
