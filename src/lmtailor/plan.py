@@ -2,12 +2,13 @@
 
 For a decoder of the llama family (llama, mistral, qwen2, smollm) it counts parameters from the config and adds up
 memory per process: weights, gradients and optimizer state (sharded over the GPUs with FSDP), and activations per
-micro-batch, which decide the largest micro-batch that fits. Throughput is estimated from the FLOPs per token
+micro-batch (counted from what autograd keeps per decoder block, at the moment of the step that holds the
+peak), which decide the largest micro-batch that fits. Throughput is estimated from the FLOPs per token
 (6 x parameters for full fine-tuning, 4 x for frozen weights, +2 x with checkpointing) at a stated share of the
 GPU's peak. The byte counts follow what `lmtailor train` does: float32 master weights with dtype auto, AdamW with
 two float32 moments (one byte each with optimizer=adamw_8bit), a bf16 copy of trained weights cached by autocast,
-NF4 at 0.5 byte + a scale per 64 weights for qlora. `benchmarks/scaling.py` checks the estimate against the peak
-memory of real CPU steps.
+NF4 at 0.5 byte + a scale per 64 weights for qlora. tests/test_plan_memory.py checks the estimate against the
+live tensors of real CPU steps, `benchmarks/plan_accuracy.py` against the resident set of `lmtailor train` runs.
 """
 
 from __future__ import annotations
@@ -322,19 +323,14 @@ def run_estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, micro
     """Peak bytes one `lmtailor train` process adds for this run (what its metrics.json `peak_memory_mib` measures):
     float32 weights, gradients and optimizer state, and the peak of one micro-batch's step (`step_phases`), with
     activations in float32 without mixed precision (CPU) or bf16/fp16 with it (plus the autocast copies).
-    On CPU the process also holds what `process_overhead` counts: the resident set is what runs out there."""
+    On CPU the resident set is what runs out: the kernels' code paged in by the first step comes on top."""
     half = mixed_precision in ("bf16", "fp16")
     e = estimate(s, method, checkpointing, seq_len, act_bytes=2 if half else 4, lora_r=lora_r,
                  optimizer_bytes=2 if optimizer == "adamw_8bit" else 8, autocast_copy=half, supervised=supervised,
                  attention_matrix=attention_matrix, accumulating=accumulating, device=device)
-    if device == "cpu":
-        e.overhead = process_overhead(s, seq_len, micro_batch, supervised)
+    if device == "cpu":  # glibc's retained free pages are not counted: 100-190 MiB at the plan_accuracy sizes
+        e.overhead = float(PROCESS_CODE)
     return e.peak(micro_batch)
-
-
-def process_overhead(s: Shape, seq_len: int, micro_batch: int, supervised: float = 1.0) -> float:
-    """Resident memory a CPU training process holds beyond its live tensors at the peak."""
-    return float(PROCESS_CODE)
 
 
 def plan(model: str, gpus: str = "1x24GB", seq_len: int = 2048, utilisation: float = 0.4, lora_r: int = 16,
