@@ -2,12 +2,13 @@
 
 For a decoder of the llama family (llama, mistral, qwen2, smollm) it counts parameters from the config and adds up
 memory per process: weights, gradients and optimizer state (sharded over the GPUs with FSDP), and activations per
-micro-batch, which decide the largest micro-batch that fits. Throughput is estimated from the FLOPs per token
+micro-batch (counted from what autograd keeps per decoder block, at the moment of the step that holds the
+peak), which decide the largest micro-batch that fits. Throughput is estimated from the FLOPs per token
 (6 x parameters for full fine-tuning, 4 x for frozen weights, +2 x with checkpointing) at a stated share of the
 GPU's peak. The byte counts follow what `lmtailor train` does: float32 master weights with dtype auto, AdamW with
 two float32 moments (one byte each with optimizer=adamw_8bit), a bf16 copy of trained weights cached by autocast,
-NF4 at 0.5 byte + a scale per 64 weights for qlora. `benchmarks/scaling.py` checks the estimate against the peak
-memory of real CPU steps.
+NF4 at 0.5 byte + a scale per 64 weights for qlora. tests/test_plan_memory.py checks the estimate against the
+live tensors of real CPU steps, `benchmarks/plan_accuracy.py` against the resident set of `lmtailor train` runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +149,16 @@ def parse_gpus(spec: str) -> tuple[int, float, float, str]:
     return count, GPUS[key][0], GPUS[key][1], key
 
 
+F32 = 4  # bytes of a float32 value: norms, the residual stream, log-sum-exp and the loss run in float32 always
+
+
 @dataclass
 class Estimate:
-    """Bytes per process of one method; activations per sequence of seq_len tokens."""
+    """Bytes per process of one method: weights, gradients and optimizer state, and the live memory of one
+    training step, which grows with the micro-batch.
+
+    `phases` walks the step (see `step_phases`): each is (bytes, bytes per sequence) above weights and optimizer
+    state at one moment; the peak is the largest of them, so `peak(micro_batch)` is exact for any micro-batch."""
 
     method: str
     checkpointing: bool
@@ -159,35 +167,112 @@ class Estimate:
     weights: float
     gradients: float
     optimizer: float
-    activations_per_seq: float
-    fixed: float = 0.0  # weights + gradients + optimizer (+ autocast copies)
+    activations_per_seq: float  # what the backward pass keeps per sequence (plus the loss's transients)
+    fixed: float = 0.0  # weights + gradients + optimizer state
+    phases: list[tuple[str, float, float]] = field(default_factory=list)  # (moment, bytes, bytes per sequence)
+    overhead: float = 0.0  # what the process adds beyond tensors (the CPU estimate of run_estimate)
 
     def peak(self, micro_batch: int) -> float:
-        return self.fixed + micro_batch * self.activations_per_seq
+        base = self.weights + self.optimizer + self.overhead
+        if not self.phases:
+            return self.fixed + micro_batch * self.activations_per_seq
+        return base + max(b + micro_batch * per for _, b, per in self.phases)
+
+    def peak_moment(self, micro_batch: int) -> str:
+        """The moment of the step (a phase's name) that holds the peak."""
+        return max(self.phases, key=lambda p: p[1] + micro_batch * p[2])[0] if self.phases else ""
+
+    def largest_micro_batch(self, budget: float) -> int:
+        """The largest micro-batch whose peak fits `budget` bytes (0: not even one sequence)."""
+        room = budget - self.weights - self.optimizer - self.overhead
+        fits = [math.floor((room - b) / per) if per > 0 else (math.inf if room >= b else -1)
+                for _, b, per in self.phases]
+        best = min(fits) if fits else -1
+        return 0 if best < 1 else int(min(best, 1 << 20))
 
 
-def activation_bytes(s: Shape, seq_len: int, act_bytes: int, checkpointing: bool, supervised: float = 1.0,
-                     attention_matrix: bool = False) -> float:
-    """Memory the backward pass keeps per sequence of seq_len tokens.
+def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, seq_len: int = 0,
+                attention_matrix: bool = False, first: bool = False) -> float:
+    """Bytes per token that autograd keeps for the backward pass of one decoder block (llama family, SDPA).
 
-    Per block and token: about 18 x hidden + 6 x kv_dim + 5 x intermediate values (the norms' float32
-    intermediates, q/k/v before and after the rotary embedding, the attention output, the MLP's gate, up, their
-    activation and product), plus heads x seq_len attention probabilities where attention is not fused
-    (`attention_matrix`, e.g. on CPU). With checkpointing only each block's input is kept, plus one block
-    recomputed. The output head's logits on the supervised positions come on top in float32, four copies of
-    vocabulary width (logits, log-softmax and their gradients). Coefficients measured on the 21M model of
-    benchmarks/scaling.py; its other sizes check them."""
-    per_token_layer = (18 * s.hidden + 6 * s.kv_dim + 5 * s.intermediate
-                       + (s.heads * seq_len if attention_matrix else 0)) * act_bytes
-    layers = (s.layers * s.hidden * act_bytes + per_token_layer) if checkpointing else s.layers * per_token_layer
-    logits = 4 * 4 * s.vocab * supervised
-    return seq_len * (layers + logits + 4 * s.hidden)
+    Counted from what each op saves, and checked tensor by tensor by benchmarks/plan_census.py:
+    - each RMSNorm keeps its float32 input and 1/rms, and, where its weight trains, the normalized values; the
+      projections reading its weighted output keep that output (one shared tensor in float32; under 16-bit
+      autocast each projection keeps its own cast);
+    - attention keeps q and k after the rotary embedding, v, its output (which o_proj reads) and a float32
+      log-sum-exp per head; fused attention (SDPA, also on CPU) keeps no seq x seq matrix, eager attention keeps
+      its probabilities (`attention_matrix`);
+    - the SwiGLU MLP keeps gate, silu(gate), up and their product (the product only where down_proj trains);
+    - LoRA's A of q, k, v, o keeps its input and B its r-wide input.
+    `trains`: "all" (full fine-tuning, the unfrozen blocks of freeze), "lora" (frozen base and norms: frozen
+    linears keep no inputs) or "none" (a frozen block below every trainable one keeps nothing). `first`: the block's
+    input needs no gradient (the first block under LoRA or freeze), so its first norm keeps nothing of it.
+    """
+    if trains == "none":
+        return 0.0
+    h, kv, i, a = s.hidden, s.kv_dim, s.intermediate, (2 if half else F32)
+    attention = a * (2 * h + 2 * kv) + F32 * s.heads + (a * s.heads * seq_len if attention_matrix else 0)
+    if trains == "all":
+        norms = 2 * F32 * (2 * h + 1) + a * h * (5 if half else 2)  # casts: q, k, v and gate, up
+        block = norms + attention + a * 4 * i
+    else:
+        # o's LoRA A keeps its input cast back from float32 under autocast; in float32 it is attention's output
+        norms = 2 * F32 * (h + 1) + a * h * (4 if half else 1)
+        block = norms + attention + a * 3 * i + a * 4 * lora_r
+    return block - (F32 * (h + 1) if first else 0)
+
+
+def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, half: bool, lora_r: int = 16,
+                supervised: float = 1.0, unfreeze_last_n: int = 2, attention_matrix: bool = False,
+                accumulating: bool = False, optimizer_temp: float = 0.0, gradients: float = 0.0,
+                head_trains: bool = True, copies: float = 0.0) -> list[tuple[str, float, float]]:
+    """The moments of one training step that can hold its peak: (moment, bytes, bytes per sequence).
+
+    Bytes above weights and optimizer state. In order: the loss's backward (every saved activation, and the
+    float32 log-softmax of the supervised positions with its gradient and the NLL's: three vocabulary-wide rows
+    each), the output head's backward (its weight's gradient arrives), each block's backward top down (the blocks
+    below keep their activations, or only their inputs with checkpointing, while this one holds its full set,
+    recomputed with checkpointing, and the gradients of its MLP in flight; the gradients of the blocks above have
+    arrived), and the optimizer step (every gradient, and AdamW's temporaries). With gradient accumulation the
+    later micro-batches run with every gradient already there. `copies`: 16-bit copies of the weights that
+    autocast makes in forward and backward keeps."""
+    h, a, t = s.hidden, (2 if half else F32), seq_len
+    trains = {"full": "all", "freeze": "all", "lora": "lora", "qlora": "lora"}[method]
+    trainable_blocks = unfreeze_last_n if method == "freeze" else s.layers
+    frozen_below = s.layers - trainable_blocks
+    full = [block_bytes(s, trains if k >= frozen_below else "none", half=half, lora_r=lora_r, seq_len=t,
+                        attention_matrix=attention_matrix, first=(k == frozen_below and method != "full"))
+            for k in range(s.layers)]
+    kept = [(F32 * h if checkpointing and b else b) for b in full]  # a checkpointed block keeps its input
+    sup = supervised * t
+    # outside the blocks: rotary cos and sin; the final norm (input, 1/rms, normalized values where it trains);
+    # per supervised position the head's input (where the head trains) and the float32 log-softmax
+    outside = 2 * F32 * (h // s.heads) + F32 * (h + 1) + (F32 * h if trains == "all" else 0)
+    head_in = a * h if head_trains and trains == "all" else 0
+    log_softmax = F32 * s.vocab
+    acc = gradients if accumulating else 0.0
+    head_grad = 0.0 if accumulating or not head_trains else F32 * s.vocab * h
+    block_grad = 0.0 if accumulating else (gradients - head_grad) / max(trainable_blocks, 1)
+    phases = [("loss backward", acc + copies, t * (sum(kept) + outside) + sup * (head_in + 3 * log_softmax)),
+              ("head backward", acc + copies + head_grad, t * (sum(kept) + outside) + sup * (log_softmax + F32 * h))]
+    transient = a * 3 * s.intermediate + F32 * 2 * h  # gradients of the MLP's values and of the residual stream
+    for k in reversed(range(frozen_below, s.layers)):
+        above = s.layers - 1 - k
+        phases.append((f"block {k} backward", acc + copies * (k + 1) / s.layers + head_grad + (above + 1) * block_grad,
+                       t * (sum(kept[:k]) + full[k] + transient + outside)))
+    phases.append(("optimizer step", gradients + optimizer_temp, 0.0))
+    return phases
 
 
 def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: int = 1, master_bytes: int = 4,
              act_bytes: int = 2, lora_r: int = 16, optimizer_bytes: int = 8, unfreeze_last_n: int = 2,
-             autocast_copy: bool = True, supervised: float = 1.0, attention_matrix: bool = False) -> Estimate:
-    """Memory of `method` per GPU; weights, gradients and optimizer state are split over `gpus` (FSDP)."""
+             autocast_copy: bool = True, supervised: float = 1.0, attention_matrix: bool = False,
+             accumulating: bool = False, device: str = "cuda", optimizer: str = "adamw") -> Estimate:
+    """Memory of `method` per GPU; weights, gradients and optimizer state are split over `gpus` (FSDP).
+
+    `act_bytes` 2: 16-bit autocast over float32 master weights (dtype auto on a GPU), 4: float32.
+    `device` "cpu" or "cuda" chooses AdamW's implementation (one tensor at a time on CPU, all at once on CUDA),
+    whose temporaries differ."""
     total = s.params()
     if method == "full":
         trainable = total
@@ -198,30 +283,53 @@ def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: 
         trainable = s.lora_params(lora_r)
     else:
         raise ConfigError(f"plan: unknown method {method!r}", "allowed values are " + ", ".join(METHODS))
+    half = act_bytes == 2
+    linear = s.layers * s.layer_linear()
     if method == "qlora":  # the blocks' linear weights in NF4 (0.5 byte + a float32 scale per 64), the rest as is
-        linear = s.layers * s.layer_linear()
         weights = linear * (0.5 + 4 / 64) + (total - linear) * master_bytes + trainable * master_bytes
     else:  # LoRA adapters come on top of the base; freeze and full train weights of the model itself
         weights = (total + (trainable if method == "lora" else 0)) * master_bytes
     grads = trainable * master_bytes
     opt = trainable * optimizer_bytes
-    copies = trainable * 2 if autocast_copy and act_bytes == 2 else 0  # bf16 copies autocast caches
-    fixed = (weights + grads + opt + copies) / gpus
-    act = activation_bytes(s, seq_len, act_bytes, checkpointing, supervised, attention_matrix)
-    return Estimate(method, checkpointing, total, trainable, weights / gpus, grads / gpus, opt / gpus, act, fixed)
+    # autocast's 16-bit copies of the weights the matrix products read (the head's too), kept for backward;
+    # NF4 weights are dequantized one layer at a time instead
+    copies = 2 * (linear * (method != "qlora") + s.vocab * s.hidden) if autocast_copy and half else 0.0
+    if optimizer_bytes != 8:
+        temp = 0.0  # bitsandbytes' 8-bit AdamW updates in one fused kernel
+    elif device == "cpu":  # single-tensor AdamW: sqrt of the second moment, then its quotient, one parameter at a time
+        largest = s.vocab * s.hidden if method in ("full",) or (method == "freeze" and not s.tied) else (
+            max(s.hidden, s.intermediate) * s.hidden if method == "freeze" else max(s.hidden, s.intermediate) * lora_r)
+        temp = 2 * master_bytes * largest
+    else:  # foreach AdamW on CUDA: the square roots of every second moment at once
+        temp = trainable * master_bytes
+    head_trains = method == "full" or (method == "freeze" and not s.tied)
+    phases = step_phases(s, method, checkpointing, seq_len, half=half, lora_r=lora_r, supervised=supervised,
+                         unfreeze_last_n=unfreeze_last_n, attention_matrix=attention_matrix,
+                         accumulating=accumulating, optimizer_temp=temp / gpus, gradients=grads / gpus,
+                         head_trains=head_trains, copies=copies / gpus)
+    per_seq = phases[0][2]
+    fixed = (weights + grads + opt) / gpus
+    return Estimate(method, checkpointing, total, trainable, weights / gpus, grads / gpus, opt / gpus, per_seq,
+                    fixed, phases)
+
+
+# What a CPU training process adds to its resident set beyond live tensors (see run_estimate).
+PROCESS_CODE = 20 * 2**20  # the kernels' code and data paged in by the first forward, backward and optimizer step
 
 
 def run_estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, micro_batch: int, *,
                  mixed_precision: str = "no", lora_r: int = 16, optimizer: str = "adamw", supervised: float = 1.0,
-                 attention_matrix: bool = True) -> float:
+                 attention_matrix: bool = False, accumulating: bool = False, device: str = "cpu") -> float:
     """Peak bytes one `lmtailor train` process adds for this run (what its metrics.json `peak_memory_mib` measures):
-    float32 weights, gradients and optimizer state, and the activations of one micro-batch of `seq_len`-token rows,
-    in float32 without mixed precision (CPU) or bf16/fp16 with it (plus the autocast copies of trained weights).
-    `attention_matrix`: attention keeps its probabilities (CPU, eager); fused kernels on a GPU do not."""
+    float32 weights, gradients and optimizer state, and the peak of one micro-batch's step (`step_phases`), with
+    activations in float32 without mixed precision (CPU) or bf16/fp16 with it (plus the autocast copies).
+    On CPU the resident set is what runs out: the kernels' code paged in by the first step comes on top."""
     half = mixed_precision in ("bf16", "fp16")
     e = estimate(s, method, checkpointing, seq_len, act_bytes=2 if half else 4, lora_r=lora_r,
                  optimizer_bytes=2 if optimizer == "adamw_8bit" else 8, autocast_copy=half, supervised=supervised,
-                 attention_matrix=attention_matrix)
+                 attention_matrix=attention_matrix, accumulating=accumulating, device=device)
+    if device == "cpu":  # glibc's retained free pages are not counted: 100-190 MiB at the plan_accuracy sizes
+        e.overhead = float(PROCESS_CODE)
     return e.peak(micro_batch)
 
 
@@ -236,13 +344,14 @@ def plan(model: str, gpus: str = "1x24GB", seq_len: int = 2048, utilisation: flo
         for ckpt in (False, True):
             e = estimate(shape, method, ckpt, seq_len, gpus=count, lora_r=lora_r,
                          optimizer_bytes=2 if optimizer == "adamw_8bit" else 8)
-            fits = max(0, math.floor((budget - e.fixed) / e.activations_per_seq)) if budget > e.fixed else 0
+            fits = e.largest_micro_batch(budget)
             flops_per_token = (6 if method == "full" else 4 if method != "freeze" else 4.5) * e.total_params
             if ckpt:
                 flops_per_token += 2 * e.total_params
             tokens_s = count * utilisation * tflops * 1e12 / flops_per_token if fits else 0.0
-            rows.append({**asdict(e), "max_micro_batch": fits, "peak_at_max": e.peak(max(fits, 1)),
-                         "tokens_per_s": tokens_s})
+            row = {k: v for k, v in asdict(e).items() if k != "phases"}
+            rows.append({**row, "max_micro_batch": fits, "peak_at_max": e.peak(max(fits, 1)),
+                         "peak_moment": e.peak_moment(max(fits, 1)), "tokens_per_s": tokens_s})
     return {"model": model, "source": source, "params": shape.params(), "gpus": count, "gpu": gpu_name,
             "gib_per_gpu": gib, "tflops_per_gpu": tflops, "utilisation": utilisation, "seq_len": seq_len,
             "reserve_gib": RESERVE / GIB, "rows": rows}
