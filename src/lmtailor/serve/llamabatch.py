@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,14 @@ class BatchedLlama:
         positions: the longest sequence (prompt + answer) in tokens.
         threads: CPU threads; 0: one per core.
         n_batch: tokens per `llama_decode` call (prompt chunks of rows being prefilled fill what decoding leaves).
+        context: other `llama_context_params` fields to set (name -> value), e.g. {"flash_attn_type": 0}.
 
     Raises:
         ModelError: llama-cpp-python missing, or llama.cpp refuses the file or the context.
     """
 
     def __init__(self, path: str | Path, seqs: int = 8, positions: int = 4096, threads: int = 0,
-                 n_batch: int = 512) -> None:
+                 n_batch: int = 512, context: dict[str, Any] | None = None) -> None:
         lib = llamacpp.llama_cpp()
         self.lib = lib
         self.path = Path(path)
@@ -63,6 +65,8 @@ class BatchedLlama:
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
+        for key, value in (context or {}).items():
+            setattr(params, key, value)
         ctx = lib.llama_init_from_model(model, params)
         if not ctx:
             lib.llama_model_free(model)
@@ -79,6 +83,10 @@ class BatchedLlama:
         self.reserved = 0  # KV cells promised to the sequences in use
         self.fed: dict[int, list[int]] = {s: [] for s in range(seqs)}  # tokens in each sequence's KV cache
         self.last: list[int] = []  # the tokens the last released sequence held (what llama.cpp evaluated)
+        # CPU seconds of the calling thread inside llama_decode and the tokens decoded (benchmarks read these; with
+        # one thread llama.cpp computes on the calling thread, so this is all of its work)
+        self.decode_cpu_s = 0.0
+        self.decoded_tokens = 0
 
     def n_ctx(self) -> int:
         return self.positions
@@ -130,7 +138,10 @@ class BatchedLlama:
         if n == 0:
             return [None] * len(parts)
         b.n_tokens = n
+        c0 = time.thread_time()
         rc = self.lib.llama_decode(self.ctx, b)
+        self.decode_cpu_s += time.thread_time() - c0
+        self.decoded_tokens += n
         if rc != 0:
             raise ModelError(f"llama_decode failed with code {rc} ({n} tokens, {len(parts)} sequences)"
                              + (": no room left in the KV cache" if rc == 1 else ""))
