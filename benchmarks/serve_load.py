@@ -12,11 +12,13 @@
    max_batch_size=1 vs batching).
 
 3. `--only engines` (issue 18, about 10 minutes on 2 idle cores): 1. with fp16, llama.cpp q8_0 and q4_k_m at 1
-   and 2 threads, then six HTTP servers up at once (the torch engine with fp32 and fp16 on one torch
-   thread; the llama.cpp engine with q8_0 and q4_k_m at 1 and 2 threads, on the same exported GGUF files), each
+   and 2 threads, then eight HTTP servers up at once (the torch engine with fp32 and fp16 on one torch
+   thread; the llama.cpp engine with q8_0 and q4_k_m at 1 and 2 threads, on the same exported GGUF files; and the
+   llama.cpp engine with q8_0 and max_batch_size 1 at 1 and 2 threads, the single-stream server), each
    loaded with 8 concurrent clients in turn, round-robin for --rounds rounds: requests/s, tokens/s, p95 latency;
    then the decisions: lmtailor vs llama.cpp q8_0 at batch 1, the server at 8 clients vs llama.cpp's single
-   stream, and the CPU default engine (`CPU_DEFAULT_ENGINE`). The hand-written int8 kernel that an earlier
+   stream, twice (vs batch-1 decode in process, and vs the single-stream server under the same load: the
+   batching gain), and the CPU default engine (`CPU_DEFAULT_ENGINE`). The hand-written int8 kernel that an earlier
    version of this run measured lost to llama.cpp q8_0 (25.4 vs 36.6 tokens/s at batch 1, one thread; the
    `engines` section of results/serve_load.json) and was removed: int8 weights are served through llama.cpp
    (llama.cpp-q8_0 here).
@@ -208,19 +210,19 @@ def load_level(url: str, model: str, clients: int, requests: int, tokens: int, k
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     lat = sorted(latencies)
     p95 = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)] if lat else float("nan")
     out = {"clients": clients, "requests": requests, "wall_s": round(wall, 2), "req_per_s": round(requests / wall, 3),
            "tokens_per_s": round(produced[0] / wall, 2), "p50_s": round(statistics.median(lat), 2) if lat else None,
            "p95_s": round(p95, 2), "errors": len(errors), "error_samples": errors[:3],
-           "completion_tokens": produced[0]}
+           "completion_tokens": produced[0], "cpu_s": round(cpu, 3)}
     if keep_latencies:
         out["latencies"] = lat
     return out
@@ -265,13 +267,17 @@ EQUAL_PPL = 1.02
 EQUAL_TOP1 = 0.95
 ENGINE_VARIANTS = ("fp16", "llama.cpp-q8_0", "llama.cpp-q4_k_m")
 TORCH_PATHS = ("none", "fp16")  # lmtailor's own decoders compared: fp32 HF generate and the fp16 fast path
+SINGLE = "-max_batch_size_1"  # label suffix of the single-stream llama.cpp servers
 
 
-def _servers(threads: list[int]) -> list[tuple[str, str, str, int]]:
-    """(label, engine, speed-up or GGUF type, threads) of every server compared: torch fp32/fp16 on one
-    torch thread (batched; the fast path decodes on one thread), llama.cpp q8_0/q4_k_m at each thread count."""
-    rows = [(f"torch-{how if how != 'none' else 'fp32'}", "torch", how, 1) for how in TORCH_PATHS]
-    rows += [(f"llama.cpp-{kind}-{n}t", "llama.cpp", kind, n) for kind in ("q8_0", "q4_k_m") for n in threads]
+def _servers(threads: list[int]) -> list[tuple[str, str, str, int, int]]:
+    """(label, engine, speed-up or GGUF type, threads, max_batch_size) of every server compared: torch fp32/fp16 on
+    one torch thread (batched; the fast path decodes on one thread), llama.cpp q8_0/q4_k_m at each thread count,
+    and llama.cpp q8_0 at each thread count with max_batch_size 1 (the single-stream server: the same GGUF, threads
+    and 8-client workload, one request decoded at a time), the like-for-like base of the batching gain."""
+    rows = [(f"torch-{how if how != 'none' else 'fp32'}", "torch", how, 1, 8) for how in TORCH_PATHS]
+    rows += [(f"llama.cpp-{kind}-{n}t", "llama.cpp", kind, n, 8) for kind in ("q8_0", "q4_k_m") for n in threads]
+    rows += [(f"llama.cpp-q8_0-{n}t{SINGLE}", "llama.cpp", "q8_0", n, 1) for n in threads]
     return rows
 
 
@@ -294,31 +300,45 @@ def engines(rounds: int, requests: int, tokens: int, lever_tokens: int, threads:
     rows: dict[str, dict[str, Any]] = {}
     with ExitStack() as stack:
         urls = {}
-        for label, engine, how, n in plan:
+        llms: dict[str, Any] = {}  # the llama.cpp servers' BatchedLlama: CPU inside llama_decode
+        for label, engine, how, n, batch in plan:
             if engine == "llama.cpp":
-                slots = load_llamacpp_slots([MODEL], how, threads=n)
+                slots = load_llamacpp_slots([MODEL], how, threads=n, seqs=batch)
             else:
                 slots = load_models([MODEL], speedup=how)
-            app = create_app(slots, limits=Limits(max_batch_size=8, batch_window_ms=20, torch_threads=n),
+            app = create_app(slots, limits=Limits(max_batch_size=batch, batch_window_ms=20, torch_threads=n),
                              engine=engine)
             urls[label] = (stack.enter_context(running(app)), next(iter(slots)))
+            if engine == "llama.cpp":
+                llms[label] = next(iter(slots.values())).model
             load_level(*urls[label], 1, 1, 4)  # warm up
-            rows[label] = {"engine": engine, "speedup_or_gguf": how, "threads": n, "wall_s": 0.0, "tokens": 0,
-                           "latencies": [], "errors": 0}
+            rows[label] = {"engine": engine, "speedup_or_gguf": how, "threads": n, "max_batch_size": batch,
+                           "wall_s": 0.0, "tokens": 0, "latencies": [], "errors": 0, "cpu_s": 0.0,
+                           "llama_decode_cpu_s": 0.0}
         for r in range(rounds):
             for label, (url, name) in urls.items():
+                before = llms[label].decode_cpu_s if label in llms else 0.0
                 level = load_level(url, name, 8, requests, tokens, keep_latencies=True)
                 row = rows[label]
+                row["cpu_s"] += level["cpu_s"]
+                row["llama_decode_cpu_s"] += (llms[label].decode_cpu_s - before) if label in llms else 0.0
                 row["wall_s"] += level["wall_s"]
                 row["tokens"] += level["completion_tokens"]
                 row["latencies"] += level["latencies"]
                 row["errors"] += level["errors"]
-                print(f"  round {r + 1} {label:20} {level['req_per_s']:.2f} req/s  {level['tokens_per_s']:6.1f} tok/s"
+                print(f"  round {r + 1} {label:34} {level['req_per_s']:.2f} req/s  {level['tokens_per_s']:6.1f} tok/s"
+                      f"  {1000 * level['cpu_s'] / max(1, level['completion_tokens']):5.1f} cpu-ms/token"
                       f"  p95 {level['p95_s']} s  errors {level['errors']}", flush=True)
     servers = []
     for label, row in rows.items():
         lat = sorted(row.pop("latencies"))
         done = rounds * requests
+        # process CPU per generated token (server, engine and the 8 client threads, all in this process: steady
+        # on a shared machine where wall time is not); llama.cpp: the part inside llama_decode (calling thread)
+        row["cpu_ms_per_token"] = round(1000 * row.pop("cpu_s") / max(1, row["tokens"]), 2)
+        decode_cpu = row.pop("llama_decode_cpu_s")
+        if row["engine"] == "llama.cpp":
+            row["llama_decode_cpu_ms_per_token"] = round(1000 * decode_cpu / max(1, row["tokens"]), 2)
         servers.append({"server": label, **row, "clients": 8, "requests": done, "wall_s": round(row["wall_s"], 2),
                         "req_per_s": round(done / row["wall_s"], 3),
                         "tokens_per_s": round(row["tokens"] / row["wall_s"], 2),
@@ -339,10 +359,13 @@ def decisions(batch1: list[dict[str, Any]], servers: list[dict[str, Any]]) -> di
     """The issue's targets and the default-engine decision, from one run's figures.
 
     - batch 1: lmtailor's best CPU path (fp32, fp16 at the same thread count) against llama.cpp q8_0;
-    - server: lmtailor's fastest server of equal quality at 8 clients, either engine (the llama.cpp engine decodes
-      its rows together, one llama_decode per step), against llama.cpp q8_0's single stream (batch 1); the best
-      torch server beside it;
-    - default engine on CPU: the faster server at 8 clients (req/s) among those of equal quality
+    - server: lmtailor's fastest batching server of equal quality at 8 clients, either engine (the llama.cpp engine
+      decodes its rows together, one llama_decode per step), against two single-stream bases, both stated:
+      `server_vs_llama.cpp_batch1_decode_<n>t`: llama.cpp q8_0's batch-1 greedy decode in this process (no server,
+      --lever-tokens new tokens per prompt, prefill included); `server_vs_llama.cpp_single_stream_server_<n>t`: the
+      llama.cpp engine's own server with max_batch_size 1 under the same 8-client workload (same q8_0 GGUF, same
+      threads), so its `batching_gain` is what batching alone buys; the best torch server beside them;
+    - default engine on CPU: the faster batching server at 8 clients (req/s) among those of equal quality
       (`EQUAL_PPL`, `EQUAL_TOP1`), torch or llama.cpp: the value for `CPU_DEFAULT_ENGINE`.
     """
     out: dict[str, Any] = {}
@@ -358,17 +381,31 @@ def decisions(batch1: list[dict[str, Any]], servers: list[dict[str, Any]]) -> di
     for s in servers:
         if s["engine"] == "llama.cpp":
             quality[s["server"]] = _equal_quality(batch1, f"{LLAMA}{s['speedup_or_gguf']}")
+    by_label = {s["server"]: s for s in servers}
+    servers = [s for s in servers if s.get("max_batch_size", 8) > 1]  # the single-stream servers are bases only
     torch_best = max((s for s in servers if s["engine"] == "torch"), key=lambda s: s["tokens_per_s"])
     equal = [s for s in servers if quality.get(s["server"], {}).get("equal_quality")]
     fastest = max(equal or servers, key=lambda s: s["tokens_per_s"])  # of equal quality where one is
     for n in sorted({r["threads"] for r in batch1}):
         q8 = speed.get((f"{LLAMA}q8_0", n))
         if q8:
-            out[f"server_vs_llama.cpp_single_stream_{n}t"] = {
+            out[f"server_vs_llama.cpp_batch1_decode_{n}t"] = {
+                "base": "llama.cpp q8_0 batch-1 greedy decode, in process, no server (prefill included)",
                 "server": fastest["server"], "server_tokens_per_s_8_clients": fastest["tokens_per_s"],
                 "llama.cpp_q8_0_batch1_tokens_per_s": q8, "ratio": round(fastest["tokens_per_s"] / q8, 2),
                 "target_ratio_at_least": 2.0, "torch_best_server": torch_best["server"],
                 "torch_ratio": round(torch_best["tokens_per_s"] / q8, 2)}
+        single, same = by_label.get(f"{LLAMA}q8_0-{n}t{SINGLE}"), by_label.get(f"{LLAMA}q8_0-{n}t")
+        if single and same:
+            base = single["tokens_per_s"]
+            out[f"server_vs_llama.cpp_single_stream_server_{n}t"] = {
+                "base": "the llama.cpp engine's server with max_batch_size 1: same q8_0 GGUF, threads and 8 clients",
+                "single_stream_server": single["server"], "single_stream_server_tokens_per_s": base,
+                "batched_server": same["server"], "batched_server_tokens_per_s": same["tokens_per_s"],
+                "batching_gain": round(same["tokens_per_s"] / base, 2),
+                "batching_gain_cpu_time": round(single["cpu_ms_per_token"] / same["cpu_ms_per_token"], 2),
+                "server": fastest["server"], "ratio": round(fastest["tokens_per_s"] / base, 2),
+                "target_ratio_at_least": 2.0}
     fair = [s for s in servers if quality.get(s["server"], {}).get("equal_quality")]
     if fair:
         best = max(fair, key=lambda s: s["req_per_s"])

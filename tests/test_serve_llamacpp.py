@@ -126,6 +126,76 @@ def test_llamacpp_rows_decode_alike_alone_and_batched(servers: dict[str, Any]) -
 
 
 @needs_llama
+def test_llamacpp_prefix_cache_decodes_like_a_full_prefill(servers: dict[str, Any]) -> None:
+    """A prompt that starts like the last one prefilled shares its cached KV cells and feeds only the rest, with the
+    logits of a full prefill (up to TOL); the cache gives its cells way to rows."""
+    from lmtailor.serve.llamabatch import BatchedLlama
+
+    tol = 1e-3
+    (slot,) = servers["llama"][1].state.slots.values()
+    llm = BatchedLlama(slot.model.path, seqs=2, positions=64, threads=1)
+    try:
+        first, second = list(range(5, 25)), [*range(5, 17), 40, 41, 42]
+        a = llm.reserve(30)
+        assert a is not None and llm.reuse(a, first) == 0  # nothing cached yet
+        llm.decode([(a, first, True)])
+        llm.remember(a)
+        llm.release(a, 30)
+        assert llm.cached == first
+        b = llm.reserve(30)
+        assert b is not None and llm.reuse(b, second) == 12 and llm.fed[b] == second[:12]
+        (x,) = llm.decode([(b, second[12:], True)])
+        llm.forget()  # b keeps the cells it shares
+        c = llm.reserve(30)
+        assert c is not None and llm.reuse(c, second) == 0
+        (y,) = llm.decode([(c, second, True)])
+        assert x is not None and y is not None and np.abs(x - y).max() < tol
+        assert llm.reuse(c, first[:1]) == 0  # a prompt's last token is always fed (its logits are needed)
+        llm.release(b, 30)
+        llm.release(c, 30)
+        assert llm.reserved == 0
+        d = llm.reserve(llm.positions)
+        assert d is not None
+        llm.decode([(d, first, True)])
+        llm.remember(d)
+        assert llm.cached == first
+        assert llm.reserve(llm.positions) is not None and llm.reserved <= llm.cells  # the cache gave way if short
+    finally:
+        llm.close()
+
+
+@needs_llama
+def test_llamacpp_engine_prefills_only_what_the_cache_lacks(servers: dict[str, Any]) -> None:
+    """Through the server: a repeated request feeds llama.cpp one prompt token, one sharing the system turn feeds
+    the rest; answers equal those after a full prefill."""
+    from lmtailor.render import prompt_ids
+
+    url, app = servers["llama"]
+    (slot,) = app.state.slots.values()
+    llm, client = slot.model, _client(url)
+    system = {"role": "system", "content": "Answer with one command."}
+    first, second = [system, {"role": "user", "content": "list files"}], [system, {"role": "user", "content": "du"}]
+
+    def ask(messages: list[dict[str, str]]) -> tuple[str, int]:
+        before = llm.decoded_tokens
+        r = client.chat.completions.create(model=slot.name, messages=messages, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        return r.choices[0].message.content, llm.decoded_tokens - before
+
+    llm.forget()
+    text, fed = ask(first)
+    assert fed == len(prompt_ids(slot.tok, first)) + 6 - 1  # full prompt, then 5 of the 6 answer tokens
+    again, fed = ask(first)
+    assert again == text and fed == 1 + 6 - 1
+    shared = next(i for i, (p, q) in enumerate(zip(prompt_ids(slot.tok, first), prompt_ids(slot.tok, second),
+                                                    strict=False)) if p != q)
+    other, fed = ask(second)
+    assert fed == len(prompt_ids(slot.tok, second)) - shared + 6 - 1 and shared > 5
+    llm.forget()
+    assert ask(second)[0] == other
+
+
+@needs_llama
 def test_llamacpp_server_batches_eight_concurrent_requests(servers: dict[str, Any]) -> None:
     """Eight requests at once through the real openai client are decoded together (one llama_decode per step)
     and answer exactly as the same requests one at a time: greedy, and seeded sampling (one generator per row)."""

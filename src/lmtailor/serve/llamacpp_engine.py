@@ -138,7 +138,10 @@ class LlamaCppEngine(Engine):
     Each step is ONE `llama_decode` (`BatchedLlama.decode`): the next token of every decoding row plus prompt
     chunks of rows being prefilled, each row its own llama.cpp sequence. A row that finishes frees its sequence
     (KV cells and id) at once; with one worker (the CPU default) queued requests for the same model then join
-    the running batch (continuous batching), unless a request for another model is waiting. Sampling is done
+    the running batch (continuous batching), unless a request for another model is waiting. A new row first
+    shares the KV cells of its prompt's start with the last prompt prefilled (`BatchedLlama.reuse`: chat prompts
+    share the system turn) and prefills only the rest; prefill is about 40% of the CPU of a short answer at 8
+    rows (benchmarks/results/llamabatch_cpu.json), and decoding gains from batching, prefill hardly. Sampling is done
     here on each row's logits, with HF's rules (`_pick`): greedy is the argmax, so a row decodes the same tokens
     alone or in a batch up to llama.cpp's float rounding (tests/test_serve_llamacpp.py).
     """
@@ -163,6 +166,7 @@ class LlamaCppEngine(Engine):
                         if seq is None:
                             break
                         row.seq = seq
+                        row.fed = llm.reuse(seq, row.prompt)  # the prompt's start cached from an earlier row
                         active.append(waiting.popleft())
                     self.stats["max_rows"] = max(self.stats["max_rows"], len(active) + len(waiting))
                     if not active:
@@ -182,6 +186,7 @@ class LlamaCppEngine(Engine):
     def _step(self, llm: Any, slot: Any, active: list[_Row]) -> None:
         """One llama_decode for every active row; rows with logits get their next token and may finish."""
         parts: list[tuple[int, list[int], bool]] = []
+        prefilled: list[_Row] = []  # rows whose prompt this step completes
         budget = llm.n_batch - sum(1 for row in active if row.fed == len(row.prompt))
         for row in active:
             if row.fed < len(row.prompt):  # prefill: as much of the prompt as the batch has room for
@@ -192,9 +197,14 @@ class LlamaCppEngine(Engine):
                 budget -= len(chunk)
                 row.fed += len(chunk)
                 parts.append((row.seq, chunk, row.fed == len(row.prompt)))
+                if row.fed == len(row.prompt):
+                    prefilled.append(row)
             else:
                 parts.append((row.seq, [row.ids[-1]], True))
-        for row, logits in zip(active, llm.decode(parts), strict=True):
+        outs = llm.decode(parts)
+        if prefilled:  # the prefix cache keeps the last prompt prefilled, for the next rows (BatchedLlama.reuse)
+            llm.remember(prefilled[-1].seq)
+        for row, logits in zip(active, outs, strict=True):
             if logits is None:
                 continue
             row.ids.append(_pick(logits, row, slot.tok.eos_token_id))
