@@ -72,3 +72,23 @@ def test_grpo_resume_equals_an_uninterrupted_run(tiny_model, prompts, tmp_path):
     a = load_file(full / "model" / "adapter_model.safetensors")
     b = load_file(part / "model" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_samples_do_not_depend_on_their_batch(tiny_model, prompts):
+    """Each answer is drawn with its own seed (seed, step, item, answer): a prompt sampled alone, unpadded, gets the
+    answers it gets in a padded batch of six (what makes N processes sample what one does); another step, others."""
+    from conftest import lora_batch
+    from lmtailor.objectives.grpo import sample_seeds
+
+    _, loss, batch = lora_batch(tiny_model, prompts, "objective=grpo", "grpo.group=3", "grpo.max_new_tokens=8")
+    loss.model.eval()
+    ids, mask, keys, index = batch["prompt_ids"], batch["prompt_mask"], batch["text_key"], batch["item_index"]
+    together = loss.rollout(ids, mask, keys, 3, sample_seeds(0, 5, index.tolist(), 3)).answers
+    alone = []
+    for r in range(len(ids)):
+        row = ids[r][mask[r].bool()][None]  # (1, P) without the batch's left padding
+        alone += loss.rollout(row, torch.ones_like(row), keys[r:r + 1], 3, sample_seeds(0, 5, [int(index[r])], 3)
+                              ).answers
+    assert together == alone
+    assert len(set(together)) > len(together) // 2  # sampled, not one greedy answer per prompt
+    assert loss.rollout(ids, mask, keys, 3, sample_seeds(0, 6, index.tolist(), 3)).answers != together
