@@ -92,3 +92,19 @@ def test_samples_do_not_depend_on_their_batch(tiny_model, prompts):
     assert together == alone
     assert len(set(together)) > len(together) // 2  # sampled, not one greedy answer per prompt
     assert loss.rollout(ids, mask, keys, 3, sample_seeds(0, 6, index.tolist(), 3)).answers != together
+
+
+def test_seeded_sampler_draws_from_the_softmax_at_the_temperature():
+    """The Gumbel-max sampler with per-answer seeds is an exact draw from softmax(logits / T): on a toy distribution
+    its empirical frequencies match, each answer's seed differs from its group's others and from other steps'."""
+    from lmtailor.objectives.grpo import GumbelSampler, sample_seeds
+
+    seeds = sample_seeds(0, 3, range(1000), 4)
+    assert len(set(seeds)) == len(seeds) and not set(seeds) & set(sample_seeds(0, 4, range(1000), 4))
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
+    for t in (0.5, 1.0, 2.0):
+        drawn = GumbelSampler(seeds, t)(torch.zeros(0), logits.expand(len(seeds), -1).clone()).argmax(1)
+        freq = torch.bincount(drawn, minlength=len(logits)).float() / len(seeds)
+        assert torch.allclose(freq, torch.softmax(logits / t, 0), atol=0.025), (t, freq)
+    groups = GumbelSampler(seeds, 1.0)(torch.zeros(0), torch.zeros(len(seeds), 50)).argmax(1).view(-1, 4)
+    assert (groups != groups[:, :1]).any(1).float().mean() > 0.9  # a group's answers differ (variance to learn from)
