@@ -69,3 +69,63 @@ def test_dpo_two_processes_match_one(tiny_model, tmp_path):
     w1 = load_file(tmp_path / "one" / "model" / "adapter_model.safetensors")
     w2 = load_file(tmp_path / "two" / "model" / "adapter_model.safetensors")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+
+
+GRPO = ["objective=grpo", "batch_size=8", "micro_batch_size=2", "grpo.group=4", "grpo.max_new_tokens=6",
+        "lora.target_modules=all-linear", "eval.before_after=false", "data.val_size=0", "eval_every=0",
+        "--no-progress"]
+
+
+def _grpo_one_and_two(model: Path, data: Path, tmp_path: Path, *extra: str) -> list[list[dict]]:
+    common = ["train", f"base_model={model}", f"data.path={data}", *GRPO, *extra]
+    _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
+    _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmtailor", *common,
+          f"output_dir={tmp_path / 'two'}"])
+    w1 = load_file(tmp_path / "one" / "model" / "adapter_model.safetensors")
+    w2 = load_file(tmp_path / "two" / "model" / "adapter_model.safetensors")
+    assert any(float(v.abs().max()) > 0 for k, v in w1.items() if "lora_B" in k)  # the adapter did train
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    return [[json.loads(x) for x in (tmp_path / r / "history.jsonl").read_text().splitlines()] for r in ("one", "two")]
+
+
+def _close(a: float, b: float, tol: float = 1e-4) -> bool:
+    return abs(a - b) <= tol + tol * abs(a)
+
+
+def test_grpo_two_processes_match_one(tiny_model, tmp_path):
+    """grpo with a verifiable reward (a target length) and the KL to the adapter-disabled reference, global batch 8
+    (4 prompts per micro-batch-pair): one process accumulating 4 micro-batches and two processes with 2 each sample
+    the same answers (per-answer seeds), so they log the same rewards and losses and end with the same adapter."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"{w} {i}", "output": "ls -la"}) + "\n" for i in range(2)
+                            for w in ("alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo")))
+    hist = _grpo_one_and_two(tiny_model, data, tmp_path, "max_steps=3", "lr=1e-2", "grpo.reward.length=12",
+                             "grpo.reward.stop=0.5")
+    assert len(hist[0]) == len(hist[1]) == 3
+    for a, b in zip(*hist, strict=True):
+        # the same answers: rewards and lengths equal (micro-batches of equal size: the mean of their means is the
+        # step's mean; not so the logged KL, a token mean per micro-batch); the loss differs only by summation order
+        for key in ("loss", "reward_mean", "answer_length"):
+            assert _close(a[key], b[key]), (key, a, b)
+    assert any(r["reward_std"] > 0 for r in hist[0])  # the groups' rewards differ: advantages are not all zero
+
+
+def test_grpo_discriminator_two_processes_match_one(tiny_model, tmp_path):
+    """grpo with the discriminator reward (the GAN set-up) under DDP: the judge scores every pass of a step with
+    the same head and takes its turn on the whole step's reals and fakes, its gradients summed over processes, so
+    two processes train the same policy and the same judge as one process accumulating micro-batches."""
+    data = tmp_path / "real.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"{w} {i}", "output": "ls"}) + "\n" for i in range(2)
+                            for w in ("alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo")))
+    hist = _grpo_one_and_two(tiny_model, data, tmp_path / "runs", "max_steps=3", "lr=2e-2", "grpo.reward.stop=0",
+                             "grpo.max_new_tokens=3", "grpo.reward.discriminator.lr=0.05",
+                             "grpo.reward.discriminator.steps_per_gen_step=2")
+    for a, b in zip(*hist, strict=True):
+        for key in ("loss", "reward_mean", "disc_accuracy", "disc_real_prob", "disc_loss"):
+            assert _close(a[key], b[key]), (key, a, b)
+    assert hist[0][-1]["disc_accuracy"] != 0.5  # the judge has learnt something after its first turn
+    j1 = load_file(tmp_path / "runs" / "one" / "model" / "companion.safetensors")
+    j2 = load_file(tmp_path / "runs" / "two" / "model" / "companion.safetensors")
+    assert j1.keys() == j2.keys() and all(torch.allclose(j1[k], j2[k], atol=1e-5) for k in j1)
+    assert float(j1["head.weight"].abs().max()) > 0

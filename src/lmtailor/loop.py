@@ -147,7 +147,10 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
         items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, len(loop.data.train_items), cfg,
                                                              acc.num_processes, weights, lengths)]
         loop.ctx.step_log.clear()
+        loop.ctx.step = step
         train_loss, grad_norm = _optimizer_step(loop, items)
+        if loop.ctx.companion is not None:  # grpo's discriminator: its turn, on what the step's passes showed it
+            loop.ctx.log(**loop.ctx.companion.after_step())
         state["step"] = step = step + 1
         state["tokens"] += sum(item_tokens(s) for s in items)
         state["elapsed"] = time.perf_counter() - t_start
@@ -314,6 +317,7 @@ def measure_step(loop: Loop, per_epoch: int, probe_steps: int = 5, max_seconds: 
             items = [loop.data.train_items[i] for i in batch_at(step, per_epoch, n, cfg, acc.num_processes,
                                                                  lengths=lengths)]
             tokens = sum(item_tokens(item) for item in items) or len(items)
+            loop.ctx.step = step
             t0 = time.perf_counter()
             _backward(loop, items)
             loop.optimizer.zero_grad(set_to_none=True)

@@ -14,16 +14,20 @@ one-hidden-layer MLP) trains, with its own AdamW. As the features come from the 
 change how the judge sees an answer, only which answers it writes; and the judge cannot drift through the
 generator's updates.
 
-Schedule: at each generator forward pass (a micro-batch of a step) the discriminator first scores the sampled
-answers (the rewards, and its accuracy on this batch's reals and fakes before it has trained on them, which is
-what `disc_accuracy` logs), then takes `steps_per_gen_step` optimizer steps on them (0: a frozen judge).
+Schedule: during a generator step the discriminator stays as it is: every forward pass of the step (each
+micro-batch, on every process) has its sampled answers scored by the same judge (the rewards, and its accuracy on
+the pass's reals and fakes before it has trained on them, which is what `disc_accuracy` logs) and keeps their
+features. After the generator's optimizer step the judge takes `steps_per_gen_step` optimizer steps (0: a frozen
+judge) on all the reals and fakes of the step; its loss is their class-balanced mean over the whole step.
 Real and fake answers are both tokenized from their text (a sampled answer is decoded first), so the judge cannot
 tell them apart by a tokenization the tokenizer itself would never produce; a reference longer than
 max_new_tokens is cut to that length, as a sample is.
 
 Exact resume: the head's weights and its optimizer state are the run's `companion` (ObjectiveContext), which every
-checkpoint saves; training the head uses no randomness. Under DDP the head's gradients are averaged over processes,
-so every process keeps the same head.
+checkpoint saves (after the judge's turn); training the head uses no randomness. Under DDP each process holds a
+share of the step's reals and fakes: its loss is its share's sum over the step's global counts and the head's
+gradients are summed over processes, which is the gradient of the global mean. So every process keeps the same
+head, and N processes train the judge as one process does with the same global batch (however it accumulates).
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ class DiscriminatorSettings(Strict):
 
     weight: float = Field(1.0, gt=0, description="weight of the judge's probability that an answer is real")
     lr: float = Field(1e-3, gt=0, description="learning rate of the judge (AdamW)")
-    steps_per_gen_step: int = Field(1, ge=0, description="judge updates after each generator forward pass, on its "
-                                    "reals and fakes (0: the judge stays as it starts)")
+    steps_per_gen_step: int = Field(1, ge=0, description="judge updates after each generator (optimizer) step, on "
+                                    "all its reals and fakes (0: the judge stays as it starts)")
     hidden: int = Field(0, ge=0, description="width of a hidden layer of the head (0: a linear head)")
     seed: int = Field(0, description="seed of the head's initial weights (a linear head starts at zero)")
 
@@ -68,6 +72,7 @@ class Discriminator:
         self.head.to(device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=settings.lr, weight_decay=0.0)
         self.updates = 0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (reals, fakes) of this step's passes
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """(N,) logit of "real" for (N, H) features."""
@@ -81,34 +86,55 @@ class Discriminator:
 
         return (right(real_logits) + right(-fake_logits)) / 2
 
-    def loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        """Class-balanced binary cross-entropy of reals (label 1) and fakes (label 0)."""
+    def loss(self, real: torch.Tensor, fake: torch.Tensor, n_real: float | None = None,
+             n_fake: float | None = None) -> torch.Tensor:
+        """Class-balanced binary cross-entropy of reals (label 1) and fakes (label 0): each class's sum over its
+        count (by default the rows given; under DDP the step's count over every process)."""
         r, f = self.logits(real), self.logits(fake)
-        return (F.binary_cross_entropy_with_logits(r, torch.ones_like(r))
-                + F.binary_cross_entropy_with_logits(f, torch.zeros_like(f))) / 2
+        real_sum = F.binary_cross_entropy_with_logits(r, torch.ones_like(r), reduction="sum")
+        fake_sum = F.binary_cross_entropy_with_logits(f, torch.zeros_like(f), reduction="sum")
+        return (real_sum / (n_real or len(r)) + fake_sum / (n_fake or len(f))) / 2
 
-    def train_on(self, real: torch.Tensor, fake: torch.Tensor) -> float:
-        """`steps_per_gen_step` updates on these (detached) features; returns the loss before the first."""
+    def observe(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        """Keep a training pass's (B, H) real and (BG, H) fake features for the judge's turn after the step."""
+        self.pending.append((real.detach().float(), fake.detach().float()))
+
+    def after_step(self) -> dict[str, float]:
+        """The judge's turn after a generator step: `steps_per_gen_step` updates on every real and fake the step's
+        passes observed (on every process); returns {"disc_loss": the step's loss before the first update}."""
         import torch.distributed as dist
 
-        first = float("nan")
-        real, fake = real.detach().float(), fake.detach().float()
+        if not self.pending:
+            return {}
+        real = torch.cat([r for r, _ in self.pending])
+        fake = torch.cat([f for _, f in self.pending])
+        self.pending = []
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        for k in range(self.settings.steps_per_gen_step):
-            with torch.enable_grad():
-                loss = self.loss(real, fake)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            if world > 1:  # one judge on every process: its gradients are averaged, as DDP does the policy's
+        counts = torch.tensor([len(real), len(fake)], dtype=torch.float64, device=real.device)
+        if world > 1:  # every process takes its turn together: the counts, then each update's gradient, summed
+            dist.all_reduce(counts)
+        n_real, n_fake = float(counts[0]), float(counts[1])
+        first = float("nan")
+        for k in range(max(1, self.settings.steps_per_gen_step)):  # a frozen judge (0 steps) still reports its loss
+            train = k < self.settings.steps_per_gen_step
+            with torch.set_grad_enabled(train):
+                loss = self.loss(real, fake, n_real, n_fake)
+            if k == 0:
+                first_t = loss.detach().reshape(1).double()
+                if world > 1:
+                    dist.all_reduce(first_t)
+                first = float(first_t[0])
+            if not train:
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # each process's loss is its share of the global mean: the sum is the global gradient
                 for p in self.head.parameters():
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
-                        p.grad /= world
             self.optimizer.step()
             self.updates += 1
-            if k == 0:
-                first = float(loss.detach())
-        return first
+        return {"disc_loss": first}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON-able rest) of the head and its optimizer: copies, safe to keep while training goes on."""
@@ -124,6 +150,7 @@ class Discriminator:
         opt = {k.removeprefix("optimizer."): v.clone() for k, v in tensors.items() if k.startswith("optimizer.")}
         self.optimizer.load_state_dict(join_optimizer(opt, rest["optimizer"]))
         self.updates = int(rest["updates"])
+        self.pending = []
 
 
 def answer_ids(tokenizer: Any, text: str, stopped: bool, limit: int) -> list[int]:

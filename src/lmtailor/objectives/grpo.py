@@ -12,8 +12,14 @@ estimate), answer_length (tokens), looping (share of answers the looping detecto
 disc_accuracy (on the step's reals and fakes, before it trains on them), disc_real_prob (its mean P(real) of the
 samples) and disc_loss.
 
-Sampling draws from the global torch RNG, which checkpoints save, so a resumed run samples exactly what the
-uninterrupted one did. One policy update per generation: the ratio is 1 in value and the clip only matters for
+Sampling is seeded per answer, not drawn from a shared RNG stream: answer j of training example i at optimizer
+step s is sampled with the Gumbel-max trick (the argmax of logits / temperature plus Gumbel noise, an exact draw
+from the softmax) whose noise comes from a generator seeded by (seed, s, i, j) alone. So what an answer is does
+not depend on which micro-batch or process samples it, nor on what else shares its batch: one process with
+accumulation and N processes under DDP sample the same answers (tests/test_distributed.py), and a resumed run
+samples exactly what the uninterrupted one did. Advantages are normalized within each prompt's group, which one
+forward pass always holds whole, so the loss of a step (a mean over all its answers) and its gradient are the same
+however the step is split. One policy update per generation: the ratio is 1 in value and the clip only matters for
 its gradient form (as TRL's default num_iterations=1).
 """
 
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -91,11 +98,45 @@ class GrpoSettings(Strict):
 
 @dataclass
 class PromptItem:
-    """A prompt's token ids (as the renderer gives them to generation) and the data's reference answer."""
+    """A prompt's token ids (as the renderer gives them to generation), the data's reference answer, and the
+    item's position in its split (what seeds its samples)."""
 
     input_ids: list[int]
     reference: str
     prompt: str
+    index: int = 0
+
+
+EVAL_STEP = -1  # the step part of the sampling seed of evaluations: every evaluation draws alike
+
+
+def sample_seeds(seed: int, step: int, indices: Sequence[int], group: int) -> list[int]:
+    """The seeds of the `group` answers to each prompt (items at `indices`) at optimizer step `step`: (B * group,)
+    in the order the rollout repeats the prompts, each a function of (seed, step, index, answer) alone."""
+    def one(*parts: int) -> int:
+        return int(np.random.SeedSequence([p % 2**64 for p in parts]).generate_state(1, np.uint64)[0])
+
+    return [one(seed, step, i, j) for i in indices for j in range(group)]
+
+
+class GumbelSampler:
+    """A logits processor that turns greedy decoding into sampling at `temperature` with one torch generator per row
+    (Gumbel-max: argmax(logits / T + G) with G ~ Gumbel(0, 1) is a draw from softmax(logits / T)). A row's draws
+    depend only on its own seed and logits, never on the other rows of its batch."""
+
+    def __init__(self, seeds: Sequence[int], temperature: float) -> None:
+        self.seeds, self.temperature = list(seeds), temperature
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n, vocab = scores.shape  # (BG, V)
+        if not self.generators:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        assert n == len(self.generators), "one seed per sampled row"
+        u = torch.stack([torch.rand(vocab, generator=g, device=scores.device) for g in self.generators])
+        tiny = torch.finfo(u.dtype).tiny
+        gumbel = -torch.log(-torch.log(u.clamp(min=tiny, max=1 - 1e-7)))
+        return scores.float() / self.temperature + gumbel
 
 
 RewardFn = Callable[[str, str, str], float]
@@ -172,13 +213,13 @@ def prepare(ctx: ObjectiveContext, examples: list[Example]) -> tuple[list[Prompt
     if keep < 8:
         raise ConfigError(f"max_length ({ctx.cfg.max_length}) leaves no room for grpo.max_new_tokens "
                           f"({ctx.settings.max_new_tokens})", "raise max_length")
-    items = []
+    items: list[PromptItem] = []
     for ex in examples:
         if ex.messages is None:
             continue
         history, reference = prompt_messages(ex)
         tail = clip_messages(tok, history, keep, keep="tail")  # work bounded by max_length, same last tokens
-        items.append(PromptItem(prompt_ids(tok, tail)[-keep:], reference, history[-1]["content"]))
+        items.append(PromptItem(prompt_ids(tok, tail)[-keep:], reference, history[-1]["content"], len(items)))
     return items, {"prompts": len(items), "tokens": sum(len(i.input_ids) for i in items)}
 
 
@@ -197,6 +238,7 @@ def collate(ctx: ObjectiveContext, items: list[PromptItem]) -> dict[str, torch.T
         key = texts.setdefault((item.prompt, item.reference), len(texts))
         keys.append(key)
     return {"prompt_ids": ids, "prompt_mask": mask, "text_key": torch.tensor(keys),
+            "item_index": torch.tensor([item.index for item in items]),
             "n_answers": torch.tensor(len(items) * ctx.settings.group)}
 
 
@@ -231,12 +273,19 @@ class GrpoLoss(nn.Module):
 
     @torch.no_grad()
     def rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, text_key: torch.Tensor,
-                group: int) -> Rollout:
+                group: int, seeds: Sequence[int]) -> Rollout:
+        """Sample `group` answers per prompt (row r of the (B * group) rows drawn with seeds[r]) and score them."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
         s, tok = self.settings, self.tok
         ids, mask = prompt_ids.repeat_interleave(group, 0), prompt_mask.repeat_interleave(group, 0)
-        out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True,  # type: ignore[operator]
-                                  temperature=s.temperature, top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        # the policy's own distribution: a bare generation config (none of the model's sampling defaults), greedy
+        # over logits the Gumbel sampler has perturbed with each row's own noise
+        config = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id)
+        out = self.model.generate(input_ids=ids, attention_mask=mask,  # type: ignore[operator]
+                                  generation_config=config,
+                                  logits_processor=LogitsProcessorList([GumbelSampler(seeds, s.temperature)]))
         completions = out[:, ids.shape[1]:]  # (BG, T)
         eos = completions == tok.eos_token_id
         first = torch.where(eos.any(1), eos.int().argmax(1), completions.shape[1])
@@ -276,11 +325,14 @@ class GrpoLoss(nn.Module):
         return out[:, p - 1:-1]
 
     def forward(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, text_key: torch.Tensor,
-                n_answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                item_index: torch.Tensor, n_answers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.settings
         was = self.model.training
         self.model.eval()  # sampling without dropout
-        r = self.rollout(prompt_ids, prompt_mask, text_key, s.group)
+        training = torch.is_grad_enabled()  # a training pass (not validation)
+        seeds = sample_seeds(self.ctx.cfg.seed, self.ctx.step if training else EVAL_STEP, item_index.tolist(),
+                             s.group)
+        r = self.rollout(prompt_ids, prompt_mask, text_key, s.group, seeds)
         self.model.train(was)
         grouped = r.rewards.view(-1, s.group)
         adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1, 1)
@@ -305,8 +357,8 @@ class GrpoLoss(nn.Module):
                 real_logits, fake_logits = self.judge.logits(r.real), self.judge.logits(r.fake)
             self.ctx.log(disc_accuracy=Discriminator.accuracy(real_logits, fake_logits),
                          disc_real_prob=float(torch.sigmoid(fake_logits).mean()))
-            if torch.is_grad_enabled():  # a training pass (not validation): the judge's turn follows the scoring
-                self.ctx.log(disc_loss=self.judge.train_on(r.real, r.fake))
+            if training:  # the judge's turn comes after the step's last pass (Discriminator.after_step)
+                self.judge.observe(r.real, r.fake)
         return per_answer.sum(), torch.tensor(len(per_answer), device=per_answer.device)
 
 
@@ -330,15 +382,14 @@ def evaluate(ctx: ObjectiveContext, model: nn.Module, items: Sequence[PromptItem
     model.eval()
     device = next(model.parameters()).device
     rewards, lengths, answers = [], [], []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(ctx.cfg.seed)
-        for i in range(0, len(items), 8):
-            batch = collate(ctx, list(items[i:i + 8]))
-            r = loss_module.rollout(batch["prompt_ids"].to(device), batch["prompt_mask"].to(device),
-                                    batch["text_key"].to(device), ctx.settings.group)
-            rewards.append(r.rewards.cpu())
-            lengths.append(r.mask.sum(1).float().cpu())
-            answers += r.answers
+    for i in range(0, len(items), 8):
+        batch = collate(ctx, list(items[i:i + 8]))
+        seeds = sample_seeds(ctx.cfg.seed, EVAL_STEP, batch["item_index"].tolist(), ctx.settings.group)
+        r = loss_module.rollout(batch["prompt_ids"].to(device), batch["prompt_mask"].to(device),
+                                batch["text_key"].to(device), ctx.settings.group, seeds)
+        rewards.append(r.rewards.cpu())
+        lengths.append(r.mask.sum(1).float().cpu())
+        answers += r.answers
     all_r = torch.cat(rewards)
     return Evaluation({"reward_mean": float(all_r.mean()), "reward_std": float(all_r.std()),
                        "answer_length": float(torch.cat(lengths).mean()), "looping": looping_share(answers),

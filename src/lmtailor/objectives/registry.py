@@ -49,7 +49,9 @@ class ObjectiveContext:
             the loop averages them (over passes and processes) into that step's history record, then clears them.
         companion: what trains alongside the model with its own optimizer (grpo's discriminator), or None: an object
             with `state() -> (tensors, json-able dict)` and `load_state(tensors, dict)`, which checkpoints save and
-            resume restores.
+            resume restores, and `after_step() -> {name: scalar}`, which the loop calls after each optimizer step
+            (its scalars join the step's record).
+        step: the optimizer step (0-based) the loop is computing; online objectives seed their sampling by it.
     """
 
     cfg: RunConfig
@@ -61,6 +63,7 @@ class ObjectiveContext:
     train_on_prompt: bool = False
     step_log: dict[str, list[float]] = field(default_factory=dict)
     companion: Any = None
+    step: int = 0
 
     def log(self, **values: float) -> None:
         """Report scalars of this forward pass into the step's history record."""
