@@ -46,9 +46,10 @@ def test_reward_settings_are_checked():
 
 def test_planted_reward_raises_the_mean_reward(tiny_model, prompts, tmp_path):
     """The planted reward prefers short answers (a function of the answer's length, from a file of the test's own):
-    the policy learns to end its answers sooner. Full fine-tuning: on this random tiny model LoRA cannot move the
-    output distribution (tied embeddings of std 0.02 bound every logit near +-1.3 and the LM head is not adapted),
-    so under LoRA the reward moved only by evaluation noise (+0.15 to -0.03 over seeds, on main too)."""
+    the policy learns to write fewer characters (the token count can stay at the cap). Full fine-tuning: on this
+    random tiny model LoRA cannot move the output distribution (tied embeddings of std 0.02 bound every logit near
+    +-1.3 and the LM head is not adapted), so under LoRA the reward moved only by evaluation noise (+0.15 to -0.03
+    over seeds, on main too)."""
     (tmp_path / "rewards.py").write_text("def score(prompt, answer, reference):\n"
                                          "    return -len(answer) / 10\n")
     run = tmp_path / "grpo"
@@ -58,7 +59,6 @@ def test_planted_reward_raises_the_mean_reward(tiny_model, prompts, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     before, after = metrics["before"], metrics["after"]
     assert after["reward_mean"] > before["reward_mean"] + 0.08, (before, after)
-    assert after["answer_length"] < before["answer_length"]
 
 
 def test_grpo_resume_equals_an_uninterrupted_run(tiny_model, prompts, tmp_path):

@@ -54,7 +54,9 @@ def _saved(layers: int, method: str, half: bool) -> int:
 
     model = _model(layers, method)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}  # autocast's weight copies
+    # autocast's weight copies, saved as they are or transposed (a frozen linear keeps W^T for its input's gradient)
+    weight_shapes = {shape for p in model.parameters() if p.dim() == 2
+                     for shape in (tuple(p.shape), tuple(p.shape)[::-1])}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
