@@ -14,6 +14,7 @@ Every step goes through the command line a user types; the training curves of bo
 the results.
 
     python benchmarks/preference_demo.py --quickstart runs/quickstart --work /tmp/pref-demo
+    python benchmarks/preference_demo.py --quickstart runs/quickstart --work /tmp/pref-demo --reuse-pairs  # again
     python benchmarks/preference_demo.py --budget 20s --limit 4 --pairs-limit 16 --work /tmp/pref-smoke   # smoke
 """
 
@@ -88,6 +89,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, required=True, help="folder for the runs")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--evaluate-only", action="store_true", help="reuse the runs already in --work")
+    p.add_argument("--reuse-pairs", action="store_true",
+                   help="keep the merged quickstart and pairs.jsonl already in --work (made from the same --quickstart"
+                        " run); train and evaluate DPO and GRPO only")
     a = p.parse_args()
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -95,16 +99,20 @@ def main() -> None:
     seconds: dict[str, float] = {}
     sft = a.quickstart.resolve() if a.quickstart else work / "quickstart"
     merged, pairs, dpo, grpo = work / "quickstart-merged", work / "pairs.jsonl", work / "dpo", work / "grpo"
+    reuse = a.reuse_pairs and merged.is_dir() and pairs.is_file()
     if not a.evaluate_only:
         if not a.quickstart:
             seconds["sft"] = lmtailor("train", "configs/quickstart.yaml", f"output_dir={sft}", "overwrite=true",
                                       *budget)
-        seconds["export merged"] = lmtailor("export", str(sft), "--format", "merged", "--out", str(merged),
-                                            "--force")
-        limit = ["--limit", str(a.pairs_limit)] if a.pairs_limit else []
-        seconds["pairs make"] = lmtailor("pairs", "make", str(sft), "--data", "catalog:shell-commands", "--out",
-                                         str(pairs), "--max-new-tokens", "48", "--batch-size", "16", "--force",
-                                         *limit)
+        if reuse:
+            print(f"reusing {merged} and {pairs}", flush=True)
+        else:
+            seconds["export merged"] = lmtailor("export", str(sft), "--format", "merged", "--out", str(merged),
+                                                "--force")
+            limit = ["--limit", str(a.pairs_limit)] if a.pairs_limit else []
+            seconds["pairs make"] = lmtailor("pairs", "make", str(sft), "--data", "catalog:shell-commands", "--out",
+                                             str(pairs), "--max-new-tokens", "48", "--batch-size", "16", "--force",
+                                             *limit)
         seconds["dpo"] = lmtailor("train", "configs/dpo-shell.yaml", f"base_model={merged}", f"data.path={pairs}",
                                   f"output_dir={dpo}", "overwrite=true", *budget)
         seconds["grpo"] = lmtailor("train", "configs/adversarial-shell.yaml", f"base_model={merged}",
@@ -136,7 +144,7 @@ def main() -> None:
                     "torch": torch.__version__, "load_average_at_end": os.getloadavg()},
         "generation": settings.model_dump(), "systems": systems,
         "runs": {"dpo": run_summary(dpo), "grpo": run_summary(grpo)},
-        "step_seconds": seconds}, indent=2, ensure_ascii=False) + "\n")
+        "step_seconds": seconds, "reused_pairs": reuse}, indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, a.out)
     print(f"written to {a.out}")
 
