@@ -38,7 +38,10 @@ def test_max_length_epochs_lr_and_cadence_follow_the_data(tiny_model, tmp_path):
     assert "training examples fit" in chosen["max_length"].reason and cfg.pack_length >= cfg.max_length
     # 190 examples at batch 8: 23 steps per epoch, so enough epochs for ~150 steps, capped at 3
     assert cfg.epochs == 3.0 and "23 steps per epoch" in chosen["epochs"].reason
-    assert cfg.lr == 2e-4 and chosen["lr"].reason == "method lora"
+    # 69 steps planned: a short LoRA run learns at 1e-3; a long one at LoRA's usual 2e-4
+    assert cfg.lr == 1e-3 and chosen["lr"].reason == "method lora, a short run (69 steps planned, at most 300)"
+    _, long_run = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", "max_steps=301"])
+    assert long_run.lr == 2e-4
     assert cfg.eval_every == 69 // 5 and cfg.early_stopping_patience == 3 and cfg.metric_for_best == "loss"
     assert not cfg.group_by_length and "group_by_length" not in chosen  # packed rows: nothing to group
     varied = _chats(tmp_path / "v.jsonl", 200, long_every=3)  # a third of the answers 30x longer
@@ -84,9 +87,9 @@ def test_train_prints_the_choices_and_writes_them_to_the_resolved_config(tiny_mo
     assert main(["train", f"base_model={tiny_model}", f"data.path={data}", f"output_dir={run}", "max_steps=2",
                  "data.val_size=4", "eval.before_after=false", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "chosen from the data: max_length=" in out and "lr=0.0002 (method lora)" in out
+    assert "chosen from the data: max_length=" in out and "lr=0.001 (method lora, a short run (2 steps" in out
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["max_length"] < 512 and saved["lr"] == 2e-4
+    assert saved["max_length"] < 512 and saved["lr"] == 1e-3
     assert main(["validate", f"base_model={tiny_model}", f"data.path={data}", "data.val_size=4"]) == 0
     assert "chosen from the data: max_length=" in capsys.readouterr().out
 

@@ -8,7 +8,9 @@ Only keys the recipe (or an override) does not set are chosen; a set key is neve
   that many steps already. A budget (`budget=`) then cuts the steps to the time available.
 - lr: by method (LoRA 2e-4, or 1e-3 with a new classification head; full 2e-5; freeze 5e-5; prompt tuning 3e-2;
   prefix tuning 1e-2): full fine-tuning at LoRA's rate wrecks a pretrained model, a new head learns slowly at it
-  (a head fitted as a linear probe, classify.head_init=probe, is not new: LoRA's rate).
+  (a head fitted as a linear probe, classify.head_init=probe, is not new: LoRA's rate). LoRA SFT runs of at most
+  SHORT_RUN_STEPS planned steps (a budget only cuts them further) take SHORT_LORA_LR: after 80 steps on a dev split
+  of the shell commands, 1e-3 reached chrF 38.5 and 2e-4 36.4 (the main job trains at 1e-3 too).
 - eval_every and early_stopping_patience: about 5 validations per run, stopping after 3 without improvement;
   classification picks its best checkpoint by validation macro-F1 (metric_for_best), which costs one forward pass
   over the validation texts; generation objectives keep the validation loss (their task metric needs decoding).
@@ -38,6 +40,8 @@ TARGET_STEPS = 150
 MAX_AUTO_EPOCHS = 3
 EVALUATIONS = 5
 METHOD_LR = {"lora": 2e-4, "full": 2e-5, "freeze": 5e-5, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2}
+SHORT_RUN_STEPS = 300  # LoRA SFT runs planned at most this long learn at SHORT_LORA_LR (see the module docstring)
+SHORT_LORA_LR = 1e-3
 HEAD_LR = 1e-3  # LoRA with a new classification head: the head starts from random weights
 LENGTH_OBJECTIVES = ("sft", "classify", "seq2seq_causal", "seq2seq_encdec")
 PADDED_OBJECTIVES = ("classify", "seq2seq_encdec")  # batches padded to their longest example, never packed
@@ -111,14 +115,16 @@ def choose_schedule(cfg: RunConfig, objective: Objective, n_train: int, world: i
         out.append(Choice("epochs", float(epochs), f"{n_train} training examples give {per_epoch} steps per epoch at "
                           f"batch_size {cfg.batch_size}; {epochs} epoch(s) for about {TARGET_STEPS} steps, at most "
                           f"{MAX_AUTO_EPOCHS}"))
+    steps = cfg.max_steps or math.ceil(
+        (next((c.value for c in out if c.key == "epochs"), cfg.epochs)) * per_epoch)
     if "lr" not in given:
         probe = getattr(cfg.settings, "head_init", None) == "probe"
         head = objective.name == "classify" and cfg.method == "lora" and not probe
-        lr = HEAD_LR if head else METHOD_LR[cfg.method]
+        short = objective.name == "sft" and cfg.method == "lora" and steps <= SHORT_RUN_STEPS
+        lr = HEAD_LR if head else SHORT_LORA_LR if short else METHOD_LR[cfg.method]
         out.append(Choice("lr", lr, f"method {cfg.method}" + (" with a new classification head" if head else "")
-                          + (" from a head fitted as a linear probe" if probe else "")))
-    steps = cfg.max_steps or math.ceil(
-        (next((c.value for c in out if c.key == "epochs"), cfg.epochs)) * per_epoch)
+                          + (" from a head fitted as a linear probe" if probe else "")
+                          + (f", a short run ({steps} steps planned, at most {SHORT_RUN_STEPS})" if short else "")))
     if "eval_every" not in given and steps >= 2 * EVALUATIONS:
         out.append(Choice("eval_every", max(1, steps // EVALUATIONS), f"about {EVALUATIONS} validations in {steps} "
                           "steps"))
