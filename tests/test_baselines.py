@@ -11,7 +11,7 @@ import pytest
 from lmtailor.baselines import classification_baselines, generation_baselines, multilabel_baselines, nearest_answers
 from lmtailor.cli import main
 from lmtailor.data.example import Example
-from lmtailor.data.retrieve import _augmented
+from lmtailor.data.retrieve import with_retrieved
 from lmtailor.objectives.causal import sample
 from lmtailor.report import comparison_table, likely_reasons, verdict
 
@@ -82,15 +82,17 @@ def test_verdict_says_when_the_model_loses_and_why():
 
 
 def test_sample_answers_show_the_request_as_written_and_indent_multiline_text():
-    shots = [("list files", "ls"), ("list all files", "ls -a")]
-    ex = _augmented(Example(messages=[{"role": "user", "content": "list hidden files"},
-                                      {"role": "assistant", "content": "ls -a\n# OR\nls -A"}]), shots)
+    def chat(q, a):
+        return Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+
+    train = [chat("list files", "ls"), chat("show hidden files", "ls -a"), chat("copy a file", "cp a b")]
+    _, [[ex]] = with_retrieved(train, [[chat("show all hidden files", "ls -a\n# OR\nls -A")]], 1)
     prompt = ex.messages[0]["content"]
     before = {"samples": [sample(ex, prompt, "ls -a\n# OR\nls -A", "Here is how:\n\nls -la")]}
     after = {"samples": [sample(ex, prompt, "ls -a\n# OR\nls -A", "ls -a")]}
     lines = comparison_table(before, after, 1).splitlines()
-    assert "Q: list hidden files" in lines and not any("Similar requests" in r for r in lines)
-    assert "   shown:     its nearest training pair: list all files -> ls -a" in lines
+    assert "Q: show all hidden files" in lines and not any("Similar requests" in r for r in lines)
+    assert "   shown:     its nearest training pair: show hidden files -> ls -a" in lines
     i = lines.index("   reference: ls -a")
     assert lines[i + 1:i + 5] == ["              # OR", "              ls -A", "   before:    Here is how:",
                                   "              ls -la"]

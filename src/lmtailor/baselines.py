@@ -94,17 +94,17 @@ def nearest_answers(train_prompts: Sequence[str], train_answers: Sequence[str], 
 
 
 def generation_baselines(train_prompts: Sequence[str], train_answers: Sequence[str], prompts: Sequence[str],
-                         refs: Sequence[str]) -> dict[str, dict[str, float]]:
+                         refs: Sequence[str], nearest: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """{"nearest_answer": metrics, "copy_input": metrics}: BLEU, chrF, ROUGE and exact match of each baseline's
-    answers against the references (`metrics.text_metrics`)."""
+    answers against the references (`metrics.text_metrics`); `nearest`: the nearest answers when already found."""
     if not refs:
         return {}
-    nearest = nearest_answers(train_prompts, train_answers, prompts)
+    nearest = list(nearest) if nearest is not None else nearest_answers(train_prompts, train_answers, prompts)
     return {"nearest_answer": text_metrics(nearest, refs), "copy_input": text_metrics(list(prompts), refs)}
 
 
 def answer_baselines(train_prompts: Sequence[str], train_answers: Sequence[str], prompts: Sequence[str],
-                     refs: Sequence[str]) -> dict[str, dict[str, float]]:
+                     refs: Sequence[str], nearest: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """The sft view of `generation_baselines`: exact match and chrF (the metrics its evaluation reports)."""
-    full = generation_baselines(train_prompts, train_answers, prompts, refs)
+    full = generation_baselines(train_prompts, train_answers, prompts, refs, nearest)
     return {name: {"exact_match": m["exact_match"], "chrf": m["chrf"]} for name, m in full.items()}

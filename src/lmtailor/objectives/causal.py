@@ -237,12 +237,12 @@ def baseline(ctx: ObjectiveContext, train: Sequence[Example], val: Sequence[Exam
     questions = [ex.meta.get("query", prompt_messages(ex)[0][-1]["content"]) for ex in chats_train]
     answers = [reference_text(ex) for ex in chats_train]
     held = [ex.meta.get("query", prompt_messages(ex)[0][-1]["content"]) for ex in chats]
-    out = answer_baselines(questions, answers, held, [reference_text(ex) for ex in chats])
+    nearest = nearest_answers(questions, answers, held)  # one BM25 index for the text and the tool-call scores
+    out = answer_baselines(questions, answers, held, [reference_text(ex) for ex in chats], nearest)
     calls = [reference_calls(ex) for ex in chats]
     called = [i for i, k in enumerate(calls) if k]
     if called and "nearest_answer" in out:
-        nearest = nearest_answers(questions, answers, [held[i] for i in called])
-        out["nearest_answer"].update(tool_call_metrics(nearest, [calls[i] or [] for i in called],
+        out["nearest_answer"].update(tool_call_metrics([nearest[i] for i in called], [calls[i] or [] for i in called],
                                                        [chats[i].tools for i in called]))
     return out
 
