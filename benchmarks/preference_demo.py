@@ -124,7 +124,11 @@ def main() -> None:
     settings = run_recipe(Run.open(str(sft))).generation  # the quickstart's decoding, for all three
     data, held = held_out_questions(work, a.limit, nearest=True)
     n = len(held)
-    systems = {"SFT (quickstart)": scores(sft, data, settings), "SFT then DPO": scores(dpo, data, settings),
+    # the merged quickstart is where DPO and GRPO start: merging the adapter into the weights rounds them, and
+    # greedy answers can flip on that alone, so it is scored too
+    systems = {"SFT (quickstart)": scores(sft, data, settings),
+               "SFT merged (the start of DPO and GRPO)": scores(merged, data, settings),
+               "SFT then DPO": scores(dpo, data, settings),
                "SFT then GRPO + discriminator": scores(grpo, data, settings)}
     for name, row in systems.items():
         print(f"{name:32} exact match {row['exact_match']:.1%}  chrF {row['chrf']:5.1f}  looping "
