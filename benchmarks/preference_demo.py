@@ -117,6 +117,9 @@ def main() -> None:
                                   f"output_dir={dpo}", "overwrite=true", *budget)
         seconds["grpo"] = lmtailor("train", "configs/adversarial-shell.yaml", f"base_model={merged}",
                                    f"output_dir={grpo}", "overwrite=true", *budget)
+    if a.evaluate_only and a.out.is_file():  # the runs' times from the benchmark run that trained them
+        earlier = json.loads(a.out.read_text())
+        seconds, reuse = earlier.get("step_seconds", {}), earlier.get("reused_pairs", reuse)
     n_pairs = sum(1 for _ in pairs.open())
     from lmtailor.evaluate import run_recipe
     from lmtailor.runs import Run
