@@ -5,9 +5,10 @@ the test split, at most 300 examples), plans its budget from a timed step, searc
 the budget pays for a search, and trains the winner (or the data-fitted defaults) within `--budget`, picking its
 best checkpoint on the dev split. The shipped defaults (`lmtailor train` with only objective, data, the test file
 and the same budget set, covering the whole run as auto's does, and for generation as many test answers as auto
-scores: every other value is the default or chosen from the data) train on the same training split; with `--defaults if-different` (the default) they are not run again when auto's final run was exactly that
-recipe (no search, no retrieval, no shortened max_length). Everything is judged on the same test split, which
-nothing was selected on. The baselines (majority / TF-IDF + logistic regression for classification, nearest
+scores: every other value is the default or chosen from the data) train on the same training split; with
+`--defaults if-different` (the default) they are not run again when auto's final run was exactly that recipe
+(no search, no retrieval, no shortened max_length). Everything is judged on the same test split, which nothing
+was selected on. The baselines (majority / TF-IDF + logistic regression for classification, nearest
 training answer by BM25 / copy input for generation) come from the same evaluation. One row per dataset goes to
 benchmarks/results/quality.json and quality.md.
 
