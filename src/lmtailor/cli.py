@@ -605,6 +605,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # On CPUs with AVX512-BF16, importing bitsandbytes (peft and transformers import it when it is installed) warns
+    # that it could not fetch an optional kernel from the Hugging Face hub, before any command runs: noise above
+    # every message of ours, whether or not 4-bit layers are used. Its errors still show.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return _run(args)

@@ -46,7 +46,13 @@ from lmtailor.loop import (
     run_steps,
     total_tokens,
 )
-from lmtailor.memory import PeakMemory, choose_precision, enable_gradient_checkpointing, quantize_4bit
+from lmtailor.memory import (
+    PeakMemory,
+    cached_weight_casts,
+    choose_precision,
+    enable_gradient_checkpointing,
+    quantize_4bit,
+)
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model, unwrap_peft
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
 from lmtailor.report import comparison_table, likely_reasons, verdict, write_report, write_task_report
@@ -198,6 +204,9 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         loss_module, optimizer = acc.prepare(objective.build(ctx, model), make_optimizer(model, cfg))
     state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
     loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, run_dir, sharded=sharded)
+    casts = contextlib.ExitStack()  # left when the steps end: the budget's probe steps run with it too
+    if mixed != "no" and not sharded:
+        casts.enter_context(cached_weight_casts(model, acc.device.type))
     if cfg.budget:  # a resumed run keeps the schedule its first start fitted (written to its config.yaml)
         first = read_config(run_dir) if cfg.resume else {}
         chosen_eval = "eval_every" not in cfg.model_fields_set and cfg.eval_every > 0
@@ -240,7 +249,8 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     # ---- steps ----------------------------------------------------------------------------------------------------
     try:
         memory.start()
-        result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
+        with casts:
+            result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
         peak = memory.peak()
     except Exception as e:
         if acc.num_processes > 1 and lost_process(e):
@@ -494,7 +504,8 @@ def _measure_recipe(cfg: RunConfig, probe_steps: int, max_seconds: float | None)
     loss_module, optimizer = acc.prepare(objective.build(ctx, model), optimizer)
     state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "tokens": 0, "elapsed": 0.0}
     loop = Loop(acc, cfg, objective, ctx, data, model, loss_module, optimizer, None, state, cfg.run_dir)
-    step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned), max_seconds)
+    with cached_weight_casts(model, acc.device.type) if mixed != "no" else contextlib.nullcontext():
+        step_s, eval_s = measure_step(loop, per_epoch, min(probe_steps, planned), max_seconds)
     return {"step_s": step_s, "eval_s": eval_s, "per_epoch": per_epoch, "planned": planned,
             "eval_every": cfg.eval_every, "train_items": len(data.train_items), "val_items": len(data.val_items),
             "train_tokens": total_tokens(data.train_items), "val_tokens": total_tokens(data.val_items),

@@ -44,6 +44,13 @@ def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     query: (R, Hq, L, D); key/value: (R, Hkv, L, D); returns (R, L, Hq, D) like transformers' sdpa path.
     """
     assert packed_segments is not None, "segment attention needs packed_segments"
+    if query.device.type == "cpu" and (query.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")):
+        # CPU's bf16 attention backward is 2-4x slower than float32 at example lengths (<= 250 tokens, measured
+        # in benchmarks/finetune_throughput.py); the scores are a small share of the FLOPs, so they run in float32.
+        with torch.autocast("cpu", enabled=False):
+            out, _ = segment_attention(module, query.float(), key.float(), value.float(), attention_mask, dropout,
+                                       scaling, packed_segments)
+        return out.to(torch.bfloat16 if torch.is_autocast_enabled("cpu") else query.dtype), None
     gqa = query.shape[1] != key.shape[1]
     out = torch.zeros_like(query)
     for r, (p, spans) in enumerate(packed_segments):
