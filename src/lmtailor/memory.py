@@ -129,7 +129,7 @@ def cached_weight_casts(model: nn.Module, device_type: str) -> Iterator[None]:
 
     Autocast caches its casts only for weights that require grad; a frozen weight (the base of LoRA, the tied
     output head) is cast again in every forward, a pass over all the model's weights per micro-batch (on a 2-core
-    CPU about 15% of a bf16 LoRA step of the bundled model, measured with benchmarks/finetune_throughput.py).
+    AMX Xeon about 15% of a bf16 LoRA step of the bundled model: torch.profiler over finetune_throughput.py's steps).
     Here a pre-hook swaps in a cached copy for the duration of the layer's forward (the float32 weight stays the
     parameter outside it); a weight changed in place is cast again. The copies are what autocast would keep for
     backward anyway, so the peak does not grow. Not for sharded models (their parameters are shards)."""
