@@ -10,8 +10,8 @@ Only keys the recipe (or an override) does not set are chosen; a set key is neve
   prefix tuning 1e-2): full fine-tuning at LoRA's rate wrecks a pretrained model, a new head learns slowly at it
   (a head fitted as a linear probe, classify.head_init=probe, is not new: LoRA's rate). LoRA SFT runs of at most
   SHORT_RUN_STEPS planned steps (a budget only cuts them further) take SHORT_LORA_LR: after 80 steps on a dev split
-  of the shell commands, 1e-3 reached chrF 38.5 and 2e-4 36.4 (one seed, 60
-  answers; the main job trains at 1e-3 too).
+  of the shell commands, 1e-3 reached chrF 38.5 and 2e-4 36.4 (one seed, 60 answers; the main job trains at 1e-3
+  too).
 - eval_every and early_stopping_patience: about 5 validations per run, stopping after 3 without improvement;
   classification picks its best checkpoint by validation macro-F1 (metric_for_best), which costs one forward pass
   over the validation texts; generation objectives keep the validation loss (their task metric needs decoding).
