@@ -82,6 +82,15 @@ def test_a_run_with_retrieval_trains_and_keeps_the_baselines_of_the_plain_data(t
     from lmtailor.config import GenerationSettings
 
     assert len(answer(str(rag), ["list files please"], GenerationSettings(max_new_tokens=3))) == 1
+    # `lmtailor eval` on new data shows each request its nearest training pairs too (as the after evaluation did)
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"instruction": "list files today", "output": "ls -la"}) + "\n")
+    from lmtailor.evaluate import evaluate_run
+
+    for run, shown_pairs in ((rag, True), (plain, False)):
+        sample = evaluate_run(str(run), str(held), n_generate=1)["samples"][0]
+        assert sample["prompt"].startswith(INTRO) is shown_pairs
+        assert ("Answer: ls -la" in sample["prompt"]) is shown_pairs and sample["prompt"].endswith("list files today")
     # the server's slot for the run carries the same retrieval; the base model's slot has none
     from lmtailor.serve.models import load_models
 

@@ -90,6 +90,10 @@ def evaluate_run(target: str, data: str, fmt: str = "auto", n_generate: int = 40
 
         settings = cfg.retrieval.model_copy(update={"kb": kb}) if kb else cfg.retrieval
         _, (examples,), _ = with_kb_passages([], [examples], settings)
+    elif cfg.data.retrieved_examples:  # each request shown its nearest training pairs, as training showed them
+        from lmtailor.generate import retrieval_for
+
+        examples = retrieval_for(run.config).augment(examples)
     items, _ = objective.prepare(ctx, examples)
     result = objective.evaluate(ctx, model, items, examples, progress=False, desc="eval")
     metrics = {**result.metrics, "model": target, "data": data, "examples": result.metrics.get("examples",

@@ -126,6 +126,13 @@ class RunRetrieval:
     def __init__(self, retriever: Retriever, k: int) -> None:
         self.retriever, self.k = retriever, k
 
+    def augment(self, examples: Sequence[Example]) -> list[Example]:
+        """Held-out examples (`lmtailor eval` data) with their k nearest training pairs, as training's held-out
+        splits got them (`with_retrieved`); text and labeled records pass through."""
+        return [_augmented(ex, self.retriever.nearest(query(ex), self.k))
+                if ex.messages is not None and any(m["role"] == "assistant" for m in ex.messages) else ex
+                for ex in examples]
+
     def with_sources(self, prompt: str | list[dict[str, str]]) -> tuple[str | list[dict[str, str]], None]:
         """The prompt with its retrieved examples, and None: examples cite no documents (see KBRetrieval)."""
         return self(prompt), None
