@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import yaml
 
 from lmtailor.cli import main
 
@@ -57,6 +58,15 @@ def test_the_plan_searches_only_when_the_budget_pays_for_it():
     assert plan_search(seconds, some, trials=6, search_share=0.4)["trials"] == MIN_TRIALS + 1
     assert plan_search(seconds, some, trials=2, search_share=0.4)["trials"] == 2
     assert plan_search(seconds / 2, some, trials=6, search_share=0.4)["trials"] == 0
+
+
+def test_adapters_widen_only_when_the_budget_fits_every_planned_step_with_them():
+    from lmtailor.auto import widen_adapters
+
+    narrow, wide = {"step_s": 2.0, "planned": 244}, {"step_s": 2.6, "planned": 244}
+    assert widen_adapters(narrow, wide, {"steps_fit": 379}).startswith("lora.target_modules=all-linear")
+    kept = widen_adapters(narrow, wide, {"steps_fit": 150})
+    assert kept.startswith("adapters stay") and "150 of the 244 planned steps" in kept and "2.60 s" in kept
 
 
 def test_long_documents_are_cut_so_the_budget_sees_an_epoch():
@@ -142,6 +152,10 @@ def test_auto_tailors_instruction_pairs_and_chooses_retrieval(tiny_model, tmp_pa
     assert json.loads((out / "data" / "train.jsonl").read_text().splitlines()[0])["messages"][0]["role"] == "user"
     final = json.loads((out / "final" / "metrics.json").read_text())
     assert final["evaluated_on"] == "test" and "nearest_answer" in final["baselines"] and "chrf" in final["after"]
+    # the adapters' width was decided by a timed probe, and the final recipe says what was decided
+    widened = any(c.startswith("lora.target_modules=all-linear") for c in report["plan"]["chosen_from_data"])
+    recipe = yaml.safe_load((out / "final.yaml").read_text())
+    assert (recipe.get("lora", {}).get("target_modules") == "all-linear") is widened
 
 
 def test_auto_on_an_encrypted_file_writes_no_plaintext(tiny_model, tmp_path, monkeypatch):
