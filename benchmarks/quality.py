@@ -227,8 +227,13 @@ def _write(out: Path, rows: dict[str, Any]) -> None:
             d = "not run"
         lines.append(f"| {name} | {r['shape']} | {r['train_examples']}/{r['test_examples']} | {r['metric']} | "
                      f"{b} ({r['baseline']}) | {d} | {o} | {r['auto_beats_baseline']} | "
-                     f"{'-' if r.get('p_value') is None else format(r['p_value'], '.2f')} | {_where(r)} |")
+                     f"{_p(r.get('p_value'))} | {_where(r)} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def _p(value: float | None) -> str:
+    """A p-value as the table gives it (10,000 trials resolve down to 1e-4)."""
+    return "-" if value is None else "< 0.001" if value < 0.001 else f"{value:.2f}"
 
 
 def _where(row: dict[str, Any]) -> str:

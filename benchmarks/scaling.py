@@ -3,8 +3,9 @@
 
 Each memory measurement runs in its own process: it builds a llama model from a config (random weights), wraps it
 in lmtailor's causal-LM loss and optimizer, runs 2 optimizer steps on random full-length rows (every position
-supervised) and reports its peak resident memory (ru_maxrss) minus the resident memory before the model was built.
-That is what `plan` estimates for a CPU run: float32 weights and activations, no autocast copies, no CUDA reserve.
+supervised) and reports its peak resident memory (ru_maxrss) minus the resident memory before the model was built,
+with glibc giving freed blocks back at once (release_memory). That is what `plan` estimates for a CPU run:
+float32 weights and activations, no autocast copies, no CUDA reserve.
 
     python benchmarks/scaling.py            # writes benchmarks/results/scaling.json and prints the tables
     python benchmarks/scaling.py --quick    # the smallest size only
@@ -46,10 +47,11 @@ def child(size: str, method: str, ckpt: bool) -> dict[str, float]:
 
     from lmtailor.config import load_config
     from lmtailor.loop import make_optimizer
-    from lmtailor.memory import enable_gradient_checkpointing
+    from lmtailor.memory import enable_gradient_checkpointing, release_freed_memory
     from lmtailor.models import add_lora
     from lmtailor.objectives.causal import CausalLMLoss
 
+    release_freed_memory()  # as release_memory=true: freed blocks leave the resident set (what the plan counts)
     torch.manual_seed(0)
     cfg = load_config(None, [f"method={method}", "lora.r=16"])
     spec = {**SIZES[size], "tie_word_embeddings": True, "max_position_embeddings": SEQ}

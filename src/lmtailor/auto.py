@@ -272,7 +272,8 @@ def widen_adapters(probe: dict[str, Any], wide_probe: dict[str, Any], wide_plan:
     still fits every planned step at the wider adapters' measured step time, so the extra capacity costs no steps.
     On the shell commands at a 20-minute budget on a 2-core AMX Xeon, where 244 planned steps fit either way,
     all-linear scored chrF 39.3 on the 120 test answers against 36.7 (test loss 1.93 vs 1.99; one seed, steps 2.6
-    vs 2.0 s). Returns the choice with its reason; a budget that does not fit the steps keeps attention's."""
+    vs 2.0 s; chosen on that test split, so not yet checked on data it was not chosen on). Returns the choice with
+    its reason; a budget that does not fit the steps keeps attention's."""
     cost = f"{wide_probe['step_s']:.2f} s a step against {probe['step_s']:.2f}"
     if wide_plan["steps_fit"] >= wide_probe["planned"]:
         return (f"lora.target_modules=all-linear (the budget fits the {wide_probe['planned']} planned steps with "

@@ -18,6 +18,8 @@ from lmtailor.config import RunConfig
 from lmtailor.errors import ConfigError
 from lmtailor.models import decoder_layers, unwrap_peft
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter for the size from which an allocation gets pages of its own
+RELEASE_THRESHOLD = 64 * 1024
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix/dot-product units
 
 
@@ -29,6 +31,30 @@ def bf16_unit(flags: Iterable[str]) -> str | None:
     float32 alone, so float32 is the better choice."""
     have = set(flags)
     return next((f for f in BF16_FLAGS if f in have), None)
+
+
+def release_freed_memory(threshold: int = RELEASE_THRESHOLD) -> bool:
+    """Make glibc give freed memory back to the system at once (`release_memory: true`); False where this C
+    library has no mallopt (musl, macOS).
+
+    By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so a training
+    step's activations come from the heap afterwards, and the heap keeps what they free for reuse: the resident set
+    stays above the live tensors. Measured on llama models of 21M and 41M parameters over 6 float32 steps: 14-35%
+    above `lmtailor plan`'s live-tensor figure with the default, 3-6% with a fixed 64 KiB threshold (allocations at
+    least that large are mapped and unmapped on their own). The price is a page fault per fresh page: the 21M/41M
+    steps ran 10-27% slower, LoRA steps of the bundled 135M model 30-60% slower (562-582 -> 240-318 tokens/s in
+    bf16, 425-467 -> 250-292 in float32, peak resident set 2.2 -> 1.8 GB). Worth it where memory, not time, is
+    short.
+    Takes effect for allocations made afterwards."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def cpu_flags(cpuinfo: str | None = None) -> list[str]:

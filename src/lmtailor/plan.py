@@ -328,7 +328,9 @@ def run_estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, micro
     e = estimate(s, method, checkpointing, seq_len, act_bytes=2 if half else 4, lora_r=lora_r,
                  optimizer_bytes=2 if optimizer == "adamw_8bit" else 8, autocast_copy=half, supervised=supervised,
                  attention_matrix=attention_matrix, accumulating=accumulating, device=device)
-    if device == "cpu":  # glibc's retained free pages are not counted: 100-190 MiB at the plan_accuracy sizes
+    # glibc's retained free pages are not counted: a run with release_memory=true gives them back (plan within 3-6%
+    # at the plan_accuracy sizes), one with the default keeps 14-35% more (see memory.release_freed_memory)
+    if device == "cpu":
         e.overhead = float(PROCESS_CODE)
     return e.peak(micro_batch)
 

@@ -52,6 +52,7 @@ from lmtailor.memory import (
     choose_precision,
     enable_gradient_checkpointing,
     quantize_4bit,
+    release_freed_memory,
 )
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model, unwrap_peft
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
@@ -116,6 +117,9 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
     cuda = torch.cuda.is_available()
     check_launch(cfg, os.environ, cuda)  # before the Accelerator builds a plugin or a process group
     mixed, weight_dtype = choose_precision(cfg, cuda)
+    if cfg.release_memory and not release_freed_memory():  # before the model is built: its tensors too
+        raise ConfigError("release_memory=true needs a C library with mallopt (Linux with glibc); this one has none",
+                          "set release_memory=false")
     trackers = make_trackers(cfg)
     # a process that waits longer than distributed.timeout for the others (a lost node) fails instead of hanging
     acc = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=trackers or None,
