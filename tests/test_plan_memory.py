@@ -124,29 +124,33 @@ if {release}:
     assert release_freed_memory()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-del_first = torch.empty(2 ** 21)  # 8 MiB, freed: glibc's default raises its mmap threshold past such blocks
-del del_first
-before = rss()
-blocks = [torch.ones(2 ** 20) for _ in range(30)]  # 30 x 4 MiB, then a small tensor above them
-pin = torch.ones(16)
+first = torch.empty(2 ** 21)  # 8 MiB, freed: glibc's default raises its mmap threshold past such blocks
+del first
+blocks, pins = [], []
+for _ in range(30):  # 4 MiB blocks, each followed by a live 1 MiB one: the heap cannot trim past the live ones
+    blocks.append(torch.ones(2 ** 20))
+    pins.append(torch.ones(2 ** 18))
+held = rss()
 del blocks
-print(rss() - before)
+print(held - rss())
 """
 
 
 @pytest.mark.parametrize("release", [False, True])
 def test_release_memory_gives_freed_blocks_back_to_the_system(release):
     """`release_memory: true` (glibc's mallopt): 120 MiB of freed 4 MiB blocks leave the resident set at once; by
-    default glibc keeps them in its heap (below a live block it cannot trim past) for reuse."""
+    default glibc keeps them in its heap (between live blocks it cannot trim past) for reuse."""
     import subprocess
     import sys
     from pathlib import Path
 
     src = str(Path(__file__).resolve().parents[1] / "src")
-    out = subprocess.run([sys.executable, "-c", RETAINED.format(src=src, release=release)], capture_output=True,
-                         text=True, check=True, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    kept_mib = int(out.stdout.split()[-1]) / 2**20
+    freed = []
+    for _ in range(3):  # where glibc puts each block is decided at run time: every run must agree
+        out = subprocess.run([sys.executable, "-c", RETAINED.format(src=src, release=release)], capture_output=True,
+                             text=True, check=True, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+        freed.append(int(out.stdout.split()[-1]) / 2**20)
     if release:
-        assert kept_mib < 10
+        assert min(freed) > 110
     else:
-        assert kept_mib > 100
+        assert max(freed) < 20
