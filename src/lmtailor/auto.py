@@ -268,8 +268,9 @@ def choose_retrieval(train: list[Example], seed: int = 0) -> dict[str, Any]:
 
 def widen_adapters(probe: dict[str, Any], wide_probe: dict[str, Any], wide_plan: dict[str, Any]) -> str:
     """Whether an sft run's LoRA adapters go on every linear layer (lora.target_modules=all-linear: the MLP's
-    projections too, about 4x the adapter parameters) instead of attention's four projections: yes when the budget
-    still fits every planned step at the wider adapters' measured step time, so the extra capacity costs no steps.
+    projections too, 2.7x the adapter parameters on the bundled model) instead of attention's four projections:
+    yes when the budget still fits every planned step at the wider adapters' measured step time, so the extra
+    capacity costs no steps.
     On the shell commands at a 20-minute budget on a 2-core AMX Xeon, where 244 planned steps fit either way,
     all-linear scored chrF 39.3 on the 120 test answers against 36.7 (test loss 1.93 vs 1.99; one seed, steps 2.6
     vs 2.0 s; chosen on that test split, so not yet checked on data it was not chosen on). Returns the choice with
