@@ -173,7 +173,12 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                                   f"{plan['steps_fit']} of the {probe['per_epoch']} steps of one epoch"}
         plan = plan_search(total - (time.monotonic() - start), probe, trials, search_share)
     wide_reason = ""
-    if objective == "sft" and "target_modules" not in final.get("lora", {}):
+    if objective == "sft" and "target_modules" not in final.get("lora", {}) and plan["steps_fit"] < probe["planned"]:
+        # wider adapters only make steps slower: no second probe when the budget does not fit the steps already
+        wide_reason = (f"adapters stay on attention's projections: the budget fits {plan['steps_fit']} of the "
+                       f"{probe['planned']} planned steps with them already")
+        print(f"auto: {wide_reason}")
+    elif objective == "sft" and "target_modules" not in final.get("lora", {}):
         # adapters on every linear layer when the budget still fits the planned steps at their measured cost
         wide = {**final, "lora": {**final.get("lora", {}), "target_modules": "all-linear"}}
         wide_probe = measure_recipe(build_config(wide, "auto probe"), max_seconds=PROBE_SHARE * total)
