@@ -274,8 +274,8 @@ def test_parse_python_docs(tmp_path: Path) -> None:
 def test_list_datasets() -> None:
     infos = catalog.list_datasets()
     assert [i.name for i in infos] == ["cheat-sheets", "human-eval", "man-summaries", "python-docs",
-                                       "python-docs-sections", "shell-commands", "sms-spam", "trec-questions",
-                                       "tweet-sentiment"]
+                                       "python-docs-sections", "python-docstrings", "shell-commands", "sms-spam",
+                                       "trec-questions", "tweet-sentiment"]
     assert {i.format for i in infos} == {"prompt_completion", "text", "alpaca", "labeled", "paired"}
     assert all(i.description and i.license and i.source for i in infos)
 
@@ -335,7 +335,7 @@ def test_fetch_counts_labels(cache: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def test_fetch_unknown_name_lists_known(cache: Path) -> None:
     with pytest.raises(DataError) as e:
         catalog.fetch("shell-comands")
-    assert "shell-comands" in str(e.value) and "python-docs, python-docs-sections, shell-commands" in str(e.value)
+    assert "shell-comands" in str(e.value) and "python-docs-sections, python-docstrings, shell-commands" in str(e.value)
 
 
 def test_download_failure_names_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

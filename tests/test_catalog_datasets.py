@@ -1,4 +1,5 @@
-"""The catalog's quality-table datasets (trec-questions, tweet-sentiment, python-docs-sections, man-summaries):
+"""The catalog's quality-table datasets (trec-questions, tweet-sentiment, python-docs-sections, man-summaries,
+python-docstrings):
 parsers on tiny archives built here, offline; the real downloads sit behind the `network` marker."""
 
 from __future__ import annotations
@@ -169,6 +170,77 @@ def test_parse_man_summaries(tmp_path: Path) -> None:
         catalog.parse_man_summaries([_deb(tmp_path / "empty.deb", {"./usr/share/doc/x": b"x"})])
 
 
+MODULE_PY = '''"""A module."""
+import functools
+
+
+def add(a, b):
+    """Add two numbers. The second may be negative.
+
+    More words that are not the summary.
+    """
+    # the sum
+    return a + b
+
+
+class Box:
+    @functools.cache
+    def area(self):
+        """Return the box's area in
+        square units."""
+        return self.w * self.h
+
+    def abstract(self):
+        """Subclasses must override this method."""
+        pass
+
+    def inline(self): "Docstring on the def line, never taken."; return 1
+
+    def short(self):
+        """Tiny."""
+        return 0
+
+    def outer(self):
+        """Make a helper and call it!"""
+        def helper():
+            """Return forty-two, the helper's answer."""
+            return 42
+        return helper()
+'''
+
+
+def test_first_sentence() -> None:
+    assert catalog.first_sentence("Add two numbers. The second may be negative.") == "Add two numbers."
+    joined = catalog.first_sentence("Return the box's area in\n    square units.")
+    assert joined == "Return the box's area in square units."
+    assert catalog.first_sentence("Version 3.11 or later\n\nMore.") == "Version 3.11 or later"
+    assert catalog.first_sentence("  ") == ""
+
+
+def test_parse_python_docstrings(tmp_path: Path) -> None:
+    root = "./usr/lib/python3.11"
+    deb = _deb(tmp_path / "libpython3.11-stdlib_amd64.deb", {
+        f"{root}/shapes.py": MODULE_PY.encode(),
+        f"{root}/shapes_copy.py": MODULE_PY.encode(),  # the same code again, later in path order: dropped
+        f"{root}/test/test_shapes.py": MODULE_PY.replace("add", "test_add").encode(),  # a test suite: skipped
+        f"{root}/broken.py": b"def f(:\n",  # does not parse: skipped
+    })
+    records = catalog.parse_python_docstrings(deb)
+    assert [(r["file"], r["function"], r["target"]) for r in records] == [
+        ("shapes.py", "add", "Add two numbers."),
+        ("shapes.py", "Box.area", "Return the box's area in square units."),
+        ("shapes.py", "Box.outer", "Make a helper and call it!"),
+        ("shapes.py", "Box.outer.helper", "Return forty-two, the helper's answer."),
+    ]  # no body (pass), a docstring on the def line, a summary under 15 characters: left out
+    assert records[0]["source"] == "def add(a, b):\n    # the sum\n    return a + b"
+    assert records[1]["source"] == "@functools.cache\ndef area(self):\n    return self.w * self.h"  # dedented
+    assert all(r["target"] not in r["source"] for r in records)  # a nested function keeps its own docstring
+    assert all(r["source"] != records[0]["source"] for r in records[1:])
+    assert [r["function"] for r in catalog.parse_python_docstrings(deb, max_chars=50)] == ["add", "Box.outer.helper"]
+    with pytest.raises(DataError, match="no Python module with a documented function"):
+        catalog.parse_python_docstrings(_deb(tmp_path / "empty.deb", {f"{root}/x.py": b"x = 1\n"}))
+
+
 def test_fetch_builds_each_new_dataset_from_its_packages(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each registered function downloads what it names and hands it to its parser; the cache says the shape."""
     downloads: list[str] = []
@@ -226,6 +298,15 @@ def test_real_python_docs_sections(cache: Path) -> None:
     labels = Counter(r["label"] for r in records)
     assert len(records) > 400 and len(labels) >= 10 and labels.most_common(1)[0][0] == "library"
     assert sorted(len(r["text"]) for r in records)[len(records) // 2] > 5000  # long documents
+
+
+@pytest.mark.network
+def test_real_python_docstrings(cache: Path) -> None:
+    records = _records("python-docstrings")
+    assert len(records) > 2000
+    [rename] = [r for r in records if r["file"] == "imaplib.py" and r["function"] == "IMAP4.rename"]
+    assert rename["target"] == "Rename old mailbox name to new."
+    assert rename["source"].startswith("def rename(self, oldmailbox, newmailbox):")
 
 
 @pytest.mark.network
