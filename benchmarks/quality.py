@@ -13,7 +13,9 @@ training answer by BM25 / copy input for generation) come from the same evaluati
 then scored again outside the budget on every test request (auto's report answers at most 60 within it, see
 `full_test`), with the p-value of the difference from the nearest-answer baseline: with about a hundred short
 answers, chrF moves by several points with one long answer, and the p-value says whether a difference is more
-than that. One row per dataset goes to benchmarks/results/quality.json and quality.md, with the CPU it was measured on.
+than that. A classification row gets the p-value of its macro-F1 difference from TF-IDF + logistic regression
+(`classification_test`, approximate randomization as well). One row per dataset goes to
+benchmarks/results/quality.json and quality.md, with the CPU it was measured on.
 
     python benchmarks/quality.py --datasets sms-spam --budget 10m
     python benchmarks/quality.py --budget 20m            # every dataset of DATASETS (hours on 2 CPU cores)
@@ -152,6 +154,69 @@ def full_test(run_dir: str, data: Path) -> dict[str, Any]:
             "baseline_exact_match": exact_match(near, refs), "looping": ours.get("looping")}
 
 
+def macro_f1_rows(gold: Any, preds: Any, n_labels: int) -> Any:
+    """Macro-F1 over all `n_labels` label ids of each row of `preds` (trials x examples) against `gold`, as
+    lmtailor reports it (sklearn's `labels=ids, zero_division=0`: a label no one predicts or has scores 0)."""
+    import numpy as np
+
+    rows = np.arange(preds.shape[0])[:, None]
+    hit = (preds == gold[None, :])
+    tp, fp, fn = (np.zeros((preds.shape[0], n_labels)) for _ in range(3))
+    np.add.at(tp, (rows, preds), hit)
+    np.add.at(fp, (rows, preds), ~hit)
+    np.add.at(fn, (rows, np.broadcast_to(gold, preds.shape)), ~hit)
+    denominator = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return f1.mean(axis=1)
+
+
+def paired_macro_f1_test(gold: list[int], base: list[int], ours: list[int], n_labels: int, trials: int = 10000,
+                         seed: int = 0) -> float:
+    """p-value of approximate randomization for a macro-F1 difference: each trial swaps the two systems'
+    predictions on a random half of the examples, and p is the share of trials (with the observed one counted,
+    as sacrebleu's paired test does) whose absolute difference is at least the observed one."""
+    import numpy as np
+
+    g, b, o = (np.asarray(v) for v in (gold, base, ours))
+    observed = abs(float(macro_f1_rows(g, o[None], n_labels)[0] - macro_f1_rows(g, b[None], n_labels)[0]))
+    rng = np.random.default_rng(seed)
+    at_least = 0
+    for start in range(0, trials, 1000):
+        swap = rng.random((min(1000, trials - start), len(g))) < 0.5
+        diff = macro_f1_rows(g, np.where(swap, b, o), n_labels) - macro_f1_rows(g, np.where(swap, o, b), n_labels)
+        at_least += int((np.abs(diff) >= observed - 1e-12).sum())
+    return (at_least + 1) / (trials + 1)
+
+
+def classification_test(run_dir: str, data: Path) -> dict[str, Any]:
+    """A classification run's final model and TF-IDF + logistic regression (trained on the run's own training
+    split) on the test split: macro-F1 of both and the p-value of approximate randomization for the difference
+    (`paired_macro_f1_test`, 10,000 trials)."""
+    from lmtailor.baselines import tfidf_logreg_predictions
+    from lmtailor.config import build_config
+    from lmtailor.data.validate import load_datasets, load_examples
+    from lmtailor.objectives.classify import predict
+    from lmtailor.runs import Run
+
+    run = Run.open(run_dir)
+    test = load_examples(str(data / "test.jsonl"), "labeled")
+    pool, _, _ = load_datasets(build_config(run.config, "the run's config.yaml").data)
+    predicted = predict(run, [str(ex.text) for ex in test])
+    # the trained head's labels in its order (as the run's report counts them), then any only the test split has
+    names = list(predicted[0][1]) if predicted else []
+    names += sorted({str(ex.meta["label"]) for ex in [*pool, *test]} - set(names))
+    index = {n: i for i, n in enumerate(names)}
+    gold = [index[str(ex.meta["label"])] for ex in test]
+    base = tfidf_logreg_predictions([str(ex.text) for ex in pool], [index[str(ex.meta["label"])] for ex in pool],
+                                    [str(ex.text) for ex in test])
+    mine = [index[str(label)] for label, _ in predicted]
+    import numpy as np
+
+    score = [float(macro_f1_rows(np.asarray(gold), np.asarray([p]), len(names))[0]) for p in (base, mine)]
+    return {"examples": len(test), "macro_f1": score[1], "baseline_macro_f1": score[0],
+            "p_value": paired_macro_f1_test(gold, base, mine, len(names))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", nargs="*", default=None, help="catalog names (default: every known one)")
@@ -188,6 +253,11 @@ def main() -> None:
             elif not result["defaults"].get("not_run"):
                 result["defaults_full_test"] = full_test(str(work / name / "defaults"), data)
                 defaults_value = result["defaults_full_test"]["chrf"]
+        elif metric == "macro_f1" and result["auto"].get("objective") == "classify":
+            # the p-value of the difference from TF-IDF + logistic regression, on the same test split
+            full = result["auto_full_test"] = classification_test(result["auto"]["final_run"],
+                                                                  work / name / "auto" / "data")
+            base, ours, p_value = full["baseline_macro_f1"], full["macro_f1"], full["p_value"]
         rows[name] = {"shape": shape, "metric": metric, "baseline": baseline, "baseline_value": base,
                       "defaults_value": defaults_value, "auto_value": ours, "p_value": p_value,
                       "auto_beats_baseline": None if ours is None or base is None else ours > base,

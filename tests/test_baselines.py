@@ -125,3 +125,42 @@ def test_sft_run_scores_the_nearest_answer_baseline(tiny_model, pairs_file, tmp_
     m = json.loads((run / "metrics.json").read_text())
     assert set(m["baselines"]) == {"nearest_answer", "copy_input"}
     assert set(m["baselines"]["nearest_answer"]) == {"exact_match", "chrf"} and m["verdict"]
+
+
+def _quality(monkeypatch):  # noqa: ANN202
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("quality", bench / "quality.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_macro_f1_rows_agree_with_the_reported_metric(monkeypatch):
+    import numpy as np
+
+    from lmtailor.metrics import classification_metrics
+
+    quality = _quality(monkeypatch)
+    rng = random.Random(3)
+    gold = [rng.randrange(4) for _ in range(60)]  # label 4 of 5 never occurs: it scores 0, as reported
+    preds = [[g if rng.random() < p else rng.randrange(5) for g in gold] for p in (0.2, 0.6, 0.9)]
+    rows = quality.macro_f1_rows(np.asarray(gold), np.asarray(preds), 5)
+    names = ["a", "b", "c", "d", "e"]
+    assert rows.tolist() == pytest.approx([classification_metrics(gold, p, names)["macro_f1"] for p in preds])
+
+
+def test_paired_macro_f1_test_tells_a_real_difference_from_noise(monkeypatch):
+    quality = _quality(monkeypatch)
+    rng = random.Random(5)
+    gold = [rng.randrange(3) for _ in range(200)]
+    good = [g if rng.random() < 0.9 else (g + 1) % 3 for g in gold]
+    weak = [g if rng.random() < 0.5 else (g + 1) % 3 for g in gold]
+    twin = [g if rng.random() < 0.9 else (g + 1) % 3 for g in gold]  # as good as `good`, wrong elsewhere
+    assert quality.paired_macro_f1_test(gold, weak, good, 3, trials=2000) < 0.01
+    assert quality.paired_macro_f1_test(gold, twin, good, 3, trials=2000) > 0.05
+    assert quality.paired_macro_f1_test(gold, good, good, 3, trials=500) == 1.0  # identical systems

@@ -28,19 +28,25 @@ def _summary(metrics: dict[str, Any]) -> dict[str, float]:
 def classification_baselines(train_texts: Sequence[str], train_labels: Sequence[int], test_texts: Sequence[str],
                              test_labels: Sequence[int], names: Sequence[str]) -> dict[str, dict[str, float]]:
     """{"majority": metrics, "tfidf_logreg": metrics} for single-label data (labels are ids into `names`)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
     majority = Counter(train_labels).most_common(1)[0][0]
     out = {"majority": _summary(classification_metrics(test_labels, [majority] * len(test_labels), names))}
     if len(set(train_labels)) > 1:
-        vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
-        x = vectorizer.fit_transform(train_texts)
-        model = LogisticRegression(max_iter=2000, C=10.0)
-        model.fit(x, list(train_labels))
-        pred = model.predict(vectorizer.transform(test_texts)).tolist()
+        pred = tfidf_logreg_predictions(train_texts, train_labels, test_texts)
         out["tfidf_logreg"] = _summary(classification_metrics(test_labels, pred, names))
     return out
+
+
+def tfidf_logreg_predictions(train_texts: Sequence[str], train_labels: Sequence[int], test_texts: Sequence[str]
+                             ) -> list[int]:
+    """The TF-IDF (word 1-2 grams, sublinear tf) + logistic regression baseline's label ids for `test_texts`."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
+    x = vectorizer.fit_transform(train_texts)
+    model = LogisticRegression(max_iter=2000, C=10.0)
+    model.fit(x, list(train_labels))
+    return [int(v) for v in model.predict(vectorizer.transform(test_texts))]
 
 
 def multilabel_baselines(train_texts: Sequence[str], train_sets: Sequence[Sequence[int]], test_texts: Sequence[str],
