@@ -99,7 +99,7 @@ def test_sample_answers_show_the_request_as_written_and_indent_multiline_text():
     assert lines[i + 5] == "   after:     ls -a"
 
 
-def test_classification_run_reports_baselines_and_the_verdict(tiny_model, tmp_path, capsys):
+def test_classification_run_reports_baselines_and_the_verdict(tiny_model, tmp_path, capsys, monkeypatch):
     rows = [{"text": " ".join(random.Random(i).sample(FILLER, 6) + [KEYWORDS[lab][i % 3]]), "label": lab}
             for i in range(60) for lab in ("sport", "money")]
     data = tmp_path / "labeled.jsonl"
@@ -116,6 +116,20 @@ def test_classification_run_reports_baselines_and_the_verdict(tiny_model, tmp_pa
     assert "tfidf_logreg" in out.split("metric")[1].splitlines()[0]
     report = (run / "report.html").read_text()
     assert "baseline: tfidf_logreg" in report and "does NOT beat" in report
+
+    # the quality benchmark's test of the same run on a new split: the model's macro-F1 as `eval` reports it, the
+    # keyword baseline's, and a p-value that calls a random head's gap to a perfect baseline real
+    split = tmp_path / "split"
+    split.mkdir()
+    held = [{"text": " ".join(random.Random(100 + i).sample(FILLER, 6) + [KEYWORDS[lab][i % 3]]), "label": lab}
+            for i in range(30) for lab in ("sport", "money")]
+    (split / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    from lmtailor.evaluate import evaluate_run
+
+    full = _quality(monkeypatch).classification_test(str(run), split)
+    assert full["examples"] == 60 and full["baseline_macro_f1"] == 1.0
+    assert full["macro_f1"] == pytest.approx(evaluate_run(str(run), str(split / "test.jsonl"))["macro_f1"])
+    assert full["macro_f1"] < 0.9 and full["p_value"] < 0.01
 
 
 def test_sft_run_scores_the_nearest_answer_baseline(tiny_model, pairs_file, tmp_path):
