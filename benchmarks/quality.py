@@ -7,7 +7,8 @@ best checkpoint on the dev split. The shipped defaults (`lmtailor train` with on
 and the same budget set, covering the whole run as auto's does, and for generation as many test answers as auto
 scores: every other value is the default or chosen from the data) train on the same training split; with
 `--defaults if-different` (the default) they are not run again when auto's final run was exactly that recipe
-(no search, no retrieval, no shortened max_length). Everything is judged on the same test split, which nothing
+(no search, no shortened max_length, no wider adapters or probe-fitted head; retrieved examples the
+defaults choose from the data too). Everything is judged on the same test split, which nothing
 was selected on. The baselines (majority / TF-IDF + logistic regression for classification, nearest
 training answer by BM25 / copy input for generation) come from the same evaluation. A generation set's row is
 then scored again outside the budget on every test request (auto's report answers at most 60 within it, see
@@ -84,8 +85,10 @@ def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: s
     counts = {"train_examples": len((data / "train.jsonl").read_text().splitlines()),
               "test_examples": len((data / "test.jsonl").read_text().splitlines())}
     plan = auto_report.get("plan") or {}
-    same = not auto_report["candidates"] and not (plan.get("retrieval") or {}).get("k") and not any(
-        c.startswith("max_length ") for c in plan.get("chosen_from_data", []))
+    # the defaults choose retrieved examples from the data as auto does (lmtailor.fitting.choose_retrieval); a
+    # search, a shorter length, wider adapters or a probe-fitted head are auto's alone
+    same = not auto_report["candidates"] and not any(
+        c.startswith(("max_length ", "lora.", "classify.")) for c in plan.get("chosen_from_data", []))
     if defaults == "never" and not same:
         return {"auto": auto_report, "defaults": {"after": None, "verdict": None, "steps": None,
                                                   "same_as_auto": False, "not_run": True},

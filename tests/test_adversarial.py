@@ -42,7 +42,8 @@ def toy(tmp_path_factory):
     sft = _jsonl(root / "sft.jsonl", [{"instruction": f"{w} {i}", "output": "a" if i % 5 == 0 else "b"}
                                       for i in range(10) for w in WORDS])
     assert main(["train", f"base_model={tiny}", f"data.path={sft}", f"output_dir={root / 'sft'}", "method=full",
-                 "lr=1e-2", "max_steps=60", "batch_size=8", "data.val_size=0", "eval.before_after=false",
+                 "lr=1e-2", "max_steps=60", "batch_size=8", "data.val_size=0", "data.retrieved_examples=0",
+                 "eval.before_after=false",
                  "early_stopping_patience=0", "eval_every=0", "--no-progress"]) == 0
     real = _jsonl(root / "real.jsonl", [{"instruction": f"{w} {i}", "output": "a"} for i in range(4) for w in WORDS])
     return root / "sft" / "model", real

@@ -113,8 +113,8 @@ def test_a_forward_pass_is_charged_half_a_step_on_a_frozen_model_and_a_third_whe
 def test_retrieval_is_chosen_when_neighbours_carry_the_answer():
     import random
 
-    from lmtailor.auto import RETRIEVED, choose_retrieval
     from lmtailor.data.example import Example
+    from lmtailor.fitting import RETRIEVED, choose_retrieval
 
     def chat(q: str, a: str) -> Example:
         return Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}])

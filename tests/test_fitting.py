@@ -54,7 +54,11 @@ def test_set_keys_are_never_changed(tiny_model, tmp_path):
     data = _chats(tmp_path / "d.jsonl", 200)
     given = ["max_length=64", "epochs=1", "lr=1e-3", "eval_every=0", "method=full"]
     fitted, cfg = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", *given])
-    assert fitted.choices == [] and (cfg.max_length, cfg.epochs, cfg.lr, cfg.eval_every) == (64, 1.0, 1e-3, 0)
+    assert (cfg.max_length, cfg.epochs, cfg.lr, cfg.eval_every) == (64, 1.0, 1e-3, 0)
+    # only retrieval is chosen, and kept off: the set max_length is for prompts without retrieved pairs
+    (retrieval,) = fitted.choices
+    assert retrieval.key == "data.retrieved_examples" and retrieval.value == 0 and "max_length=64" in retrieval.reason
+    assert cfg.data.retrieved_examples == 0
     full, cfg = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", "method=full",
                        "max_steps=5"])
     assert cfg.lr == 2e-5 and "epochs" not in {c.key for c in full.choices}  # max_steps rules out an epoch choice
@@ -87,9 +91,10 @@ def test_train_prints_the_choices_and_writes_them_to_the_resolved_config(tiny_mo
     assert main(["train", f"base_model={tiny_model}", f"data.path={data}", f"output_dir={run}", "max_steps=2",
                  "data.val_size=4", "eval.before_after=false", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "chosen from the data: max_length=" in out and "lr=0.001 (method lora, a short run (2 steps" in out
+    assert "chosen from the data: data.retrieved_examples=1 (" in out and "; max_length=" in out
+    assert "lr=0.001 (method lora, a short run (2 steps" in out
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["max_length"] < 512 and saved["lr"] == 1e-3
+    assert saved["max_length"] < 512 and saved["lr"] == 1e-3 and saved["data"]["retrieved_examples"] == 1
     assert main(["validate", f"base_model={tiny_model}", f"data.path={data}", "data.val_size=4"]) == 0
     assert "chosen from the data: max_length=" in capsys.readouterr().out
 

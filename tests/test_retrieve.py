@@ -112,3 +112,63 @@ def test_a_training_request_asked_again_is_not_shown_its_own_answer():
     assert "tar -xf a.tar" not in shown and "Answer: unzip a.zip" in shown
     chat = rag([{"role": "user", "content": "list hidden files"}], training_request=True)
     assert "ls -a" not in chat[0]["content"] and chat[0]["content"].startswith(INTRO)
+
+
+def _topic_rows(n_per_topic: int, answers_carry: bool) -> list[dict[str, str]]:
+    """Requests that share a topic word; their answers share the topic's command, or are unrelated strings."""
+    import random
+
+    rng = random.Random(3)
+    tools = {"archive": "tar -xzf", "files": "ls -la", "lines": "wc -l", "space": "du -sh", "text": "grep -rn"}
+    return [{"instruction": f"show the {topic} of entry {topic[:2]}{i}",
+             "output": f"{cmd} {topic[:2]}{i}" if answers_carry else "".join(rng.choice("qxzjvk") for _ in range(12))}
+            for i in range(n_per_topic) for topic, cmd in tools.items()]
+
+
+def test_a_recipe_that_leaves_retrieval_unset_gets_it_from_the_data(tiny_model, tmp_path, capsys):
+    """Unset on chat data, data.retrieved_examples is chosen by auto's rule, printed with its reason, written to the
+    run's config.yaml and used by generate; a recipe that sets it keeps its value."""
+    import yaml
+
+    from lmtailor.generate import retrieval_for
+    from lmtailor.runs import Run
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _topic_rows(8, answers_carry=True)))
+    common = [f"base_model={tiny_model}", f"data.path={data}", "data.val_size=4", "max_steps=1", "batch_size=4",
+              "eval.before_after=false", "eval.generate_examples=0", "--no-progress"]
+    assert main(["train", *common, f"output_dir={tmp_path / 'fitted'}"]) == 0
+    out = capsys.readouterr().out
+    assert "data.retrieved_examples=1 (on " in out and "similar requests carry their answers" in out
+    config = yaml.safe_load((tmp_path / "fitted" / "config.yaml").read_text())
+    assert config["data"]["retrieved_examples"] == 1
+    shown = retrieval_for(Run.open(tmp_path / "fitted").config)("show the files of entry fi3")
+    assert shown.startswith(INTRO) and "Answer: ls -la fi" in shown
+    assert main(["train", *common, f"output_dir={tmp_path / 'set'}", "data.retrieved_examples=0"]) == 0
+    assert "data.retrieved_examples" not in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "set" / "config.yaml").read_text())["data"]["retrieved_examples"] == 0
+    assert retrieval_for(Run.open(tmp_path / "set").config) is None
+
+
+def test_retrieval_stays_off_where_neighbours_do_not_carry_the_answer_or_it_does_not_apply(tiny_model, tmp_path):
+    from lmtailor.config import build_config
+    from lmtailor.fitting import choose_retrieved_examples
+    from lmtailor.objectives import get_objective
+
+    def choose(records: list[dict[str, str]], data_keys: dict | None = None, **recipe: object) -> object:
+        data = tmp_path / "r.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        cfg = build_config({"base_model": str(tiny_model), "data": {"path": str(data), **(data_keys or {})},
+                            **recipe}, "test")
+        from lmtailor.data.validate import load_datasets
+
+        train, val, _ = load_datasets(cfg.data)
+        return choose_retrieved_examples(cfg, get_objective(cfg), train, [val])
+
+    unrelated = choose(_topic_rows(8, answers_carry=False))
+    assert unrelated is not None and unrelated.value == 0 and "do not carry their answers" in unrelated.reason
+    carried = choose(_topic_rows(8, answers_carry=True))
+    assert carried is not None and carried.value == 1
+    assert choose(_topic_rows(8, answers_carry=True), data_keys={"retrieved_examples": 2}) is None
+    labeled = [{"text": f"text {i}", "label": "a" if i % 2 else "b"} for i in range(40)]
+    assert choose(labeled, objective="classify") is None

@@ -188,7 +188,8 @@ def test_a_test_split_is_reported_on_and_never_selected_on(tiny_model, data12, t
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))  # two of the training examples, leaked
     run = tmp_path / "r"
-    assert _train(tiny_model, data12, run, f"data.test_path={test}", "eval_every=4", "max_steps=4") == 0
+    assert _train(tiny_model, data12, run, f"data.test_path={test}", "eval_every=4", "max_steps=4",
+                  "data.retrieved_examples=0") == 0  # the samples' prompts as written
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["evaluated_on"] == "test"
     assert metrics["data"]["test_overlap"] == 2 and metrics["data"]["test"] == 2

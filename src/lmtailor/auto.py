@@ -27,7 +27,6 @@ Steps (each writes into the output folder):
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ import yaml
 from lmtailor.config import build_config, parse_duration
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError
+from lmtailor.fitting import choose_retrieval
 from lmtailor.io import atomic_write_json, atomic_write_text
 from lmtailor.outputs import check_output, existing, set_aside
 from lmtailor.report import comparison_table
@@ -54,9 +54,6 @@ MIN_TRIAL_STEPS = 100  # a search trial shorter than this says little about its 
 MIN_TRIALS = 3
 PROBE_SHARE = 0.02  # of the budget, after which timing a step stops probing (long documents: 40 s a step)
 MIN_LENGTH = 128  # the shortest max_length auto cuts long classification documents to
-RETRIEVED = 1  # retrieved examples per prompt when retrieval pays: on the main job at a 5-minute budget one
-# (chrF 32.9 after 23 steps) did as well as two (30.7 after 25) at 60% of the tokens; none: 20.0 after 73 steps
-RETRIEVAL_MIN_CHRF = 20.0  # the nearest training answer must reach this on the dev split
 GENERATED = 60  # test requests an sft run answers by generation (chrF, exact match, looping share)
 # kept back from the final run's budget for auto's own report; the final run pays the rest itself
 # (budget_covers=run): a fixed reserve for its before/after passes ran 60-160 s over on the 20-minute generation
@@ -158,8 +155,7 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
     if objective == "sft":
         retrieval = choose_retrieval(train_ex, seed)
         print(f"auto: {retrieval['reason']}")
-        if retrieval["k"]:
-            final["data"]["retrieved_examples"] = retrieval["k"]
+        final["data"]["retrieved_examples"] = retrieval["k"]  # set, so that train and the trials do not judge again
         final["eval"] = {"generate_examples": min(GENERATED, len(test_ex))}
     probe = measure_recipe(build_config(final, "auto probe"), max_seconds=PROBE_SHARE * total)
     plan = plan_search(total - (time.monotonic() - start), probe, trials, search_share)
@@ -234,41 +230,6 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
                     + ([wide_reason] if wide_reason.startswith("lora.") else [])
                     + ([head_reason] if head_reason else []),
                     "retrieval": retrieval})
-
-
-def choose_retrieval(train: list[Example], seed: int = 0) -> dict[str, Any]:
-    """Whether an sft run should see retrieved examples (data.retrieved_examples), judged on the training data
-    alone: on a dev split of it (20%, at most DEV_MAX), the answer of the nearest other training request (BM25) is
-    scored against the reference (chrF) and against copying the request. When the neighbours' answers predict the
-    dev answers better than the request itself and reach RETRIEVAL_MIN_CHRF, similar requests carry their answers'
-    form, and showing the model RETRIEVED of them is worth the longer prompts; otherwise not."""
-    from lmtailor.baselines import generation_baselines
-    from lmtailor.data.retrieve import query
-
-    chats = [ex for ex in train if ex.messages is not None and any(m["role"] == "assistant" for m in ex.messages)]
-    n_dev = min(DEV_MAX, len(chats) // 5)
-    if n_dev < 5:
-        return {"k": 0, "reason": f"only {len(chats)} chat examples: too few to judge retrieval"}
-    # a seeded random dev split: data files are often ordered (by tool, by source), and a contiguous tail would
-    # take whole groups of near-twins out of the pool
-    order = random.Random(seed).sample(range(len(chats)), len(chats))
-    pool, dev = [chats[i] for i in order[n_dev:]], [chats[i] for i in order[:n_dev]]
-
-    def answer(ex: Example) -> str:
-        assert ex.messages is not None
-        return next(m["content"] for m in reversed(ex.messages) if m["role"] == "assistant")
-
-    scores = generation_baselines([query(ex) for ex in pool], [answer(ex) for ex in pool],
-                                  [query(ex) for ex in dev], [answer(ex) for ex in dev])
-    near, copy = scores["nearest_answer"]["chrf"], scores["copy_input"]["chrf"]
-    facts = (f"on {n_dev} dev examples the nearest training answer scores chrF {near:.1f}, copying the request "
-             f"{copy:.1f}")
-    if near > copy and near >= RETRIEVAL_MIN_CHRF:
-        return {"k": RETRIEVED, "nearest_chrf": near, "copy_chrf": copy,
-                "reason": f"{facts}: similar requests carry their answers, so each prompt shows the "
-                          f"{RETRIEVED} most similar training examples (data.retrieved_examples={RETRIEVED})"}
-    return {"k": 0, "nearest_chrf": near, "copy_chrf": copy,
-            "reason": f"{facts}: similar requests do not carry their answers, so no retrieved examples"}
 
 
 def widen_adapters(probe: dict[str, Any], wide_probe: dict[str, Any], wide_plan: dict[str, Any]) -> str:

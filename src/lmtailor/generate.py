@@ -288,7 +288,7 @@ def retrieval_for(config: dict[str, Any], kb: str | None = None) -> Any:
 
         train, _, _ = scrub_for_run(train, [], cfg.privacy.mode, cfg.privacy.salt_env, cfg.privacy.ner,
                                     options=scan_options(cfg.privacy))
-    return RunRetrieval(Retriever([ex for ex in train if ex.messages is not None]), cfg.data.retrieved_examples)
+    return RunRetrieval(Retriever([ex for ex in train if ex.messages is not None]), cfg.data.retrieved_examples or 0)
 
 
 def answer(target: str, prompts: Sequence[str], settings: GenerationSettings, system: str | None = None,

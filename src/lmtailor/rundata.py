@@ -15,7 +15,7 @@ from typing import Any
 from lmtailor.config import RunConfig
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError
-from lmtailor.fitting import Choice, apply, choose_max_length, choose_schedule
+from lmtailor.fitting import Choice, apply, choose_max_length, choose_retrieved_examples, choose_schedule
 from lmtailor.objectives import Objective, ObjectiveContext
 
 
@@ -91,6 +91,8 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
                                                      scan_options(cfg.privacy))
             val_ex, test_ex = held_ex[:len(val_ex)], held_ex[len(val_ex):]
             stats["pii_replaced"] = audit["total"]
+        chosen = [c for c in [choose_retrieved_examples(cfg, objective, train_ex, [val_ex, test_ex])] if c]
+        ctx.cfg = cfg = apply(cfg, chosen)  # unset on chat data: on when similar requests carry their answers
         if cfg.data.retrieved_examples:  # after scrubbing: retrieved answers are scrubbed like the rest
             from lmtailor.data.retrieve import with_retrieved
 
@@ -103,7 +105,7 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
         if ctx.tokenizer is None:
             ctx.tokenizer = objective.tokenizer(ctx)
         objective.fit(ctx, train_ex)
-        choices = [c for c in [choose_max_length(objective, ctx, train_ex)] if c is not None]
+        choices = chosen + [c for c in [choose_max_length(objective, ctx, train_ex)] if c is not None]
         ctx.cfg = cfg = apply(cfg, choices)
         train_items, train_stats = objective.prepare(ctx, train_ex)
         val_ex = val_ex[:cfg.eval.max_examples]
