@@ -111,3 +111,37 @@ def test_no_prefix_is_shared_when_it_would_carry_a_target(model_tok):
                                                     {"role": "assistant", "content": a}]), 128, train_on_prompt=True)[0]
             for a in ("ls", "ls -la")]
     assert shared_prefix(seqs) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_example_by_example_attention_matches_the_block_mask_with_its_gradients(dtype):
+    """The CPU path (segment_attention: each example with the shared prefix) against one dense SDPA over the block
+    mask, forward and backward, with grouped heads, a gap between examples and padding at the end; in bf16 the
+    scores run in float32, so it is checked against float64 within bf16's rounding."""
+    import torch.nn.functional as F
+
+    from lmtailor.objectives.attention import segment_attention, segment_bounds
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, -1, -1, -1, -1, -1],
+                        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, 2, 2, 2, 2, 2, 2, -1, -1]])
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 20, 8, generator=gen, dtype=torch.float64) for h in (6, 2, 2))
+    weight = torch.randn(2, 20, 6, 8, generator=gen, dtype=torch.float64)
+    real = (seg >= 0)[:, :, None, None]
+
+    def run(fn, q, k, v):
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = fn(q, k, v)
+        (out.double() * weight * real).sum().backward()
+        return out.double() * real, q.grad.double(), k.grad.double(), v.grad.double()
+
+    def dense(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(seg), enable_gqa=True).transpose(1, 2)
+
+    ours = run(lambda q, k, v: segment_attention(None, q, k, v, None, packed_segments=segment_bounds(seg))[0],
+               *(t.to(dtype) for t in (q, k, v)))
+    ref = run(dense, q, k, v)
+    tol = 1e-10 if dtype == torch.float64 else 3e-2
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.allclose(a, b, atol=tol, rtol=tol), (a - b).abs().max()
+    assert ours[0].abs().sum() > 0 and ours[1][1, :, 10:12].abs().sum() == 0  # the gap gets no gradient

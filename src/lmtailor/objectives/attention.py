@@ -54,26 +54,43 @@ def segment_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                        scaling, packed_segments)
         return out.to(compute), None
     gqa = query.shape[1] != key.shape[1]
-    out = torch.zeros_like(query)
-    for r, (p, spans) in enumerate(packed_segments):
-        if p:
-            out[r:r + 1, :, :p] = F.scaled_dot_product_attention(
-                query[r:r + 1, :, :p], key[r:r + 1, :, :p], value[r:r + 1, :, :p], is_causal=True, scale=scaling,
-                dropout_p=dropout, enable_gqa=gqa)
-        for a, b in spans:
-            q = query[r:r + 1, :, a:b]
-            if p:
-                k = torch.cat([key[r:r + 1, :, :p], key[r:r + 1, :, a:b]], dim=2)
-                v = torch.cat([value[r:r + 1, :, :p], value[r:r + 1, :, a:b]], dim=2)
-                # every query sees the whole prefix and the example up to itself
+    rows = []
+    # Each row is cut into its pieces (prefix, examples, padding) with unbind and split, whose backward passes are
+    # one stack and one cat. Indexing each example out of the row instead made every slice's backward write a
+    # zero-filled copy of the whole row (in finetune_throughput.py: 47 such copies per layer and step).
+    for (p, spans), q_row, k_row, v_row in zip(packed_segments, query.unbind(0), key.unbind(0), value.unbind(0),
+                                               strict=True):
+        cuts = _pieces(p, spans, q_row.shape[1])
+        qs, ks, vs = (t.split([b - a for a, b, _ in cuts], dim=1) for t in (q_row, k_row, v_row))
+        pieces = []
+        for (a, b, kind), q, k, v in zip(cuts, qs, ks, vs, strict=True):
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+            if kind == "gap":  # padding: attends to nothing, and nothing attends to it
+                pieces.append(torch.zeros_like(q))
+            elif kind == "prefix" or not p:  # the shared prefix, or an example without one: causal on itself
+                pieces.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                             dropout_p=dropout, enable_gqa=gqa))
+            else:  # every query sees the whole prefix and the example up to itself
                 mask = torch.ones(b - a, p + b - a, dtype=torch.bool, device=q.device).tril(diagonal=p)
-                out[r:r + 1, :, a:b] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
-                                                                      dropout_p=dropout, enable_gqa=gqa)
-            else:
-                out[r:r + 1, :, a:b] = F.scaled_dot_product_attention(
-                    q, key[r:r + 1, :, a:b], value[r:r + 1, :, a:b], is_causal=True, scale=scaling,
-                    dropout_p=dropout, enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous(), None
+                pieces.append(F.scaled_dot_product_attention(
+                    q, torch.cat([ks[0].unsqueeze(0), k], dim=2), torch.cat([vs[0].unsqueeze(0), v], dim=2),
+                    attn_mask=mask, scale=scaling, dropout_p=dropout, enable_gqa=gqa))
+        rows.append(torch.cat(pieces, dim=2)[0])
+    return torch.stack(rows).transpose(1, 2).contiguous(), None
+
+
+def _pieces(prefix: int, spans: list[tuple[int, int]], length: int) -> list[tuple[int, int, str]]:
+    """A packed row of `length` positions cut into (start, end, kind) pieces that cover it in order: the shared
+    prefix, each example, and the gaps (padding) between and after them."""
+    cuts, at = ([(0, prefix, "prefix")] if prefix else []), prefix
+    for a, b in spans:
+        if a > at:
+            cuts.append((at, a, "gap"))
+        cuts.append((a, b, "example"))
+        at = b
+    if at < length:
+        cuts.append((at, length, "gap"))
+    return cuts
 
 
 def _register_segment_attention() -> None:
