@@ -122,6 +122,45 @@ def matmul_gflops(dtype_name: str, n: int = 2048, budget_s: float = 3.0) -> floa
     return 2 * n**3 / best / 1e9
 
 
+def linear_shapes(config: Any) -> list[tuple[int, int, int]]:
+    """(in, out, count) of a llama-style decoder's linear layers over all its layers (attention's four projections,
+    the gated MLP's three), from its transformers config."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    return [(h, heads * d, layers), (h, kv * d, 2 * layers), (heads * d, h, layers), (h, inter, 2 * layers),
+            (inter, h, layers)]
+
+
+def step_matmul_gflops(shapes: list[tuple[int, int, int]], rows: int, dtype_name: str,
+                       head: tuple[int, int, int] | None = None, budget_s: float = 0.5) -> float:
+    """GFLOP/s of a frozen-weight training step's own matrix products, timed alone: for each (in, out, count)
+    linear, the forward (rows x in) @ (in x out) and the input gradient (rows x out) @ (out x in), best of a few
+    tries each; `head` = (in, out, rows) for the output head on its own rows. What a step made of nothing but its
+    matrix products would reach at this width and row count, which small products keep below the 2048^2 peak."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    flops = seconds = 0.0
+    products = [(k, n, c, rows) for k, n, c in shapes] + ([(head[0], head[1], 1, head[2])] if head else [])
+    for k, n, count, m in products:
+        if not m:
+            continue
+        for a, b in ((torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)),
+                     (torch.randn(m, n).to(dtype), torch.randn(n, k).to(dtype))):
+            torch.mm(a, b)  # warm-up: the kernel for this shape
+            best, spent = float("inf"), 0.0
+            while spent < budget_s or best == float("inf"):
+                t = time.perf_counter()
+                torch.mm(a, b)
+                dt = time.perf_counter() - t
+                best, spent = min(best, dt), spent + dt
+            flops += 2 * m * k * n * count
+            seconds += best * count
+    return flops / seconds / 1e9
+
+
 def machine_peaks() -> dict[str, Any]:
     """fp32 and bf16 2048^2 matmul GFLOP/s, and the CPU's bf16 matrix units (None: none found).
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -40,6 +41,7 @@ from benchlib import (
     ROOT,
     alternate,
     cpu_model,
+    linear_shapes,
     machine_peaks,
     median,
     peak_rss_bytes,
@@ -49,6 +51,7 @@ from benchlib import (
     steady_seconds_per_step,
     step_clock,
     step_items,
+    step_matmul_gflops,
 )
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "finetune_throughput.json"
@@ -291,6 +294,16 @@ def main(argv: list[str] | None = None) -> None:
     secs = {s: median(r[s]["train_seconds"] for r in rounds) for s in sides}
     rss = {s: max(r[s]["peak_rss_bytes"] for r in rounds) for s in sides}
     share = {s: flops / secs[s] / peak for s in sides} if flops else {}
+    # the rate of the step's own matrix products, timed alone at its row count (packed rows are padded to 64)
+    from lmtailor.models import load_model_config
+
+    dtype_name = "bfloat16" if a.precision == "bf16" else "float32"
+    rows = 64 * math.ceil(tokens / a.steps / 64)
+    config = load_model_config(a.base_model)
+    step_rate = step_matmul_gflops(linear_shapes(config), rows, dtype_name,
+                                   head=(config.hidden_size, params["head"] // config.hidden_size,
+                                         math.ceil(supervised / a.steps))) if params else None
+    step_share = {s: flops / secs[s] / (step_rate * 1e9) for s in sides} if flops and step_rate else {}
     steady = {s: median(x for r in rounds if (x := steady_seconds_per_step(r[s]["step_elapsed"])) is not None)
               if a.steps >= 3 else None for s in sides}
     table = [
@@ -300,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         ("training seconds", *(f"{secs[s]:.1f}" for s in sides)),
         ("steady s/step", *(f"{steady[s]:.2f}" if steady[s] else "-" for s in sides)),
         (f"share of {a.precision} peak", *(f"{share[s]:.1%}" if share else "-" for s in sides)),
+        ("share of the step's matmul rate", *(f"{step_share[s]:.1%}" if step_share else "-" for s in sides)),
         ("peak RSS (GB)", *(f"{rss[s] / 1e9:.2f}" for s in sides)),
         ("final step loss", *(f"{rounds[0][s]['final_loss']:.5f}" for s in sides)),
     ]
@@ -308,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     if params:
         print(f"model FLOPs (LoRA): (4 x {params['body'] / 1e6:.1f}M body + 6 x {params['lora'] / 1e6:.2f}M adapter) "
               f"per token + 4 x {params['head'] / 1e6:.1f}M head per supervised token = {flops / 1e12:.2f} TFLOP")
+    if step_rate:
+        print(f"the step's own matrix products timed alone ({rows} packed rows, {dtype_name}): {step_rate:.0f} "
+              f"GFLOP/s, {step_rate * 1e9 / peak:.0%} of the {a.precision} peak; what is left is work outside them")
     widths = [max(len(r[j]) for r in table) for j in range(len(table[0]))]
     for row in table:
         print("  ".join(f"{c:<{widths[0]}}" if j == 0 else f"{c:>{widths[j]}}" for j, c in enumerate(row)))
@@ -336,6 +353,10 @@ def main(argv: list[str] | None = None) -> None:
                   "ours": "lmtailor.train.train, packing=true (pack_length 1024)"},
         "tokens": tokens, "padded_tokens": padded, "supervised_tokens": supervised,
         "machine_peaks": peaks, "params": params, "model_flops": flops, "share_of_peak": share,
+        "step_matmul": {"rows": rows, "gflops": step_rate, "share_of_peak": step_rate * 1e9 / peak if step_rate
+                        else None, "note": "the step's own matrix products (every frozen linear's forward and input "
+                        "gradient at the step's packed row count, the head at its supervised rows) timed alone"},
+        "share_of_step_matmul_rate": step_share,
         "tokens_per_s": tps, "peak_rss_bytes": rss,
         "ratio": {s: median(r["ratio"][s] for r in rounds) for s in sides[1:]},
         "ratio_per_repeat": {s: [r["ratio"][s] for r in rounds] for s in sides[1:]},

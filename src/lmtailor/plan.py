@@ -192,7 +192,7 @@ class Estimate:
 
 
 def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, seq_len: int = 0,
-                attention_matrix: bool = False, first: bool = False) -> float:
+                attention_matrix: bool = False, first: bool = False, packed: bool = False) -> float:
     """Bytes per token that autograd keeps for the backward pass of one decoder block (llama family, SDPA).
 
     Counted from what each op saves, and checked tensor by tensor by benchmarks/plan_census.py:
@@ -207,11 +207,17 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
     `trains`: "all" (full fine-tuning, the unfrozen blocks of freeze), "lora" (frozen base and norms: frozen
     linears keep no inputs) or "none" (a frozen block below every trainable one keeps nothing). `first`: the block's
     input needs no gradient (the first block under LoRA or freeze), so its first norm keeps nothing of it.
+    `packed`: packed rows on CPU, attended example by example (objectives/attention.py): each example's output is
+    kept apart from the row's, and under bf16 autocast attention runs in float32 (q, k and v kept in float32, and
+    the output cast back for o_proj): 4h bytes more per token in float32, 4kv + 6h (full) or 4h (LoRA) in bf16,
+    as counted tensor by tensor in tests/test_plan_memory.py.
     """
     if trains == "none":
         return 0.0
     h, kv, i, a = s.hidden, s.kv_dim, s.intermediate, (2 if half else F32)
     attention = a * (2 * h + 2 * kv) + F32 * s.heads + (a * s.heads * seq_len if attention_matrix else 0)
+    if packed:
+        attention += (4 * kv + (6 if trains == "all" else 4) * h) if half else F32 * h
     if trains == "all":
         norms = 2 * F32 * (2 * h + 1) + a * h * (5 if half else 2)  # casts: q, k, v and gate, up
         block = norms + attention + a * 4 * i
@@ -225,7 +231,7 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
 def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, half: bool, lora_r: int = 16,
                 supervised: float = 1.0, unfreeze_last_n: int = 2, attention_matrix: bool = False,
                 accumulating: bool = False, optimizer_temp: float = 0.0, gradients: float = 0.0,
-                head_trains: bool = True, copies: float = 0.0) -> list[tuple[str, float, float]]:
+                head_trains: bool = True, copies: float = 0.0, packed: bool = False) -> list[tuple[str, float, float]]:
     """The moments of one training step that can hold its peak: (moment, bytes, bytes per sequence).
 
     Bytes above weights and optimizer state. In order: the loss's backward (every saved activation, and the
@@ -241,7 +247,8 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
     trainable_blocks = unfreeze_last_n if method == "freeze" else s.layers
     frozen_below = s.layers - trainable_blocks
     full = [block_bytes(s, trains if k >= frozen_below else "none", half=half, lora_r=lora_r, seq_len=t,
-                        attention_matrix=attention_matrix, first=(k == frozen_below and method != "full"))
+                        attention_matrix=attention_matrix, first=(k == frozen_below and method != "full"),
+                        packed=packed)
             for k in range(s.layers)]
     kept = [(F32 * h if checkpointing and b else b) for b in full]  # a checkpointed block keeps its input
     sup = supervised * t
@@ -267,7 +274,8 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
 def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: int = 1, master_bytes: int = 4,
              act_bytes: int = 2, lora_r: int = 16, optimizer_bytes: int = 8, unfreeze_last_n: int = 2,
              autocast_copy: bool = True, supervised: float = 1.0, attention_matrix: bool = False,
-             accumulating: bool = False, device: str = "cuda", optimizer: str = "adamw") -> Estimate:
+             accumulating: bool = False, device: str = "cuda", optimizer: str = "adamw", packed: bool = False
+             ) -> Estimate:
     """Memory of `method` per GPU; weights, gradients and optimizer state are split over `gpus` (FSDP).
 
     `act_bytes` 2: 16-bit autocast over float32 master weights (dtype auto on a GPU), 4: float32.
@@ -306,7 +314,7 @@ def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: 
     phases = step_phases(s, method, checkpointing, seq_len, half=half, lora_r=lora_r, supervised=supervised,
                          unfreeze_last_n=unfreeze_last_n, attention_matrix=attention_matrix,
                          accumulating=accumulating, optimizer_temp=temp / gpus, gradients=grads / gpus,
-                         head_trains=head_trains, copies=copies / gpus)
+                         head_trains=head_trains, copies=copies / gpus, packed=packed and device == "cpu")
     per_seq = phases[0][2]
     fixed = (weights + grads + opt) / gpus
     return Estimate(method, checkpointing, total, trainable, weights / gpus, grads / gpus, opt / gpus, per_seq,
@@ -319,15 +327,19 @@ PROCESS_CODE = 20 * 2**20  # the kernels' code and data paged in by the first fo
 
 def run_estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, micro_batch: int, *,
                  mixed_precision: str = "no", lora_r: int = 16, optimizer: str = "adamw", supervised: float = 1.0,
-                 attention_matrix: bool = False, accumulating: bool = False, device: str = "cpu") -> float:
+                 attention_matrix: bool = False, accumulating: bool = False, device: str = "cpu",
+                 packed: bool = False) -> float:
     """Peak bytes one `lmtailor train` process adds for this run (what its metrics.json `peak_memory_mib` measures):
     float32 weights, gradients and optimizer state, and the peak of one micro-batch's step (`step_phases`), with
     activations in float32 without mixed precision (CPU) or bf16/fp16 with it (plus the autocast copies).
+    `packed`: `seq_len` is a packed row (see block_bytes), padded to a multiple of 64 under CPU bf16.
     On CPU the resident set is what runs out: the kernels' code paged in by the first step comes on top."""
     half = mixed_precision in ("bf16", "fp16")
+    if packed and half and device == "cpu":  # bf16 packed rows are padded to a multiple of 64 (objectives/causal.py)
+        seq_len = 64 * math.ceil(seq_len / 64)
     e = estimate(s, method, checkpointing, seq_len, act_bytes=2 if half else 4, lora_r=lora_r,
                  optimizer_bytes=2 if optimizer == "adamw_8bit" else 8, autocast_copy=half, supervised=supervised,
-                 attention_matrix=attention_matrix, accumulating=accumulating, device=device)
+                 attention_matrix=attention_matrix, accumulating=accumulating, device=device, packed=packed)
     # glibc's retained free pages are not counted: a run with release_memory=true gives them back (plan within 3-6%
     # at the plan_accuracy sizes), one with the default keeps 14-35% more (see memory.release_freed_memory)
     if device == "cpu":
