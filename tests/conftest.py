@@ -46,6 +46,20 @@ PAIRS = [
 ]
 
 
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch | None = None):  # noqa: ANN201
+    """benchmarks/<name>.py as a module (with `monkeypatch`, benchmarks/ on sys.path for its own imports)."""
+    import importlib.util
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    if monkeypatch is not None:
+        monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def build_tiny(folder: Path, layers: int = 2, width: int = 64, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -142,16 +142,9 @@ def test_sft_run_scores_the_nearest_answer_baseline(tiny_model, pairs_file, tmp_
 
 
 def _quality(monkeypatch):  # noqa: ANN202
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_benchmark
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("quality", bench / "quality.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("quality", monkeypatch)
 
 
 def test_macro_f1_rows_agree_with_the_reported_metric(monkeypatch):

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
 
 def _benchlib(monkeypatch):  # noqa: ANN202
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("benchlib", bench / "benchlib.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_benchmark
+
+    return load_benchmark("benchlib", monkeypatch)
 
 
 def test_linear_shapes_cover_every_linear_weight_of_the_decoder(monkeypatch, tiny_model):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -148,11 +147,9 @@ def test_ner_is_optional_and_says_what_to_install() -> None:
 
 
 def _bench(name: str):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import load_benchmark
+
+    return load_benchmark(name)
 
 
 def test_faker_eval_set_meets_targets() -> None:
