@@ -76,6 +76,10 @@ def _set(cfg: RunConfig) -> set[str]:
     return set(cfg.model_fields_set)
 
 
+def _has_answer(ex: Example) -> bool:
+    return ex.messages is not None and any(m["role"] == "assistant" for m in ex.messages)
+
+
 def choose_retrieval(train: Sequence[Example], seed: int = 0) -> dict[str, Any]:
     """Whether an sft run should see retrieved examples (data.retrieved_examples), judged on the training data
     alone: on a dev split of it (20%, at most RETRIEVAL_DEV_MAX), the answer of the nearest other training request
@@ -85,7 +89,7 @@ def choose_retrieval(train: Sequence[Example], seed: int = 0) -> dict[str, Any]:
     from lmtailor.baselines import generation_baselines
     from lmtailor.data.retrieve import answer_of, query
 
-    chats = [ex for ex in train if ex.messages is not None and any(m["role"] == "assistant" for m in ex.messages)]
+    chats = [ex for ex in train if _has_answer(ex)]
     n_dev = min(RETRIEVAL_DEV_MAX, len(chats) // 5)
     if n_dev < 5:
         return {"k": 0, "reason": f"only {len(chats)} chat examples: too few to judge retrieval"}
@@ -109,10 +113,6 @@ def choose_retrieval(train: Sequence[Example], seed: int = 0) -> dict[str, Any]:
                           f"{RETRIEVED} most similar training examples"}
     return {"k": 0, "nearest_chrf": near, "copy_chrf": copy,
             "reason": f"{facts}: similar requests do not carry their answers, so no retrieved examples"}
-
-
-def _has_answer(ex: Example) -> bool:
-    return ex.messages is not None and any(m["role"] == "assistant" for m in ex.messages)
 
 
 def choose_retrieved_examples(cfg: RunConfig, objective: Objective, train: Sequence[Example],

@@ -209,7 +209,7 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
     input needs no gradient (the first block under LoRA or freeze), so its first norm keeps nothing of it.
     `packed`: packed rows on CPU, attended example by example (objectives/attention.py): each example's output is
     kept apart from the row's, and under bf16 autocast attention runs in float32 (q, k and v kept in float32, and
-    the output cast back for o_proj): 4h bytes more per token in float32, 4kv + 6h (full) or 4h (LoRA) in bf16,
+    the output cast back for o_proj): 4h bytes more per token in float32, 4kv + 6h (full) or 4kv + 4h (LoRA) in bf16,
     as counted tensor by tensor in tests/test_plan_memory.py.
     """
     if trains == "none":
