@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = 64 * math.ceil(tokens / a.steps / 64)
     config = load_model_config(a.base_model)
     step_rate = step_matmul_gflops(linear_shapes(config), rows, dtype_name,
-                                   head=(config.hidden_size, params["head"] // config.hidden_size,
-                                         math.ceil(supervised / a.steps))) if params else None
+                                   head=(config.hidden_size, config.vocab_size, math.ceil(supervised / a.steps))
+                                   ) if params else None
     step_share = {s: flops / secs[s] / (step_rate * 1e9) for s in sides} if flops and step_rate else {}
     steady = {s: median(x for r in rounds if (x := steady_seconds_per_step(r[s]["step_elapsed"])) is not None)
               if a.steps >= 3 else None for s in sides}

@@ -164,3 +164,17 @@ def test_release_memory_gives_freed_blocks_back_to_the_system(release):
         assert min(freed) > 110
     else:
         assert max(freed) < 20
+
+
+def test_a_packed_bf16_row_on_cpu_is_planned_at_its_padded_length():
+    """Packed rows under CPU bf16 are padded to a multiple of 64 (objectives/causal.py), and attended in float32:
+    the plan of a 100-token row is that of a 128-token one, and above the unpacked plan."""
+    from lmtailor.plan import run_estimate
+
+    shape = shape_of({**SPEC, "num_hidden_layers": 3})
+    packed = run_estimate(shape, "lora", False, 100, 2, mixed_precision="bf16", lora_r=8, packed=True)
+    assert packed == run_estimate(shape, "lora", False, 128, 2, mixed_precision="bf16", lora_r=8, packed=True)
+    assert packed > run_estimate(shape, "lora", False, 128, 2, mixed_precision="bf16", lora_r=8)
+    # float32 rows are not padded
+    assert run_estimate(shape, "lora", False, 100, 2, lora_r=8, packed=True) < run_estimate(
+        shape, "lora", False, 128, 2, lora_r=8, packed=True)
