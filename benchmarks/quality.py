@@ -158,8 +158,9 @@ def full_test(run_dir: str, data: Path) -> dict[str, Any]:
 
 
 def macro_f1_rows(gold: Any, preds: Any, n_labels: int) -> Any:
-    """Macro-F1 over all `n_labels` label ids of each row of `preds` (trials x examples) against `gold`, as
-    lmtailor reports it (sklearn's `labels=ids, zero_division=0`: a label no one predicts or has scores 0)."""
+    """Macro-F1 of each row of `preds` (trials x examples) against `gold`, as lmtailor reports it
+    (metrics.classification_metrics): over the labels of `n_labels` that the gold labels or that row's predictions
+    hold; a label predicted but absent from the gold labels scores 0."""
     import numpy as np
 
     rows = np.arange(preds.shape[0])[:, None]
@@ -169,8 +170,9 @@ def macro_f1_rows(gold: Any, preds: Any, n_labels: int) -> Any:
     np.add.at(fp, (rows, preds), ~hit)
     np.add.at(fn, (rows, np.broadcast_to(gold, preds.shape)), ~hit)
     denominator = 2 * tp + fp + fn
-    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-    return f1.mean(axis=1)
+    present = denominator > 0  # a label that neither the gold labels nor the row has is not averaged
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=present)
+    return f1.sum(axis=1) / np.maximum(1, present.sum(axis=1))
 
 
 def paired_macro_f1_test(gold: list[int], base: list[int], ours: list[int], n_labels: int, trials: int = 10000,

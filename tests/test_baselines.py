@@ -154,11 +154,13 @@ def test_macro_f1_rows_agree_with_the_reported_metric(monkeypatch):
 
     quality = _quality(monkeypatch)
     rng = random.Random(3)
-    gold = [rng.randrange(4) for _ in range(60)]  # label 4 of 5 never occurs: it scores 0, as reported
+    gold = [rng.randrange(4) for _ in range(60)]  # label 4 of 5 is not gold: averaged only where predicted
     preds = [[g if rng.random() < p else rng.randrange(5) for g in gold] for p in (0.2, 0.6, 0.9)]
     rows = quality.macro_f1_rows(np.asarray(gold), np.asarray(preds), 5)
     names = ["a", "b", "c", "d", "e"]
     assert rows.tolist() == pytest.approx([classification_metrics(gold, p, names)["macro_f1"] for p in preds])
+    perfect = quality.macro_f1_rows(np.asarray(gold), np.asarray([gold]), 5)
+    assert perfect.tolist() == [1.0]  # the label no one has does not count against it
 
 
 def test_paired_macro_f1_test_tells_a_real_difference_from_noise(monkeypatch):

@@ -41,9 +41,14 @@ def test_classification_metrics_match_sklearn():
     assert got["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
     assert got["confusion_matrix"] == confusion_matrix(y_true, y_pred).tolist()
     assert got["per_class"]["spam"]["recall"] == 1.0 and got["per_class"]["spam"]["support"] == 2
-    # a class never seen still gets its row and counts toward macro-F1
+    # a class neither the split nor the model has still gets its row, but is no mistake: a perfect model scores 1
     unseen = M.classification_metrics([0, 1], [0, 1], ["a", "b", "c"])
-    assert unseen["macro_f1"] == pytest.approx(2 / 3) and len(unseen["confusion_matrix"]) == 3
+    assert unseen["macro_f1"] == 1.0 and unseen["weighted_f1"] == 1.0 and len(unseen["confusion_matrix"]) == 3
+    assert unseen["per_class"]["c"]["support"] == 0
+    # a class the model predicts but the split lacks counts, at 0 (sklearn's default label set)
+    spurious = M.classification_metrics([0, 1, 1], [0, 1, 2], ["a", "b", "c"])
+    assert spurious["macro_f1"] == pytest.approx(f1_score([0, 1, 1], [0, 1, 2], average="macro")) == pytest.approx(
+        (1 + 2 / 3 + 0) / 3)
 
 
 def test_multilabel_metrics_match_sklearn():
