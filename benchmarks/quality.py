@@ -7,9 +7,9 @@ best checkpoint on the dev split. The shipped defaults (`lmtailor train` with on
 and the same budget set, covering the whole run as auto's does, and for generation as many test answers as auto
 scores: every other value is the default or chosen from the data) train on the same training split; with
 `--defaults if-different` (the default) they are not run again when auto's final run was exactly that recipe
-(no search, no shortened max_length, no wider adapters or probe-fitted head; retrieved examples the
-defaults choose from the data too). Everything is judged on the same test split, which nothing
-was selected on. The baselines (majority / TF-IDF + logistic regression for classification, nearest
+(no search, no shortened max_length, no wider adapters; retrieved examples and a probe-fitted head for
+documents cut at max_length the defaults choose from the data too). Everything is judged on the same test split,
+which nothing was selected on. The baselines (majority / TF-IDF + logistic regression for classification, nearest
 training answer by BM25 / copy input for generation) come from the same evaluation. A generation set's row is
 then scored again outside the budget on every test request (auto's report answers at most 60 within it, see
 `full_test`), with the p-value of the difference from the nearest-answer baseline: with about a hundred short
@@ -85,10 +85,10 @@ def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: s
     counts = {"train_examples": len((data / "train.jsonl").read_text().splitlines()),
               "test_examples": len((data / "test.jsonl").read_text().splitlines())}
     plan = auto_report.get("plan") or {}
-    # the defaults choose retrieved examples from the data as auto does (lmtailor.fitting.choose_retrieval); a
-    # search, a shorter length, wider adapters or a probe-fitted head are auto's alone
+    # the defaults choose retrieved examples and a probe-fitted head for cut documents from the data as auto does
+    # (lmtailor.fitting); a search, a shorter length (with its head) or wider adapters are auto's alone
     same = not auto_report["candidates"] and not any(
-        c.startswith(("max_length ", "lora.", "classify.")) for c in plan.get("chosen_from_data", []))
+        c.startswith(("max_length ", "lora.")) for c in plan.get("chosen_from_data", []))
     if defaults == "never" and not same:
         return {"auto": auto_report, "defaults": {"after": None, "verdict": None, "steps": None,
                                                   "same_as_auto": False, "not_run": True},
@@ -106,6 +106,13 @@ def run_dataset(name: str, budget: str, root: Path, base_model: str, defaults: s
     # run so the columns compare: the budget covers the whole run (the same wall-clock), and a generation set
     # answers as many test requests (the baselines are scored on the same ones)
     objective = FORMAT_OBJECTIVES.get(fmt, "sft")
+    finished = root / name / "defaults" / "metrics.json"
+    if defaults == "reuse" and finished.is_file():  # a finished defaults run: scored again, not trained again
+        m = json.loads(finished.read_text())
+        return {"auto": auto_report, "defaults": {"after": m.get("after"), "verdict": m.get("verdict"),
+                                                  "steps": m.get("steps"), "same_as_auto": False, "reused": True},
+                "baselines": m.get("baselines"), "auto_seconds": round(auto_s, 1),
+                "defaults_seconds": None, **counts}
     recipe = {"name": f"{name}-defaults", "output_dir": str(root / name / "defaults"), "overwrite": True,
               "base_model": base_model, "objective": objective, "budget": budget, "budget_covers": "run",
               "data": {"path": str(data / "train.jsonl"), "format": written_format(fmt),
@@ -229,9 +236,10 @@ def main() -> None:
     p.add_argument("--base-model", default="smollm2-135m-instruct")
     p.add_argument("--work", default=None, help="folder for the runs (default: a temporary folder)")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--defaults", choices=("always", "if-different", "never"), default="if-different",
+    p.add_argument("--defaults", choices=("always", "if-different", "never", "reuse"), default="if-different",
                    help="run the shipped defaults separately always, only when auto's final recipe differs from them "
-                        "(search, retrieval, a shorter max_length), or never (the column then reads 'not run')")
+                        "(a search, a shorter max_length, wider adapters), never (the column then reads 'not run'), "
+                        "or reuse a finished defaults run in --work and score it again (always, where none is)")
     p.add_argument("--reuse-auto", action="store_true", help="reuse finished auto runs in --work (an interrupted "
                    "benchmark continues where it stopped)")
     a = p.parse_args()
@@ -248,23 +256,33 @@ def main() -> None:
         base = (result["baselines"] or {}).get(baseline, {}).get(metric)
         ours = (result["auto"]["after"] or {}).get(metric)
         defaults_value = (result["defaults"]["after"] or {}).get(metric)
-        p_value = None
+        p_value = defaults_p = None
+        separate = not result["defaults"].get("same_as_auto") and not result["defaults"].get("not_run")
         if metric == "chrf":  # every test request answered, not only the GENERATED the budgeted report scores
             data = work / name / "auto" / "data"
             full = result["auto_full_test"] = full_test(result["auto"]["final_run"], data)
             base, ours, p_value = full["baseline_chrf"], full["chrf"], full["p_value"]
             if result["defaults"].get("same_as_auto"):
-                defaults_value = ours
-            elif not result["defaults"].get("not_run"):
+                defaults_value, defaults_p = ours, p_value
+            elif separate:
                 result["defaults_full_test"] = full_test(str(work / name / "defaults"), data)
                 defaults_value = result["defaults_full_test"]["chrf"]
+                defaults_p = result["defaults_full_test"]["p_value"]
         elif metric == "macro_f1" and result["auto"].get("objective") == "classify":
-            # the p-value of the difference from TF-IDF + logistic regression, on the same test split
-            full = result["auto_full_test"] = classification_test(result["auto"]["final_run"],
-                                                                  work / name / "auto" / "data")
+            # the p-value of the difference from TF-IDF + logistic regression, on the same test split, for auto's
+            # final model and the shipped defaults' (scored by the same function, so the columns compare)
+            data = work / name / "auto" / "data"
+            full = result["auto_full_test"] = classification_test(result["auto"]["final_run"], data)
             base, ours, p_value = full["baseline_macro_f1"], full["macro_f1"], full["p_value"]
+            if result["defaults"].get("same_as_auto"):
+                defaults_value, defaults_p = ours, p_value
+            elif separate:
+                result["defaults_full_test"] = classification_test(str(work / name / "defaults"), data)
+                defaults_value = result["defaults_full_test"]["macro_f1"]
+                defaults_p = result["defaults_full_test"]["p_value"]
         rows[name] = {"shape": shape, "metric": metric, "baseline": baseline, "baseline_value": base,
                       "defaults_value": defaults_value, "auto_value": ours, "p_value": p_value,
+                      "defaults_p_value": defaults_p,
                       "auto_beats_baseline": None if ours is None or base is None else ours > base,
                       "budget": a.budget, "machine": _machine(), **result}
         _write(a.out, rows)
@@ -290,8 +308,8 @@ def _write(out: Path, rows: dict[str, Any]) -> None:
     from lmtailor.io import atomic_write_text
 
     atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
-    lines = ["| dataset | shape | train/test | metric | baseline | shipped defaults | auto | auto beats baseline | "
-             "p (auto vs baseline) | measured on |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | shape | train/test | metric | baseline | shipped defaults | p (defaults vs baseline) | auto "
+             "| auto beats baseline | p (auto vs baseline) | measured on |", "|---" * 11 + "|"]
     for name, r in rows.items():
         digits = 1 if r["metric"] == "chrf" else 3
         b, d, o = ("-" if v is None else f"{v:.{digits}f}" for v in (r["baseline_value"], r["defaults_value"],
@@ -301,7 +319,8 @@ def _write(out: Path, rows: dict[str, Any]) -> None:
         elif r["defaults"].get("not_run"):
             d = "not run"
         lines.append(f"| {name} | {r['shape']} | {r['train_examples']}/{r['test_examples']} | {r['metric']} | "
-                     f"{b} ({r['baseline']}) | {d} | {o} | {r['auto_beats_baseline']} | "
+                     f"{b} ({r['baseline']}) | {d} | {_p(r.get('defaults_p_value'))} | {o} | "
+                     f"{r['auto_beats_baseline']} | "
                      f"{_p(r.get('p_value'))} | {_where(r)} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 

@@ -104,3 +104,59 @@ def test_padding_share_counts_the_padded_positions():
 
     assert padding_share([5] * 16, 8) == 0.0
     assert abs(padding_share([1, 3], 2) - 1 / 3) < 1e-9  # one batch padded to 3: 6 positions, 4 real
+
+
+def _documents(path, n: int, words: int):
+    """Labeled texts of about `words` words whose topic words are spread through the text."""
+    topics = {"sport": ["goal", "match", "team"], "money": ["bank", "loan", "rate"]}
+    rows = []
+    for i in range(n):
+        label = "sport" if i % 2 else "money"
+        rows.append({"text": " ".join(topics[label][j % 3] if j % 5 == 0 else f"w{(i * 7 + j) % 50}"
+                                      for j in range(words)), "label": label})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_documents_cut_at_max_length_get_a_mean_pooled_probe_fitted_head(tiny_model, tmp_path, capsys):
+    import yaml
+
+    docs = _documents(tmp_path / "docs.jsonl", 60, 40)
+    args = [f"base_model={tiny_model}", f"data.path={docs}", "objective=classify", "data.val_size=10"]
+    fitted, cfg = _data([*args, "max_length=16"])  # every text is cut
+    chosen = {c.key: c for c in fitted.choices}
+    assert (cfg.settings.pooling, cfg.settings.head_init) == ("mean", "probe")
+    assert "100% of 40 training texts are longer than max_length=16" in chosen["classify.pooling"].reason
+    assert "linear probe" in chosen["classify.head_init"].reason
+    assert cfg.lr == 2e-4 and "from a head fitted as a linear probe" in chosen["lr"].reason  # not a new head's rate
+    # texts that fit, a set key, or a multi-label head: the head stays as the recipe has it
+    for extra, want in ((["max_length=512"], ("last", "random")), (["max_length=16", "classify.pooling=last"],
+                        ("last", "random")), (["max_length=16", "classify.head_init=random"], ("last", "random"))):
+        fitted, other = _data([*args, *extra])
+        assert (other.settings.pooling, other.settings.head_init) == want, extra
+        assert not {"classify.pooling", "classify.head_init"} & {c.key for c in fitted.choices}
+    # a real run: the choice is printed, written to config.yaml, the probe is fitted and the head reads the mean
+    run = tmp_path / "run"
+    assert main(["train", *args, "max_length=16", f"output_dir={run}", "max_steps=2", "eval.before_after=false",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "chosen from the data: " in out and "classify.pooling=mean (100% of" in out
+    assert "head: a linear probe on 40 training texts (mean-pooled" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["classify"]["pooling"] == "mean" and saved["classify"]["head_init"] == "probe"
+    model_config = json.loads(next(run.glob("model/**/config.json")).read_text())
+    assert model_config["lmtailor_pooling"] == "mean" and len(model_config["lmtailor_head_bias"]) == 2
+
+
+def test_only_a_decoder_only_model_gets_the_mean_pooled_head(tmp_path):
+    from transformers import BertConfig, LlamaConfig, T5Config
+
+    from lmtailor.config import build_config
+    from lmtailor.fitting import _decoder_only
+
+    kinds = {"llama": (LlamaConfig(), True), "bert": (BertConfig(), False), "t5": (T5Config(), False)}
+    for name, (config, want) in kinds.items():
+        config.save_pretrained(tmp_path / name)
+        cfg = build_config({"base_model": str(tmp_path / name), "objective": "classify",
+                            "data": {"path": "unused.jsonl"}}, "test")
+        assert _decoder_only(cfg) is want, name

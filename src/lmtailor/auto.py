@@ -12,7 +12,8 @@ Steps (each writes into the output folder):
    a 20-minute budget does not: its few hundred steps all go to one run of the data-fitted defaults).
    Documents longer than the budget lets a step read (max_length cut, see `shorter_length`) get a head that reads
    the mean over the text and starts as a linear probe on the frozen model's features (classify.pooling=mean,
-   classify.head_init=probe); the probe's forward pass over the training texts is charged to the budget.
+   classify.head_init=probe), as the data-fitted recipe chooses itself for documents cut at max_length
+   (lmtailor.fitting.choose_head); the probe's forward pass over the training texts is charged to the budget.
    An sft run's LoRA adapters go on every linear layer when a second timed probe shows the budget still fits every
    planned step with them (`widen_adapters`).
 3. search/: an Optuna study (`lmtailor tune` machinery) over lr, LoRA rank and epochs; each trial trains on
@@ -184,13 +185,18 @@ def auto(data: str, budget: str | float, out: str | None = None, base_model: str
         if wide_reason.startswith("lora.target_modules=all-linear"):
             final, probe, plan = wide, wide_probe, wide_plan
     head_s, head_reason = 0.0, ""
-    if shorter:  # and the head starts as a linear probe on mean-pooled features (see objectives/classify.py)
-        final["classify"] = {"pooling": "mean", "head_init": "probe"}
+    # documents longer than max_length: the data-fitted recipe chose a head on mean-pooled features that starts as
+    # a linear probe (lmtailor.fitting.choose_head), or the length just shortened cuts them
+    fitted_head = any(c.startswith("classify.head_init=probe") for c in probe["choices"])
+    if shorter or fitted_head:
+        if shorter:  # set: the trials and the final run read the documents the same way
+            final["classify"] = {"pooling": "mean", "head_init": "probe"}
         head_s = head_probe_seconds(probe)
         head_reason = (f"classify.pooling=mean, classify.head_init=probe (documents longer than max_length: the head "
                        f"reads the mean over the text, fitted first as a linear probe on the frozen model's features,"
                        f" about {head_s:.0f} s)")
         print(f"auto: {head_reason}")
+        plan = plan_search(total - (time.monotonic() - start) - head_s, probe, trials, search_share)
     print(f"auto: a step takes {probe['step_s']:.2f} s here ({probe['per_epoch']} steps per epoch); {plan['reason']}")
 
     study: dict[str, Any] = {"metric": SEARCH_METRIC[objective], "all": [], "best_params": {}}

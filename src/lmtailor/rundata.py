@@ -15,7 +15,15 @@ from typing import Any
 from lmtailor.config import RunConfig
 from lmtailor.data.example import Example
 from lmtailor.errors import ConfigError
-from lmtailor.fitting import Choice, apply, choose_max_length, choose_retrieved_examples, choose_schedule
+from lmtailor.fitting import (
+    Choice,
+    apply,
+    choose_head,
+    choose_max_length,
+    choose_retrieved_examples,
+    choose_schedule,
+    example_lengths,
+)
 from lmtailor.objectives import Objective, ObjectiveContext
 
 
@@ -105,8 +113,14 @@ def build_run_data(objective: Objective, ctx: ObjectiveContext, write_audit: boo
         if ctx.tokenizer is None:
             ctx.tokenizer = objective.tokenizer(ctx)
         objective.fit(ctx, train_ex)
-        choices = chosen + [c for c in [choose_max_length(objective, ctx, train_ex)] if c is not None]
+        lengths = example_lengths(objective, ctx, train_ex)
+        choices = chosen + [c for c in [choose_max_length(objective, ctx, train_ex, lengths)] if c is not None]
         ctx.cfg = cfg = apply(cfg, choices)
+        head = choose_head(cfg, objective, lengths)  # at the max_length just fixed
+        if head:
+            ctx.cfg = cfg = apply(cfg, head)
+            ctx.settings = cfg.settings
+            choices += head
         train_items, train_stats = objective.prepare(ctx, train_ex)
         val_ex = val_ex[:cfg.eval.max_examples]
         val_items, _ = objective.prepare(ctx, val_ex)
