@@ -175,7 +175,14 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     init_s = 0.0  # a budget pays for the head's fitting too: a slower fit leaves fewer steps, not a later end
     if objective.init is not None:  # every process fits the same (deterministic) weights; no adapter yet
         t_init = time.monotonic()
-        objective.init(ctx, model, data.train_items)
+        if cfg.method != "qlora":  # on the run's device (a 4-bit base is quantized onto it later, from the CPU)
+            model.to(acc.device)
+        # in the precision the steps run in: a linear probe's features do not need float32, and on a CPU with bf16
+        # units its forward passes over the training texts ran several times slower in it
+        half = mixed != "no"  # (not sharded yet: FSDP shards the model after this)
+        with (acc.autocast() if half else contextlib.nullcontext(),
+              cached_weight_casts(model, acc.device.type) if half else contextlib.nullcontext()):
+            objective.init(ctx, model, data.train_items)
         init_s = time.monotonic() - t_init
     model = _apply_method(model, cfg, ctx.tokenizer, acc.device)
     trainable, total = param_counts(model)

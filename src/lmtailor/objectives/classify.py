@@ -321,6 +321,8 @@ def init(ctx: ObjectiveContext, model: nn.Module, items: Sequence[ClassItem]) ->
     head = _head(model)
     assert isinstance(head, nn.Linear), "a decoder classification head is one linear layer"
     t0 = time.monotonic()
+    kind = next(model.parameters()).device.type
+    precision = (torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else head.weight.dtype)
     x = features(model, ctx.tokenizer, items, s.pooling)
     y = np.array([int(i.label) for i in items])  # type: ignore[arg-type]
     w, b, facts = fit_probe(x, y, head.out_features, ctx.cfg.seed)
@@ -328,9 +330,10 @@ def init(ctx: ObjectiveContext, model: nn.Module, items: Sequence[ClassItem]) ->
         head.weight.copy_(torch.from_numpy(w).to(head.weight.dtype))
     unwrap_peft(model).config.lmtailor_head_bias = [float(v) for v in b]
     facts["seconds"] = round(time.monotonic() - t0, 1)
+    facts["features_dtype"] = str(precision).removeprefix("torch.")
     ctx.stats["head_probe"] = facts
-    print(f"head: a linear probe on {len(items)} training texts ({s.pooling}-pooled, C={facts['C']}, "
-          f"{facts['seconds']:.0f} s)")
+    print(f"head: a linear probe on {len(items)} training texts ({s.pooling}-pooled, {facts['features_dtype']} "
+          f"features, C={facts['C']}, {facts['seconds']:.0f} s)")
 
 
 @dataclass
