@@ -345,3 +345,5 @@ def test_probe_features_are_computed_in_the_runs_precision(tiny_model, tmp_path,
     bf16 = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     for run in (bf16, m):  # the probe separates them in either precision
         assert run["before"]["accuracy"] == 1.0, run["before"]
+    assert (bf16["head_probe"]["features_dtype"], m["head_probe"]["features_dtype"]) == ("bfloat16", "float32")
+    assert m["head_probe"]["examples"] == 40 - 8 and m["head_probe"]["seconds"] >= 0

@@ -299,6 +299,8 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         summary = _summary(cfg, objective, data, state, result.stopped_early, (trainable, total), base_name,
                            acc.num_processes, baselines, before, after)
         summary["evaluated_on"] = report_split
+        if "head_probe" in ctx.stats:  # classify.head_init=probe: its C, cross-validated scores, seconds, dtype
+            summary["head_probe"] = ctx.stats["head_probe"]
         if peak is not None:  # compare with `lmtailor plan` (benchmarks/plan_accuracy.py)
             summary["peak_memory_mib"] = round(peak / 2**20, 1)
         _write_sealed_outputs(run_dir, cfg, objective, state["history"], summary, before, after)
