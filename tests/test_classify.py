@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -324,21 +325,42 @@ def test_a_budget_pays_for_the_heads_fitting(tiny_model, labeled, tmp_path, monk
     assert took >= 1 and fitted <= 4 - 1.5 + 1e-6, out
 
 
-def test_probe_features_are_computed_in_the_runs_precision(tiny_model, tmp_path, capsys):
-    """The probe's forward passes over the training texts run under the run's mixed precision (bf16 autocast where
-    the steps use it), as the steps do; without it they ran in float32, several times slower on bf16 units."""
+# `lmtailor train` in a process of its own (Accelerate fixes the precision per process), recording whether CPU
+# autocast is on at each call of the classification objective's evaluate hook
+RECORD_EVALUATIONS = textwrap.dedent("""
+    import dataclasses, json, sys, torch
+    from lmtailor.cli import main
+    from lmtailor.objectives import registry
+
+    seen, real = [], registry.OBJECTIVES["classify"]
+
+    def evaluate(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real.evaluate(*args, **kwargs)
+
+    registry.OBJECTIVES["classify"] = dataclasses.replace(real, evaluate=evaluate)
+    assert main(sys.argv[1:]) == 0
+    print("AUTOCAST " + json.dumps(seen))
+""")
+
+
+def test_probe_and_validation_run_in_the_steps_precision(tiny_model, tmp_path, capsys):
+    """The probe's forward passes over the training texts and the validation passes that pick the best checkpoint
+    run under the run's mixed precision (bf16 autocast where the steps use it); in float32 they ran several times
+    slower on bf16 units. The report's before and after evaluations stay in float32, as `eval` and `predict` run."""
     filler = " ".join(["the quick brown fox jumps over the lazy dog"] * 6)
     rows = [{"text": f"{'files' if i % 2 else 'animals'} {filler} {i}", "label": "files" if i % 2 else "animals"}
             for i in range(40)]
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = [f"base_model={tiny_model}", f"data.path={data}", *FAST, "method=lora", "max_length=24", "max_steps=2",
-            "classify.pooling=mean", "classify.head_init=probe"]
-    # bf16 in its own process: Accelerate fixes the precision once per process
-    done = subprocess.run([sys.executable, "-m", "lmtailor", "train", *args, f"output_dir={tmp_path / 'bf16'}",
-                           "mixed_precision=bf16"], capture_output=True, text=True)
+            "eval_every=1", "metric_for_best=macro_f1", "classify.pooling=mean", "classify.head_init=probe"]
+    done = subprocess.run([sys.executable, "-c", RECORD_EVALUATIONS, "train", *args,
+                           f"output_dir={tmp_path / 'bf16'}", "mixed_precision=bf16"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "(mean-pooled, bfloat16 features, C=" in done.stdout
+    seen = json.loads(done.stdout.split("AUTOCAST ")[-1].splitlines()[0])
+    assert seen == [False, True, True, False], seen  # before, the validations at steps 1 and 2, after
     m = _train(tiny_model, data, tmp_path / "no", "method=lora", "max_length=24", "max_steps=2",
                "classify.pooling=mean", "classify.head_init=probe", "mixed_precision=no")
     assert "(mean-pooled, float32 features, C=" in capsys.readouterr().out
