@@ -315,19 +315,30 @@ def _write(out: Path, rows: dict[str, Any]) -> None:
         b, d, o = ("-" if v is None else f"{v:.{digits}f}" for v in (r["baseline_value"], r["defaults_value"],
                                                                       r["auto_value"]))
         if r["defaults"].get("same_as_auto"):
-            d = "= auto (no search)"
+            d = "= auto (the same recipe)"
         elif r["defaults"].get("not_run"):
             d = "not run"
         lines.append(f"| {name} | {r['shape']} | {r['train_examples']}/{r['test_examples']} | {r['metric']} | "
-                     f"{b} ({r['baseline']}) | {d} | {_p(r.get('defaults_p_value'))} | {o} | "
+                     f"{b} ({r['baseline']}) | {d} | {_p(_defaults_p(r))} | {o} | "
                      f"{r['auto_beats_baseline']} | "
                      f"{_p(r.get('p_value'))} | {_where(r)} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
+def _defaults_p(row: dict[str, Any]) -> float | None:
+    """The defaults' p-value against the baseline (rows written before it had a key of its own carry it in their
+    full test)."""
+    if row.get("defaults_p_value") is not None:
+        return float(row["defaults_p_value"])
+    if row["defaults"].get("same_as_auto"):
+        return row.get("p_value")
+    return (row.get("defaults_full_test") or {}).get("p_value")
+
+
 def _p(value: float | None) -> str:
     """A p-value as the table gives it (10,000 trials resolve down to 1e-4)."""
-    return "-" if value is None else "< 0.001" if value < 0.001 else f"{value:.2f}"
+    return ("-" if value is None else "< 0.001" if value < 0.001 else f"{value:.3f}" if value < 0.01
+            else f"{value:.2f}")
 
 
 def _where(row: dict[str, Any]) -> str:

@@ -28,8 +28,10 @@ Only keys the recipe (or an override) does not set are chosen; a set key is neve
   least a quarter (HEAD_CUT_SHARE) of the training texts are longer than max_length (set or chosen). A cut text's
   last token, which the default head reads, is an arbitrary word; a head fitted first as a linear probe on the
   frozen model's mean-pooled features starts where TF-IDF + logistic regression ends. Without it the shipped
-  defaults scored macro-F1 0.080 on python-docs-sections (86% of the pages cut at 512 tokens; majority class
-  0.082, TF-IDF + logistic regression 0.376), where auto, which chose these two, scored 0.486.
+  defaults scored macro-F1 0.080 on python-docs-sections (86% of the pages cut at 512 tokens), below the majority
+  class (0.082) and TF-IDF + logistic regression (0.376), where auto, which chose these two, scored 0.486 (all
+  averaged over every label then; over the labels present, TF-IDF's 0.376 reads 0.538). With them the defaults
+  score 0.591 there (benchmarks/results/quality.md).
 """
 
 from __future__ import annotations
