@@ -344,7 +344,7 @@ RECORD_EVALUATIONS = textwrap.dedent("""
 """)
 
 
-def test_probe_and_validation_run_in_the_steps_precision(tiny_model, tmp_path, capsys):
+def test_probe_and_validation_run_in_the_steps_precision(tiny_model, tmp_path):
     """The probe's forward passes over the training texts and the validation passes that pick the best checkpoint
     run under the run's mixed precision (bf16 autocast where the steps use it); in float32 they ran several times
     slower on bf16 units. The report's before and after evaluations stay in float32, as `eval` and `predict` run."""
@@ -355,16 +355,17 @@ def test_probe_and_validation_run_in_the_steps_precision(tiny_model, tmp_path, c
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = [f"base_model={tiny_model}", f"data.path={data}", *FAST, "method=lora", "max_length=24", "max_steps=2",
             "eval_every=1", "metric_for_best=macro_f1", "classify.pooling=mean", "classify.head_init=probe"]
-    done = subprocess.run([sys.executable, "-c", RECORD_EVALUATIONS, "train", *args,
-                           f"output_dir={tmp_path / 'bf16'}", "mixed_precision=bf16"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "(mean-pooled, bfloat16 features, C=" in done.stdout
-    seen = json.loads(done.stdout.split("AUTOCAST ")[-1].splitlines()[0])
-    assert seen == [False, True, True, False], seen  # before, the validations at steps 1 and 2, after
-    m = _train(tiny_model, data, tmp_path / "no", "method=lora", "max_length=24", "max_steps=2",
-               "classify.pooling=mean", "classify.head_init=probe", "mixed_precision=no")
-    assert "(mean-pooled, float32 features, C=" in capsys.readouterr().out
-    bf16 = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    seen = {}
+    for mode, dtype in (("bf16", "bfloat16"), ("no", "float32")):
+        done = subprocess.run([sys.executable, "-c", RECORD_EVALUATIONS, "train", *args,
+                               f"output_dir={tmp_path / mode}", f"mixed_precision={mode}"], capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"(mean-pooled, {dtype} features, C=" in done.stdout
+        seen[mode] = json.loads(done.stdout.split("AUTOCAST ")[-1].splitlines()[0])
+    # before, the validations at steps 1 and 2, after
+    assert seen == {"bf16": [False, True, True, False], "no": [False] * 4}, seen
+    bf16, m = (json.loads((tmp_path / mode / "metrics.json").read_text()) for mode in ("bf16", "no"))
     for run in (bf16, m):  # the probe separates them in either precision
         assert run["before"]["accuracy"] == 1.0, run["before"]
     assert (bf16["head_probe"]["features_dtype"], m["head_probe"]["features_dtype"]) == ("bfloat16", "float32")
