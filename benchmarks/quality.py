@@ -258,28 +258,21 @@ def main() -> None:
         defaults_value = (result["defaults"]["after"] or {}).get(metric)
         p_value = defaults_p = None
         separate = not result["defaults"].get("same_as_auto") and not result["defaults"].get("not_run")
-        if metric == "chrf":  # every test request answered, not only the GENERATED the budgeted report scores
+        # scored again outside the budget, with the p-value of the difference from the baseline: a generation set
+        # on every test request (not only the GENERATED the budgeted report answers), a classification set against
+        # TF-IDF + logistic regression; auto's final model and the shipped defaults' by the same function
+        scorer = {"chrf": (full_test, "chrf", "baseline_chrf"),
+                  "macro_f1": (classification_test, "macro_f1", "baseline_macro_f1")}.get(metric)
+        if scorer and (metric == "chrf" or result["auto"].get("objective") == "classify"):
+            score, key, base_key = scorer
             data = work / name / "auto" / "data"
-            full = result["auto_full_test"] = full_test(result["auto"]["final_run"], data)
-            base, ours, p_value = full["baseline_chrf"], full["chrf"], full["p_value"]
+            full = result["auto_full_test"] = score(result["auto"]["final_run"], data)
+            base, ours, p_value = full[base_key], full[key], full["p_value"]
             if result["defaults"].get("same_as_auto"):
                 defaults_value, defaults_p = ours, p_value
             elif separate:
-                result["defaults_full_test"] = full_test(str(work / name / "defaults"), data)
-                defaults_value = result["defaults_full_test"]["chrf"]
-                defaults_p = result["defaults_full_test"]["p_value"]
-        elif metric == "macro_f1" and result["auto"].get("objective") == "classify":
-            # the p-value of the difference from TF-IDF + logistic regression, on the same test split, for auto's
-            # final model and the shipped defaults' (scored by the same function, so the columns compare)
-            data = work / name / "auto" / "data"
-            full = result["auto_full_test"] = classification_test(result["auto"]["final_run"], data)
-            base, ours, p_value = full["baseline_macro_f1"], full["macro_f1"], full["p_value"]
-            if result["defaults"].get("same_as_auto"):
-                defaults_value, defaults_p = ours, p_value
-            elif separate:
-                result["defaults_full_test"] = classification_test(str(work / name / "defaults"), data)
-                defaults_value = result["defaults_full_test"]["macro_f1"]
-                defaults_p = result["defaults_full_test"]["p_value"]
+                theirs = result["defaults_full_test"] = score(str(work / name / "defaults"), data)
+                defaults_value, defaults_p = theirs[key], theirs["p_value"]
         rows[name] = {"shape": shape, "metric": metric, "baseline": baseline, "baseline_value": base,
                       "defaults_value": defaults_value, "auto_value": ours, "p_value": p_value,
                       "defaults_p_value": defaults_p,
