@@ -370,3 +370,20 @@ def test_probe_and_validation_run_in_the_steps_precision(tiny_model, tmp_path):
         assert run["before"]["accuracy"] == 1.0, run["before"]
     assert (bf16["head_probe"]["features_dtype"], m["head_probe"]["features_dtype"]) == ("bfloat16", "float32")
     assert m["head_probe"]["examples"] == 40 - 8 and m["head_probe"]["seconds"] >= 0
+
+
+def test_a_budget_charges_a_task_metric_validation_its_second_pass(tiny_model, labeled, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A validation with metric_for_best set to a task metric runs the loss pass and the metric's own pass over the
+    validation items: budget= charges both (here from a fixed step and pass time, so the arithmetic is exact)."""
+    import lmtailor.loop
+
+    monkeypatch.setattr(lmtailor.loop, "measure_step", lambda *args, **kwargs: (0.01, 0.5))
+    steps = {}
+    for metric, charged in (("loss", "0.5"), ("macro_f1", "1.0")):
+        m = _train(tiny_model, labeled, tmp_path / metric, "budget=1s", f"metric_for_best={metric}")
+        out = capsys.readouterr().out
+        assert f"validation {charged} s every 10 steps" in out, out
+        steps[metric] = m["steps"]
+    # 1 s at 0.01 s a step plus one validation per 10 steps: 0.06 s or 0.11 s a step
+    assert steps == {"loss": 16, "macro_f1": 9}, steps
