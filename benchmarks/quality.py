@@ -24,6 +24,8 @@ benchmarks/results/quality.json and quality.md, with the CPU it was measured on.
 Budgets are wall-clock, so anything else running costs the run steps. Run on an idle machine, or give the run
 real-time priority: `chrt -f 10 python benchmarks/quality.py ...`. On 2 cores, other processes made torch's
 two-thread steps 5-10x slower at random, even at nice 19; under `chrt` the steps kept their idle-machine times.
+But under `chrt` scikit-learn's threads wait behind torch's spinning ones: the linear probe of a probe-fitted head
+(classify.head_init=probe) took 199 s instead of 9 s, which the budget charges, so such runs train fewer steps.
 
 Targets (the project's issue): auto beats TF-IDF + logistic regression in macro-F1 on every classification set and
 the nearest-neighbour answer in chrF on every generation set, within 20 minutes each on 2 cores.
