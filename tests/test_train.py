@@ -141,10 +141,15 @@ def test_console_script_prints_one_line_errors(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_budget_fits_the_steps_to_the_measured_step_time(tiny_model, pairs_file, tmp_path, capsys):
+def test_budget_fits_the_steps_to_the_measured_step_time(tiny_model, pairs_file, tmp_path, capsys, monkeypatch):
     """budget= measures a step before training, cuts the step count to fit, writes it to the resolved config, and
-    the measurement leaves the run unchanged: the same max_steps without a budget gives identical weights."""
+    the measurement leaves the run unchanged: the same max_steps without a budget gives identical weights.
+    (The re-fit on the way is held off here, so the step count stays the first fit's.)"""
     import yaml
+
+    import lmtailor.loop
+
+    monkeypatch.setattr(lmtailor.loop, "_refit", lambda loop, here, step, total, bar: total)
 
     common = [f"base_model={tiny_model}", f"data.path={pairs_file}", "data.val_size=2", "batch_size=2", "epochs=50",
               "method=full", "eval.before_after=false", "--no-progress"]
@@ -164,6 +169,70 @@ def test_budget_fits_the_steps_to_the_measured_step_time(tiny_model, pairs_file,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_refit_steps_fits_the_remaining_steps_and_validations():
+    """The most steps whose remaining steps and validations (every eval_every steps and one at the end) fit."""
+    from lmtailor.loop import refit_steps
+
+    # from step 10: n=70 costs 60 steps + validations at 20, 40, 60 and 70 = 100 s; n=71 costs 101 s
+    assert refit_steps(100.0, 10, 1000, 1.0, 10.0, 20) == 70
+    assert refit_steps(100.0, 10, 1000, 1.0, 0.0, 0) == 110  # no validations
+    assert refit_steps(1e9, 10, 500, 1.0, 10.0, 20) == 500  # never beyond the planned steps
+    assert refit_steps(-5.0, 10, 500, 1.0, 10.0, 20) == 11  # out of time: one more step (and its validation)
+
+
+def test_stretch_schedule_ends_the_schedule_at_the_new_last_step():
+    """A re-fitted step count keeps the schedule's shape: the rest of it is compressed (or stretched) to end at
+    the new last step, and the steps before stay as they were."""
+    from transformers import get_scheduler
+
+    from lmtailor.loop import stretch_schedule
+
+    def lrs(total, refit=None):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = get_scheduler("linear", opt, num_warmup_steps=10, num_training_steps=total)
+        seen = []
+        for step in range(1, (refit or (0, total, total))[2] + 1):
+            opt.step()
+            sched.step()
+            seen.append(sched.get_last_lr()[0])
+            if refit and step == refit[0]:
+                stretch_schedule(sched, *refit)
+        return seen
+
+    plain, cut, longer = lrs(100), lrs(100, (40, 100, 70)), lrs(100, (40, 100, 130))
+    assert cut[:40] == plain[:40] and longer[:40] == plain[:40]
+    assert cut[-1] == 0.0 and longer[-1] == 0.0 and min(cut[:-1]) > 0 and min(longer[:-1]) > 0
+    assert cut[54] == pytest.approx(plain[69])  # step 55 of 70 is step 70 of 100: 15 of 30 steps = 30 of 60
+    assert longer[84] == pytest.approx(plain[69])  # step 85 of 130 likewise
+
+
+def test_a_budget_refits_the_steps_when_they_run_slower_than_measured(tiny_model, pairs_file, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The budget's timed steps said 1 ms a step (a machine that slowed down after them): the run re-fits its
+    step count on the way to the times it sees, ends with fewer steps, its schedule still decays to 0 at the new
+    last step, and the re-fit is in the log and metrics.json."""
+    import re
+
+    import lmtailor.loop
+
+    monkeypatch.setattr(lmtailor.loop, "measure_step", lambda *args, **kwargs: (0.001, 0.001))
+    run = tmp_path / "refit"
+    assert main(["train", f"base_model={tiny_model}", f"data.path={pairs_file}", "data.val_size=2", "batch_size=2",
+                 "epochs=100", "method=full", f"output_dir={run}", "budget=2s", "eval.before_after=false",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    fitted = int(re.search(r"-> (\d+) steps \(", out).group(1))
+    refits = re.findall(r"budget: at step (\d+) a step takes [\d.]+ s and a validation [\d.]+ s: (\d+) -> (\d+) steps",
+                        out)
+    assert refits, out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == int(refits[-1][2]) < fitted
+    assert metrics["budget_refits"] == [[int(a), int(b), int(c)] for a, b, c in refits]
+    history = _history(run)
+    assert history[-1]["step"] == metrics["steps"] and history[-1]["lr"] == 0.0 and history[-2]["lr"] > 0
+    assert "val_loss" in history[-1]  # the last step still validates
+
+
 def test_a_budget_that_covers_the_run_pays_for_loading_and_evaluations(tiny_model, pairs_file, tmp_path, capsys):
     """budget_covers=run (what auto gives its final run): the steps get what is left of the budget once the time
     before training is spent and as much as the before evaluation took is kept for the after one."""
@@ -178,7 +247,21 @@ def test_a_budget_that_covers_the_run_pays_for_loading_and_evaluations(tiny_mode
         r"budget 25 s for the run: (\d+) s spent before training, (\d+) s kept for the after evaluation", out).groups())
     fitted = float(re.search(r"budget ([\d.]+) s: a step takes", out).group(1))
     assert 0 < fitted <= max(0.05 * 25, 25 - spent - kept - 15 + 1.0), out  # 15 s for saving; whole seconds printed
-    assert json.loads((run / "metrics.json").read_text())["after"], "the after evaluation still runs"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["after"], "the after evaluation still runs"
+    # where the time went: every phase, in order, adding up to the total; the closing line compares it to the budget
+    seconds = metrics["seconds"]
+    phases = [k for k in seconds if k != "total"]
+    assert phases == ["load", "baselines", "before", "schedule", "steps", "gather", "save", "after"], seconds
+    assert abs(sum(seconds[k] for k in phases) - seconds["total"]) < 0.1 * len(phases)
+    assert seconds["steps"] > 0 and seconds["total"] >= spent
+    line = re.search(r"time: load \d+ s, .*, report \d+ s; (\d+) s in all \((.*)\)", out)
+    assert line and int(line.group(1)) >= round(seconds["total"]) - 1, out
+    over = re.fullmatch(r"(\d+) s over the budget of 25 s", line.group(2))
+    assert line.group(2) == "within the budget of 25 s" if int(line.group(1)) < 25 else \
+        (over and abs(int(over.group(1)) - (int(line.group(1)) - 25)) <= 1), out
+    elapsed = [r["elapsed_s"] for r in _history(run)]
+    assert elapsed == sorted(elapsed) and elapsed[-1] <= seconds["steps"]
 
 
 def test_a_test_split_is_reported_on_and_never_selected_on(tiny_model, data12, tmp_path):

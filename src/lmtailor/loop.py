@@ -103,6 +103,18 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
 
 
 @dataclass
+class Deadline:
+    """budget=: the steps and their validations end by `at` (time.monotonic()); the loop re-fits its step count to
+    the step and validation times it observes every `every` steps, never beyond `cap` (the recipe's planned steps).
+    `eval_s` is a validation's estimate until one has run."""
+
+    at: float
+    cap: int
+    eval_s: float
+    every: int
+
+
+@dataclass
 class Loop:
     """What the step loop works with; `state` is the checkpointed trainer state (step, best, history, ...)."""
 
@@ -120,6 +132,7 @@ class Loop:
     identity: dict[str, Any] = field(default_factory=dict)  # {"run": ..., "config": ...} for checkpoint manifests
     tracking: bool = False  # log scalars to the trackers Accelerate started (main process)
     sharded: bool = False  # FSDP2: every process runs the same number of forward passes, checkpoints are sharded
+    deadline: Deadline | None = None  # budget=: set by fit_steps_to_budget (a resumed run keeps its first schedule)
 
 
 @dataclass
@@ -130,9 +143,18 @@ class LoopResult:
 
 def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = True,
               on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> LoopResult:
-    """Train from loop.state["step"] to total_steps (or an early stop); returns the best weights seen, if any."""
+    """Train from loop.state["step"] to total_steps (or an early stop); returns the best weights seen, if any.
+
+    With a budget's `loop.deadline`, the step count is re-fitted on the way (`refit_steps`) to the step and
+    validation times this run shows: a machine that slows down after the budget's timed steps (a shared CPU; on the
+    python-docs-sections set, 9% slower steps took a 20-minute run 25 s past its budget) ends on time with fewer
+    steps, and one that speeds up trains more, up to the planned steps. The LR schedule's remaining part is fitted
+    to the new count (`stretch_schedule`), and checkpoints keep both, so resume continues the same schedule."""
     acc, cfg, state = loop.acc, loop.cfg, loop.state
     main = acc.is_main_process
+    total_steps = state.get("total_steps", total_steps)  # re-fitted by a budget before a checkpoint
+    for start, old, new in state.get("replans", []):  # a resumed run's scheduler starts from the recipe's schedule
+        stretch_schedule(loop.scheduler, start, old, new)
     weights = (loop.objective.sample_weights(loop.ctx, loop.data.train_items)
                if loop.objective.sample_weights is not None else None)  # a pure function of the data: resume redraws
     lengths = item_lengths(cfg, loop.data.train_items)
@@ -141,6 +163,7 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
     bar = tqdm(total=total_steps, initial=state["step"], desc="training", unit="step", disable=not (main and progress),
                dynamic_ncols=True)
     t_start = time.perf_counter() - state["elapsed"]
+    here = {"t0": time.perf_counter(), "steps": 0, "val_s": 0.0, "vals": 0}  # this process's own steps and validations
     loop.model.train()
     while state["step"] < total_steps:
         step = state["step"]
@@ -152,17 +175,22 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
         if loop.ctx.companion is not None:  # grpo's discriminator: its turn, on what the step's passes showed it
             loop.ctx.log(**loop.ctx.companion.after_step())
         state["step"] = step = step + 1
+        here["steps"] += 1
         state["tokens"] += sum(item_tokens(s) for s in items)
         state["elapsed"] = time.perf_counter() - t_start
         record: dict[str, Any] = {"step": step, "epoch": round(step / per_epoch, 3), "loss": train_loss,
                                   "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                   "tokens_per_s": state["tokens"] / max(state["elapsed"], 1e-9),
+                                  "elapsed_s": round(state["elapsed"], 2),  # the earlier validations included
                                   **_step_log(loop)}
         scaling = scaler_state(getattr(acc, "scaler", None))
         if scaling is not None:  # fp16 loss scaling: the scale the next step starts from
             record["loss_scale"] = scaling["scale"]
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == total_steps) and loop.data.val_items:
+            t_val = time.perf_counter()
             record.update(_validate(loop))
+            here["val_s"] += time.perf_counter() - t_val
+            here["vals"] += 1
             loop.model.train()
             improved, stopped_early = _track_best(cfg, state, record[f"val_{cfg.metric_for_best}"], step)
             if improved:
@@ -173,6 +201,8 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
         if on_eval is not None and main and "val_loss" in record:
             on_eval(step, record)
         bar.update(1)
+        if loop.deadline is not None and step < total_steps and step % loop.deadline.every == 0 and here["steps"] >= 3:
+            total_steps = _refit(loop, here, step, total_steps, bar)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             _checkpoint(loop, step)
         if stopped_early:
@@ -182,6 +212,68 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
             break
     bar.close()
     return LoopResult(best_weights, stopped_early)
+
+
+def _refit(loop: Loop, here: dict[str, Any], step: int, total: int, bar: Any) -> int:
+    """The step count that ends by the deadline at the times seen so far (the main process decides); applied to the
+    schedule, the state and the progress bar when it changes. Growing waits for a gain of 5% (at least 2 steps)."""
+    deadline = loop.deadline
+    assert deadline is not None
+    now = time.perf_counter()
+    step_s = (now - here["t0"] - here["val_s"]) / here["steps"]  # logging and checkpoints included
+    eval_s = here["val_s"] / here["vals"] if here["vals"] else deadline.eval_s
+    validates = bool(loop.cfg.eval_every and loop.data.val_items)
+    new = refit_steps(deadline.at - time.monotonic(), step, deadline.cap, step_s, eval_s,
+                      loop.cfg.eval_every if validates else 0)
+    if not (new < total or new >= total + max(2, math.ceil(0.05 * total))):
+        new = total
+    if loop.acc.num_processes > 1:  # every process must stop at the same step
+        from accelerate.utils import broadcast
+
+        new = int(broadcast(torch.tensor([new], device=loop.acc.device))[0])
+    if new == total:
+        return total
+    stretch_schedule(loop.scheduler, step, total, new)
+    loop.state.setdefault("replans", []).append([step, total, new])
+    loop.state["total_steps"] = new
+    bar.total = new
+    bar.refresh()
+    if loop.acc.is_main_process:
+        print(f"\nbudget: at step {step} a step takes {step_s:.2f} s"
+              + (f" and a validation {eval_s:.1f} s" if validates else "")
+              + f": {total} -> {new} steps to end within the budget (the learning-rate schedule follows)")
+    return new
+
+
+def refit_steps(left_s: float, step: int, cap: int, step_s: float, eval_s: float, eval_every: int) -> int:
+    """The most total steps (at least step + 1, at most `cap`) whose remaining steps, and validations every
+    `eval_every` steps plus one at the end (eval_every 0: none), take at most `left_s` seconds."""
+    def cost(n: int) -> float:
+        vals = (n // eval_every - step // eval_every + (1 if n % eval_every else 0)) if eval_every else 0
+        return (n - step) * step_s + vals * eval_s
+
+    lo, hi = step + 1, max(step + 1, cap)  # cost grows with n: the largest n that fits, by bisection
+    if cost(lo) > left_s:
+        return lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= left_s else (lo, mid - 1)
+    return lo
+
+
+def stretch_schedule(scheduler: Any, start: int, old: int, new: int) -> None:
+    """Fit what is left of a LambdaLR schedule after step `start` (steps start..old) into steps start..new: the
+    learning rate still reaches the value its schedule ends at (e.g. 0 for linear decay), at the new last step.
+    A scheduler without lr_lambdas is left as it is."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None or new <= start or old <= start:
+        return
+    scale = (old - start) / (new - start)
+
+    def fitted(fn: Callable[[float], float]) -> Callable[[int], float]:
+        return lambda s: fn(start + (s - start) * scale) if s > start else fn(s)
+
+    scheduler.lr_lambdas = [fitted(fn) for fn in lambdas]
 
 
 def _step_log(loop: Loop) -> dict[str, float]:
@@ -372,6 +464,7 @@ def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int,
     # over the same items too (_validate); charged one pass, python-docs-sections' 5 validations ran 70 s over
     eval_s = pass_s * (2 if cfg.metric_for_best != "loss" else 1)
     budget = max(0.05 * given, given - (time.monotonic() - t0))  # the timing steps are spent time too
+    deadline_at = time.monotonic() + budget
     eval_every = cfg.eval_every
     if evaluations and eval_every:
         # at most EVAL_SHARE of the budget validates: slow validations (long examples) become fewer, not longer
@@ -386,6 +479,7 @@ def fit_steps_to_budget(loop: Loop, budget: float, per_epoch: int, planned: int,
         from accelerate.utils import broadcast
 
         steps, eval_every = (int(v) for v in broadcast(torch.tensor([steps, eval_every], device=loop.acc.device)))
+    loop.deadline = Deadline(deadline_at, planned, eval_s, max(1, steps // 10))
     if loop.acc.is_main_process:
         print(f"budget {given:g} s: a step takes {step_s:.2f} s (measured on {min(probe_steps, planned)} steps, "
               f"{given - budget:.0f} s)"

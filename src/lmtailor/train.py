@@ -140,6 +140,35 @@ def _train(cfg: RunConfig, progress: bool, on_eval: Callable[[int, dict[str, Any
 SAVE_S = 15.0  # budget_covers=run: kept for the final save and the reports
 
 
+class Stopwatch:
+    """Wall-clock seconds per phase of a run, in the order the phases first ran (a phase may run twice)."""
+
+    def __init__(self) -> None:
+        self.start = self.mark = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to `phase`."""
+        now = time.monotonic()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.mark
+        self.mark = now
+
+    def seconds(self) -> dict[str, float]:
+        """Each phase's seconds and their `total`, rounded to 0.1 s."""
+        return {**{k: round(v, 1) for k, v in self.phases.items()}, "total": round(self.mark - self.start, 1)}
+
+    def line(self, budget: float | None = None) -> str:
+        """'time: load 12 s, steps 600 s, ...; 700 s in all', with how it compares to a whole-run budget."""
+        total = self.mark - self.start
+        text = "time: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in self.phases.items()) \
+            + f"; {total:.0f} s in all"
+        if budget:
+            over = total - budget
+            text += f" ({over:.0f} s over the budget of {budget:.0f} s)" if over >= 1 else \
+                f" (within the budget of {budget:.0f} s)"
+        return text
+
+
 @dataclass(frozen=True)
 class _Setup:
     """What the process setup chose: precision, sharding strategy, trackers."""
@@ -158,6 +187,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     mixed, weight_dtype, strategy, sharded, trackers = (setup.mixed, setup.weight_dtype, setup.strategy,
                                                         setup.sharded, setup.trackers)
     started = time.monotonic()
+    clock = Stopwatch()  # where the run's wall time went: metrics.json "seconds" and the closing line
     main = acc.is_main_process
     say = print if main else (lambda *a, **k: None)
     run_dir = folder.path
@@ -172,6 +202,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
             say("chosen from the data: " + "; ".join(str(c) for c in data.choices))
         memory = PeakMemory(acc.device)  # what the model, optimizer and steps add to the process
         model: Any = objective.model(ctx, weight_dtype)
+    clock.lap("load")
     init_s = 0.0  # a budget pays for the head's fitting too: a slower fit leaves fewer steps, not a later end
     if objective.init is not None:  # every process fits the same (deterministic) weights; no adapter yet
         t_init = time.monotonic()
@@ -184,6 +215,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
               cached_weight_casts(model, acc.device.type) if half else contextlib.nullcontext()):
             objective.init(ctx, model, data.train_items)
         init_s = time.monotonic() - t_init
+        clock.lap("head_init")
     model = _apply_method(model, cfg, ctx.tokenizer, acc.device)
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
@@ -191,12 +223,14 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         f"data: {len(data.train_items)} train / {len(data.val_items)} validation items; "
         + ", ".join(f"{k.removeprefix('train_')} {v}" for k, v in data.stats.items() if k.startswith("train_")))
     model.to(acc.device)
+    clock.lap("load")
 
     # ---- baselines and before: the obvious alternatives and the untrained start, on the held-out split ---------
     report_items, report_examples, report_split = data.report_split()
     baselines: dict[str, dict[str, float]] = {}
     if main and objective.baseline is not None and data.train_examples and report_examples:
         baselines = objective.baseline(ctx, data.train_examples, report_examples)
+    clock.lap("baselines")
     before, t_before = Evaluation(), time.monotonic()
     if main and cfg.eval.before_after and (report_items or report_examples):
         with model.disable_adapter() if cfg.method in ADAPTER_METHODS else contextlib.nullcontext():
@@ -204,6 +238,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
                                         desc="before")
     before_s = time.monotonic() - t_before  # the after evaluation will cost about as much
     acc.wait_for_everyone()
+    clock.lap("before")
 
     # ---- optimizer, schedule (fitted to the budget), resume --------------------------------------------------------
     per_epoch, total_steps = plan_steps(cfg, len(data.train_items), acc.num_processes)
@@ -257,12 +292,15 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
                                                "mixed_precision": mixed, "world_size": acc.num_processes})
             loop.tracking = True
 
+    clock.lap("schedule")  # the optimizer, the budget's timed steps, resume, the trackers
+
     # ---- steps ----------------------------------------------------------------------------------------------------
     try:
         memory.start()
         with casts:
             result = run_steps(loop, total_steps, per_epoch, progress, on_eval)
         peak = memory.peak()
+        clock.lap("steps")  # with the validations
     except Exception as e:
         if acc.num_processes > 1 and lost_process(e):
             raise lost_contact(e, run_dir, cfg.distributed.timeout, loop.state["step"]) from e
@@ -289,21 +327,28 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
             model = plain
         del full
     summary: dict[str, Any] = {}
+    clock.lap("gather")  # the best checkpoint's weights back, a sharded model gathered
     if not finite_weights(model):
         raise TrainingError(f"training diverged by step {state['step']}: the final weights are not finite "
                             f"(lr={cfg.lr:g})", "lower lr; no model was written")
     if main:
         _save_model(model, ctx.tokenizer, run_dir / "model", ctx.companion)
+        clock.lap("save")
         after = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
                                    desc="after") if (report_items or report_examples) else Evaluation()
+        clock.lap("after")
         summary = _summary(cfg, objective, data, state, result.stopped_early, (trainable, total), base_name,
                            acc.num_processes, baselines, before, after)
         summary["evaluated_on"] = report_split
+        if state.get("replans"):  # budget=: [step, steps before, steps after] for each re-fit on the way
+            summary["budget_refits"] = state["replans"]
         if "head_probe" in ctx.stats:  # classify.head_init=probe: its C, cross-validated scores, seconds, dtype
             summary["head_probe"] = ctx.stats["head_probe"]
         if peak is not None:  # compare with `lmtailor plan` (benchmarks/plan_accuracy.py)
             summary["peak_memory_mib"] = round(peak / 2**20, 1)
+        summary["seconds"] = clock.seconds()  # up to the reports (written next, with these figures)
         _write_sealed_outputs(run_dir, cfg, objective, state["history"], summary, before, after)
+        clock.lap("report")
         say(f"\nrun folder: {run_dir} ({state['step']} steps in {state['elapsed']:.0f} s, "
             f"{summary['train_tokens_per_s']:.0f} tokens/s)")
         if before.metrics and after.metrics:
@@ -311,6 +356,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
                                         summary["verdict"]))
         elif summary["verdict"]:
             say(summary["verdict"])
+        say(clock.line(cfg.budget if cfg.budget_covers == "run" else None))
         folder.finish()
     acc.wait_for_everyone()
     return summary
