@@ -48,6 +48,39 @@ def test_two_processes_match_one(tiny_model, pairs_file, tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
+# `lmtailor train` whose budget's timed steps say 1 ms a step: the run must re-fit on the way, on every process alike
+HOPEFUL_BUDGET = """
+import sys
+import lmtailor.loop
+from lmtailor.cli import main
+lmtailor.loop.measure_step = lambda *args, **kwargs: (0.001, 0.001)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_two_processes_refit_a_budget_together(tiny_model, pairs_file, tmp_path):
+    """A budget re-fitted on the way under DDP: the main process decides, every process stops at the same step
+    (no hang, no process left waiting in a collective), and the run ends within its budget's steps."""
+    import re
+
+    script = tmp_path / "hopeful.py"
+    script.write_text(HOPEFUL_BUDGET)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "train",
+                           f"base_model={tiny_model}", f"data.path={pairs_file}", "epochs=2000", "batch_size=4",
+                           "method=full", "eval.before_after=false", "data.val_size=2", "eval_every=0",
+                           "mixed_precision=no", "budget=8s", f"output_dir={tmp_path / 'two'}", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fitted = int(re.search(r"-> (\d+) steps \(", proc.stdout).group(1))
+    refits = re.findall(r"budget: at step \d+ a step takes [\d.]+ s: (\d+) -> (\d+) steps", proc.stdout)
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and refits, proc.stdout[-3000:]
+    assert metrics["steps"] == int(refits[-1][1]) < fitted
+    assert len(metrics["budget_refits"]) == len(refits)  # printed once, by the main process
+
+
 def test_dpo_two_processes_match_one(tiny_model, tmp_path):
     """DPO with LoRA (the reference: the adapter disabled) under DDP: the same losses, margins and adapter."""
     words = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo"]

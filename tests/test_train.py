@@ -75,6 +75,29 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model, data12, tmp_path):
     assert [h["loss"] for h in _history(full)] == [h["loss"] for h in _history(part)]
 
 
+def test_resume_continues_a_budgets_refitted_schedule(tiny_model, data12, tmp_path, monkeypatch):
+    """A budget that re-fitted its step count (12 -> 9 at step 3) before the step-5 checkpoint: the resumed run
+    ends at the same step with the same schedule, weights and losses as the uninterrupted one."""
+    import lmtailor.loop
+
+    monkeypatch.setattr(lmtailor.loop, "measure_step", lambda *args, **kwargs: (0.001, 0.001))
+    monkeypatch.setattr(lmtailor.loop, "refit_steps", lambda *args: 9)  # a re-fit that does not depend on the clock
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ["save_every=5", "keep_checkpoints=5", "eval.before_after=false", "budget=1h"]
+    assert _train(tiny_model, data12, full, *extra) == 0
+    assert _train(tiny_model, data12, part, *extra) == 0
+    shutil.rmtree(part / "model")
+    (part / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in _history(part)[:5]))
+    assert _train(tiny_model, data12, part, *extra, "resume=true") == 0
+    a = load_file(full / "model" / "adapter_model.safetensors")
+    b = load_file(part / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ran, resumed = _history(full), _history(part)
+    assert [h["step"] for h in ran] == list(range(1, 10)) and ran[-1]["lr"] == 0.0 < ran[-2]["lr"]
+    assert [(h["loss"], h["lr"]) for h in ran] == [(h["loss"], h["lr"]) for h in resumed]
+    assert json.loads((full / "metrics.json").read_text())["budget_refits"] == [[3, 12, 9]]
+
+
 def test_freeze_trains_only_the_last_layers(tiny_model, data12, tmp_path):
     run = tmp_path / "freeze"
     assert _train(tiny_model, data12, run, "method=freeze", "unfreeze_last_n=1", "eval.before_after=false") == 0

@@ -105,7 +105,8 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimi
 @dataclass
 class Deadline:
     """budget=: the steps and their validations end by `at` (time.monotonic()); the loop re-fits its step count to
-    the step and validation times it observes every `every` steps, never beyond `cap` (the recipe's planned steps).
+    the step and validation times it observes every `every` steps and at steps 4, 8, 16, ... (a far too hopeful
+    first fit is caught early), never beyond `cap` (the recipe's planned steps).
     `eval_s` is a validation's estimate until one has run."""
 
     at: float
@@ -201,7 +202,8 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
         if on_eval is not None and main and "val_loss" in record:
             on_eval(step, record)
         bar.update(1)
-        if loop.deadline is not None and step < total_steps and step % loop.deadline.every == 0 and here["steps"] >= 3:
+        if (loop.deadline is not None and step < total_steps and here["steps"] >= 3
+                and (step % loop.deadline.every == 0 or step & (step - 1) == 0)):  # also at 4, 8, 16, ...: early
             total_steps = _refit(loop, here, step, total_steps, bar)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             _checkpoint(loop, step)
