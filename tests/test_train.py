@@ -174,9 +174,9 @@ def test_budget_fits_the_steps_to_the_measured_step_time(tiny_model, pairs_file,
 
     monkeypatch.setattr(lmtailor.loop, "_refit", lambda loop, here, step, total, bar: total)
 
-    common = [f"base_model={tiny_model}", f"data.path={pairs_file}", "data.val_size=2", "batch_size=2", "epochs=50",
-              "method=full", "eval.before_after=false", "--no-progress"]
-    # a budget far above the planned 200 steps never raises them
+    common = [f"base_model={tiny_model}", f"data.path={pairs_file}", "data.val_size=2", "batch_size=2",
+              "epochs=5000", "method=full", "eval.before_after=false", "--no-progress"]
+    # 20,000 planned steps: more than 1.5 s holds even on a fast machine; a budget far above them never raises them
     roomy = tmp_path / "roomy"
     assert main(["train", *common, f"output_dir={roomy}", "budget=2h", "max_steps=3"]) == 0
     assert json.loads((roomy / "metrics.json").read_text())["steps"] == 3
@@ -184,7 +184,7 @@ def test_budget_fits_the_steps_to_the_measured_step_time(tiny_model, pairs_file,
     assert main(["train", *common, f"output_dir={fitted}", "budget=1.5s"]) == 0
     out = capsys.readouterr().out
     steps = json.loads((fitted / "metrics.json").read_text())["steps"]
-    assert "budget 1.5 s: a step takes" in out and f"-> {steps} steps" in out and 1 <= steps < 200
+    assert "budget 1.5 s: a step takes" in out and f"-> {steps} steps" in out and 1 <= steps < 20000
     assert yaml.safe_load((fitted / "config.yaml").read_text())["max_steps"] == steps
     plain = tmp_path / "plain"
     assert main(["train", *common, f"output_dir={plain}", f"max_steps={steps}"]) == 0
@@ -241,7 +241,7 @@ def test_a_budget_refits_the_steps_when_they_run_slower_than_measured(tiny_model
     monkeypatch.setattr(lmtailor.loop, "measure_step", lambda *args, **kwargs: (0.001, 0.001))
     run = tmp_path / "refit"
     assert main(["train", f"base_model={tiny_model}", f"data.path={pairs_file}", "data.val_size=2", "batch_size=2",
-                 "epochs=100", "method=full", f"output_dir={run}", "budget=2s", "eval.before_after=false",
+                 "epochs=5000", "method=full", f"output_dir={run}", "budget=2s", "eval.before_after=false",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     fitted = int(re.search(r"-> (\d+) steps \(", out).group(1))

@@ -270,10 +270,9 @@ def stretch_schedule(scheduler: Any, start: int, old: int, new: int) -> None:
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if lambdas is None or new <= start or old <= start:
         return
-    scale = (old - start) / (new - start)
-
     def fitted(fn: Callable[[float], float]) -> Callable[[int], float]:
-        return lambda s: fn(start + (s - start) * scale) if s > start else fn(s)
+        # multiplied before divided: the new last step maps exactly onto the old one (a schedule's final 0 stays 0)
+        return lambda s: fn(start + (s - start) * (old - start) / (new - start)) if s > start else fn(s)
 
     scheduler.lr_lambdas = [fitted(fn) for fn in lambdas]
 

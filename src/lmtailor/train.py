@@ -153,6 +153,10 @@ class Stopwatch:
         self.phases[phase] = self.phases.get(phase, 0.0) + now - self.mark
         self.mark = now
 
+    def elapsed(self) -> float:
+        """Seconds since the watch started, up to now."""
+        return time.monotonic() - self.start
+
     def seconds(self) -> dict[str, float]:
         """Each phase's seconds and their `total`, rounded to 0.1 s."""
         return {**{k: round(v, 1) for k, v in self.phases.items()}, "total": round(self.mark - self.start, 1)}
@@ -186,7 +190,6 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
 
     mixed, weight_dtype, strategy, sharded, trackers = (setup.mixed, setup.weight_dtype, setup.strategy,
                                                         setup.sharded, setup.trackers)
-    started = time.monotonic()
     clock = Stopwatch()  # where the run's wall time went: metrics.json "seconds" and the closing line
     main = acc.is_main_process
     say = print if main else (lambda *a, **k: None)
@@ -203,9 +206,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         memory = PeakMemory(acc.device)  # what the model, optimizer and steps add to the process
         model: Any = objective.model(ctx, weight_dtype)
     clock.lap("load")
-    init_s = 0.0  # a budget pays for the head's fitting too: a slower fit leaves fewer steps, not a later end
     if objective.init is not None:  # every process fits the same (deterministic) weights; no adapter yet
-        t_init = time.monotonic()
         if cfg.method != "qlora":  # on the run's device (a 4-bit base is quantized onto it later, from the CPU)
             model.to(acc.device)
         # in the precision the steps run in: a linear probe's features do not need float32, and on a CPU with bf16
@@ -214,8 +215,8 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         with (acc.autocast() if half else contextlib.nullcontext(),
               cached_weight_casts(model, acc.device.type) if half else contextlib.nullcontext()):
             objective.init(ctx, model, data.train_items)
-        init_s = time.monotonic() - t_init
         clock.lap("head_init")
+    init_s = clock.phases.get("head_init", 0.0)  # a budget pays for it: a slower fit leaves fewer steps, not later
     model = _apply_method(model, cfg, ctx.tokenizer, acc.device)
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
@@ -261,8 +262,8 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
         else:
             steps_s = cfg.budget - init_s
             if cfg.budget_covers == "run":  # what is left once loading, baselines, before and (as much) after are paid
-                steps_s = cfg.budget - (time.monotonic() - started) - before_s - SAVE_S
-                say(f"budget {cfg.budget:g} s for the run: {time.monotonic() - started:.0f} s spent before training, "
+                steps_s = cfg.budget - clock.elapsed() - before_s - SAVE_S
+                say(f"budget {cfg.budget:g} s for the run: {clock.elapsed():.0f} s spent before training, "
                     f"{before_s:.0f} s kept for the after evaluation, {SAVE_S:.0f} s for saving")
             elif init_s >= 1:
                 say(f"budget {cfg.budget:g} s: the head's fitting took {init_s:.0f} s of it")
