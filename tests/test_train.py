@@ -284,7 +284,7 @@ def test_a_budget_that_covers_the_run_pays_for_loading_and_evaluations(tiny_mode
     assert line.group(2) == "within the budget of 25 s" if int(line.group(1)) < 25 else \
         (over and abs(int(over.group(1)) - (int(line.group(1)) - 25)) <= 1), out
     elapsed = [r["elapsed_s"] for r in _history(run)]
-    assert elapsed == sorted(elapsed) and elapsed[-1] <= seconds["steps"]
+    assert elapsed == sorted(elapsed) and elapsed[-1] <= seconds["steps"] + 0.05  # seconds: rounded to 0.1 s
 
 
 def test_a_test_split_is_reported_on_and_never_selected_on(tiny_model, data12, tmp_path):
