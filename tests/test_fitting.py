@@ -160,3 +160,24 @@ def test_only_a_decoder_only_model_gets_the_mean_pooled_head(tmp_path):
         cfg = build_config({"base_model": str(tmp_path / name), "objective": "classify",
                             "data": {"path": "unused.jsonl"}}, "test")
         assert _decoder_only(cfg) is want, name
+
+
+def test_every_method_gets_a_learning_rate_when_none_is_set(tiny_model, tmp_path):
+    """qlora once had no default (KeyError 'qlora' before the first step); it trains the same adapters as lora."""
+    import typing
+
+    from lmtailor.config import RunConfig
+
+    data = _chats(tmp_path / "d.jsonl", 60)
+    methods = typing.get_args(RunConfig.model_fields["method"].annotation)
+    assert "qlora" in methods
+    for method in methods:
+        for steps in (400, 20):
+            _, cfg = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10",
+                            f"method={method}", f"max_steps={steps}"])
+            assert cfg.lr > 0, method
+    _, short = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", "method=qlora",
+                      "max_steps=20"])
+    _, long_run = _data([f"base_model={tiny_model}", f"data.path={data}", "data.val_size=10", "method=qlora",
+                         "max_steps=400"])
+    assert (short.lr, long_run.lr) == (1e-3, 2e-4)  # as lora: a short run at 1e-3, a long one at 2e-4

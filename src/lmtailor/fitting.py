@@ -54,7 +54,8 @@ MAX_AUTO_LENGTH = 512
 TARGET_STEPS = 150
 MAX_AUTO_EPOCHS = 3
 EVALUATIONS = 5
-METHOD_LR = {"lora": 2e-4, "full": 2e-5, "freeze": 5e-5, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2}
+METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 5e-5, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2}
+LORA_METHODS = ("lora", "qlora")  # qlora trains the same adapters on a 4-bit base
 SHORT_RUN_STEPS = 300  # LoRA SFT runs planned at most this long learn at SHORT_LORA_LR (see the module docstring)
 SHORT_LORA_LR = 1e-3
 HEAD_LR = 1e-3  # LoRA with a new classification head: the head starts from random weights
@@ -259,8 +260,8 @@ def choose_schedule(cfg: RunConfig, objective: Objective, n_train: int, world: i
         (next((c.value for c in out if c.key == "epochs"), cfg.epochs)) * per_epoch)
     if "lr" not in given:
         probe = getattr(cfg.settings, "head_init", None) == "probe"
-        head = objective.name == "classify" and cfg.method == "lora" and not probe
-        short = objective.name == "sft" and cfg.method == "lora" and steps <= SHORT_RUN_STEPS
+        head = objective.name == "classify" and cfg.method in LORA_METHODS and not probe
+        short = objective.name == "sft" and cfg.method in LORA_METHODS and steps <= SHORT_RUN_STEPS
         lr = HEAD_LR if head else SHORT_LORA_LR if short else METHOD_LR[cfg.method]
         out.append(Choice("lr", lr, f"method {cfg.method}" + (" with a new classification head" if head else "")
                           + (" from a head fitted as a linear probe" if probe else "")
