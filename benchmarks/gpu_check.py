@@ -101,13 +101,55 @@ def flops_per_token(spec: dict[str, Any], method: str, attended: float) -> float
     return (6 if method == "full" else 4) * matmul + attention
 
 
+def train_args(work: Path, method: str, steps: int, a: argparse.Namespace, out: Path) -> list[str]:
+    """`lmtailor train` on the built model and rows; validation only after the last step (eval_every=0), as the
+    HF Trainer side has none, so that both rates are of training steps."""
+    return ["train", "objective=clm", f"base_model={work / 'm'}", f"data.path={work / 'd.jsonl'}", f"method={method}",
+            f"max_length={a.seq}", f"pack_length={a.seq}", f"batch_size={a.batch}", f"micro_batch_size={a.micro}",
+            f"max_steps={steps}", "eval.before_after=false", "data.val_size=8", "eval_every=0",
+            f"gradient_checkpointing={str(method != 'full').lower()}", f"output_dir={out}", "lr=1e-4", "--no-progress"]
+
+
+def run_profiled(work: Path, method: str, a: argparse.Namespace, out_txt: Path) -> None:
+    """torch.profiler over one optimizer step of `lmtailor train` (the one after the skipped warm-up steps): the top
+    operators by device time and by host time, and the step's wall time against its kernels' busy time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import lmtailor.loop as loop_module
+    from lmtailor.cli import main as cli
+
+    original = loop_module._optimizer_step
+    calls = {"n": 0}
+    cuda = torch.cuda.is_available()
+
+    def profiled(loop: Any, items: list[Any]) -> Any:
+        calls["n"] += 1
+        if calls["n"] != a.skip + 1:
+            return original(loop, items)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            result = original(loop, items)
+            if cuda:
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
+        head = f"{method}: one step, wall {wall:.3f} s, device kernels busy {busy:.3f} s ({busy / wall:.0%})\n"
+        tables = [events.table(sort_by=key, row_limit=25) for key in
+                  (("device_time_total",) if cuda else ()) + ("self_cpu_time_total",)]
+        out_txt.write_text(head + "\n\n".join(tables))
+        print(head.strip(), flush=True)
+        return result
+
+    loop_module._optimizer_step = profiled  # type: ignore[assignment]
+    cli(train_args(work, method, a.skip + 2, a, work / f"profile-{method}"))
+
+
 def run_ours(work: Path, method: str, steps: int, a: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     out = work / f"run-{method}"
-    cmd = [sys.executable, "-m", "lmtailor", "train", "objective=clm", f"base_model={work / 'm'}",
-           f"data.path={work / 'd.jsonl'}", f"method={method}", f"max_length={a.seq}", f"pack_length={a.seq}",
-           f"batch_size={a.batch}", f"micro_batch_size={a.micro}", f"max_steps={steps}", "eval.before_after=false",
-           "data.val_size=8", f"gradient_checkpointing={str(method != 'full').lower()}", f"output_dir={out}",
-           "lr=1e-4", "--no-progress"]
+    cmd = [sys.executable, "-m", "lmtailor", *train_args(work, method, steps, a, out)]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=a.run_timeout)
     wall = time.perf_counter() - t0
@@ -189,12 +231,17 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--run-timeout", type=int, default=180)
     p.add_argument("--work")
+    p.add_argument("--profile", default="", help="comma-separated methods to profile one step of (torch.profiler)")
     p.add_argument("--hf-side", help=argparse.SUPPRESS)
+    p.add_argument("--profile-side", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.tiny:
         a.steps, a.skip, a.seq, a.batch, a.micro = 4, 2, 256, 4, 2
     if a.hf_side:
         run_hf(Path(a.work), a.steps, a, Path(a.hf_side))
+        return
+    if a.profile_side:
+        run_profiled(Path(a.work), a.profile_side, a, Path(a.work) / f"profile-{a.profile_side}.txt")
         return
 
     import torch
@@ -257,6 +304,19 @@ def main() -> None:
                   f"{'-' if plan_mib is None else f'{plan_mib:.0f}'} MiB  ({time.perf_counter() - t1:.0f} s)",
                   flush=True)
         out["runs"][method] = res
+    for method in filter(None, a.profile.split(",")):
+        p3 = subprocess.run([sys.executable, __file__, "--profile-side", method, "--work", str(work),
+                             *(["--tiny"] if a.tiny else []), "--skip", str(a.skip), "--seq", str(a.seq),
+                             "--batch", str(a.batch), "--micro", str(a.micro)],
+                            env=env, capture_output=True, text=True, timeout=a.run_timeout)
+        text = (work / f"profile-{method}.txt")
+        if p3.returncode or not text.exists():
+            print(f"profile {method}: failed:\n  " + "\n  ".join((p3.stdout + p3.stderr).strip().splitlines()[-12:]))
+        else:
+            print(text.read_text().splitlines()[0], flush=True)
+            out.setdefault("profiles", {})[method] = text.read_text()
+            if os.environ.get("OUT"):
+                Path(os.environ["OUT"], f"profile-{method}.txt").write_text(text.read_text())
     out["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(out, indent=2)
     if os.environ.get("OUT"):

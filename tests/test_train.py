@@ -309,3 +309,41 @@ def test_a_test_split_is_reported_on_and_never_selected_on(tiny_model, data12, t
     assert _train(tiny_model, data12, plain, "max_steps=2") == 0
     plain_metrics = json.loads((plain / "metrics.json").read_text())
     assert plain_metrics["evaluated_on"] == "validation" and len(plain_metrics["after"]["samples"]) == 2
+
+
+def test_snapshot_of_the_best_weights_is_a_copy_that_later_steps_leave_alone(tiny_model):
+    """On CPU the live parameters' `.cpu()` is the parameter itself: a snapshot must copy, or the 'best' weights
+    restored at the end are the last step's."""
+    from transformers import AutoModelForCausalLM
+
+    from lmtailor.checkpoint import snapshot_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.lm_head.weight.requires_grad_(False)
+    snap = snapshot_trainable(model)
+    again = snapshot_trainable(model, snap)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(snap) == names and set(again) == names
+    before = {n: t.clone() for n, t in snap.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(snap[n], before[n]) for n in names)
+    assert all(snap[n].data_ptr() != p.data_ptr() for n, p in model.named_parameters() if n in names)
+
+
+def test_a_run_that_keeps_its_best_checkpoint_ends_on_the_best_steps_weights(tiny_model, data12, tmp_path):
+    """Early stopping's patience not reached, validation every step, a learning rate high enough that validation
+    gets worse after its best step: the model written is the best step's checkpoint, not the last step's."""
+    run = tmp_path / "best"
+    assert _train(tiny_model, data12, run, "method=full", "lr=3.0", "max_steps=8", "eval_every=1",
+                  "early_stopping_patience=100", "save_every=1", "keep_checkpoints=8", "warmup_ratio=0",
+                  "eval.before_after=false") == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    best = metrics["best"]["step"]
+    assert 1 <= best < metrics["steps"] == 8  # the last step is not the best: restoring it is visible
+    final = load_file(run / "model" / "model.safetensors")
+    at_best = load_file(run / "checkpoints" / f"step-{best:06d}" / "trainable.safetensors")
+    last = load_file(run / "checkpoints" / "step-000007" / "trainable.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(final[name], at_best[name]) and not torch.equal(final[name], last[name])

@@ -80,7 +80,31 @@ def join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> di
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters on the CPU, to be written at once (a CPU model's are its own tensors, not copies)."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def snapshot_trainable(model: nn.Module, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A copy of the trainable parameters in host memory that later steps leave alone (the best checkpoint).
+
+    A CPU model's parameters are cloned (`trainable_state` would return the live tensors themselves). A GPU model's
+    are copied asynchronously into pinned buffers, reused from `into` (the previous snapshot): the copy runs on the
+    copy engine in stream order, before the next step's kernels, instead of a synchronous copy into pageable memory
+    (a 1B model's full fine-tuning on an H200 spent about 1.5 s per snapshot). `load_trainable` reads them back in
+    stream order too; anything reading them on the host must `torch.cuda.synchronize()` first."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        t = p.detach()
+        if not t.is_cuda or type(t) is not torch.Tensor:  # CPU tensors, and sharded ones (DTensor): plain copies
+            out[name] = t.cpu().clone()
+            continue
+        buf = (into or {}).get(name)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out[name] = buf.copy_(t, non_blocking=True)
+    return out
 
 
 def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

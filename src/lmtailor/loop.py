@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lmtailor.checkpoint import prune_checkpoints, rng_state, save_checkpoint, scaler_state, trainable_state
+from lmtailor.checkpoint import prune_checkpoints, rng_state, save_checkpoint, scaler_state, snapshot_trainable
 from lmtailor.config import RunConfig
 from lmtailor.distributed import clip_grad_norm, gradient_sync, max_over_processes, save_sharded
 from lmtailor.errors import ConfigError, TrainingError
@@ -194,8 +194,8 @@ def run_steps(loop: Loop, total_steps: int, per_epoch: int, progress: bool = Tru
             here["vals"] += 1
             loop.model.train()
             improved, stopped_early = _track_best(cfg, state, record[f"val_{cfg.metric_for_best}"], step)
-            if improved:
-                best_weights = trainable_state(loop.model)
+            if improved and keeps_best(cfg):
+                best_weights = snapshot_trainable(loop.model, best_weights)
         state["history"].append(record)
         if main:
             _log(loop, record, bar)
@@ -376,6 +376,12 @@ def _finite_grads(loop: Loop) -> bool:
     if acc.num_processes > 1:
         bad = acc.reduce(bad, "sum")
     return not bool(bad)
+
+
+def keeps_best(cfg: RunConfig) -> bool:
+    """The run ends on its best validation's weights (early stopping, or a task metric picks the checkpoint);
+    otherwise it ends on its last step's, and the loop keeps no copy of the best."""
+    return bool(cfg.early_stopping_patience) or cfg.metric_for_best != "loss"
 
 
 def finite_weights(model: torch.nn.Module) -> bool:

@@ -40,6 +40,7 @@ from lmtailor.loop import (
     finite_weights,
     fit_steps_to_budget,
     item_tokens,
+    keeps_best,
     make_optimizer,
     measure_step,
     plan_steps,
@@ -314,7 +315,7 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     # ---- final model, after, report -----------------------------------------------------------------------------
     acc.wait_for_everyone()
     model = acc.unwrap_model(loss_module).model
-    if result.best_weights is not None and (cfg.early_stopping_patience or cfg.metric_for_best != "loss"):
+    if result.best_weights is not None and keeps_best(cfg):
         load_trainable(model, result.best_weights)
     if sharded:  # gather the shards (every process) into a plain model on the main process
         full = gather_full_state(loss_module)
