@@ -133,18 +133,19 @@ def run_profiled(work: Path, method: str, a: argparse.Namespace, out_txt: Path) 
             result = original(loop, items)
             if cuda:
                 torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        events = prof.key_averages()
-        busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events) / 1e6
-        head = f"{method}: one step, wall {wall:.3f} s, device kernels busy {busy:.3f} s ({busy / wall:.0%})\n"
-        tables = [events.table(sort_by=key, row_limit=25) for key in
-                  (("device_time_total",) if cuda else ()) + ("self_cpu_time_total",)]
-        out_txt.write_text(head + "\n\n".join(tables))
-        print(head.strip(), flush=True)
+        write_profile(method, prof, time.perf_counter() - t0, cuda, out_txt)
         return result
 
     loop_module._optimizer_step = profiled  # type: ignore[assignment]
     cli(train_args(work, method, a.skip + 2, a, work / f"profile-{method}"))
+
+
+def write_profile(name: str, prof: Any, wall: float, cuda: bool, out_txt: Path) -> None:
+    events = prof.key_averages()
+    tables = [events.table(sort_by=key, row_limit=30) for key in
+              (("device_time_total",) if cuda else ()) + ("self_cpu_time_total",)]
+    out_txt.write_text(f"{name}: one step, wall {wall:.3f} s\n" + "\n\n".join(tables))
+    print(f"{name}: one step profiled, wall {wall:.3f} s", flush=True)
 
 
 def run_ours(work: Path, method: str, steps: int, a: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
@@ -165,7 +166,7 @@ def run_ours(work: Path, method: str, steps: int, a: argparse.Namespace, env: di
     return {"tokens_per_s": tps, "seconds_per_step": sps, "steps": metrics["steps"], "wall_s": round(wall, 1),
             "losses": [r["loss"] for r in history], "peak_memory_mib": metrics.get("peak_memory_mib"),
             "mixed_precision": _precision(p.stdout), "seconds": metrics.get("seconds"),
-            "sequences": data.get("sequences"), "tokens": data.get("tokens")}
+            "sequences": data.get("train_sequences"), "tokens": data.get("train_tokens")}
 
 
 def _precision(log: str) -> str | None:
@@ -188,13 +189,25 @@ def run_hf(work: Path, steps: int, a: argparse.Namespace, result: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(work / "m", dtype=torch.float32, attn_implementation="sdpa")
     times: list[tuple[float, int]] = []
 
+    from torch.profiler import ProfilerActivity, profile
+
+    profiled = a.profile_side == "hf"
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else []))
+
     class Clock(TrainerCallback):  # type: ignore[misc]
-        tokens = 0
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if profiled and state.global_step == a.skip:
+                self.t0 = time.perf_counter()
+                prof.__enter__()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter(), state.num_input_tokens_seen))
+            if profiled and state.global_step == a.skip + 1:
+                prof.__exit__(None, None, None)
+                write_profile("hf", prof, time.perf_counter() - self.t0, device == "cuda",
+                              work / "profile-hf.txt")
 
     def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(x["input_ids"]) for x in items)
@@ -240,6 +253,9 @@ def main() -> None:
     if a.hf_side:
         run_hf(Path(a.work), a.steps, a, Path(a.hf_side))
         return
+    if a.profile_side == "hf":
+        run_hf(Path(a.work), a.skip + 2, a, Path(a.work) / "hf-profiled.json")
+        return
     if a.profile_side:
         run_profiled(Path(a.work), a.profile_side, a, Path(a.work) / f"profile-{a.profile_side}.txt")
         return
@@ -261,7 +277,7 @@ def main() -> None:
           f"{'-' if measured is None else f'{measured:.0f}'} TFLOP/s", flush=True)
     t0 = time.perf_counter()
     spec = build(work, SPEC_TINY if a.tiny else SPEC_1B, rows=a.batch * (a.steps + 2) + 8,
-                 row_chars=a.seq * 5, device=device)
+                 row_chars=a.seq * 3, device=device)
     shape = shape_of(spec)
     print(f"model: llama {shape.params() / 1e9:.3f}B parameters ({spec}), built in {time.perf_counter() - t0:.0f} s",
           flush=True)
