@@ -166,3 +166,27 @@ def test_missing_tracker_is_refused(tiny_model, data12, tmp_path, capsys, monkey
     assert main(["train", f"base_model={tiny_model}", f"data.path={data12}", f"output_dir={tmp_path / 'w'}",
                  "report_to=wandb", *FAST]) == 2
     assert "report_to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mixed, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_qlora_base_computes_in_the_steps_precision(tiny_model, mixed, dtype):
+    """Under bf16 mixed precision the 4-bit base dequantizes straight to bf16 (QLoRA's compute dtype); in float32
+    each dequantized weight was a float32 copy that autocast cast again."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from lmtailor.train import _apply_method
+
+    cfg = load_config(None, [f"base_model={tiny_model}", "method=qlora", "lora.target_modules=all-linear"])
+    model = _apply_method(AutoModelForCausalLM.from_pretrained(tiny_model), cfg, None, torch.device("cpu"), mixed)
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 14
+    assert {m.compute_dtype for m in quantized} == {dtype}
+    assert {m.weight.quant_state.dtype for m in quantized} == {dtype}
+    x = torch.randn(2, 5, quantized[0].in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed == "bf16"):
+        y = quantized[0](x)
+    w = quantized[0].weight
+    reference = x @ bnb.functional.dequantize_4bit(w.data, w.quant_state).float().T
+    assert y.shape == reference.shape and torch.allclose(y.float(), reference, rtol=3e-2, atol=3e-2)
+    assert any(p.requires_grad for p in model.parameters())  # LoRA on top

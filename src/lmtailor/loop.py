@@ -323,11 +323,21 @@ def _backward(loop: Loop, step_items: list[Any]) -> tuple[torch.Tensor, int]:
     for j, (batch, weight) in enumerate(zip(micro, weights, strict=True)):
         sync = j == len(micro) - 1
         with _no_sync(loop, sync):
-            loss, _ = loop.loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
+            loss, _ = loop.loss_module(**to_device(batch, acc.device))
             # DDP and FSDP average gradients over processes; scale so the result is the global token mean.
             acc.backward(loss * (weight * world / n_global))
         loss_sum += loss.detach() * weight
     return loss_sum, n_global
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on the run's device. To a GPU through pinned memory without waiting: a plain `.to("cuda")`
+    of a pageable tensor waits for the stream to finish everything queued before it (one host sync per tensor: 16
+    of the 38 per optimizer step of a 1B full fine-tuning with 4 micro-batches, profiled on an H200), so the host
+    could not queue the next micro-batch's kernels while the GPU ran the last one's."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _no_sync(loop: Loop, sync: bool) -> contextlib.AbstractContextManager[Any]:
@@ -603,7 +613,7 @@ def distributed_val_loss(loop: Loop) -> float:
         mine = mine or [items[0]]
     for i, count in zip(starts, counted, strict=True):
         batch = loop.objective.collate(loop.ctx, list(mine[i:i + size]))
-        loss, n = loop.loss_module(**{k: v.to(acc.device) for k, v in batch.items()})
+        loss, n = loop.loss_module(**to_device(batch, acc.device))
         if count:
             total += torch.stack([loss.double(), n.double()])
     total = acc.reduce(total, "sum")

@@ -192,7 +192,8 @@ class Estimate:
 
 
 def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, seq_len: int = 0,
-                attention_matrix: bool = False, first: bool = False, packed: bool = False) -> float:
+                attention_matrix: bool = False, first: bool = False, packed: bool = False,
+                quantized: bool = False) -> float:
     """Bytes per token that autograd keeps for the backward pass of one decoder block (llama family, SDPA).
 
     Counted from what each op saves, and checked tensor by tensor by benchmarks/plan_census.py:
@@ -211,6 +212,8 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
     kept apart from the row's, and under bf16 autocast attention runs in float32 (q, k and v kept in float32, and
     the output cast back for o_proj): 4h bytes more per token in float32, 4kv + 6h (full) or 4kv + 4h (LoRA) in bf16,
     as counted tensor by tensor in tests/test_plan_memory.py.
+    `quantized`: a 4-bit (bitsandbytes) base under 16-bit autocast: its linear layers return their input's dtype,
+    float32, so the MLP's gate, silu(gate) and up are kept in float32 (attention casts q, k and v to 16 bits).
     """
     if trains == "none":
         return 0.0
@@ -224,7 +227,7 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
     else:
         # o's LoRA A keeps its input cast back from float32 under autocast; in float32 it is attention's output
         norms = 2 * F32 * (h + 1) + a * h * (4 if half else 1)
-        block = norms + attention + a * 3 * i + a * 4 * lora_r
+        block = norms + attention + (F32 if quantized else a) * 3 * i + a * 4 * lora_r
     return block - (F32 * (h + 1) if first else 0)
 
 
@@ -246,9 +249,10 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
     trains = {"full": "all", "freeze": "all", "lora": "lora", "qlora": "lora"}[method]
     trainable_blocks = unfreeze_last_n if method == "freeze" else s.layers
     frozen_below = s.layers - trainable_blocks
+    quantized = method == "qlora"
     full = [block_bytes(s, trains if k >= frozen_below else "none", half=half, lora_r=lora_r, seq_len=t,
                         attention_matrix=attention_matrix, first=(k == frozen_below and method != "full"),
-                        packed=packed)
+                        packed=packed, quantized=quantized)
             for k in range(s.layers)]
     kept = [(F32 * h if checkpointing and b else b) for b in full]  # a checkpointed block keeps its input
     sup = supervised * t
@@ -262,7 +266,8 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
     block_grad = 0.0 if accumulating else (gradients - head_grad) / max(trainable_blocks, 1)
     phases = [("loss backward", acc + copies, t * (sum(kept) + outside) + sup * (head_in + 3 * log_softmax)),
               ("head backward", acc + copies + head_grad, t * (sum(kept) + outside) + sup * (log_softmax + F32 * h))]
-    transient = a * 3 * s.intermediate + F32 * 2 * h  # gradients of the MLP's values and of the residual stream
+    # gradients of the MLP's values (float32 where a 4-bit base returns float32) and of the residual stream
+    transient = (F32 if quantized else a) * 3 * s.intermediate + F32 * 2 * h
     for k in reversed(range(frozen_below, s.layers)):
         above = s.layers - 1 - k
         phases.append((f"block {k} backward", acc + copies * (k + 1) / s.layers + head_grad + (above + 1) * block_grad,

@@ -50,9 +50,10 @@ class CausalLMLoss(nn.Module):
     Packed rows (`segment_ids`) are attended example by example on CPU; elsewhere through a block mask.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, shared_prefix: bool | None = None) -> None:
         super().__init__()
         self.model = model
+        self.shared_prefix = shared_prefix  # False: rows never hold a shared prefix (no host sync to look for one)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
@@ -60,7 +61,8 @@ class CausalLMLoss(nn.Module):
         if is_prompt_learning(self.model):
             return self._through_peft(input_ids, targets, attention_mask, segment_ids)
         keep = targets != IGNORE  # (R, L)
-        logits = target_logits(self.model, input_ids, position_ids, keep, attention_mask, segment_ids)
+        logits = target_logits(self.model, input_ids, position_ids, keep, attention_mask, segment_ids,
+                               self.shared_prefix)
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return loss, keep.sum()
 
@@ -113,9 +115,11 @@ def _cpu_bf16_autocast(device: torch.device) -> bool:
 
 
 def target_logits(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """(N, V) logits of the positions where `keep` (R, L) is true, for padded or packed rows (see CausalLMLoss)."""
+                  attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                  shared_prefix: bool | None = None) -> torch.Tensor:
+    """(N, V) logits of the positions where `keep` (R, L) is true, for padded or packed rows (see CausalLMLoss).
+    `shared_prefix` False: the packed rows hold no shared prefix (segment 0), so a GPU run need not read the
+    segments back to the host to find out before the forward pass."""
     hf: Any = unwrap_peft(model)
     backbone = hf.base_model  # the decoder stack without the LM head (e.g. LlamaModel)
     if segment_ids is not None and _cpu_bf16_autocast(input_ids.device):
@@ -135,7 +139,7 @@ def target_logits(model: nn.Module, input_ids: torch.Tensor, position_ids: torch
         if input_ids.device.type == "cpu" and plain and not getattr(hf.config, "sliding_window", None):
             kwargs["packed_segments"] = segment_bounds(segment_ids)
             ctx = attention_implementation(hf.config, SEGMENT_ATTENTION)
-        elif bool((segment_ids == 0).any()):
+        elif shared_prefix is not False and bool((segment_ids == 0).any()):
             attention_mask = segment_mask(segment_ids)
         # else: position ids restarting at 0 give transformers' own block-diagonal mask
     with ctx:
@@ -189,7 +193,7 @@ def count(batch: dict[str, torch.Tensor]) -> int:
 
 
 def build(ctx: ObjectiveContext, model: nn.Module) -> nn.Module:
-    return CausalLMLoss(model)
+    return CausalLMLoss(model, shared_prefix=ctx.cfg.share_prefix)
 
 
 @torch.inference_mode()
