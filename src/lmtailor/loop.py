@@ -337,7 +337,8 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     could not queue the next micro-batch's kernels while the GPU ran the last one's."""
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if v.device.type == "cpu" else v.to(device)
+            for k, v in batch.items()}
 
 
 def _no_sync(loop: Loop, sync: bool) -> contextlib.AbstractContextManager[Any]:
