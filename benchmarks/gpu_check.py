@@ -93,11 +93,10 @@ def steady_rate(history: list[dict[str, Any]], skip: int) -> tuple[float, float]
     return (tokens(b) - tokens(a)) / seconds, seconds / (b["step"] - a["step"])
 
 
-def flops_per_token(spec: dict[str, Any], method: str, attended: float) -> float:
-    h, layers, inter = spec["hidden_size"], spec["num_hidden_layers"], spec["intermediate_size"]
-    kv = h * spec["num_key_value_heads"] // spec["num_attention_heads"]
-    matmul = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + spec["vocab_size"] * h  # the head included
-    attention = 12 * layers * h * attended  # QK^T and AV (2 x 2h each per key) forward, twice that backward
+def flops_per_token(shape: Any, method: str, attended: float) -> float:
+    """Model FLOPs per token (see the module docstring) from `plan.Shape`'s linear weights, the head included."""
+    matmul = shape.layers * shape.layer_linear() + shape.vocab * shape.hidden
+    attention = 12 * shape.layers * shape.hidden * attended  # QK^T and AV (2 x 2h per key) forward, twice backward
     return (6 if method == "full" else 4) * matmul + attention
 
 
@@ -165,15 +164,8 @@ def run_ours(work: Path, method: str, steps: int, a: argparse.Namespace, env: di
     data = metrics["data"]
     return {"tokens_per_s": tps, "seconds_per_step": sps, "steps": metrics["steps"], "wall_s": round(wall, 1),
             "losses": [r["loss"] for r in history], "peak_memory_mib": metrics.get("peak_memory_mib"),
-            "mixed_precision": _precision(p.stdout), "seconds": metrics.get("seconds"),
+            "seconds": metrics.get("seconds"),
             "sequences": data.get("train_sequences"), "tokens": data.get("train_tokens")}
-
-
-def _precision(log: str) -> str | None:
-    for line in log.splitlines():
-        if "precision" in line.lower():
-            return line.strip()[:160]
-    return None
 
 
 def run_hf(work: Path, steps: int, a: argparse.Namespace, result: Path) -> None:
@@ -227,9 +219,10 @@ def run_hf(work: Path, steps: int, a: argparse.Namespace, result: Path) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()]).train()
-    (t_a, n_a), (t_b, n_b) = times[min(a.skip, len(times) - 2) - 1], times[-1]
+    first = min(a.skip, len(times) - 2) - 1  # the steady rate from the end of this step, as steady_rate does
+    (t_a, n_a), (t_b, n_b) = times[first], times[-1]
     result.write_text(json.dumps({
-        "tokens_per_s": (n_b - n_a) / (t_b - t_a), "seconds_per_step": (t_b - t_a) / (len(times) - a.skip),
+        "tokens_per_s": (n_b - n_a) / (t_b - t_a), "seconds_per_step": (t_b - t_a) / (len(times) - 1 - first),
         "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}))
 
 
@@ -307,7 +300,7 @@ def main() -> None:
             plan_mib = run_estimate(shape, method, method != "full", a.seq, a.micro, mixed_precision=mixed,
                                     device=device, packed=True, accumulating=a.batch > a.micro) / 2**20
         if "tokens_per_s" in res:
-            flops = flops_per_token(spec, fpt_method, attended=a.seq / 2) * res["tokens_per_s"]
+            flops = flops_per_token(shape, fpt_method, attended=a.seq / 2) * res["tokens_per_s"]
             res["model_tflops"] = flops / 1e12
             res["mfu_datasheet"] = flops / (datasheet * 1e12) if datasheet else None
             res["mfu_measured"] = flops / (measured * 1e12) if measured else None
