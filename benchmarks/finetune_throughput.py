@@ -4,7 +4,8 @@ TRL's `SFTTrainer` + peft.
 All sides train the bundled SmolLM2-135M-Instruct on `catalog:shell-commands` with the same LoRA (r=8, alpha=16,
 q/k/v/o, no dropout), the same seeded examples in the same step groups (`lmtailor.loop.batch_at`), the same token
 sequences (`lmtailor.render`, prompt masked to -100), batch 8, AdamW lr 2e-4 linear, clipping 1.0, the same
-precision (fp32, or bf16 autocast over fp32 weights) and the same number of optimizer steps. Baselines:
+precision (fp32; or bf16 autocast, the frozen base in bf16 and the adapters in float32, as lmtailor keeps an
+adapter run under bf16 and as an HF user loads a base for LoRA) and the same number of optimizer steps. Baselines:
 - HF `Trainer` pads each batch to its longest example, as LLaMA-Factory and Axolotl do;
 - TRL `SFTTrainer` in its fastest configuration that trains correctly on CPU: padding-free batches (each step's
   examples flattened into one row, position ids restarting at 0, no padding at all). TRL documents padding_free as
@@ -57,8 +58,10 @@ from benchlib import (
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "finetune_throughput.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 RATIO_TARGETS = {"baseline": 2.0, "trl": 1.5}
-NAMES = {"ours": "lmtailor (packed)", "baseline": "HF Trainer (padded)", "trl": "TRL SFT (padding-free)"}
+NAMES = {"ours": "lmtailor (packed)", "baseline": "HF Trainer (padded)", "trl": "TRL SFT (padding-free)",
+         "ours_f32base": "lmtailor, float32 base"}
 SIDES = ["ours", "baseline", "trl"]
+EXTRA_SIDES = ["ours_f32base"]  # bf16 only, on request: lmtailor with its frozen base kept in float32 (as before)
 # Largest |final loss ours - final loss baseline| accepted: same examples, same initial adapter, same steps; the
 # sides differ only in summation order (packed, padded or flattened rows), which drifts a little over the steps.
 LOSS_TOLERANCE = {"fp32": 2e-3, "bf16": 3e-2}
@@ -122,7 +125,9 @@ def rows_of(groups: list[Any]) -> list[dict[str, Any]]:
             for g in groups for s in g]
 
 
-def load_lora_model(cfg: Any) -> Any:
+def load_lora_model(cfg: Any, precision: str) -> Any:
+    """The baselines' model: float32 base with LoRA; under bf16 the frozen base in bf16 and the adapters in float32,
+    as an HF user loads it for LoRA (torch_dtype=bfloat16; PEFT keeps adapters float32) and as lmtailor keeps it."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
@@ -133,7 +138,12 @@ def load_lora_model(cfg: Any) -> Any:
     model = load_pretrained(cfg.base_model, dtype=torch.float32)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if precision == "bf16":  # cast after the adapters are drawn, so that they start equal to lmtailor's
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    return model
 
 
 def trainer_args(a: argparse.Namespace, cfg: Any, output_dir: str) -> dict[str, Any]:
@@ -151,10 +161,14 @@ def trainer_args(a: argparse.Namespace, cfg: Any, output_dir: str) -> dict[str, 
 
 # ---- side (a): lmtailor ----------------------------------------------------------------------------------------
 
-def side_ours(a: argparse.Namespace) -> dict[str, Any]:
+def side_ours(a: argparse.Namespace, f32_base: bool = False) -> dict[str, Any]:
     import torch
 
+    import lmtailor.train as train_module
     from lmtailor.train import train
+
+    if f32_base:  # the frozen base left in float32 under bf16 autocast, as lmtailor kept it before 2026-12-01
+        train_module.store_frozen_in = lambda model, dtype: 0  # type: ignore[assignment]
 
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as tmp:
         cfg = run_config(a, tmp)
@@ -185,7 +199,7 @@ def side_baseline(a: argparse.Namespace) -> dict[str, Any]:
         cfg = run_config(a, tmp)
         tok, groups = step_items(cfg)
         tok.padding_side = "right"
-        model = load_lora_model(cfg)
+        model = load_lora_model(cfg, a.precision)
         params = param_counts(model)
         clock = step_clock()
         args = TrainingArguments(**trainer_args(a, cfg, tmp), remove_unused_columns=False)
@@ -209,7 +223,7 @@ def side_trl(a: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         cfg = run_config(a, tmp)
         tok, groups = step_items(cfg)
-        model = load_lora_model(cfg)
+        model = load_lora_model(cfg, a.precision)
         params = param_counts(model)
         clock = step_clock()
         # pre-tokenized input_ids + labels: TRL skips its tokenization and keeps the labels as given; max_length
@@ -233,21 +247,25 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     side_arguments(p, 10, "a full run of 3 x 3 sides takes about 8 minutes", "examples", DEFAULT_MODEL, DEFAULT_OUT,
                    ROOT)
-    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}, or "
+                   "ours_f32base (bf16: lmtailor with its frozen base kept in float32)")
+    p.add_argument("--side", choices=SIDES + EXTRA_SIDES, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = settle_arguments(p.parse_args(argv))
 
     if a.side:  # child process: one side, result to a JSON file
-        result = {"ours": side_ours, "baseline": side_baseline, "trl": side_trl}[a.side](a)
+        result = ({"ours": side_ours, "baseline": side_baseline, "trl": side_trl}[a.side](a)
+                  if a.side != "ours_f32base" else side_ours(a, f32_base=True))
         Path(a.result).write_text(json.dumps(result))
         return
 
     import torch
 
     sides = [s for s in a.sides.split(",") if s]
-    if sides[:1] != ["ours"] or len(sides) < 2 or any(s not in SIDES for s in sides):
-        raise SystemExit(f"--sides: ours first, then one or more of baseline, trl; got {a.sides!r}")
+    if sides[:1] != ["ours"] or len(sides) < 2 or any(s not in SIDES + EXTRA_SIDES for s in sides):
+        raise SystemExit(f"--sides: ours first, then one or more of baseline, trl, ours_f32base; got {a.sides!r}")
+    if "ours_f32base" in sides and a.precision != "bf16":
+        raise SystemExit("--sides ours_f32base compares the frozen base's precision: it needs --precision bf16")
     if a.threads:
         torch.set_num_threads(a.threads)
     peaks = machine_peaks()
@@ -333,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
         ratio = median(r["ratio"][side] for r in rounds)
         per = ", ".join(f"{r['ratio'][side]:.2f}" for r in rounds)
         diffs = ", ".join(f"{r['loss_diff'][side]:.1e}" for r in rounds)
+        if side not in RATIO_TARGETS:  # ours_f32base: what keeping the frozen base in bf16 gains
+            print(f"ours / {NAMES[side]}: median {ratio:.2f} (per repeat: {per}); peak RSS {rss['ours'] / 1e9:.2f} vs "
+                  f"{rss[side] / 1e9:.2f} GB; final loss |diff| {diffs}")
+            continue
         verdicts[side] = ok = ratio >= RATIO_TARGETS[side] and rss["ours"] <= rss[side]
         print(f"ours / {NAMES[side]}: median {ratio:.2f} (per repeat: {per}); target >= {RATIO_TARGETS[side]} with "
               f"RSS <= its: {'meets' if ok else 'misses'}; final loss |diff| {diffs} (tolerance {tol:g})")
@@ -350,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
                   "baseline": "transformers Trainer + peft, DataCollatorForSeq2Seq pad to longest, sequential sampler",
                   "trl": "trl SFTTrainer + peft, pre-tokenized, padding_free=True (one flattened row per step), "
                          "packing=False, sequential sampler",
-                  "ours": "lmtailor.train.train, packing=true (pack_length 1024)"},
+                  "ours": "lmtailor.train.train, packing=true (pack_length 1024)",
+                  "ours_f32base": "the same, its frozen base kept in float32 under bf16 autocast (before 2026-12-01)",
+                  "bf16": "autocast; the frozen base in bf16 on every side, the adapters in float32"},
         "tokens": tokens, "padded_tokens": padded, "supervised_tokens": supervised,
         "machine_peaks": peaks, "params": params, "model_flops": flops, "share_of_peak": share,
         "step_matmul": {"rows": rows, "gflops": step_rate, "share_of_peak": step_rate * 1e9 / peak if step_rate

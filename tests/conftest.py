@@ -91,9 +91,10 @@ def pairs_file(tmp_path: Path) -> Path:
     return path
 
 
-def lora_batch(tiny_model: Path, data: Path, *overrides: str) -> tuple:
+def lora_batch(tiny_model: Path, data: Path, *overrides: str, mixed: str = "no") -> tuple:
     """(model, loss module, batch): the tiny model with an all-linear LoRA (r=4) whose B matrices are given values
-    (they start at zero), so every adapter weight gets a gradient, and a batch of the first six training items."""
+    (they start at zero), so every adapter weight gets a gradient, and a batch of the first six training items.
+    `mixed`: the run's mixed precision, which decides what the frozen weights are kept in."""
     import torch
 
     from lmtailor.config import load_config
@@ -107,7 +108,7 @@ def lora_batch(tiny_model: Path, data: Path, *overrides: str) -> tuple:
     ctx = objective.context(cfg)
     items = build_run_data(objective, ctx, write_audit=False).train_items
     torch.manual_seed(0)
-    model = _apply_method(objective.model(ctx, torch.float32), ctx.cfg)
+    model = _apply_method(objective.model(ctx, torch.float32), ctx.cfg, mixed=mixed)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))

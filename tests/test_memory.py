@@ -104,6 +104,24 @@ def test_bf16_autocast_tracks_float32(tiny_model, data12, tmp_path):
         assert abs(a["loss"] - b["loss"]) <= 0.02 * a["loss"], (a["loss"], b["loss"])
 
 
+def test_lora_under_bf16_keeps_its_frozen_base_in_bf16(tiny_model, data12, tmp_path):
+    """A LoRA run under bf16 mixed precision keeps its frozen weights in bf16 (metrics.json says so), tracks the
+    float32 run within 2%, and writes float32 adapters."""
+    from safetensors import safe_open
+
+    for name, mode in (("a", "no"), ("b", "bf16")):
+        subprocess.run([sys.executable, "-m", "lmtailor", "train", f"base_model={tiny_model}", f"data.path={data12}",
+                        f"output_dir={tmp_path / name}", *FAST, "method=lora", "lr=5e-2", f"mixed_precision={mode}"],
+                       check=True, capture_output=True)
+    metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in "ab"}
+    assert metrics["a"]["precision"] == {"mixed": "no", "frozen_weights": ["float32"]}
+    assert metrics["b"]["precision"] == {"mixed": "bf16", "frozen_weights": ["bfloat16"]}
+    for a, b in zip(_history(tmp_path / "a"), _history(tmp_path / "b"), strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 0.02 * a["loss"], (a["loss"], b["loss"])
+    with safe_open(str(tmp_path / "b" / "model" / "adapter_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # noqa: SIM118 (not iterable)
+
+
 def test_precision_choice_per_device():
     from lmtailor.memory import choose_precision, cpu_bf16_units
 

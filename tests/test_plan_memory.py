@@ -36,6 +36,10 @@ def _model(layers: int, method: str, ckpt: bool = False, half: bool = False) -> 
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        if half:  # as lmtailor keeps an adapter run's frozen weights under bf16
+            from lmtailor.memory import store_frozen_in
+
+            store_frozen_in(model, torch.bfloat16)
     if ckpt:
         from lmtailor.memory import enable_gradient_checkpointing
 
@@ -94,7 +98,7 @@ def test_block_bytes_are_what_autograd_saves(method, half, packed):
     per_block = (_saved(3, method, half, packed) - _saved(2, method, half, packed)) / (ROWS * SEQ)
     shape = shape_of({**SPEC, "num_hidden_layers": 3})
     assert per_block == pytest.approx(block_bytes(shape, "all" if method == "full" else "lora", half=half, lora_r=8,
-                                                  packed=packed, quantized=method == "qlora"), rel=0.01)
+                                                  packed=packed), rel=0.01)
 
 
 def _live_peak(method: str, ckpt: bool, steps: int = 2) -> int:

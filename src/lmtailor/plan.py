@@ -7,7 +7,8 @@ peak), which decide the largest micro-batch that fits. Throughput is estimated f
 (6 x parameters for full fine-tuning, 4 x for frozen weights, +2 x with checkpointing) at a stated share of the
 GPU's peak. The byte counts follow what `lmtailor train` does: float32 master weights with dtype auto, AdamW with
 two float32 moments (one byte each with optimizer=adamw_8bit), a bf16 copy of trained weights cached by autocast,
-NF4 at 0.5 byte + a scale per 64 weights for qlora. tests/test_plan_memory.py checks the estimate against the
+NF4 at 0.5 byte + a scale per 64 weights for qlora, and on one GPU with bf16 the frozen base of LoRA and QLoRA in
+bf16. tests/test_plan_memory.py checks the estimate against the
 live tensors of real CPU steps, `benchmarks/plan_accuracy.py` against the resident set of `lmtailor train` runs.
 """
 
@@ -64,6 +65,7 @@ GPUS: dict[str, tuple[float, float]] = {  # name -> (GiB, TFLOP/s)
     "T4": (16, 65), "V100": (16, 125),
 }
 DEFAULT_TFLOPS = 100.0  # a GPU named only by its memory
+NO_BF16 = {"T4", "V100"}  # fp16 with loss scaling: their frozen weights stay float32 (memory.store_frozen_in)
 
 METHODS = ("full", "freeze", "lora", "qlora")
 
@@ -192,8 +194,7 @@ class Estimate:
 
 
 def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, seq_len: int = 0,
-                attention_matrix: bool = False, first: bool = False, packed: bool = False,
-                quantized: bool = False) -> float:
+                attention_matrix: bool = False, first: bool = False, packed: bool = False) -> float:
     """Bytes per token that autograd keeps for the backward pass of one decoder block (llama family, SDPA).
 
     Counted from what each op saves, and checked tensor by tensor by benchmarks/plan_census.py:
@@ -212,8 +213,8 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
     kept apart from the row's, and under bf16 autocast attention runs in float32 (q, k and v kept in float32, and
     the output cast back for o_proj): 4h bytes more per token in float32, 4kv + 6h (full) or 4kv + 4h (LoRA) in bf16,
     as counted tensor by tensor in tests/test_plan_memory.py.
-    `quantized`: a 4-bit (bitsandbytes) base under 16-bit autocast: its linear layers return their input's dtype,
-    float32, so the MLP's gate, silu(gate) and up are kept in float32 (attention casts q, k and v to 16 bits).
+    LoRA and QLoRA under bf16 keep their frozen weights in bf16 (memory.store_frozen_in): a 4-bit layer returns its
+    input's dtype, which is then bf16 too, so QLoRA keeps what LoRA keeps (float32 MLP values before that).
     """
     if trains == "none":
         return 0.0
@@ -227,7 +228,7 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
     else:
         # o's LoRA A keeps its input cast back from float32 under autocast; in float32 it is attention's output
         norms = 2 * F32 * (h + 1) + a * h * (4 if half else 1)
-        block = norms + attention + (F32 if quantized else a) * 3 * i + a * 4 * lora_r
+        block = norms + attention + a * 3 * i + a * 4 * lora_r
     return block - (F32 * (h + 1) if first else 0)
 
 
@@ -249,10 +250,9 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
     trains = {"full": "all", "freeze": "all", "lora": "lora", "qlora": "lora"}[method]
     trainable_blocks = unfreeze_last_n if method == "freeze" else s.layers
     frozen_below = s.layers - trainable_blocks
-    quantized = method == "qlora"
     full = [block_bytes(s, trains if k >= frozen_below else "none", half=half, lora_r=lora_r, seq_len=t,
                         attention_matrix=attention_matrix, first=(k == frozen_below and method != "full"),
-                        packed=packed, quantized=quantized)
+                        packed=packed)
             for k in range(s.layers)]
     kept = [(F32 * h if checkpointing and b else b) for b in full]  # a checkpointed block keeps its input
     sup = supervised * t
@@ -266,8 +266,8 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
     block_grad = 0.0 if accumulating else (gradients - head_grad) / max(trainable_blocks, 1)
     phases = [("loss backward", acc + copies, t * (sum(kept) + outside) + sup * (head_in + 3 * log_softmax)),
               ("head backward", acc + copies + head_grad, t * (sum(kept) + outside) + sup * (log_softmax + F32 * h))]
-    # gradients of the MLP's values (float32 where a 4-bit base returns float32) and of the residual stream
-    transient = (F32 if quantized else a) * 3 * s.intermediate + F32 * 2 * h
+    # gradients of the MLP's values and of the residual stream
+    transient = a * 3 * s.intermediate + F32 * 2 * h
     for k in reversed(range(frozen_below, s.layers)):
         above = s.layers - 1 - k
         phases.append((f"block {k} backward", acc + copies * (k + 1) / s.layers + head_grad + (above + 1) * block_grad,
@@ -279,11 +279,13 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
 def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: int = 1, master_bytes: int = 4,
              act_bytes: int = 2, lora_r: int = 16, optimizer_bytes: int = 8, unfreeze_last_n: int = 2,
              autocast_copy: bool = True, supervised: float = 1.0, attention_matrix: bool = False,
-             accumulating: bool = False, device: str = "cuda", optimizer: str = "adamw", packed: bool = False
-             ) -> Estimate:
+             accumulating: bool = False, device: str = "cuda", optimizer: str = "adamw", packed: bool = False,
+             frozen_bytes: int | None = None) -> Estimate:
     """Memory of `method` per GPU; weights, gradients and optimizer state are split over `gpus` (FSDP).
 
     `act_bytes` 2: 16-bit autocast over float32 master weights (dtype auto on a GPU), 4: float32.
+    `frozen_bytes`: bytes per frozen weight of LoRA and QLoRA (the base beside the adapters): 2 where a run keeps
+    them in bf16 (memory.store_frozen_in: bf16 mixed precision, unsharded), else `master_bytes`.
     `device` "cpu" or "cuda" chooses AdamW's implementation (one tensor at a time on CPU, all at once on CUDA),
     whose temporaries differ."""
     total = s.params()
@@ -298,15 +300,23 @@ def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: 
         raise ConfigError(f"plan: unknown method {method!r}", "allowed values are " + ", ".join(METHODS))
     half = act_bytes == 2
     linear = s.layers * s.layer_linear()
+    frozen = master_bytes if frozen_bytes is None or method not in ("lora", "qlora") else frozen_bytes
     if method == "qlora":  # the blocks' linear weights in NF4 (0.5 byte + a float32 scale per 64), the rest as is
-        weights = linear * (0.5 + 4 / 64) + (total - linear) * master_bytes + trainable * master_bytes
-    else:  # LoRA adapters come on top of the base; freeze and full train weights of the model itself
-        weights = (total + (trainable if method == "lora" else 0)) * master_bytes
+        weights = linear * (0.5 + 4 / 64) + (total - linear) * frozen + trainable * master_bytes
+    elif method == "lora":  # the adapters come on top of the base
+        weights = total * frozen + trainable * master_bytes
+    else:  # freeze and full train weights of the model itself
+        weights = total * master_bytes
     grads = trainable * master_bytes
     opt = trainable * optimizer_bytes
-    # autocast's 16-bit copies of the weights the matrix products read (the head's too), kept for backward;
-    # NF4 weights are dequantized one layer at a time instead
-    copies = 2 * (linear * (method != "qlora") + s.vocab * s.hidden) if autocast_copy and half else 0.0
+    # autocast's 16-bit copies of the float32 weights the matrix products read (the head's too), kept for backward;
+    # NF4 weights are dequantized one layer at a time instead; a 16-bit frozen base needs none (the adapters' own)
+    if not (autocast_copy and half):
+        copies = 0.0
+    elif frozen == 2:
+        copies = 2.0 * trainable
+    else:
+        copies = 2 * (linear * (method != "qlora") + s.vocab * s.hidden)
     if optimizer_bytes != 8:
         temp = 0.0  # bitsandbytes' 8-bit AdamW updates in one fused kernel
     elif device == "cpu":  # single-tensor AdamW: sqrt of the second moment, then its quotient, one parameter at a time
@@ -344,7 +354,8 @@ def run_estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, micro
         seq_len = 64 * math.ceil(seq_len / 64)
     e = estimate(s, method, checkpointing, seq_len, act_bytes=2 if half else 4, lora_r=lora_r,
                  optimizer_bytes=2 if optimizer == "adamw_8bit" else 8, autocast_copy=half, supervised=supervised,
-                 attention_matrix=attention_matrix, accumulating=accumulating, device=device, packed=packed)
+                 attention_matrix=attention_matrix, accumulating=accumulating, device=device, packed=packed,
+                 frozen_bytes=2 if mixed_precision == "bf16" else None)
     # glibc's retained free pages are not counted: a run with release_memory=true gives them back (plan within 3-6%
     # at the plan_accuracy sizes), one with the default keeps 14-35% more (see memory.release_freed_memory)
     if device == "cpu":
@@ -362,7 +373,8 @@ def plan(model: str, gpus: str = "1x24GB", seq_len: int = 2048, utilisation: flo
     for method in METHODS:
         for ckpt in (False, True):
             e = estimate(shape, method, ckpt, seq_len, gpus=count, lora_r=lora_r,
-                         optimizer_bytes=2 if optimizer == "adamw_8bit" else 8)
+                         optimizer_bytes=2 if optimizer == "adamw_8bit" else 8,
+                         frozen_bytes=2 if count == 1 and gpu_name not in NO_BF16 else None)
             fits = e.largest_micro_batch(budget)
             flops_per_token = (6 if method == "full" else 4 if method != "freeze" else 4.5) * e.total_params
             if ckpt:
@@ -390,5 +402,6 @@ def render_plan(p: dict[str, Any]) -> str:
                      f"{r['max_micro_batch'] if r['max_micro_batch'] else 'does not fit':>15} "
                      f"{r['tokens_per_s']:>9.0f}")
     lines.append("memory per GPU (weights, gradients, optimizer sharded over GPUs with distributed.strategy=fsdp); "
-                 "activations per sequence; bf16 compute over float32 master weights (dtype auto)")
+                 "activations per sequence; bf16 compute over float32 master weights (dtype auto), LoRA's and "
+                 "QLoRA's frozen base in bf16 on one GPU with bf16")
     return "\n".join(lines)

@@ -54,6 +54,7 @@ from lmtailor.memory import (
     enable_gradient_checkpointing,
     quantize_4bit,
     release_freed_memory,
+    store_frozen_in,
 )
 from lmtailor.models import add_lora, freeze_all_but_last, param_counts, save_model, unwrap_peft
 from lmtailor.objectives import Evaluation, Objective, ObjectiveContext, get_objective
@@ -218,7 +219,11 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
             objective.init(ctx, model, data.train_items)
         clock.lap("head_init")
     init_s = clock.phases.get("head_init", 0.0)  # a budget pays for it: a slower fit leaves fewer steps, not later
-    model = _apply_method(model, cfg, ctx.tokenizer, acc.device, mixed)
+    model = _apply_method(model, cfg, ctx.tokenizer, acc.device, mixed, frozen_half=not sharded)
+    # the report's before and after evaluations run in float32 (as `eval`, `predict` and `serve` do), except where
+    # the frozen weights are bf16: a float32 input cannot meet them, so those run in the steps' bf16
+    report_precision = (acc.autocast if any(p.dtype == torch.bfloat16 for p in model.parameters()
+                                            if not p.requires_grad) and mixed == "bf16" else contextlib.nullcontext)
     trainable, total = param_counts(model)
     base_name = f"scratch {cfg.pretrain.scratch.arch}" if cfg.pretrain.scratch else cfg.base_model
     say(f"model {base_name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.method}); "
@@ -235,7 +240,8 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     clock.lap("baselines")
     before, t_before = Evaluation(), time.monotonic()
     if main and cfg.eval.before_after and (report_items or report_examples):
-        with model.disable_adapter() if cfg.method in ADAPTER_METHODS else contextlib.nullcontext():
+        with (model.disable_adapter() if cfg.method in ADAPTER_METHODS else contextlib.nullcontext(),
+              report_precision()):
             before = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
                                         desc="before")
     before_s = time.monotonic() - t_before  # the after evaluation will cost about as much
@@ -320,7 +326,8 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     if sharded:  # gather the shards (every process) into a plain model on the main process
         full = gather_full_state(loss_module)
         if main:
-            plain = _apply_method(objective.model(ctx, weight_dtype), cfg, ctx.tokenizer, acc.device, mixed)
+            plain = _apply_method(objective.model(ctx, weight_dtype), cfg, ctx.tokenizer, acc.device, mixed,
+                                  frozen_half=False)
             # what init hooks fitted into the config (e.g. a probe head's bias) goes with the weights
             for key, value in vars(unwrap_peft(model).config).items():
                 if key.startswith("lmtailor_"):
@@ -336,8 +343,9 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
     if main:
         _save_model(model, ctx.tokenizer, run_dir / "model", ctx.companion)
         clock.lap("save")
-        after = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
-                                   desc="after") if (report_items or report_examples) else Evaluation()
+        with report_precision():
+            after = objective.evaluate(ctx, model, report_items, report_examples, progress=progress,
+                                       desc="after") if (report_items or report_examples) else Evaluation()
         clock.lap("after")
         summary = _summary(cfg, objective, data, state, result.stopped_early, (trainable, total), base_name,
                            acc.num_processes, baselines, before, after)
@@ -348,6 +356,10 @@ def _train_in(folder: RunFolder, acc: Any, cfg: RunConfig, progress: bool,
             summary["head_probe"] = ctx.stats["head_probe"]
         if peak is not None:  # compare with `lmtailor plan` (benchmarks/plan_accuracy.py)
             summary["peak_memory_mib"] = round(peak / 2**20, 1)
+        # the steps' compute precision, and what the frozen weights were kept in (bf16 for adapters under bf16)
+        frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                  if not p.requires_grad and p.is_floating_point()}
+        summary["precision"] = {"mixed": mixed, "frozen_weights": sorted(frozen)}
         summary["seconds"] = clock.seconds()  # up to the reports (written next, with these figures)
         _write_sealed_outputs(run_dir, cfg, objective, state["history"], summary, before, after)
         clock.lap("report")
@@ -384,12 +396,14 @@ def _summary(cfg: RunConfig, objective: Objective, data: RunData, state: dict[st
 
 
 def _apply_method(model: Any, cfg: RunConfig, tok: Any = None, device: torch.device | None = None,
-                  mixed: str = "no") -> Any:
+                  mixed: str = "no", frozen_half: bool = True) -> Any:
     """What trains: LoRA adapters (on a 4-bit base for qlora), the last layers, every weight, or a soft prompt;
     with gradient_checkpointing, activations are recomputed in backward. A 4-bit base computes in the steps'
     16-bit precision under mixed precision (`mixed`), the QLoRA recipe's compute dtype: in float32 every
     dequantized weight was a float32 copy that autocast then cast again (on an H200, QLoRA of a 1B llama ran at
-    0.78x LoRA's tokens/s), else in the weights' dtype."""
+    0.78x LoRA's tokens/s), else in the weights' dtype. Under bf16 mixed precision an adapter method's frozen
+    weights are kept in bf16 (`store_frozen_in`) unless `frozen_half` is off (FSDP shards a float32 model and
+    casts it itself). Not under fp16: a float16 residual stream can overflow where bf16's cannot."""
     if cfg.method == "qlora":
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed, next(model.parameters()).dtype)
         model = quantize_4bit(model, device or torch.device("cpu"), compute)
@@ -408,6 +422,8 @@ def _apply_method(model: Any, cfg: RunConfig, tok: Any = None, device: torch.dev
 
         model = add_soft_prompt(model, cfg.method, cfg.soft_prompt.virtual_tokens, cfg.soft_prompt.init_text,
                                 resolve_model(cfg.base_model))
+    if frozen_half and mixed == "bf16" and cfg.method in ADAPTER_METHODS:
+        store_frozen_in(model, torch.bfloat16)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
