@@ -48,6 +48,29 @@ def test_two_processes_match_one(tiny_model, pairs_file, tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)
 
 
+def test_two_processes_train_lora_over_a_bf16_base(tiny_model, pairs_file, tmp_path):
+    """DDP over a model whose frozen weights are bf16 and whose adapters are float32 (LoRA under bf16): the
+    processes start from the same weights (DDP broadcasts both dtypes) and track one process; bf16 rounds
+    differently with the step split, so within 2%."""
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({**r, "instruction": f"{r['instruction']} {i}"}) + "\n"
+                            for i in range(4) for r in rows))
+    common = ["train", f"base_model={tiny_model}", f"data.path={data}", "max_steps=4", "batch_size=8",
+              "micro_batch_size=2", "lr=1e-2", "method=lora", "eval.before_after=false", "data.val_size=4",
+              "mixed_precision=bf16", "--no-progress"]
+    _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
+    _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "lmtailor", *common,
+          f"output_dir={tmp_path / 'two'}"])
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["world_size"] == 2 and two["precision"] == {"mixed": "bf16", "frozen_weights": ["bfloat16"]}
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "history.jsonl").read_text().splitlines()]
+              for r in ("one", "two")]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert all(abs(a - b) <= 0.02 * abs(a) for a, b in zip(*losses, strict=True)), losses
+
+
 # `lmtailor train` whose budget's timed steps say 1 ms a step: the run must re-fit on the way, on every process alike
 HOPEFUL_BUDGET = """
 import sys
