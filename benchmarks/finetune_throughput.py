@@ -44,6 +44,7 @@ from benchlib import (
     cpu_model,
     linear_shapes,
     machine_peaks,
+    matmul_gflops,
     median,
     peak_rss_bytes,
     run_side,
@@ -276,9 +277,17 @@ def main(argv: list[str] | None = None) -> None:
     child = ["--steps", str(a.steps), "--batch-size", str(a.batch_size), "--precision", a.precision,
              "--base-model", a.base_model]
 
+    peak_dtype = "bfloat16" if a.precision == "bf16" else "float32"
+    peak_n = peaks["bf16_matmul_size"] if a.precision == "bf16" else 2048
+
     def one(side: str, rep: int) -> dict[str, Any]:
         print(f"[{rep + 1}/{a.repeats}] {side}: {a.steps} steps of {a.batch_size} ({a.precision}) ...", flush=True)
+        before = matmul_gflops(peak_dtype, peak_n)
         r = run_side(str(Path(__file__).resolve()), side, child, a.threads)
+        # the peak read just before and just after this side: a shared VM's matmul rate drifts (2026-12-01: the
+        # bf16 2048^2 figure read 650 to 2,400 GFLOP/s within minutes), so a share of one reading at the start
+        # says more about the VM than about the side
+        r["peak_gflops_around"] = (before + matmul_gflops(peak_dtype, peak_n)) / 2
         print(f"    {r['train_seconds']:.1f} s training, {r['tokens'] / r['train_seconds']:.0f} tokens/s, final loss "
               f"{r['final_loss']:.5f}", flush=True)
         return r
@@ -312,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     secs = {s: median(r[s]["train_seconds"] for r in rounds) for s in sides}
     rss = {s: max(r[s]["peak_rss_bytes"] for r in rounds) for s in sides}
     share = {s: flops / secs[s] / peak for s in sides} if flops else {}
+    share_around = {s: median(flops / r[s]["train_seconds"] / (r[s]["peak_gflops_around"] * 1e9) for r in rounds)
+                    for s in sides} if flops else {}
     # the rate of the step's own matrix products, timed alone at its row count (packed rows are padded to 64)
     from lmtailor.models import load_model_config
 
@@ -331,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         ("training seconds", *(f"{secs[s]:.1f}" for s in sides)),
         ("steady s/step", *(f"{steady[s]:.2f}" if steady[s] else "-" for s in sides)),
         (f"share of {a.precision} peak", *(f"{share[s]:.1%}" if share else "-" for s in sides)),
+        ("share of the peak read around it", *(f"{share_around[s]:.1%}" if share_around else "-" for s in sides)),
         ("share of the step's matmul rate", *(f"{step_share[s]:.1%}" if step_share else "-" for s in sides)),
         ("peak RSS (GB)", *(f"{rss[s] / 1e9:.2f}" for s in sides)),
         ("final step loss", *(f"{rounds[0][s]['final_loss']:.5f}" for s in sides)),
@@ -377,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
                   "bf16": "autocast; the frozen base in bf16 on every side, the adapters in float32"},
         "tokens": tokens, "padded_tokens": padded, "supervised_tokens": supervised,
         "machine_peaks": peaks, "params": params, "model_flops": flops, "share_of_peak": share,
+        "share_of_peak_around_run": share_around,
         "step_matmul": {"rows": rows, "gflops": step_rate, "share_of_peak": step_rate * 1e9 / peak if step_rate
                         else None, "note": "the step's own matrix products (every frozen linear's forward and input "
                         "gradient at the step's packed row count, the head at its supervised rows) timed alone"},
