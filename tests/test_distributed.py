@@ -20,27 +20,33 @@ def _run(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_processes_match_one(tiny_model, pairs_file, tmp_path):
+def _one_and_two(tiny_model: Path, pairs_file: Path, tmp_path: Path, steps: int, method: str, mixed: str
+                 ) -> tuple[dict, dict, list[list[float]]]:
+    """The same recipe in one process and under `accelerate launch` with two: their metrics and step losses.
+    Global batch 8: one process accumulates 4 micro-batches of 2; two processes do 2 each and average."""
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({**r, "instruction": f"{r['instruction']} {i}"}) + "\n"
                             for i in range(4) for r in rows))
-    # global batch 8: one process accumulates 4 micro-batches of 2; two processes do 2 each and average
-    # mixed_precision=no: on a CPU with AMX dtype auto trains in bf16, whose rounding depends on how a step is split
-    common = ["train", f"base_model={tiny_model}", f"data.path={data}", "max_steps=6", "batch_size=8",
-              "micro_batch_size=2", "lr=1e-2", "method=full", "eval.before_after=false", "data.val_size=4",
-              "mixed_precision=no", "--no-progress"]
+    common = ["train", f"base_model={tiny_model}", f"data.path={data}", f"max_steps={steps}", "batch_size=8",
+              "micro_batch_size=2", "lr=1e-2", f"method={method}", "eval.before_after=false", "data.val_size=4",
+              f"mixed_precision={mixed}", "--no-progress"]
     _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
     _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmtailor", *common,
+          "--mixed_precision", mixed, "--dynamo_backend", "no", "-m", "lmtailor", *common,
           f"output_dir={tmp_path / 'two'}"])
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert (one["world_size"], two["world_size"]) == (1, 2)
+    one, two = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
     losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "history.jsonl").read_text().splitlines()]
               for r in ("one", "two")]
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert len(losses[0]) == len(losses[1]) == steps
+    return one, two, losses
+
+
+def test_two_processes_match_one(tiny_model, pairs_file, tmp_path):
+    # mixed_precision=no: on a CPU with AMX dtype auto trains in bf16, whose rounding depends on how a step is split
+    _, _, losses = _one_and_two(tiny_model, pairs_file, tmp_path, 6, "full", "no")
     # Same examples, same token-mean loss; only float summation order differs (tolerance 1e-4 relative).
-    assert len(losses[0]) == len(losses[1]) == 6
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(*losses, strict=True))
     assert losses[0][-1] < losses[0][0]
     w1 = load_file(tmp_path / "one" / "model" / "model.safetensors")
@@ -52,22 +58,8 @@ def test_two_processes_train_lora_over_a_bf16_base(tiny_model, pairs_file, tmp_p
     """DDP over a model whose frozen weights are bf16 and whose adapters are float32 (LoRA under bf16): the
     processes start from the same weights (DDP broadcasts both dtypes) and track one process; bf16 rounds
     differently with the step split, so within 2%."""
-    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({**r, "instruction": f"{r['instruction']} {i}"}) + "\n"
-                            for i in range(4) for r in rows))
-    common = ["train", f"base_model={tiny_model}", f"data.path={data}", "max_steps=4", "batch_size=8",
-              "micro_batch_size=2", "lr=1e-2", "method=lora", "eval.before_after=false", "data.val_size=4",
-              "mixed_precision=bf16", "--no-progress"]
-    _run([sys.executable, "-m", "lmtailor", *common, f"output_dir={tmp_path / 'one'}"])
-    _run([str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "bf16", "--dynamo_backend", "no", "-m", "lmtailor", *common,
-          f"output_dir={tmp_path / 'two'}"])
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two["world_size"] == 2 and two["precision"] == {"mixed": "bf16", "frozen_weights": ["bfloat16"]}
-    losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "history.jsonl").read_text().splitlines()]
-              for r in ("one", "two")]
-    assert len(losses[0]) == len(losses[1]) == 4
+    _, two, losses = _one_and_two(tiny_model, pairs_file, tmp_path, 4, "lora", "bf16")
+    assert two["precision"] == {"mixed": "bf16", "frozen_weights": ["bfloat16"]}
     assert all(abs(a - b) <= 0.02 * abs(a) for a, b in zip(*losses, strict=True)), losses
 
 
