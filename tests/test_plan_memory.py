@@ -22,7 +22,7 @@ SPEC = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_ke
 SEQ, ROWS = 128, 3
 
 
-def _model(layers: int, method: str, ckpt: bool = False, half: bool = False) -> Any:
+def _model(layers: int, method: str, ckpt: bool = False, half: bool = False, frozen_half: bool = True) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def _model(layers: int, method: str, ckpt: bool = False, half: bool = False) -> 
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        if half:  # as lmtailor keeps an adapter run's frozen weights under bf16
+        if half and frozen_half:  # as lmtailor keeps an adapter run's frozen weights under bf16
             from lmtailor.memory import store_frozen_in
 
             store_frozen_in(model, torch.bfloat16)
@@ -63,11 +63,11 @@ def _batch(packed: bool = False) -> dict[str, torch.Tensor]:
             "attention_mask": torch.ones(ROWS, SEQ, dtype=torch.long)}
 
 
-def _saved(layers: int, method: str, half: bool, packed: bool = False) -> int:
+def _saved(layers: int, method: str, half: bool, packed: bool = False, frozen_half: bool = True) -> int:
     """Bytes autograd keeps after one forward pass (parameters and their casts' storage excluded)."""
     from lmtailor.objectives.causal import CausalLMLoss
 
-    model = _model(layers, method, half=half)
+    model = _model(layers, method, half=half, frozen_half=frozen_half)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     # autocast's weight copies, saved as they are or transposed (a frozen linear keeps W^T for its input's gradient)
     weight_shapes = {shape for p in model.parameters() if p.dim() == 2
@@ -99,6 +99,19 @@ def test_block_bytes_are_what_autograd_saves(method, half, packed):
     shape = shape_of({**SPEC, "num_hidden_layers": 3})
     assert per_block == pytest.approx(block_bytes(shape, "all" if method == "full" else "lora", half=half, lora_r=8,
                                                   packed=packed), rel=0.01)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_qlora_over_a_float32_residual_stream_keeps_its_mlp_values_in_float32(packed):
+    """QLoRA under 16-bit autocast with its frozen weights left float32 (fp16 runs; bf16 ones keep them in bf16):
+    the 4-bit layers return float32, so the MLP's values are kept in float32 (`float_mlp`)."""
+    pytest.importorskip("bitsandbytes")
+    per_block = (_saved(3, "qlora", True, packed, frozen_half=False)
+                 - _saved(2, "qlora", True, packed, frozen_half=False)) / (ROWS * SEQ)
+    shape = shape_of({**SPEC, "num_hidden_layers": 3})
+    assert per_block == pytest.approx(block_bytes(shape, "lora", half=True, lora_r=8, packed=packed, float_mlp=True),
+                                      rel=0.01)
+    assert per_block > block_bytes(shape, "lora", half=True, lora_r=8, packed=packed)
 
 
 def _live_peak(method: str, ckpt: bool, steps: int = 2) -> int:

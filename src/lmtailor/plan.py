@@ -194,7 +194,8 @@ class Estimate:
 
 
 def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, seq_len: int = 0,
-                attention_matrix: bool = False, first: bool = False, packed: bool = False) -> float:
+                attention_matrix: bool = False, first: bool = False, packed: bool = False,
+                float_mlp: bool = False) -> float:
     """Bytes per token that autograd keeps for the backward pass of one decoder block (llama family, SDPA).
 
     Counted from what each op saves, and checked tensor by tensor by benchmarks/plan_census.py:
@@ -213,8 +214,10 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
     kept apart from the row's, and under bf16 autocast attention runs in float32 (q, k and v kept in float32, and
     the output cast back for o_proj): 4h bytes more per token in float32, 4kv + 6h (full) or 4kv + 4h (LoRA) in bf16,
     as counted tensor by tensor in tests/test_plan_memory.py.
-    LoRA and QLoRA under bf16 keep their frozen weights in bf16 (memory.store_frozen_in): a 4-bit layer returns its
-    input's dtype, which is then bf16 too, so QLoRA keeps what LoRA keeps (float32 MLP values before that).
+    `float_mlp`: a 4-bit (bitsandbytes) base over a float32 residual stream under 16-bit autocast (QLoRA under fp16,
+    whose frozen weights stay float32): its linear layers return their input's dtype, float32, so the MLP's gate,
+    silu(gate) and up are kept in float32. Under bf16 the frozen weights are bf16 (memory.store_frozen_in), the
+    residual stream too, and QLoRA keeps what LoRA keeps.
     """
     if trains == "none":
         return 0.0
@@ -228,14 +231,15 @@ def block_bytes(s: Shape, trains: str, *, half: bool = False, lora_r: int = 16, 
     else:
         # o's LoRA A keeps its input cast back from float32 under autocast; in float32 it is attention's output
         norms = 2 * F32 * (h + 1) + a * h * (4 if half else 1)
-        block = norms + attention + a * 3 * i + a * 4 * lora_r
+        block = norms + attention + (F32 if float_mlp else a) * 3 * i + a * 4 * lora_r
     return block - (F32 * (h + 1) if first else 0)
 
 
 def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, half: bool, lora_r: int = 16,
                 supervised: float = 1.0, unfreeze_last_n: int = 2, attention_matrix: bool = False,
                 accumulating: bool = False, optimizer_temp: float = 0.0, gradients: float = 0.0,
-                head_trains: bool = True, copies: float = 0.0, packed: bool = False) -> list[tuple[str, float, float]]:
+                head_trains: bool = True, copies: float = 0.0, packed: bool = False,
+                float_mlp: bool = False) -> list[tuple[str, float, float]]:
     """The moments of one training step that can hold its peak: (moment, bytes, bytes per sequence).
 
     Bytes above weights and optimizer state. In order: the loss's backward (every saved activation, and the
@@ -252,7 +256,7 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
     frozen_below = s.layers - trainable_blocks
     full = [block_bytes(s, trains if k >= frozen_below else "none", half=half, lora_r=lora_r, seq_len=t,
                         attention_matrix=attention_matrix, first=(k == frozen_below and method != "full"),
-                        packed=packed)
+                        packed=packed, float_mlp=float_mlp)
             for k in range(s.layers)]
     kept = [(F32 * h if checkpointing and b else b) for b in full]  # a checkpointed block keeps its input
     sup = supervised * t
@@ -266,8 +270,8 @@ def step_phases(s: Shape, method: str, checkpointing: bool, seq_len: int, *, hal
     block_grad = 0.0 if accumulating else (gradients - head_grad) / max(trainable_blocks, 1)
     phases = [("loss backward", acc + copies, t * (sum(kept) + outside) + sup * (head_in + 3 * log_softmax)),
               ("head backward", acc + copies + head_grad, t * (sum(kept) + outside) + sup * (log_softmax + F32 * h))]
-    # gradients of the MLP's values and of the residual stream
-    transient = a * 3 * s.intermediate + F32 * 2 * h
+    # gradients of the MLP's values (float32 with float_mlp) and of the residual stream
+    transient = (F32 if float_mlp else a) * 3 * s.intermediate + F32 * 2 * h
     for k in reversed(range(frozen_below, s.layers)):
         above = s.layers - 1 - k
         phases.append((f"block {k} backward", acc + copies * (k + 1) / s.layers + head_grad + (above + 1) * block_grad,
@@ -329,7 +333,8 @@ def estimate(s: Shape, method: str, checkpointing: bool, seq_len: int, *, gpus: 
     phases = step_phases(s, method, checkpointing, seq_len, half=half, lora_r=lora_r, supervised=supervised,
                          unfreeze_last_n=unfreeze_last_n, attention_matrix=attention_matrix,
                          accumulating=accumulating, optimizer_temp=temp / gpus, gradients=grads / gpus,
-                         head_trains=head_trains, copies=copies / gpus, packed=packed and device == "cpu")
+                         head_trains=head_trains, copies=copies / gpus, packed=packed and device == "cpu",
+                         float_mlp=method == "qlora" and half and frozen != 2)
     per_seq = phases[0][2]
     fixed = (weights + grads + opt) / gpus
     return Estimate(method, checkpointing, total, trainable, weights / gpus, grads / gpus, opt / gpus, per_seq,
